@@ -96,7 +96,6 @@ class RandomModel(_Section):
     kv_heads: int = Field(2, ge=1, description="Key/value heads (GQA).")
     ffn: int = Field(128, ge=1, description="SwiGLU inner size.")
     vocab: int = Field(1024, ge=300, le=65535, description="BPE vocabulary size trained on the pool.")
-    pretrain_steps: int = Field(0, ge=0, description="Steps of general-only pretraining before the run, so forgetting is measurable.")
 
     @model_validator(mode="after")
     def _shapes(self) -> "RandomModel":
@@ -197,3 +196,18 @@ def shipped_recipe(name: str) -> Path:
         known = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.toml")))
         raise HoneError(f"no shipped recipe named {name!r} (known: {known})")
     return path
+
+
+def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """``section.field = default  # doc`` for every field, nested sections expanded."""
+    lines = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        nested = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nested is not None:
+            lines.append(f"[{prefix}{name}]  # {field.description or nested.__doc__ or ''}".rstrip())
+            lines.extend(describe_fields(nested, f"{prefix}{name}."))
+        else:
+            default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
+            lines.append(f"{prefix}{name} = {default}  # {field.description or ''}")
+    return lines

@@ -1,0 +1,188 @@
+"""`hone`: one subcommand per stage, thin wrappers over the stage packages.
+
+    hone demo                                  # the embedded biomedical default, CPU
+    hone run recipes/tiny-cpu.toml             # any recipe, every stage
+    hone eval runs/demo/final --data bio=heldout.jsonl --base runs/demo/base
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from hone.errors import HoneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Turn a general LLM and a general corpus into a domain specialist.")
+data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and list their fields.")
+app.add_typer(data_app, name="data")
+app.add_typer(recipe_app, name="recipe")
+
+WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _load(recipe: Path, workdir: Optional[Path]):
+    from hone.recipe import load_recipe
+
+    r = load_recipe(recipe)
+    return r, Path(workdir or r.run.workdir)
+
+
+@app.command()
+def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Run directory."),
+         fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
+         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop training after N steps (resume later).")):
+    """Specialize SmolLM2-135M to biomedical text on this CPU: every stage, embedded default."""
+    from hone.pipeline import check_demo_targets, run_recipe
+    from hone.recipe import load_recipe, shipped_recipe
+
+    recipe = load_recipe(shipped_recipe("demo-biomed"))
+    table = run_recipe(recipe, workdir, fresh=fresh, max_steps=max_steps, log=_log)
+    if table:
+        check_demo_targets(table, _log)
+
+
+@app.command()
+def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR,
+        fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
+        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop training after N steps (resume later).")):
+    """Run every stage of a recipe: pool, curate, tokenize, eval, train, eval, save, report."""
+    from hone.pipeline import run_recipe
+
+    r, wd = _load(recipe, workdir)
+    run_recipe(r, wd, fresh=fresh, max_steps=max_steps, log=_log)
+
+
+@app.command()
+def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR,
+          max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
+          resume: bool = typer.Option(False, "--resume", help="Resume from the newest good checkpoint.")):
+    """Train as the recipe says (runs the data stages first if their artifacts are missing)."""
+    from hone.pipeline import run_recipe
+
+    r, wd = _load(recipe, workdir)
+    run_recipe(r, wd, fresh=not resume, max_steps=max_steps, log=_log)
+
+
+@app.command("fetch-data")
+def fetch_data(dest: Optional[Path] = typer.Option(None, "--dest", help="Where to unpack (default: $HONE_DATA_DIR or ~/.cache/hone/data).")):
+    """Download the Debian-packaged demo corpora (Gene Ontology, Jane Austen) and unpack them."""
+    from hone.corpus.sources import fetch_debian_data
+
+    _log(f"demo data in {fetch_debian_data(dest)}")
+
+
+@data_app.command("pool")
+def data_pool(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
+    """Build the mixed pool and held-out sets from the packaged corpora (data.packaged)."""
+    from hone.pipeline import prepare_workdir, stage_pool
+
+    r, wd = _load(recipe, workdir)
+    prepare_workdir(r, wd, False, _log)
+    inputs, sets = stage_pool(r, wd, _log)
+    _log(f"pool: {', '.join(map(str, inputs))}; eval sets: {', '.join(map(str, sets.values()))}")
+
+
+@data_app.command("curate")
+def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
+    """Filter, deduplicate and find the domain documents; writes corpus/ and its manifest."""
+    from hone.pipeline import prepare_workdir, stage_curate, stage_pool
+
+    r, wd = _load(recipe, workdir)
+    prepare_workdir(r, wd, False, _log)
+    inputs, _ = stage_pool(r, wd, _log)
+    stage_curate(r, wd, inputs, _log)
+
+
+@app.command()
+def tokenize(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
+    """Tokenize the curated corpus with the base model's tokenizer into token shards."""
+    from hone.pipeline import prepare_workdir, stage_base_model, stage_curate, stage_pool, stage_tokenize
+
+    r, wd = _load(recipe, workdir)
+    prepare_workdir(r, wd, False, _log)
+    inputs, _ = stage_pool(r, wd, _log)
+    stage_curate(r, wd, inputs, _log)
+    _, tok = stage_base_model(r, wd, _log)
+    stage_tokenize(r, wd, tok, _log)
+
+
+@app.command("eval")
+def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model directory (e.g. runs/demo/final)."),
+             data: List[str] = typer.Option(..., "--data", help="NAME=PATH of a JSON-lines set; repeat."),
+             base: Optional[Path] = typer.Option(None, "--base", help="Base model directory to compare with (forgetting)."),
+             out: Path = typer.Option(Path("eval.json"), "-o", "--out", help="Where to write the results."),
+             max_tokens: int = typer.Option(4000, "--max-tokens", help="Tokens scored per set."),
+             seq_len: int = typer.Option(512, "--seq-len", help="Longest window scored at once.")):
+    """Perplexity and bits per byte per dataset, and the change against a base model."""
+    from hone.evaluate import compare, evaluate_sets, read_texts
+    from hone.rundir import write_json
+    from hone.train.checkpoint_io import load_hf
+
+    sets = {}
+    for item in data:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise HoneError(f"--data {item!r}: expected NAME=PATH")
+        sets[name] = read_texts(Path(path))
+
+    def scored(ckpt: Path) -> dict:
+        model, tok = load_hf(ckpt)
+        if tok is None:
+            raise HoneError(f"{ckpt}: no tokenizer.json beside the weights")
+        _log(f"{ckpt}:")
+        return evaluate_sets(model, tok, sets, max_tokens=max_tokens, seq_len=seq_len, batch_size=4, log=_log)
+
+    after = scored(checkpoint)
+    result = compare(scored(base), after) if base else after
+    write_json(out, result)
+    _log(f"wrote {out}")
+
+
+@app.command()
+def report(rundir: Path = typer.Argument(..., help="Run directory.")):
+    """Write RUNDIR/report.html (self-contained, plots embedded) from the run's artifacts."""
+    from hone.report import write_report
+
+    _log(f"report: {write_report(rundir)}")
+
+
+@recipe_app.command("check")
+def recipe_check(recipe: Path = typer.Argument(..., help="Recipe TOML file.")):
+    """Validate a recipe; prints the error naming the bad field, or 'ok'."""
+    from hone.recipe import load_recipe
+
+    load_recipe(recipe)
+    _log(f"{recipe}: ok")
+
+
+@recipe_app.command("fields")
+def recipe_fields():
+    """List every recipe field with its default and one-line doc."""
+    from hone.recipe import describe_fields
+
+    for line in describe_fields():
+        _log(line)
+
+
+def main() -> None:
+    try:
+        app()
+    except HoneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    except KeyboardInterrupt:
+        print("interrupted: run the same command again to resume", file=sys.stderr)
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()

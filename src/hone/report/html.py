@@ -1,0 +1,90 @@
+"""Assemble report.html from the artifacts of a run directory.
+
+Every section is optional: the report shows what the run has produced so far, so it can
+be written for a partial run too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from hone.errors import HoneError
+from hone.report import plots
+from hone.rundir import read_json, write_text
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
+    """(step name, documents out) in pipeline order, starting with documents read."""
+    steps = manifest.get("steps", [])
+    if isinstance(steps, dict):
+        steps = [dict(name=k, **v) for k, v in steps.items()]
+    out = []
+    for i, step in enumerate(steps):
+        if i == 0:
+            out.append(("input", step["docs_in"]))
+        out.append((step["name"], step["docs_out"]))
+    return out
+
+
+def drop_reasons(manifest: dict) -> dict[str, int]:
+    steps = manifest.get("steps", [])
+    if isinstance(steps, dict):
+        steps = list(steps.values())
+    reasons: dict[str, int] = {}
+    for step in steps:
+        for reason, n in step.get("dropped", {}).items():
+            count = n["docs"] if isinstance(n, dict) else n
+            if count:
+                reasons[reason] = reasons.get(reason, 0) + count
+    return reasons
+
+
+def build_context(workdir: Path) -> dict:
+    ctx: dict = {"workdir": str(workdir), "figures": {}}
+    if (workdir / "recipe.json").exists():
+        ctx["recipe"] = read_json(workdir / "recipe.json").get("recipe", {})
+        ctx["name"] = ctx["recipe"].get("run", {}).get("name", workdir.name)
+    manifest_path = workdir / "corpus" / "manifest.json"
+    if manifest_path.exists():
+        manifest = read_json(manifest_path)
+        ctx["manifest"] = manifest
+        if stages := funnel_stages(manifest):
+            ctx["figures"]["funnel"] = plots.funnel(stages)
+            ctx["funnel"] = stages
+        if reasons := drop_reasons(manifest):
+            ctx["figures"]["drops"] = plots.drop_reasons(reasons)
+            ctx["drops"] = reasons
+        if retrieval := manifest.get("retrieval"):
+            ctx["figures"]["retrieval"] = plots.retrieval(retrieval)
+            ctx["retrieval"] = retrieval
+    metrics = _read_metrics(workdir / "metrics.jsonl")
+    if metrics:
+        ctx["figures"]["loss"] = plots.loss_curves(metrics)
+        ctx["train"] = metrics[-1]
+    if (workdir / "eval.json").exists():
+        table = read_json(workdir / "eval.json")
+        ctx["eval"] = table
+        ctx["figures"]["ppl"] = plots.perplexity(table)
+    return ctx
+
+
+def write_report(workdir: Path) -> Path:
+    """Render ``workdir/report.html`` from whatever artifacts the run has; return its path."""
+    workdir = Path(workdir)
+    if not workdir.is_dir():
+        raise HoneError(f"{workdir}: run directory not found")
+    ctx = build_context(workdir)
+    env = Environment(loader=PackageLoader("hone", "report"), autoescape=select_autoescape())
+    html = env.get_template("report.html").render(**ctx)
+    out = workdir / "report.html"
+    write_text(out, html)
+    return out

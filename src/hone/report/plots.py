@@ -1,0 +1,89 @@
+"""Matplotlib figures for the report, each returned as a base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def funnel(stages: list[tuple[str, int]]) -> str:
+    """Documents left after each curation step."""
+    fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(stages) + 1))
+    names = [s for s, _ in stages][::-1]
+    counts = [n for _, n in stages][::-1]
+    bars = ax.barh(names, counts, color="#4C72B0")
+    ax.bar_label(bars, labels=[f"{c:,}" for c in counts], padding=3)
+    ax.set_xlabel("documents")
+    ax.set_title("Corpus funnel")
+    ax.margins(x=0.15)
+    return _png(fig)
+
+
+def drop_reasons(reasons: dict[str, int]) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 0.4 * max(1, len(reasons)) + 1.2))
+    items = sorted(reasons.items(), key=lambda kv: kv[1])
+    bars = ax.barh([k for k, _ in items], [v for _, v in items], color="#C44E52")
+    ax.bar_label(bars, padding=3)
+    ax.set_xlabel("documents dropped")
+    ax.set_title("Drop reasons")
+    ax.margins(x=0.15)
+    return _png(fig)
+
+
+def retrieval(metrics: dict) -> str:
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    keys = ["precision", "recall", "f1"]
+    vals = [metrics.get(k) or 0.0 for k in keys]
+    bars = ax.bar(keys, vals, color=["#55A868", "#8172B2", "#CCB974"])
+    ax.bar_label(bars, labels=[f"{v:.3f}" for v in vals])
+    ax.set_ylim(0, 1.1)
+    ax.set_title("Domain retrieval vs hidden labels")
+    return _png(fig)
+
+
+def loss_curves(metrics: list[dict]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    steps = [m["step"] for m in metrics]
+    ax.plot(steps, [m["loss"] for m in metrics], label="batch loss", color="black", lw=1.5)
+    domains = sorted({d for m in metrics for d in m.get("loss_by_domain", {})})
+    for d in domains:
+        pts = [(m["step"], m["loss_by_domain"][d]) for m in metrics if d in m.get("loss_by_domain", {})]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{d} sequences", lw=1, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("Training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def perplexity(table: dict[str, dict]) -> str:
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    names = list(table)
+    x = range(len(names))
+    w = 0.38
+    before = [table[n]["ppl_before"] for n in names]
+    after = [table[n]["ppl_after"] for n in names]
+    b1 = ax.bar([i - w / 2 for i in x], before, w, label="before", color="#8C8C8C")
+    b2 = ax.bar([i + w / 2 for i in x], after, w, label="after", color="#4C72B0")
+    ax.bar_label(b1, labels=[f"{v:.1f}" for v in before], fontsize=8)
+    ax.bar_label(b2, labels=[f"{v:.1f}\n({table[n]['ppl_change']:+.1%})" for v, n in zip(after, names)], fontsize=8)
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("perplexity")
+    ax.set_title("Perplexity before / after, per evaluation set")
+    ax.margins(y=0.25)
+    ax.legend()
+    return _png(fig)

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny token streams and a tiny Llama, all CPU, all seconds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # Tests run on 2-core CI machines; oversubscription only slows them.
+    torch.set_num_threads(2)
+
+
+def tiny_llama(vocab: int = 256, seed: int = 0):
+    from hone.train.model import Llama, LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    model = Llama(cfg)
+    model.init_weights(seed=seed)
+    return model
+
+
+@pytest.fixture
+def token_dirs(tmp_path):
+    """Two domains of synthetic EOS-separated token shards written as the tokenize stage does."""
+    from hone.rundir import write_json
+
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for name, (lo, hi) in {"biomedical": (1, 128), "general": (128, 256)}.items():
+        d = tmp_path / "tokens" / "train" / name
+        d.mkdir(parents=True)
+        toks = rng.integers(lo, hi, size=5000).astype("<u2")
+        toks[::50] = 0
+        toks.tofile(d / "shard-00000.bin")
+        write_json(d / "index.json", {"dtype": "<u2", "shards": [{"file": "shard-00000.bin", "tokens": 5000, "docs": 100}],
+                                      "tokens": 5000, "docs": 100, "doc_offsets": [], "eos_id": 0, "tokenizer_hash": "x"})
+        dirs[name] = d
+    return dirs
