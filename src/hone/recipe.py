@@ -59,8 +59,8 @@ class FilterConfig(_Section):
     min_words: int = Field(5, ge=0, description="Drop documents with fewer words (reason: too_few_words).")
     max_words: int = Field(100_000, ge=1, description="Drop documents with more words (reason: too_many_words).")
     min_mean_word_len: float = Field(2.0, ge=0, description="Drop if the mean word length is below (reason: short_words).")
-    max_mean_word_len: float = Field(15.0, gt=0, description="Drop if the mean word length is above (reason: long_words).")
-    max_symbol_ratio: float = Field(0.1, ge=0, description="Max ratio of '#' and '...' to words (reason: symbols).")
+    max_mean_word_len: float = Field(20.0, gt=0, description="Drop if the mean word length is above (reason: long_words).")
+    max_symbol_ratio: float = Field(0.2, ge=0, description="Max ratio of '#' and '...' to words (reason: symbols).")
     min_alpha_ratio: float = Field(0.5, ge=0, le=1, description="Min fraction of words with a letter (reason: not_alpha).")
     max_dup_line_frac: float = Field(0.3, ge=0, le=1, description="Max fraction of duplicated lines (reason: dup_lines).")
 
@@ -71,7 +71,7 @@ class DomainConfig(_Section):
     examples: list[str] = Field(default_factory=list, description="A few example documents of the domain.")
     top_k: int = Field(1000, ge=1, description="Number of pool documents to assign to the domain.")
     prf_docs: int = Field(10, ge=0, description="Pseudo-relevance feedback: top documents read for expansion (0: off).")
-    prf_terms: int = Field(20, ge=0, description="Pseudo-relevance feedback: expansion terms added to the query.")
+    prf_terms: int = Field(30, ge=0, description="Pseudo-relevance feedback: expansion terms added to the query.")
 
     @model_validator(mode="after")
     def _has_seeds(self) -> "DomainConfig":

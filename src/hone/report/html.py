@@ -32,6 +32,8 @@ def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
         if i == 0:
             out.append(("input", step["docs_in"]))
         out.append((step["name"], step["docs_out"]))
+    for domain, n in manifest.get("domains", {}).items():
+        out.append((f"→ {domain}", n["docs"] if isinstance(n, dict) else n))
     return out
 
 
