@@ -34,7 +34,8 @@ def token_dirs(tmp_path):
     for name, (lo, hi) in {"biomedical": (1, 128), "general": (128, 256)}.items():
         d = tmp_path / "tokens" / "train" / name
         d.mkdir(parents=True)
-        toks = rng.integers(lo, hi, size=5000).astype("<u2")
+        # A learnable pattern (a cycle) with a little noise, in this domain's id range.
+        toks = (lo + (np.arange(5000) * 7) % 37 + rng.integers(0, 2, size=5000)).astype("<u2")
         toks[::50] = 0
         toks.tofile(d / "shard-00000.bin")
         write_json(d / "index.json", {"dtype": "<u2", "shards": [{"file": "shard-00000.bin", "tokens": 5000, "docs": 100}],

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from hone.recipe import TrainConfig
-from hone.rundir import append_jsonl, atomic_dir, read_json, write_json
+from hone.rundir import append_jsonl, atomic_dir, ensure_dir, read_json, write_json
 from hone.train.data import MixtureLoader
 
 KEEP_CHECKPOINTS = 2
@@ -102,7 +102,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
           total_steps: int, resume: bool = False, max_steps: int | None = None,
           log: Callable[[str], None] = print) -> dict:
     """Train ``model`` for ``total_steps`` (or stop early at ``max_steps``); return a summary."""
-    workdir = Path(workdir)
+    workdir = ensure_dir(Path(workdir))
     ckpt_root = workdir / "checkpoints"
     metrics_path = workdir / "metrics.jsonl"
     decay, no_decay = [], []
@@ -135,6 +135,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         per_seq = per_token.view(targets.shape).mean(dim=1)
         loss = per_seq.mean()
+        per_seq, loss_value = per_seq.detach(), float(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -146,14 +147,14 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         for name in set(names):
             rows = [i for i, n in enumerate(names) if n == name]
             by_domain[name] = float(per_seq[rows].mean())
-        last = {"step": step + 1, "loss": float(loss), "loss_by_domain": by_domain, "lr": lr,
+        last = {"step": step + 1, "loss": loss_value, "loss_by_domain": by_domain, "lr": lr,
                 "grad_norm": float(gnorm), "tokens": (step + 1) * tokens_per_step,
                 "tokens_per_s": tps, "elapsed_s": elapsed}
         append_jsonl(metrics_path, last)
         if (step + 1) % cfg.log_every == 0 or step + 1 == stop:
             eta = (stop - step - 1) * elapsed / done
             dom = " ".join(f"{k[:3]} {v:.3f}" for k, v in sorted(by_domain.items()))
-            log(f"step {step + 1:>5}/{total_steps} | loss {float(loss):.4f} ({dom}) | lr {lr:.2e} | "
+            log(f"step {step + 1:>5}/{total_steps} | loss {loss_value:.4f} ({dom}) | lr {lr:.2e} | "
                 f"gnorm {float(gnorm):.2f} | {tps:,.0f} tok/s | {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stop:
             save_checkpoint(ckpt_root, step + 1, model, optimizer, loader)
