@@ -98,3 +98,20 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_run, tmp_path):
     b = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
     assert resumed == table
+
+
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    import shutil
+    import subprocess
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("chromium not installed (apt-get install chromium)")
+    workdir, _, _ = tiny_run
+    shot = tmp_path / "report.png"
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                    f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,2400",
+                    f"--screenshot={shot}", (workdir / "report.html").as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.exists() and shot.stat().st_size > 50_000  # plots drawn, not a blank page

@@ -54,10 +54,21 @@ def retrieval(metrics: dict) -> str:
     return _png(fig)
 
 
+def _ema(values: list[float], alpha: float = 0.2) -> list[float]:
+    """Bias-corrected exponential moving average: small batches make raw loss noisy."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out
+
+
 def loss_curves(metrics: list[dict]) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     steps = [m["step"] for m in metrics]
-    ax.plot(steps, [m["loss"] for m in metrics], label="batch loss", color="black", lw=1.5)
+    losses = [m["loss"] for m in metrics]
+    ax.plot(steps, losses, label="batch loss", color="black", lw=0.8, alpha=0.35)
+    ax.plot(steps, _ema(losses), label="batch loss (smoothed)", color="black", lw=2)
     domains = sorted({d for m in metrics for d in m.get("loss_by_domain", {})})
     for d in domains:
         pts = [(m["step"], m["loss_by_domain"][d]) for m in metrics if d in m.get("loss_by_domain", {})]
