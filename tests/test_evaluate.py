@@ -70,3 +70,14 @@ def test_bad_eval_file_names_the_line(tmp_path):
         read_texts(p)
     with pytest.raises(HoneError, match="evaluation set not found"):
         read_texts(tmp_path / "none.jsonl")
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_score_on_device_matches_cpu(tok, device):
+    from conftest import tiny_llama
+
+    docs = encode_docs(TEXTS, tok, max_tokens=10_000, seq_len=64)
+    model = tiny_llama(vocab=tok.get_vocab_size())
+    cpu = score(model, docs, batch_size=2)
+    dev = score(model.to(device), docs, batch_size=2)
+    assert dev["ppl"] == pytest.approx(cpu["ppl"], rel=1e-4)

@@ -66,3 +66,19 @@ def test_corrupt_checkpoint_falls_back_with_message(token_dirs, tmp_path):
 @pytest.mark.parametrize("step, expected", [(0, 1.5e-3), (1, 3e-3), (2, 3e-3), (99, 3e-4)])
 def test_lr_schedule(step, expected):
     assert lr_at(step, 100, CFG) == pytest.approx(expected, rel=0.05)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_on_device_matches_cpu_losses(token_dirs, tmp_path, device):
+    """The same run on an accelerator logs the CPU's losses (the CPU half always runs)."""
+    losses = {}
+    for where in ("cpu", device):
+        torch.manual_seed(0)
+        model = tiny_llama().to(where)
+        train(model, loader(token_dirs), CFG, tmp_path / where, total_steps=8, log=lambda m: None)
+        losses[where] = [json.loads(l)["loss"] for l in (tmp_path / where / "metrics.jsonl").read_text().splitlines()]
+        assert next(model.parameters()).device.type == where
+    assert losses[device] == pytest.approx(losses["cpu"], rel=1e-3)

@@ -58,6 +58,7 @@ def encode_docs(texts: list[str], tokenizer: Tokenizer, max_tokens: int, seq_len
 def score(model: torch.nn.Module, docs: list[tuple[list[int], int]], batch_size: int) -> dict:
     """Summed NLL over the documents → perplexity and bits per byte."""
     was_training = model.training
+    device = next(model.parameters(), torch.empty(0)).device
     model.eval()
     nll, n_tokens, n_bytes = 0.0, 0, 0
     # Longest first, so each padded batch wastes little compute.
@@ -71,9 +72,10 @@ def score(model: torch.nn.Module, docs: list[tuple[list[int], int]], batch_size:
             batch[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids) - 1] = True
             n_bytes += nb
+        batch = batch.to(device)
         logits = model(batch[:, :-1]).float()
         losses = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten(), reduction="none")
-        nll += float(losses[mask.flatten()].sum())
+        nll += float(losses[mask.flatten().to(device)].sum())
         n_tokens += int(mask.sum())
     model.train(was_training)
     if n_tokens == 0:

@@ -108,8 +108,19 @@ def stage_base_model(recipe: Recipe, workdir: Path, log: Log) -> tuple[torch.nn.
         model = Llama(cfg)
         model.init_weights(seed=recipe.run.seed)
     n = sum(p.numel() for p in model.parameters()) / 1e6
-    log(f"model: {src.source} ({n:.1f}M params, vocab {tok.get_vocab_size()}) loaded in {time.perf_counter() - t0:.1f}s")
+    device = pick_device(recipe.train.device)
+    model.to(device)
+    log(f"model: {src.source} ({n:.1f}M params, vocab {tok.get_vocab_size()}) loaded in "
+        f"{time.perf_counter() - t0:.1f}s, on {device}")
     return model, tok
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise HoneError("train.device is 'cuda' but torch sees no CUDA device")
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
 
 
 def _random_tokenizer(recipe: Recipe, workdir: Path) -> Tokenizer:

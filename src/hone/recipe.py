@@ -132,6 +132,7 @@ class TrainConfig(_Section):
     domain_ratio: float = Field(0.7, ge=0, le=1, description="Fraction of each batch's sequences drawn from the domain stream.")
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate (auto: cuda when available).")
     log_every: int = Field(1, ge=1, description="Progress line and metrics.jsonl every N steps.")
 
 

@@ -44,7 +44,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if key in seen:
             continue
         seen.add(key)
-        out[name] = t.detach().contiguous()
+        out[name] = t.detach().to("cpu").contiguous()
     return out
 
 
@@ -124,6 +124,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     log(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step | {total_steps} steps "
         f"= {total_steps * tokens_per_step:,} tokens | domain ratio {loader.ratio:.2f} | "
         f"lr {cfg.lr:g} | threads {torch.get_num_threads()}")
+    device = next(model.parameters()).device
     model.train()
     t0, last = time.perf_counter(), {}
     for step in range(start, stop):
@@ -131,6 +132,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         for group in optimizer.param_groups:
             group["lr"] = lr
         inputs, targets, names = loader.next_batch()
+        inputs, targets = inputs.to(device), targets.to(device)
         logits = model(inputs)
         per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         per_seq = per_token.view(targets.shape).mean(dim=1)
