@@ -13,27 +13,18 @@ from typing import List, Optional
 
 import typer
 
+from hone.cli_common import WORKDIR, load_recipe_and_workdir as _load, log as _log
+from hone.corpus.cli import data_app
 from hone.errors import HoneError
+from hone.plan.cli import plan_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a general LLM and a general corpus into a domain specialist.")
-data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and list their fields.")
-app.add_typer(data_app, name="data")
 app.add_typer(recipe_app, name="recipe")
-
-WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")
-
-
-def _log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _load(recipe: Path, workdir: Optional[Path]):
-    from hone.recipe import load_recipe
-
-    r = load_recipe(recipe)
-    return r, Path(workdir or r.run.workdir)
+# Stage command groups live with their stage; they import their heavy parts lazily.
+app.add_typer(data_app, name="data")
+app.add_typer(plan_app, name="plan")
 
 
 @app.command()
@@ -78,28 +69,6 @@ def fetch_data(dest: Optional[Path] = typer.Option(None, "--dest", help="Where t
     from hone.corpus.sources import fetch_debian_data
 
     _log(f"demo data in {fetch_debian_data(dest)}")
-
-
-@data_app.command("pool")
-def data_pool(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
-    """Build the mixed pool and held-out sets from the packaged corpora (data.packaged)."""
-    from hone.pipeline import prepare_workdir, stage_pool
-
-    r, wd = _load(recipe, workdir)
-    prepare_workdir(r, wd, False, _log)
-    inputs, sets = stage_pool(r, wd, _log)
-    _log(f"pool: {', '.join(map(str, inputs))}; eval sets: {', '.join(map(str, sets.values()))}")
-
-
-@data_app.command("curate")
-def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
-    """Filter, deduplicate and find the domain documents; writes corpus/ and its manifest."""
-    from hone.pipeline import prepare_workdir, stage_curate, stage_pool
-
-    r, wd = _load(recipe, workdir)
-    prepare_workdir(r, wd, False, _log)
-    inputs, _ = stage_pool(r, wd, _log)
-    stage_curate(r, wd, inputs, _log)
 
 
 @app.command()

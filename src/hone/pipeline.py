@@ -19,8 +19,8 @@ from tokenizers import Tokenizer
 
 from hone.errors import HoneError
 from hone.recipe import Recipe
-from hone.rundir import ensure_dir, is_done, mark_done, read_json, write_json
-from hone.tokens import load_tokens, tokenize_corpus, train_bpe
+from hone.rundir import ensure_dir, is_done, mark_done, read_json, write_json, write_text
+from hone.tokens import load_tokens, read_corpus, tokenize_corpus, train_bpe
 
 Log = Callable[[str], None]
 
@@ -128,12 +128,8 @@ def _random_tokenizer(recipe: Recipe, workdir: Path) -> Tokenizer:
     path = workdir / "tokenizer.json"
     if path.exists():
         return Tokenizer.from_file(str(path))
-    from hone.tokens import read_corpus
-
     texts = [t for group in read_corpus(workdir / "corpus").values() for t in group]
     tok = train_bpe(texts, recipe.model.random.vocab)
-    from hone.rundir import write_text
-
     write_text(path, tok.to_str())
     return tok
 

@@ -1,0 +1,1 @@
+"""Cluster planner: model shapes, hardware, memory and step-time model, search, placement."""
