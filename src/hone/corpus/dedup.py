@@ -46,3 +46,217 @@ class ExactDedup:
             self.seen[h] = doc["id"]
         self.ids.add(doc["id"])
         return None
+
+
+# --- MinHash LSH near-dedup over shards (``hone data dedup``) ------------------------------
+
+import time  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+BATCH = 4096  # documents hashed at once: memory per worker stays flat with corpus size
+
+
+@dataclass(frozen=True)
+class NearDedupConfig:
+    """MinHash LSH settings. ``bands``/``rows`` override the choice made from ``threshold``."""
+
+    threshold: float = 0.8  # verified shingle Jaccard at or above which two docs are duplicates
+    ngram: int = 5
+    num_perm: int = 128
+    unit: str = "word"  # word or char shingles
+    bands: int | None = None
+    rows: int | None = None
+    cluster_column: bool = False  # add dup_cluster (the cluster's first doc's index; -1 alone)
+    mark_only: bool = False  # keep every document, only add dup_cluster
+    write_dropped: bool = False  # write removed documents to dropped/dropped.jsonl
+    max_doc_bytes: int = 16 << 20
+
+    def lsh(self) -> tuple[int, int]:
+        from hone.corpus.minhash import lsh_params
+
+        if self.bands and self.rows:
+            if self.bands * self.rows > self.num_perm:
+                from hone.errors import HoneError
+
+                raise HoneError(f"bands({self.bands}) * rows({self.rows}) = {self.bands * self.rows} > "
+                                f"num_perm {self.num_perm}")
+            return self.bands, self.rows
+        return lsh_params(self.threshold, self.num_perm)
+
+    def hasher(self):
+        from hone.corpus.minhash import MinHasher
+
+        return MinHasher(num_perm=self.num_perm, ngram=self.ngram, unit=self.unit)
+
+
+def _shard_docs(shard, text_field: str, quarantine, stats, max_doc_bytes: int):
+    from hone.corpus.read import read_shard
+
+    return read_shard(shard, text_field, quarantine, stats, max_doc_bytes)
+
+
+def _silent():
+    from hone.corpus.read import Quarantine
+
+    return Quarantine(None)  # second reads: the first pass already recorded the bad lines
+
+
+def signature_task(shard, text_field: str, cfg: NearDedupConfig, bands: int, rows: int, work: Path, i: int) -> dict:
+    """Pass 1, one shard: band keys of every document (and which have no shingles)."""
+    from hone.corpus.minhash import band_keys
+    from hone.corpus.read import Quarantine, StepStats, batched
+
+    stats, q = StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
+    hasher, keys, empty = cfg.hasher(), [], []
+    for batch in batched(_shard_docs(shard, text_field, q, stats, cfg.max_doc_bytes), BATCH):
+        h, offsets = hasher.shingles([d["text"] for d in batch])
+        keys.append(band_keys(hasher.signatures_of(h, offsets), bands, rows))
+        empty.append(np.diff(offsets) == 0)
+    q.close()
+    keys_arr = np.concatenate(keys) if keys else np.zeros((0, bands), np.uint64)
+    np.save(work / f"keys-{i:05d}.npy", keys_arr)
+    np.save(work / f"empty-{i:05d}.npy", np.concatenate(empty) if empty else np.zeros(0, bool))
+    return {"docs": int(len(keys_arr)), "read": stats.as_dict()}
+
+
+def shingle_task(shard, text_field: str, cfg: NearDedupConfig, rows: list[int], work: Path, i: int) -> dict:
+    """Verification input, one shard: the shingle hashes of the documents in candidate pairs."""
+    want = np.asarray(sorted(rows), dtype=np.int64)
+    texts, pos = [], 0
+    for n, doc in enumerate(_shard_docs(shard, text_field, _silent(), None, cfg.max_doc_bytes)):
+        if pos < len(want) and want[pos] == n:
+            texts.append(doc["text"])
+            pos += 1
+    h, offsets = cfg.hasher().shingles(texts)
+    np.savez(work / f"shingles-{i:05d}.npz", rows=want, hashes=h, offsets=offsets)
+    return {"docs": len(texts)}
+
+
+def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: Path, out: Path, i: int) -> dict:
+    """Pass 3, one shard: write the survivors (all docs with ``mark_only``), count the rest."""
+    from hone.corpus.read import StepStats, batched
+    from hone.corpus.write import ShardWriter
+    from hone.rundir import write_jsonl
+
+    clusters = np.load(work / "clusters.npz")
+    members, roots = clusters["members"], clusters["roots"]
+    stats, writer, dropped = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet"), []
+    n = offset
+    for batch in batched(_shard_docs(shard, text_field, _silent(), None, cfg.max_doc_bytes), BATCH):
+        g = np.arange(n, n + len(batch))
+        where = np.searchsorted(members, g)
+        found = (where < len(members)) & (members[np.minimum(where, len(members) - 1)] == g)
+        root = np.where(found, roots[np.minimum(where, len(roots) - 1)], -1)
+        keep = []
+        for doc, gi, r in zip(batch, g, root):
+            nbytes = len(doc["text"].encode("utf-8"))
+            if cfg.cluster_column or cfg.mark_only:
+                doc["dup_cluster"] = int(r)
+            if r >= 0 and r != gi and not cfg.mark_only:
+                stats.drop("near_duplicate", nbytes)
+                if cfg.write_dropped:
+                    dropped.append({"id": doc["id"], "src_file": doc["src_file"], "src_row": doc["src_row"],
+                                    "reason": "near_duplicate", "dup_cluster": int(r), "text": doc["text"]})
+                continue
+            stats.keep(nbytes)
+            keep.append(doc)
+        writer.write(keep)
+        n += len(batch)
+    writer.close()
+    write_jsonl(work / f"dropped-{i:05d}.jsonl", dropped)
+    return {"dedup": stats.as_dict()}
+
+
+def _verify(pairs: np.ndarray, shingles: dict[int, np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    from hone.corpus.minhash import jaccard
+
+    sims = np.array([jaccard(shingles[a], shingles[b]) for a, b in pairs], dtype=np.float64)
+    return pairs[sims >= threshold], sims
+
+
+def cluster_pass(shards, text_field, cfg, executor, work: Path, offsets: np.ndarray) -> dict:
+    """Pass 2 (global): candidates from shared bands → exact Jaccard → union-find clusters."""
+    from hone.corpus.executor import Task, run_tasks
+    from hone.corpus.minhash import UnionFind, candidate_pairs
+    from hone.rundir import is_done, mark_done, read_json
+
+    marker = work / "clusters"
+    if is_done(marker):
+        return read_json(Path(str(marker) + ".done"))
+    keys = np.concatenate([np.load(work / f"keys-{i:05d}.npy") for i in range(len(shards))])
+    empty = np.concatenate([np.load(work / f"empty-{i:05d}.npy") for i in range(len(shards))])
+    pairs = candidate_pairs(keys, ~empty)
+    del keys
+    need = np.unique(pairs)
+    shard_of = np.searchsorted(offsets, need, side="right") - 1
+    tasks = [Task(work / f"shingles-{i:05d}", shingle_task,
+                  (sh, text_field, cfg, (need[shard_of == i] - offsets[i]).tolist(), work, i))
+             for i, sh in enumerate(shards) if (shard_of == i).any()]
+    run_tasks(executor, tasks)
+    shingles: dict[int, np.ndarray] = {}
+    for t in tasks:
+        i = t.args[-1]
+        z = np.load(work / f"shingles-{i:05d}.npz")
+        for k, row in enumerate(z["rows"]):
+            shingles[int(row + offsets[i])] = z["hashes"][z["offsets"][k]:z["offsets"][k + 1]]
+    edges, sims = _verify(pairs, shingles, cfg.threshold)
+    uf = UnionFind()
+    for a, b in edges.tolist():
+        uf.union(a, b)
+    roots = uf.roots()
+    members = np.array(sorted(roots), dtype=np.int64)
+    np.savez(work / "clusters.npz", members=members, roots=np.array([roots[m] for m in members], dtype=np.int64))
+    info = {"candidate_pairs": int(len(pairs)), "verified_pairs": int(len(edges)),
+            "clusters": len(set(roots.values())), "docs_in_clusters": int(len(members)),
+            "rejected_candidates": int(len(pairs) - len(edges))}
+    mark_done(marker, info)
+    return info
+
+
+def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConfig(), text_field: str = "text",
+               executor=None) -> dict:
+    """MinHash LSH near-dedup of ``inputs`` into ``out_dir`` (Parquet shards + manifest.json).
+
+    Three passes, the per-shard ones on the executor, each shard task with its completion
+    marker: (1) band keys per shard; (2) candidate pairs, exact shingle Jaccard, union-find
+    (one survivor per cluster: its first document in input order); (3) write the survivors.
+    """
+    from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
+    from hone.corpus.read import StepStats, expand_inputs
+
+    t0 = time.perf_counter()
+    executor = executor or get_executor()
+    out_dir, shards = Path(out_dir), expand_inputs(inputs)
+    bands, rows = cfg.lsh()
+    work, done = prepare_output(out_dir, run_key(shards, {"step": "dedup", **asdict(cfg), "text_field": text_field}))
+    if done is not None:
+        return done
+    work.mkdir(parents=True, exist_ok=True)
+    sig = run_tasks(executor, [Task(work / f"keys-{i:05d}", signature_task, (sh, text_field, cfg, bands, rows, work, i))
+                               for i, sh in enumerate(shards)])
+    offsets = np.concatenate(([0], np.cumsum([r["docs"] for r in sig]))).astype(np.int64)
+    lsh = cluster_pass(shards, text_field, cfg, executor, work, offsets)
+    out = run_tasks(executor, [Task(work / f"part-{i:05d}", write_task,
+                                    (sh, text_field, cfg, int(offsets[i]), work, out_dir, i))
+                               for i, sh in enumerate(shards)])
+    read, dedup = StepStats(), StepStats()
+    for r in sig:
+        read.merge(r["read"])
+    for r in out:
+        dedup.merge(r["dedup"])
+    steps = {"read": read.as_dict(), "dedup": dedup.as_dict()}
+    manifest = {
+        "command": "dedup", "inputs": [str(s.path) for s in shards], "steps": steps,
+        "totals": totals(steps["read"], {"dedup": steps["dedup"]}),
+        "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
+        "lsh": {"bands": bands, "rows": rows, **lsh},
+        "shards": [f"part-{i:05d}.parquet" for i in range(len(shards))],
+        "config": {**asdict(cfg), "text_field": text_field}, "executor": executor.name,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    parts = [out_dir / p for p in manifest["shards"]]
+    return finish_output(out_dir, manifest, parts, [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))],
+                         [work / f"dropped-{i:05d}.jsonl" for i in range(len(shards))])

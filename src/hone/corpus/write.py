@@ -50,3 +50,73 @@ def write_corpus(docs: list[dict], corpus_dir: Path, rows_per_shard: int = ROWS_
 def read_corpus_table(corpus_dir: Path) -> pa.Table:
     """All shards of a corpus as one table (tests, small corpora)."""
     return pa.concat_tables(pq.read_table(p) for p in sorted(Path(corpus_dir).glob("part-*.parquet")))
+
+
+# --- streaming shard writer with provenance ----------------------------------------------
+
+BASE_COLUMNS = ("id", "text", "source", "domain", "meta", "src_file", "src_row")
+BASE_TYPES = {"id": pa.string(), "text": pa.string(), "source": pa.string(), "domain": pa.string(),
+              "meta": pa.string(), "src_file": pa.string(), "src_row": pa.int64()}
+
+
+def record_columns(docs: list[dict]) -> list[str]:
+    """The base columns, then every score column a step added (keys not starting with '_')."""
+    extra: dict[str, None] = {}
+    for d in docs:
+        for k in d:
+            if k not in BASE_TYPES and not k.startswith("_"):
+                extra.setdefault(k)
+    return [*BASE_COLUMNS, *extra]
+
+
+def records_table(docs: list[dict], schema: pa.Schema | None = None) -> pa.Table:
+    """Records as an Arrow table: ``meta`` as a JSON string, provenance as ``src_file``/``src_row``."""
+    names = schema.names if schema is not None else record_columns(docs)
+    cols = {}
+    for name in names:
+        values = [d.get(name) for d in docs]
+        if name == "meta":
+            values = [json.dumps(v or {}, ensure_ascii=False, sort_keys=True) for v in values]
+        cols[name] = values
+    if schema is not None:
+        return pa.table(cols, schema=schema)
+    return pa.table({n: pa.array(v, type=BASE_TYPES.get(n)) for n, v in cols.items()})
+
+
+class ShardWriter:
+    """Writes one Parquet shard batch by batch (flat memory); the file appears atomically on close."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._writer: pq.ParquetWriter | None = None
+        self.rows = 0
+
+    def write(self, docs: list[dict]) -> None:
+        if not docs:
+            return
+        if self._writer is None:
+            table = records_table(docs)
+            # A column that is null in the first batch gets a type from a later one only if we
+            # guess it now; score columns are numbers or strings, so default nulls to float64.
+            table = table.cast(pa.schema([f.with_type(pa.float64()) if pa.types.is_null(f.type) else f
+                                          for f in table.schema]))
+            self._writer = pq.ParquetWriter(self._tmp, table.schema, compression="zstd")
+        else:
+            table = records_table(docs, self._writer.schema)
+        self._writer.write_table(table)
+        self.rows += len(docs)
+
+    def close(self) -> Path:
+        if self._writer is None:  # an empty shard is still a valid (empty) Parquet file
+            pq.write_table(records_table([], pa.schema([(n, BASE_TYPES[n]) for n in BASE_COLUMNS])), self._tmp)
+        else:
+            self._writer.close()
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
