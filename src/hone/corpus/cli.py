@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -32,3 +32,102 @@ def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), wo
     prepare_workdir(r, wd, False, _log)
     inputs, _ = stage_pool(r, wd, _log)
     stage_curate(r, wd, inputs, _log)
+
+
+# --- the curation steps one by one ---------------------------------------------------------
+
+INPUTS = typer.Argument(..., help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk dirs.")
+OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-*.parquet + manifest.json.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
+EXECUTOR = typer.Option("local", "--executor", help="Where shard tasks run: local (processes) or ray.")
+WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
+
+
+def _finish(name: str, manifest: dict, out: Path) -> None:
+    """Print the one-line summary; exit 1 only when nothing usable was read."""
+    from hone.corpus.executor import summary_line
+
+    _log(summary_line(name, manifest, out))
+    t = manifest["totals"]
+    if t["docs_in"] == t["quarantined"]:
+        _log(f"error: no usable document in the inputs (see {out / 'quarantine' / 'quarantine.jsonl'})")
+        raise typer.Exit(1)
+
+
+@data_app.command("dedup")
+def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
+               threshold: float = typer.Option(0.8, "--threshold", help="Shingle Jaccard at or above which docs are duplicates."),
+               ngram: int = typer.Option(5, "--ngram", help="Shingle length in words (or bytes with --unit char)."),
+               num_perm: int = typer.Option(128, "--num-perm", help="MinHash permutations."),
+               unit: str = typer.Option("word", "--unit", help="Shingles of words or chars (bytes)."),
+               bands: Optional[int] = typer.Option(None, "--bands", help="LSH bands (with --rows; default: from --threshold)."),
+               rows: Optional[int] = typer.Option(None, "--rows", help="LSH rows per band (with --bands)."),
+               cluster_column: bool = typer.Option(False, "--cluster-column", help="Add a dup_cluster column."),
+               mark_only: bool = typer.Option(False, "--mark-only", help="Keep every document, only add dup_cluster."),
+               write_dropped: bool = typer.Option(False, "--write-dropped", help="Write removed docs to dropped/dropped.jsonl."),
+               text_field: str = TEXT_FIELD, executor: str = EXECUTOR, workers: Optional[int] = WORKERS):
+    """Remove near-duplicates: MinHash LSH, candidates verified on true shingle Jaccard, one survivor per cluster."""
+    from hone.corpus.build_config import DedupStep
+    from hone.corpus.dedup import dedup_step
+    from hone.corpus.executor import get_executor
+
+    step = _validated(DedupStep, type="dedup", threshold=threshold, ngram=ngram, num_perm=num_perm, unit=unit,
+                      bands=bands, rows=rows, cluster_column=cluster_column, mark_only=mark_only,
+                      write_dropped=write_dropped)
+    params = step.model_dump()
+    params.pop("type")
+    m = dedup_step(inputs, output, text_field=text_field, executor=get_executor(executor, workers), **params)
+    _finish("dedup", m, output)
+
+
+@data_app.command("retrieve")
+def data_retrieve(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
+                  query: Optional[List[str]] = typer.Option(None, "--query", help="Seed keywords or a question (repeatable)."),
+                  examples: Optional[Path] = typer.Option(None, "--examples", help="Example documents (.txt: one per paragraph; or jsonl/parquet)."),
+                  top_k: int = typer.Option(1000, "--top-k", help="Documents to retrieve."),
+                  expand: str = typer.Option("prf", "--expand", help="Query expansion: none, prf (pseudo-relevance feedback) or llm (HONE_LLM_URL)."),
+                  name: str = typer.Option("domain", "--name", help="Domain label of the retrieved documents."),
+                  keep_rest: bool = typer.Option(False, "--keep-rest", help="Keep the other documents as domain 'general'."),
+                  text_field: str = TEXT_FIELD):
+    """Find the domain: BM25 over the inputs from seed queries or example documents, with query expansion."""
+    from hone.corpus.build_config import RetrieveStep, load_examples
+    from hone.corpus.executor import retrieve_step
+
+    _validated(RetrieveStep, type="retrieve", query=query or [], examples=str(examples) if examples else None,
+               top_k=top_k, expand=expand, name=name, keep_rest=keep_rest)
+    ex = load_examples(examples, text_field) if examples else []
+    m = retrieve_step(inputs, output, text_field=text_field, query=query or [], examples=ex, top_k=top_k,
+                      expand=expand, name=name, keep_rest=keep_rest)
+    _finish("retrieve", m, output)
+
+
+@data_app.command("build")
+def data_build(recipe: Path = typer.Argument(..., help="Build recipe TOML: [build] inputs/output and [[steps]].")):
+    """Run a sequence of curation steps from a TOML recipe (filter, dedup, retrieve, dsir, rate, select)."""
+    from hone.corpus.build_config import load_build, run_build
+
+    r = load_build(recipe)
+    m = run_build(r, log=_log)
+    _finish("build", m, Path(r.build.output))
+
+
+def _validated(model, **fields):
+    """Build a step model from CLI options; a bad value is one line naming the option."""
+    from pydantic import ValidationError
+
+    from hone.errors import HoneError
+    from hone.recipe import _format_error
+
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        raise HoneError(_format_error("option", e).replace(f"option: {model.__name__}.", "option: ")) from None
+
+
+# The selection engineer's commands (dsir, rate, select) register themselves when present.
+try:
+    from hone.corpus.cli_select import register as _register_select
+except ImportError:
+    pass
+else:
+    _register_select(data_app)

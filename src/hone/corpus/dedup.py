@@ -142,14 +142,15 @@ def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: 
     from hone.rundir import write_jsonl
 
     clusters = np.load(work / "clusters.npz")
-    members, roots = clusters["members"], clusters["roots"]
+    # Sentinel past every index: lookups need no special case for an empty cluster list.
+    members = np.append(clusters["members"], np.iinfo(np.int64).max)
+    roots = np.append(clusters["roots"], -1)
     stats, writer, dropped = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet"), []
     n = offset
     for batch in batched(_shard_docs(shard, text_field, _silent(), None, cfg.max_doc_bytes), BATCH):
         g = np.arange(n, n + len(batch))
         where = np.searchsorted(members, g)
-        found = (where < len(members)) & (members[np.minimum(where, len(members) - 1)] == g)
-        root = np.where(found, roots[np.minimum(where, len(roots) - 1)], -1)
+        root = np.where(members[where] == g, roots[where], -1)
         keep = []
         for doc, gi, r in zip(batch, g, root):
             nbytes = len(doc["text"].encode("utf-8"))
@@ -260,3 +261,8 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
     parts = [out_dir / p for p in manifest["shards"]]
     return finish_output(out_dir, manifest, parts, [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))],
                          [work / f"dropped-{i:05d}.jsonl" for i in range(len(shards))])
+
+
+def dedup_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, **params) -> dict:
+    """The ``dedup`` step of ``hone data build``: ``NearDedupConfig`` fields as keywords."""
+    return near_dedup(inputs, out_dir, NearDedupConfig(**params), text_field, executor)

@@ -183,3 +183,147 @@ def summary_line(name: str, manifest: dict, out_dir: Path) -> str:
     return (f"{name}: {t['docs_in']} in, {t['kept']} kept, {t['dropped']} dropped, {t['quarantined']} quarantined"
             f"{' (' + why + ')' if why else ''}; {t['bytes_in'] / 1e6:.1f} MB in, {t['bytes_out'] / 1e6:.1f} MB out; "
             f"{manifest.get('seconds', 0):.1f} s -> {out_dir}")
+
+
+# --- steps built from the curate stage's pieces (filters, BM25 retrieval) ------------------
+
+def _filter_task(shard, text_field: str, cfg_json: dict, work: Path, out: Path, i: int) -> dict:
+    from hone.corpus import filters
+    from hone.corpus.read import Quarantine, StepStats, batched, read_shard
+    from hone.corpus.write import ShardWriter
+    from hone.recipe import FilterConfig
+
+    cfg = FilterConfig(**cfg_json)
+    read, step, q = StepStats(), StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
+    writer = ShardWriter(out / f"part-{i:05d}.parquet")
+    for batch in batched(read_shard(shard, text_field, q, read), 4096):
+        keep = []
+        for doc in batch:
+            nbytes = len(doc["text"].encode("utf-8"))
+            if (reason := filters.check(doc["text"], cfg)) is None:
+                step.keep(nbytes)
+                keep.append(doc)
+            else:
+                step.drop(reason, nbytes)
+        writer.write(keep)
+    writer.close()
+    q.close()
+    return {"read": read.as_dict(), "filter": step.as_dict()}
+
+
+def filter_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, **params) -> dict:
+    """Gopher / C4 heuristic filters (``hone.recipe.FilterConfig`` fields), shard by shard."""
+    import time
+
+    from hone.corpus.read import StepStats, expand_inputs
+    from hone.recipe import FilterConfig
+
+    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
+    cfg = FilterConfig(**params).model_dump()
+    work, done = prepare_output(out_dir, run_key(shards, {"step": "filter", **cfg, "text_field": text_field}))
+    if done is not None:
+        return done
+    work.mkdir(parents=True, exist_ok=True)
+    res = run_tasks(executor or get_executor(), [Task(work / f"part-{i:05d}", _filter_task,
+                                                      (sh, text_field, cfg, work, out_dir, i))
+                                                 for i, sh in enumerate(shards)])
+    read, step = StepStats(), StepStats()
+    for r in res:
+        read.merge(r["read"])
+        step.merge(r["filter"])
+    steps = {"read": read.as_dict(), "filter": step.as_dict()}
+    parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
+    manifest = {"command": "filter", "inputs": [str(s.path) for s in shards], "steps": steps,
+                "totals": totals(steps["read"], {"filter": steps["filter"]}),
+                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
+                "shards": parts, "config": {**cfg, "text_field": text_field},
+                "seconds": round(time.perf_counter() - t0, 3)}
+    return finish_output(out_dir, manifest, [out_dir / p for p in parts],
+                         [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))])
+
+
+LLM_HELP = "needs an OpenAI-compatible endpoint: set HONE_LLM_URL (and HONE_LLM_KEY or OPENAI_API_KEY, HONE_LLM_MODEL)"
+
+
+def llm_queries(seeds: list[str], n: int = 10) -> list[str]:
+    """Query-of-CC bootstrapping: ask an OpenAI-compatible chat endpoint for more search
+    queries about the seeds. The key comes from the environment and is never logged."""
+    import json
+    import urllib.request
+
+    url = os.environ.get("HONE_LLM_URL")
+    if not url:
+        raise HoneError(f"--expand llm {LLM_HELP}")
+    key = os.environ.get("HONE_LLM_KEY") or os.environ.get("OPENAI_API_KEY") or ""
+    prompt = (f"Seed topics or questions:\n" + "\n".join(f"- {s[:500]}" for s in seeds) +
+              f"\n\nWrite {n} more short search queries (keywords or questions) that would find documents on "
+              "the same subject. One per line, no numbering, nothing else.")
+    body = json.dumps({"model": os.environ.get("HONE_LLM_MODEL", "gpt-4o-mini"),
+                       "messages": [{"role": "user", "content": prompt}], "temperature": 0.7}).encode()
+    req = urllib.request.Request(url.rstrip("/") + "/chat/completions", data=body, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          **({"Authorization": f"Bearer {key}"} if key else {})})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            content = json.loads(resp.read())["choices"][0]["message"]["content"]
+    except Exception as e:  # network, HTTP status, unexpected JSON: one line, no key in it
+        raise HoneError(f"LLM query expansion failed at {url}: {type(e).__name__}: {str(e)[:200]}") from None
+    lines = [ln.strip().lstrip("-*0123456789. ").strip() for ln in content.splitlines()]
+    return [ln for ln in lines if ln][:n]
+
+
+def retrieve_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None,
+                  query: list[str] = (), examples: list[str] = (), top_k: int = 1000, expand: str = "prf",
+                  name: str = "domain", keep_rest: bool = False, prf_docs: int = 10, prf_terms: int = 30) -> dict:
+    """BM25 retrieval of the ``top_k`` documents closest to the queries / example documents.
+
+    Not retrieved documents are dropped (``not_retrieved``), or with ``keep_rest`` kept with
+    domain ``general``. BM25 needs the whole pool's statistics: this step holds the texts.
+    """
+    import time
+
+    from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
+    from hone.corpus.retrieve import retrieve
+    from hone.corpus.write import ShardWriter
+    from hone.recipe import DomainConfig
+
+    if expand not in ("none", "prf", "llm"):
+        raise HoneError(f"expand must be none, prf or llm (got {expand!r})")
+    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
+    query, examples = list(query), list(examples)
+    if not query and not examples:
+        raise HoneError("retrieve needs --query TEXT or --examples FILE")
+    config = {"step": "retrieve", "query": query, "examples": examples, "top_k": top_k, "expand": expand,
+              "name": name, "keep_rest": keep_rest, "prf_docs": prf_docs, "prf_terms": prf_terms,
+              "text_field": text_field}
+    work, done = prepare_output(out_dir, run_key(shards, config))
+    if done is not None:
+        return done
+    work.mkdir(parents=True, exist_ok=True)
+    extra = llm_queries(query + examples) if expand == "llm" else []
+    read, step, q = StepStats(), StepStats(), Quarantine(work / "quarantine-00000.jsonl")
+    docs = [d for sh in shards for d in read_shard(sh, text_field, q, read)]
+    q.close()
+    cfg = DomainConfig(name=name, keywords=query + extra, examples=examples, top_k=top_k,
+                       prf_docs=prf_docs if expand != "none" else 0, prf_terms=prf_terms)
+    result = retrieve([d["text"] for d in docs], cfg)
+    writer = ShardWriter(out_dir / "part-00000.parquet")
+    keep = []
+    for doc, score, picked in zip(docs, result.scores, result.selected):
+        nbytes = len(doc["text"].encode("utf-8"))
+        if picked or keep_rest:
+            doc["domain"], doc["domain_score"] = (name if picked else "general"), float(score)
+            step.keep(nbytes)
+            keep.append(doc)
+        else:
+            step.drop("not_retrieved", nbytes)
+    writer.write(keep)
+    writer.close()
+    steps = {"read": read.as_dict(), "retrieve": step.as_dict()}
+    manifest = {"command": "retrieve", "inputs": [str(s.path) for s in shards], "steps": steps,
+                "totals": totals(steps["read"], {"retrieve": steps["retrieve"]}),
+                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
+                "query": {"seed_terms": result.query, "expansion_terms": result.expansion, "llm_queries": extra},
+                "shards": ["part-00000.parquet"], "config": config,
+                "seconds": round(time.perf_counter() - t0, 3)}
+    return finish_output(out_dir, manifest, [out_dir / "part-00000.parquet"], [work / "quarantine-00000.jsonl"])

@@ -1,0 +1,87 @@
+"""Every input format reads into the same records, with provenance; bad input is quarantined."""
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_inputs
+from hone.errors import HoneError
+
+ROWS = [{"id": "a", "body": "first document", "lang": "fr"}, {"id": "b", "body": "second document", "lang": "en"}]
+
+
+def _read(paths, **kw):
+    q, stats = Quarantine(), StepStats()
+    docs = list(read_inputs(paths, quarantine=q, stats=stats, **kw))
+    return docs, q, stats.as_dict()
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def test_jsonl_gz_zst_parquet_arrow_agree(tmp_path):
+    import zstandard
+
+    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl(ROWS)))
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(_jsonl(ROWS)))
+    pq.write_table(pa.Table.from_pylist(ROWS), tmp_path / "a.parquet")
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    table = pa.Table.from_pylist(ROWS)
+    with pa.ipc.new_stream(hf / "data-00000-of-00001.arrow", table.schema) as w:  # datasets' layout
+        w.write_table(table)
+    (hf / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
+    (hf / "dataset_info.json").write_text("{}")
+    for path in ("a.jsonl.gz", "a.jsonl.zst", "a.parquet", "hf"):
+        docs, q, stats = _read([tmp_path / path], text_field="body")
+        assert [(d["id"], d["text"]) for d in docs] == [("a", "first document"), ("b", "second document")], path
+        assert docs[1]["meta"].get("lang") == "en" or docs[1].get("lang") == "en"
+        assert docs[0]["src_file"].startswith(str(tmp_path)) and stats["docs_out"] == 2 and not q.rows
+    assert [d["src_row"] for d in _read([tmp_path / "a.jsonl.gz"], text_field="body")[0]] == [1, 2]
+    assert [d["src_row"] for d in _read([tmp_path / "a.parquet"], text_field="body")[0]] == [0, 1]
+
+
+def test_txt_directory_one_doc_per_file_and_bad_files(tmp_path):
+    d = tmp_path / "txt"
+    (d / "sub").mkdir(parents=True)
+    (d / "one.txt").write_text("hello world")
+    (d / "sub" / "two.txt").write_text("second file")
+    (d / "empty.txt").write_text("")
+    (d / "latin.txt").write_bytes(b"caf\xe9")
+    (d / "skip.bin").write_bytes(b"\x00")
+    docs, q, stats = _read([d])
+    assert sorted(x["text"] for x in docs) == ["hello world", "second file"]
+    assert sorted(r["reason"] for r in q.rows) == ["bad_utf8", "empty_file"]
+    assert stats["docs_in"] == 4 and stats["docs_out"] == 2
+
+
+def test_quarantine_empty_corrupt_huge_missing_field(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    (tmp_path / "broken.jsonl.gz").write_bytes(gzip.compress(_jsonl(ROWS * 50))[:60])
+    (tmp_path / "huge.jsonl").write_bytes(_jsonl([{"text": "x" * 5000}, {"text": "small"}]))
+    pq.write_table(pa.Table.from_pylist([{"body": "no text column"}]), tmp_path / "nofield.parquet")
+    docs, q, stats = _read(sorted(tmp_path.iterdir()), max_doc_bytes=1000)
+    reasons = {(r["file"].rsplit("/", 1)[-1], r["reason"]) for r in q.rows}
+    assert ("empty.jsonl", "empty_file") in reasons and ("huge.jsonl", "too_large") in reasons
+    assert ("broken.jsonl.gz", "unreadable_file") in reasons and ("nofield.parquet", "missing_text") in reasons
+    assert [d["text"] for d in docs] == ["small"]
+    gone = sum(v["docs"] for v in stats.get("quarantined", {}).values())
+    assert stats["docs_in"] == stats["docs_out"] + gone
+
+
+def test_expand_inputs_errors_and_output_dirs(tmp_path):
+    with pytest.raises(HoneError, match="not found"):
+        expand_inputs([tmp_path / "nope.jsonl"])
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(HoneError, match="unknown input format"):
+        expand_inputs([tmp_path / "x.csv"])
+    out = tmp_path / "out"
+    (out / "quarantine").mkdir(parents=True)
+    (out / "manifest.json").write_text("{}")
+    (out / "quarantine" / "quarantine.jsonl").write_text("{}\n")
+    pq.write_table(pa.Table.from_pylist([{"text": "t"}]), out / "part-00000.parquet")
+    assert [s.path.name for s in expand_inputs([out])] == ["part-00000.parquet"]
