@@ -200,9 +200,10 @@ def cluster_pass(shards, text_field, cfg, executor, work: Path, offsets: np.ndar
     shingles: dict[int, np.ndarray] = {}
     for t in tasks:
         i = t.args[-1]
-        z = np.load(work / f"shingles-{i:05d}.npz")
-        for k, row in enumerate(z["rows"]):
-            shingles[int(row + offsets[i])] = z["hashes"][z["offsets"][k]:z["offsets"][k + 1]]
+        with np.load(work / f"shingles-{i:05d}.npz") as z:  # NpzFile re-reads on every z[...]: once each
+            rows_i, hashes, offs = z["rows"], z["hashes"], z["offsets"]
+        for k, row in enumerate(rows_i.tolist()):
+            shingles[row + int(offsets[i])] = hashes[offs[k]:offs[k + 1]]
     edges, sims = _verify(pairs, shingles, cfg.threshold)
     uf = UnionFind()
     for a, b in edges.tolist():

@@ -277,6 +277,7 @@ class _Reader:
                  max_doc_bytes: int):
         self.shard, self.text_field, self.q, self.stats = shard, text_field, quarantine, stats
         self.max_doc_bytes = max_doc_bytes
+        self.stem = shard.stem  # once per shard, not per record
 
     def bad(self, row: int, reason: str, raw: bytes, nbytes: int | None = None, docs: int = 1) -> None:
         if self.q is None:
@@ -318,7 +319,7 @@ def _read_jsonl_shard(r: _Reader) -> Iterator[dict]:
                 if isinstance(obj, str):
                     r.bad(lineno, obj, raw)
                     continue
-                rec = to_record(obj, r.text_field, r.shard.stem, lineno)
+                rec = to_record(obj, r.text_field, r.stem, lineno)
                 rec.update(src_file=str(path), src_row=lineno)
                 if (rec := r.good(rec, len(raw))) is not None:
                     yield rec
