@@ -1,7 +1,92 @@
-"""`hone plan`: the cluster planner's command (being built: issue 5)."""
+"""`hone plan`: choose a parallel configuration for a model on a cluster.
+
+    hone plan --model llama3-70b --cluster 4x8xH100 --seq 8192 --global-batch 512
+    hone plan --model llama3-8b --cluster 8xH100 --seq 8192 --global-batch 32 --fix tp=1,pp=1,mb=1,recompute=none,zero=3 --json
+    hone plan calibrate -o profile.json && hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
+"""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import List, Optional
+
 import typer
 
-plan_app = typer.Typer(no_args_is_help=True, help="Plan a cluster run: parallel configuration, memory, step time.")
+from hone.errors import HoneError
+
+plan_app = typer.Typer(no_args_is_help=True, invoke_without_command=True,
+                       help="Plan a cluster run: parallel configuration, memory, step time.")
+
+CONSTANT_HELP = "Override a planner constant, e.g. --const eff_max=0.6 (see hone.plan.config.Constants)."
+
+
+@plan_app.callback()
+def plan(ctx: typer.Context,
+         model: Optional[str] = typer.Option(None, "--model", help="Preset (llama3-8b, llama3-70b, llama3.1-405b, gpt3-175b, smollm2-135m, ...), an HF config.json, or layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..[,arch=gpt|llama]."),
+         cluster: Optional[str] = typer.Option(None, "--cluster", help="Preset GPUSxTYPE or NODESxGPUSxTYPE (8xH100, 4x8xA100-80GB), a cluster .toml, or a profile .json from `hone plan calibrate`."),
+         seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),
+         global_batch: int = typer.Option(None, "--global-batch", help="Global batch in sequences."),
+         fix: Optional[str] = typer.Option(None, "--fix", help="Fix fields: tp=8,pp=8,dp=4,mb=1,recompute=full|selective|none,zero=0..3,vpp=V. All of tp,pp,mb,recompute,zero given: evaluate exactly that configuration."),
+         top: int = typer.Option(10, "--top", help="How many configurations to print and keep."),
+         as_json: bool = typer.Option(False, "--json", help="Print the configurations as a JSON list."),
+         out: str = typer.Option("plan.json", "--out", help="Write the plan here (ranked configs, launch commands); '' writes nothing."),
+         rank: str = typer.Option("throughput", "--rank", help="throughput, or cost (also tries fewer nodes; needs --tokens)."),
+         tokens: Optional[float] = typer.Option(None, "--tokens", help="Token budget of the run: adds days, GPU-hours and cost."),
+         price: float = typer.Option(2.0, "--price", help="Price per GPU-hour for --tokens."),
+         place: bool = typer.Option(False, "--placement", help="Also assign ranks to GPUs from the cluster's link matrix."),
+         const: Optional[List[str]] = typer.Option(None, "--const", help=CONSTANT_HELP)):
+    """Search every valid tp / pp / dp / micro-batch / recompute / ZeRO / vpp; print the best."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not model or not cluster or global_batch is None:
+        raise HoneError("hone plan needs --model, --cluster and --global-batch (see hone plan --help)")
+    from hone.plan.api import make_plan
+
+    result = make_plan(model, cluster, seq=seq, global_batch=global_batch, fix=fix, top=top, rank=rank,
+                       tokens=tokens, price=price, placement=place, constants=_constants(const or []))
+    if out:
+        from hone.rundir import write_json
+
+        write_json(Path(out), result)
+    if as_json:
+        print(json.dumps(result["configs"], indent=2))
+    else:
+        from hone.plan.api import format_text
+
+        print(format_text(result))
+        if out:
+            print(f"wrote {out}")
+
+
+def _constants(items: list[str]) -> dict:
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise HoneError(f"--const {it!r}: expected NAME=VALUE")
+        try:
+            out[k.strip()] = float(v) if v.strip().lower() not in ("true", "false") else v.strip().lower() == "true"
+        except ValueError:
+            raise HoneError(f"--const {it!r}: value must be a number") from None
+    return out
+
+
+@plan_app.command()
+def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--output", help="Hardware profile to write."),
+              model: Optional[str] = typer.Option(None, "--model", help="Measure GEMMs at this model's shapes (default hone-1b)."),
+              seq: int = typer.Option(2048, "--seq", help="Tokens per GEMM row block (micro-batch x sequence)."),
+              device: str = typer.Option("auto", "--device", help="auto (CUDA if visible), cuda or cpu."),
+              quick: bool = typer.Option(False, "--quick", help="Small sizes, few repeats (seconds on a CPU).")):
+    """Measure this machine (GEMM FLOP/s, memory bandwidth, device-to-device bandwidth) into a profile."""
+    from hone.plan.calibrate import run_calibration
+
+    prof = run_calibration(model or "hone-1b", seq=seq, device=device, quick=quick)
+    from hone.rundir import write_json
+
+    write_json(output, prof)
+    c = prof["cluster"]
+    print(f"{c['gpus_per_node']} x {c['gpu']['name']}: GEMM {prof['measured']['gemm_tflops']:.2f} TFLOP/s "
+          f"(efficiency {c['efficiency']:.2f} of {c['gpu']['peak_tflops']:g}), memory {prof['measured']['memory_gbps']:.1f} GB/s, "
+          f"links {c['intra_gbps']:.1f} GB/s")
+    print(f"wrote {output}  (use: hone plan --cluster {output} ...)")

@@ -1,0 +1,71 @@
+"""Launch material for a chosen plan: `hone train` settings, torchrun, Slurm, Megatron-LM arguments."""
+
+from __future__ import annotations
+
+from hone.plan.hardware import Cluster
+from hone.plan.shapes import ModelShape
+
+
+def hone_train_settings(rec: dict, seq: int, global_batch: int) -> dict:
+    return {"seq_len": seq, "global_batch": global_batch, "micro_batch": rec["micro_batch"], "tp": rec["tp"],
+            "pp": rec["pp"], "dp": rec["dp"], "vpp": rec["vpp"], "recompute": rec["recompute"], "zero": rec["zero"],
+            "sequence_parallel": rec["sequence_parallel"],
+            "grad_accum": global_batch // (rec["dp"] * rec["micro_batch"])}
+
+
+def torchrun_command(cluster: Cluster, nodes: int, recipe: str = "recipe.toml") -> str:
+    if nodes == 1:
+        return f"torchrun --standalone --nproc-per-node {cluster.gpus_per_node} -m hone.cli train {recipe}"
+    return (f"torchrun --nnodes {nodes} --nproc-per-node {cluster.gpus_per_node} --rdzv-backend c10d "
+            f"--rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID -m hone.cli train {recipe}")
+
+
+def slurm_script(cluster: Cluster, nodes: int, rec: dict, recipe: str = "recipe.toml", job: str = "hone") -> str:
+    return f"""#!/bin/bash
+#SBATCH --job-name={job}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={cluster.gpus_per_node}
+#SBATCH --exclusive
+# plan: {_label(rec)}  ({rec['tokens_per_s']:.0f} tokens/s, MFU {rec['mfu']:.1%}, {rec['memory_gib_per_gpu']:.1f} GiB/GPU predicted)
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export JOB_ID=$SLURM_JOB_ID
+srun torchrun --nnodes $SLURM_NNODES --nproc-per-node {cluster.gpus_per_node} --rdzv-backend c10d \\
+  --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $SLURM_JOB_ID -m hone.cli train {recipe}
+"""
+
+
+def megatron_args(m: ModelShape, rec: dict, seq: int, global_batch: int) -> str:
+    a = [f"--num-layers {m.layers}", f"--hidden-size {m.hidden}", f"--num-attention-heads {m.heads}",
+         f"--ffn-hidden-size {m.ffn}", f"--seq-length {seq}", f"--max-position-embeddings {max(seq, m.max_seq)}",
+         f"--micro-batch-size {rec['micro_batch']}", f"--global-batch-size {global_batch}",
+         f"--tensor-model-parallel-size {rec['tp']}", f"--pipeline-model-parallel-size {rec['pp']}", "--bf16",
+         "--use-flash-attn"]
+    if m.kv_heads != m.heads:
+        a += ["--group-query-attention", f"--num-query-groups {m.kv_heads}"]
+    if m.arch == "llama":
+        a += ["--swiglu", "--normalization RMSNorm", "--position-embedding-type rope", "--disable-bias-linear",
+              "--untie-embeddings-and-output-weights" if not m.tied_embeddings else ""]
+    if rec["vpp"] > 1:
+        a.append(f"--num-layers-per-virtual-pipeline-stage {m.layers // (rec['pp'] * rec['vpp'])}")
+    if rec["sequence_parallel"]:
+        a.append("--sequence-parallel")
+    if rec["recompute"] == "selective":
+        a.append("--recompute-activations")
+    elif rec["recompute"] == "full":
+        a += ["--recompute-granularity full", "--recompute-method uniform", "--recompute-num-layers 1"]
+    if rec["zero"] == 3:
+        a.append("--use-torch-fsdp2")  # Megatron-LM has no ZeRO-3 of its own
+    elif rec["zero"] >= 1:
+        a += ["--use-distributed-optimizer", "--overlap-param-gather"]  # ZeRO-2 maps to this too
+    a.append("--overlap-grad-reduce")
+    return " ".join(x for x in a if x)
+
+def launch(m: ModelShape, cluster: Cluster, rec: dict, seq: int, global_batch: int) -> dict:
+    nodes = max(1, rec["gpus"] // cluster.gpus_per_node)
+    return {"hone_train": hone_train_settings(rec, seq, global_batch), "torchrun": torchrun_command(cluster, nodes),
+            "slurm": slurm_script(cluster, nodes, rec), "megatron_args": megatron_args(m, rec, seq, global_batch)}
+
+
+def _label(rec: dict) -> str:
+    return f"tp={rec['tp']} pp={rec['pp']} dp={rec['dp']} mb={rec['micro_batch']} recompute={rec['recompute']} zero={rec['zero']} vpp={rec['vpp']}"

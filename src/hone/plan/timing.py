@@ -1,0 +1,110 @@
+"""Step time: compute at a calibrated efficiency, TP / PP / DP / FSDP communication on the
+slowest link of each group, the pipeline bubble and the overlap of the gradient reduce.
+
+    t_mb   = compute + TP collectives + PP sends, per micro-batch on the slowest stage
+    step   = (m + (p-1)/v) * t_mb + exposed DP reduce + optimizer update
+    MFU    = model FLOPs per step / step / GPUs / dense peak
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hone.plan.config import Config, Constants
+from hone.plan.hardware import Cluster
+from hone.plan.memory import stage_params
+from hone.plan.shapes import ModelShape
+
+
+@dataclass
+class Timing:
+    step_time_s: float
+    compute_s: float
+    tp_comm_s: float
+    pp_comm_s: float
+    dp_comm_s: float
+    dp_exposed_s: float
+    bubble_s: float
+    optimizer_s: float
+    efficiency: float
+    tokens_per_s: float
+    tflops_per_gpu: float
+    mfu: float
+
+    def breakdown(self) -> dict:
+        r = lambda x: round(x, 6)  # noqa: E731
+        return {"compute_s": r(self.compute_s), "tp_comm_s": r(self.tp_comm_s), "pp_comm_s": r(self.pp_comm_s),
+                "dp_comm_s": r(self.dp_comm_s), "dp_exposed_s": r(self.dp_exposed_s), "bubble_s": r(self.bubble_s),
+                "optimizer_s": r(self.optimizer_s), "gemm_efficiency": round(self.efficiency, 4)}
+
+
+def efficiency(m: ModelShape, c: Config, k: Constants, cluster: Cluster) -> float:
+    """Achieved fraction of peak: narrow per-GPU GEMMs (small h/t) run further from peak."""
+    if cluster.efficiency is not None:
+        return float(cluster.efficiency)
+    w = m.hidden / c.tp
+    return k.eff_max * w / (w + k.eff_half_width)
+
+
+def ring_time(bytes_: float, n: int, bw_gbps: float, lat: float, factor: float) -> float:
+    """A ring collective over n ranks moving ``factor*(n-1)/n*bytes`` per rank."""
+    if n <= 1:
+        return 0.0
+    return factor * (n - 1) / n * bytes_ / (bw_gbps * 1e9) + factor * (n - 1) * lat
+
+
+def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cluster, k: Constants) -> Timing:
+    t, p, d, b, v = c.tp, c.pp, c.dp, c.micro_batch, c.vpp
+    mbs = global_batch // (d * b)
+    eff = efficiency(m, c, k, cluster)
+    rate = cluster.gpu.peak_tflops * 1e12 * eff
+    tokens_mb = b * seq
+    # Hardware FLOPs per token of one layer: matmuls 6 per weight, attention 12 h s; recompute adds a forward.
+    matmul = 6.0 * (2 * m.hidden * (m.hidden + m.kv_dim) + (3 if m.arch == "llama" else 2) * m.hidden * m.ffn)
+    attn = 12.0 * m.hidden * seq
+    if c.recompute == "full":
+        layer_flops = (matmul + attn) * 8 / 6
+    elif c.recompute == "selective":
+        layer_flops = matmul + attn * 4 / 3
+    else:
+        layer_flops = matmul + attn
+    head_flops = 6.0 * m.vocab * m.hidden
+    stage_flops = m.layers / p * layer_flops + head_flops  # the last stage (with the LM head) is the slowest
+    compute_mb = tokens_mb * stage_flops / t / rate
+
+    tp_bw, tp_lat = cluster.group_link(1, t)
+    n_ar = 6 if c.recompute == "full" else 4
+    tp_mb = (1 - k.tp_overlap) * m.layers / p * n_ar * ring_time(2.0 * tokens_mb * m.hidden, t, tp_bw, tp_lat, 2.0)
+
+    pp_mb = 0.0
+    if p > 1:
+        pp_bw, pp_lat = cluster.group_link(t * d, p)
+        send = 2.0 * tokens_mb * m.hidden / (t if c.sequence_parallel else 1)  # scatter-gather over the TP group
+        pp_mb = 2 * v * (send / (pp_bw * 1e9) + pp_lat)
+
+    n_local = stage_params(m, c, "last")  # parameters per GPU
+    dp_bw, dp_lat = cluster.group_link(t, d)
+    grad_bytes = k.dp_comm_bytes * n_local
+    dp_comm = dp_exposed = 0.0
+    if c.zero >= 3 and d > 1:
+        per_mb = ring_time(grad_bytes, d, dp_bw, dp_lat, 3.0)  # all-gather fwd + bwd, reduce-scatter
+        dp_comm = per_mb * mbs
+        extra = max(0.0, per_mb - k.fsdp_overlap * compute_mb)
+        pp_mb += extra  # exposed per micro-batch
+        dp_exposed = extra * mbs
+    t_mb = compute_mb + tp_mb + pp_mb
+    pipeline = (mbs + (p - 1) / v) * t_mb
+    bubble = (p - 1) / v * t_mb
+    if c.zero < 3 and d > 1:
+        dp_comm = ring_time(grad_bytes, d, dp_bw, dp_lat, 2.0)  # all-reduce, or reduce-scatter + all-gather
+        dp_exposed = max(0.0, dp_comm - k.dp_overlap * compute_mb * 2 / 3)
+    opt_bytes = n_local * (k.weight_bytes + k.grad_bytes + 2 * k.optim_bytes) / (d if c.zero >= 1 else 1)
+    optimizer = opt_bytes / (cluster.gpu.hbm_gbps * 1e9)
+    step = pipeline + (dp_exposed if c.zero < 3 else 0.0) + optimizer
+
+    tokens = global_batch * seq
+    model_flops = tokens * m.flops_per_token(seq)
+    n_gpu = t * p * d
+    tflops = model_flops / step / n_gpu / 1e12
+    return Timing(step, compute_mb * mbs, tp_mb * mbs, pp_mb * mbs, dp_comm, dp_exposed, bubble, optimizer, eff,
+                  tokens / step, tflops, tflops / cluster.gpu.peak_tflops)
