@@ -96,7 +96,7 @@ def test_pruning_reasons():
     m = PRESETS["llama3-8b"]
     assert structural_reason(m, Config(3, 1, 1, 1), 8192, 8, 3) == "tp=3 does not divide 32 heads"
     assert structural_reason(m, Config(16, 1, 1, 1), 8192, 8, 16) == "tp=16 does not divide 8 kv heads"
-    assert structural_reason(m, Config(1, 5, 1, 1), 8192, 8, 5) == "pp=5 does not divide 32 layers"
+    assert structural_reason(m, Config(1, 64, 1, 1), 8192, 8, 64) == "pp=64 exceeds 32 layers"
     assert structural_reason(m, Config(2, 2, 4, 1), 8192, 8, 8) == "dp(4) * tp(2) * pp(2) = 16 != 8 GPUs"
     assert "global batch 6 is not divisible" in structural_reason(m, Config(1, 1, 4, 1), 8192, 6, 4)
     res = search(m, parse_preset("3x8xH100"), 8192, 48)

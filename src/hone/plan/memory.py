@@ -12,6 +12,7 @@ keeps the ``2 s b h`` layer input. The terms are written per tensor so that Llam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hone.plan.config import Config, Constants
@@ -56,7 +57,7 @@ def full_layer_bytes(m: ModelShape, s: int, b: int, c: Config, flash: bool) -> f
 
 def stage_params(m: ModelShape, c: Config, stage: str) -> float:
     """Parameters on one GPU of the first or last pipeline stage (TP splits every matrix)."""
-    n = m.layers / c.pp * m.layer_params()
+    n = stage_layers(m, c) * m.layer_params()
     if stage == "first" or c.pp == 1:
         n += m.embedding_params()
     if stage == "last" or c.pp == 1:
@@ -64,6 +65,11 @@ def stage_params(m: ModelShape, c: Config, stage: str) -> float:
         if m.tied_embeddings and c.pp > 1:
             n += m.vocab * m.hidden  # the last stage keeps its own copy of the tied embedding
     return n / c.tp
+
+
+def stage_layers(m: ModelShape, c: Config) -> int:
+    """Layers on the busiest stage: uneven splits (126 layers on 16 stages) put ceil(l/p) on some."""
+    return math.ceil(m.layers / c.pp)
 
 
 @dataclass
@@ -105,7 +111,7 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
     grads = k.grad_bytes * n / (d if c.zero >= 2 else 1)
     optim = k.optim_bytes * n / (d if c.zero >= 1 else 1)
     mbs = global_batch // (c.dp * c.micro_batch)
-    layers = m.layers / c.pp
+    layers = stage_layers(m, c)
     if stage == "first":
         inflight = min(mbs, c.pp) * (1 + (c.pp - 1) / (c.pp * c.vpp) if c.vpp > 1 else 1.0)
     else:

@@ -38,8 +38,8 @@ def structural_reason(m: ModelShape, c: Config, seq: int, global_batch: int, n_g
         return f"tp={c.tp} does not divide ffn {m.ffn}"
     if c.tp > 1 and c.sequence_parallel and seq % c.tp:
         return f"sequence parallel needs tp={c.tp} to divide seq {seq}"
-    if m.layers % c.pp:
-        return f"pp={c.pp} does not divide {m.layers} layers"
+    if c.pp > m.layers:
+        return f"pp={c.pp} exceeds {m.layers} layers"
     if c.tp * c.pp * c.dp != n_gpus:
         return f"dp({c.dp}) * tp({c.tp}) * pp({c.pp}) = {c.tp * c.pp * c.dp} != {n_gpus} GPUs"
     if global_batch % (c.dp * c.micro_batch):
