@@ -40,7 +40,8 @@ def dsir(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
          k: int = typer.Option(..., "--k", help="Documents to keep."),
          buckets: int = typer.Option(10_000, "--buckets", help="Hashed uni+bigram buckets."),
          min_words: int = typer.Option(5, "--min-words", help="Drop documents with fewer words (too_short)."),
-         length_norm: bool = typer.Option(False, "--length-norm", help="Mean log weight per n-gram instead of the sum."),
+         pseudo_count: float = typer.Option(0.1, "--pseudo-count", help="Added to every bucket's count (smoothing)."),
+         length_norm: bool = typer.Option(True, "--length-norm/--sum", help="log w per n-gram × median length (default), or the paper's plain sum (favours long documents)."),
          deterministic: bool = typer.Option(False, "--deterministic", help="Top-k instead of Gumbel top-k sampling."),
          name: Optional[str] = typer.Option(None, "--name", help="Domain label written on kept documents."),
          seed: int = SEED, text_field: str = TEXT_FIELD):
@@ -48,7 +49,7 @@ def dsir(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
     from hone.corpus.dsir import dsir_step
 
     m = dsir_step(inputs, output, text_field=text_field, target=str(target), k=k, buckets=buckets,
-                  min_words=min_words, length_norm=length_norm, deterministic=deterministic, name=name, seed=seed)
+                  min_words=min_words, pseudo_count=pseudo_count, length_norm=length_norm, deterministic=deterministic, name=name, seed=seed)
     _finish("dsir", m, output)
 
 

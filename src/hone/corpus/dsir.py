@@ -36,9 +36,9 @@ class DsirConfig:
 
     k: int = 1000  # documents to keep
     buckets: int = 10_000  # hashed n-gram buckets (m)
-    pseudo_count: float = 1.0  # added to every bucket's count before normalizing
+    pseudo_count: float = 0.1  # added to every bucket's count before normalizing
     min_words: int = 5  # shorter documents are dropped (too_short)
-    length_norm: bool = False  # divide log w by the number of n-grams (mean instead of sum)
+    length_norm: bool = True  # log w per n-gram × median length (False: the paper's plain sum)
     deterministic: bool = False  # plain top-k instead of Gumbel top-k
     seed: int = 0
     name: str | None = None  # domain label written on kept documents (None: leave as is)
@@ -107,8 +107,8 @@ def distribution(x: sp.csr_matrix, pseudo_count: float) -> np.ndarray:
     return counts / counts.sum()
 
 
-def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000, pseudo_count: float = 1.0,
-                length_norm: bool = False) -> np.ndarray:
+def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000, pseudo_count: float = 0.1,
+                length_norm: bool = True) -> np.ndarray:
     """log importance weight of every text (p_raw fitted on ``texts`` themselves)."""
     if not target_texts:
         raise HoneError("dsir: no target examples")
@@ -117,7 +117,11 @@ def dsir_scores(texts: list[str], target_texts: list[str], buckets: int = 10_000
     log_ratio = np.log(distribution(xt, pseudo_count)) - np.log(distribution(x, pseudo_count))
     logw = x @ log_ratio
     if length_norm:
-        logw = logw / np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0)
+        # Per n-gram, times the median document length: the weight a typical-length document
+        # with this text's n-gram mix would get (the paper's chunks all have one length; ours
+        # vary, and the raw sum favours long documents). Same scale as the sum for Gumbel.
+        n = np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0)
+        logw = logw / n * np.median(n)
     return np.asarray(logw, dtype=np.float64)
 
 
