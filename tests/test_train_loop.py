@@ -57,10 +57,27 @@ def test_corrupt_checkpoint_falls_back_with_message(token_dirs, tmp_path):
     (ckpts[-1] / "trainer_state.json").write_text("{not json")
     messages = []
     assert latest_checkpoint(tmp_path / "checkpoints", messages.append) == ckpts[0]
-    assert "unreadable" in messages[0]
-    (ckpts[0] / "optimizer.pt").unlink()
+    assert "step_000010 is incomplete or corrupt (unreadable trainer_state.json" in messages[0]
+    (ckpts[0] / ".metadata").unlink()
     assert latest_checkpoint(tmp_path / "checkpoints", messages.append) is None
-    assert "incomplete" in messages[-1]
+    assert "no DCP .metadata" in messages[-1]
+
+
+def test_damaged_shard_falls_back_to_the_previous_checkpoint(token_dirs, tmp_path):
+    run(token_dirs, tmp_path, steps=10)
+    newest = tmp_path / "checkpoints" / "step_000010"
+    for shard in newest.glob("*.distcp"):
+        shard.write_bytes(shard.read_bytes()[:100])  # a write cut short
+    messages = []
+    torch.manual_seed(0)
+    model = tiny_llama()
+    summary = train(model, loader(token_dirs), CFG, tmp_path, total_steps=10, resume=True, log=messages.append)
+    assert any("step_000010 failed to load" in m for m in messages), messages
+    assert any("resumed from" in m and "step_000009" in m for m in messages), messages
+    assert summary["steps"] == 10
+    straight, _ = run(token_dirs, tmp_path / "straight")
+    for (name, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("step, expected", [(0, 1.5e-3), (1, 3e-3), (2, 3e-3), (99, 3e-4)])

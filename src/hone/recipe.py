@@ -133,6 +133,11 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate (auto: cuda when available).")
+    mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast (FSDP: bf16 params, fp32 reduction); fp32: exact.")
+    data_parallel: Literal["fsdp", "ddp"] = Field("fsdp", description="How data-parallel ranks hold the model under torchrun.")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree under torchrun (dp = nproc / tp).")
+    activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass.")
+    compile: bool = Field(False, description="torch.compile each transformer layer.")
     log_every: int = Field(1, ge=1, description="Progress line and metrics.jsonl every N steps.")
 
 

@@ -1,0 +1,118 @@
+"""Resumable training checkpoints with torch distributed checkpoint (DCP).
+
+A checkpoint is ``checkpoints/step_NNNNNN/``: DCP shards of model and optimizer state
+(``.metadata`` + ``*.distcp``) and ``trainer_state.json`` (step, loader state, RNG). Every
+rank writes into ``.step_NNNNNN.tmp`` and rank 0 renames it once all are done, so a kill at
+any moment leaves the previous checkpoint or the new one, never half of one. DCP stores
+each tensor with its global shape, so a checkpoint written by N processes loads into M.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from hone.errors import HoneError
+from hone.rundir import read_json, write_json
+from hone.train.data import MixtureLoader
+from hone.train.parallelize import DistContext
+
+KEEP_CHECKPOINTS = 2
+# One process without a process group is a supported DCP mode, not a mistake worth a warning.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+STATE_FILE = "trainer_state.json"
+
+
+def _rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def _set_rng_state(blob: str) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(blob)), dtype=torch.uint8))
+
+
+def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoader, ctx: DistContext) -> Path:
+    target = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".step_{step:06d}.tmp"
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ctx.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    if ctx.is_main:
+        write_json(tmp / STATE_FILE, {"step": step, "world_size": ctx.world_size,
+                                      "loader": loader.state_dict(), "rng": _rng_state()})
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        for old in sorted(ckpt_root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(old, ignore_errors=True)
+    ctx.barrier()
+    return target
+
+
+def _looks_complete(path: Path) -> str | None:
+    """None if the checkpoint looks whole, else what is wrong with it."""
+    if not (path / ".metadata").exists():
+        return "no DCP .metadata"
+    if not (path / STATE_FILE).exists():
+        return f"no {STATE_FILE}"
+    try:
+        read_json(path / STATE_FILE)
+    except Exception as e:  # noqa: BLE001 - any damage means: use an older one
+        return f"unreadable {STATE_FILE} ({e})"
+    return None
+
+
+def checkpoints_newest_first(ckpt_root: Path) -> list[Path]:
+    return sorted(Path(ckpt_root).glob("step_*"), reverse=True)
+
+
+def latest_checkpoint(ckpt_root: Path, log: Callable[[str], None] = print) -> Path | None:
+    """Newest checkpoint that looks complete; damaged ones are reported and skipped."""
+    for path in checkpoints_newest_first(ckpt_root):
+        problem = _looks_complete(path)
+        if problem is None:
+            return path
+        log(f"checkpoint {path.name} is incomplete or corrupt ({problem}); trying an older one")
+    return None
+
+
+def load_checkpoint(path: Path, model, optimizer, loader: MixtureLoader) -> int:
+    """Load model, optimizer, loader and RNG state; return the step it was taken at."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    trainer = read_json(path / STATE_FILE)
+    loader.load_state_dict(trainer["loader"])
+    _set_rng_state(trainer["rng"])
+    return int(trainer["step"])
+
+
+def resume_from_newest(ckpt_root: Path, model, optimizer, loader: MixtureLoader, log) -> int:
+    """Try checkpoints newest first; a checkpoint that fails to load falls back to the previous."""
+    for path in checkpoints_newest_first(ckpt_root):
+        if (problem := _looks_complete(path)) is not None:
+            log(f"checkpoint {path.name} is incomplete or corrupt ({problem}); trying an older one")
+            continue
+        try:
+            step = load_checkpoint(path, model, optimizer, loader)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - damage shows only when read
+            log(f"checkpoint {path.name} failed to load ({type(e).__name__}: {e}); trying an older one")
+            continue
+        log(f"resumed from {path} at step {step}")
+        return step
+    if checkpoints_newest_first(ckpt_root):
+        # Some load may have half-written the model: starting over silently would be wrong.
+        raise HoneError(f"{ckpt_root}: no usable checkpoint; move it away or train without --resume")
+    return 0

@@ -1,0 +1,132 @@
+"""Apply parallelism to a single-device model from a plan value, in a fixed order:
+tensor parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP).
+
+The model never reads the plan (STYLE.md rule 1); the plan is a pure value validated on
+the CPU with the numbers in its error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hone.errors import HoneError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParallelPlan:
+    dp: int = 1                                  # data-parallel degree
+    tp: int = 1                                  # tensor-parallel degree
+    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
+    activation_checkpointing: bool = False
+    compile: bool = False
+    mixed_precision: Literal["fp32", "bf16"] = "fp32"
+
+    def validate(self, world_size: int, *, heads: int, kv_heads: int, ffn: int, batch_size: int) -> None:
+        if self.dp * self.tp != world_size:
+            raise HoneError(f"dp({self.dp}) * tp({self.tp}) = {self.dp * self.tp} != world_size {world_size}")
+        for what, n in (("attention heads", heads), ("key/value heads", kv_heads), ("FFN size", ffn)):
+            if n % self.tp:
+                raise HoneError(f"tp={self.tp} does not divide {n} {what}")
+        if batch_size % self.dp:
+            raise HoneError(f"train.batch_size ({batch_size}) is not divisible by dp ({self.dp})")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: object | None = None  # DeviceMesh with dims ("dp", "tp") when distributed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank() if self.mesh is not None else 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistContext:
+    """Join the torchrun job (gloo on CPU, NCCL on GPU) and build the (dp, tp) mesh."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and device_choice != "cpu"
+    if world == 1:
+        return DistContext(device=torch.device("cuda" if use_cuda else "cpu"))
+    from torch.distributed.device_mesh import init_device_mesh
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device_type = "cuda" if use_cuda else "cpu"
+    mesh = init_device_mesh(device_type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+    device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
+    return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local, device=device, mesh=mesh)
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Megatron-style: column-parallel q/k/v and gate/up, row-parallel o and down."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    for layer in model.model.layers:
+        parallelize_module(layer, tp_mesh, {
+            "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel(),
+        })
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer)
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if mixed_precision == "bf16" else MixedPrecisionPolicy()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
+    # The root unit holds embeddings, final norm and the (possibly tied) head.
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+
+
+def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Module:
+    """Return the model wrapped as the plan says (the same object when nothing applies)."""
+    model.to(ctx.device)
+    if plan.tp > 1:
+        apply_tensor_parallel(model, ctx.mesh["tp"])
+    if plan.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if plan.compile:
+        for layer in model.model.layers:
+            layer.compile()
+    if plan.dp > 1 and plan.data_parallel == "fsdp":
+        apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision)
+    elif plan.dp > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, process_group=ctx.mesh["dp"].get_group(),
+                    device_ids=[ctx.local_rank] if ctx.device.type == "cuda" else None)
+    return model
