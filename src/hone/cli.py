@@ -55,12 +55,32 @@ def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: O
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR,
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
-          resume: bool = typer.Option(False, "--resume", help="Resume from the newest good checkpoint.")):
-    """Train as the recipe says (runs the data stages first if their artifacts are missing)."""
+          resume: bool = typer.Option(False, "--resume", help="Resume from the newest good checkpoint."),
+          nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun; GPUs or CPU/gloo)."),
+          nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes: > 1 prints the torchrun line and writes a Slurm script.")):
+    """Train as the recipe says (runs the data stages first if their artifacts are missing).
+
+    Without --resume, training starts over (the data stages are kept); with it, training
+    continues from the newest good checkpoint, on any number of processes.
+    """
     from hone.pipeline import run_recipe
 
     r, wd = _load(recipe, workdir)
-    run_recipe(r, wd, fresh=not resume, max_steps=max_steps, log=_log)
+    from hone.train.launch import plan_from_recipe
+
+    plan_from_recipe(r.train, nproc * nnodes)  # a bad tp fails now, before any data stage runs
+    if nnodes > 1:
+        from hone.rundir import ensure_dir, write_text
+        from hone.train.launch import multinode_commands
+
+        cmds = multinode_commands(recipe, wd, nnodes, nproc)
+        script = ensure_dir(wd / "launch") / "slurm.sbatch"
+        write_text(script, cmds["slurm"])
+        _log(f"prepare the data once: hone tokenize {recipe} --workdir {wd}")
+        _log(f"then on every node: {cmds['torchrun']}")
+        _log(f"or submit: sbatch {script}")
+        return
+    run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, restart_training=not resume)
 
 
 @app.command("fetch-data")

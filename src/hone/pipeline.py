@@ -25,22 +25,43 @@ from hone.tokens import load_tokens, read_corpus, tokenize_corpus, train_bpe
 Log = Callable[[str], None]
 
 
+# Train fields that change how the work is laid out, not what is computed: changing them
+# resumes (on another world size, with or without compile, ...) instead of starting over.
+LAYOUT_FIELDS = {"data_parallel", "tp", "activation_checkpointing", "compile", "device", "threads",
+                 "log_every", "checkpoint_every", "micro_batch"}
+
+
 def recipe_hash(recipe: Recipe) -> str:
-    return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
+    """Hash of everything but the train section: a change redoes the data stages."""
+    data = json.loads(recipe.model_dump_json(exclude={"train"}))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_hash(recipe: Recipe) -> str:
+    """Hash of the train fields that change the result: a change starts training over."""
+    data = json.loads(recipe.train.model_dump_json(exclude=LAYOUT_FIELDS))
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare_workdir(recipe: Recipe, workdir: Path, fresh: bool, log: Log) -> None:
     """Create the run directory; start over when asked or when the recipe changed."""
     stamp = workdir / "recipe.json"
+    train_changed = False
     if workdir.exists() and stamp.exists() and not fresh:
-        old = read_json(stamp).get("hash")
-        if old != recipe_hash(recipe):
+        old = read_json(stamp)
+        if old.get("hash") != recipe_hash(recipe):
             log(f"recipe changed since the last run in {workdir}: starting over")
             fresh = True
+        elif old.get("train_hash") != train_hash(recipe):
+            log(f"recipe's [train] changed since the last run in {workdir}: training starts over")
+            train_changed = True
     if fresh and workdir.exists():
         shutil.rmtree(workdir)
     ensure_dir(workdir)
-    write_json(stamp, {"hash": recipe_hash(recipe), "recipe": json.loads(recipe.model_dump_json())})
+    if train_changed:
+        forget_training(workdir, log)
+    write_json(stamp, {"hash": recipe_hash(recipe), "train_hash": train_hash(recipe),
+                       "recipe": json.loads(recipe.model_dump_json())})
 
 
 def stage_pool(recipe: Recipe, workdir: Path, log: Log) -> tuple[list[Path], dict[str, Path]]:
@@ -174,30 +195,71 @@ def build_loader(recipe: Recipe, workdir: Path):
                          batch_size=recipe.train.batch_size, ratio=ratio)
 
 
-def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log) -> dict:
-    from hone.train.loop import train
+def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:
+    """Train in this process, or in ``nproc`` torchrun workers and then read the newest
+    checkpoint's weights back into ``model`` (for evaluation and the HF export)."""
+    from hone.train.launch import plan_from_recipe, total_steps
 
     t = recipe.train
-    total = max(1, t.max_tokens // (t.seq_len * t.batch_size))
+    total = total_steps(t)
+    if nproc > 1:
+        from hone.train.checkpoint import latest_checkpoint, load_model_weights
+        from hone.train.launch import launch_local
+
+        plan_from_recipe(t, nproc)  # a bad tp fails here, before workers start
+        launch_local(workdir, nproc, max_steps, log)
+        newest = latest_checkpoint(workdir / "checkpoints", log)
+        if newest is None:
+            raise HoneError(f"{workdir / 'checkpoints'}: the workers left no checkpoint")
+        state = load_model_weights(newest, model)
+        return {"steps": int(state["step"]), "total_steps": total}
+    from hone.train.loop import train
+
     loader = build_loader(recipe, workdir)
     torch.manual_seed(recipe.run.seed)
-    summary = train(model, loader, t, workdir, total_steps=total, resume=True, max_steps=max_steps, log=log)
-    return summary
+    return train(model, loader, t, workdir, total_steps=total, resume=True, max_steps=max_steps, log=log)
+
+
+# What training writes; `hone train` without --resume removes these and keeps the data stages.
+TRAINING_ARTIFACTS = ("checkpoints", "metrics.jsonl", "train_summary.json", "eval_after.json", "eval.json",
+                      "final", "report.html", "tensorboard")
+
+
+def forget_training(workdir: Path, log: Log) -> None:
+    removed = []
+    for name in TRAINING_ARTIFACTS:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log(f"training from scratch (no --resume): removed {', '.join(removed)}")
 
 
 def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = False,
-               max_steps: int | None = None, log: Log = print) -> dict:
-    """Run every stage of ``recipe``; return the comparison written to eval.json."""
+               max_steps: int | None = None, log: Log = print, nproc: int = 1,
+               restart_training: bool = False) -> dict:
+    """Run every stage of ``recipe``; return the comparison written to eval.json.
+
+    ``fresh`` starts the whole run over; ``restart_training`` keeps the data stages and
+    starts training over; ``nproc`` > 1 trains in that many torchrun workers.
+    """
     workdir = Path(workdir or recipe.run.workdir)
     torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
     t_start = time.perf_counter()
     prepare_workdir(recipe, workdir, fresh, log)
+    if restart_training:
+        forget_training(workdir, log)
     inputs, eval_sets = stage_pool(recipe, workdir, log)
     manifest = stage_curate(recipe, workdir, inputs, log)
     model, tok = stage_base_model(recipe, workdir, log)
     stage_tokenize(recipe, workdir, tok, log)
     before = stage_eval(recipe, model, tok, eval_sets, workdir / "eval_before.json", "before", log)
-    summary = stage_train(recipe, workdir, model, max_steps, log)
+    summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc)
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']} (--max-steps); run again to resume")
         return {}

@@ -121,7 +121,8 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence (documents packed with EOS).")
-    batch_size: int = Field(4, ge=1, description="Sequences per optimizer step.")
+    batch_size: int = Field(4, ge=1, description="Sequences per optimizer step (global, over all data-parallel ranks).")
+    micro_batch: int = Field(0, ge=0, description="Sequences per forward pass on one rank; gradients accumulate (0: the rank's whole share).")
     max_tokens: int = Field(40_000, ge=1, description="Training token budget; steps = max_tokens / (seq_len * batch_size).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine decay).")

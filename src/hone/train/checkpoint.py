@@ -24,6 +24,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from hone.errors import HoneError
 from hone.rundir import read_json, write_json
 from hone.train.data import MixtureLoader
+from hone.train.faults import maybe_fail
 from hone.train.parallelize import DistContext
 
 KEEP_CHECKPOINTS = 2
@@ -49,6 +50,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: Mixtur
     ctx.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    maybe_fail("ckpt", step, ctx.rank)
     if ctx.is_main:
         write_json(tmp / STATE_FILE, {"step": step, "world_size": ctx.world_size,
                                       "loader": loader.state_dict(), "rng": _rng_state()})
@@ -116,3 +118,14 @@ def resume_from_newest(ckpt_root: Path, model, optimizer, loader: MixtureLoader,
         # Some load may have half-written the model: starting over silently would be wrong.
         raise HoneError(f"{ckpt_root}: no usable checkpoint; move it away or train without --resume")
     return 0
+
+
+def load_model_weights(path: Path, model) -> dict:
+    """Read only the model's weights from a checkpoint written on any world size (e.g. to
+    evaluate and export, in one process, what torchrun workers trained); returns its state."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    state = {"model": get_model_state_dict(model)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(model, state["model"])
+    return read_json(path / STATE_FILE)

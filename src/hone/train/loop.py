@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -24,6 +25,7 @@ from hone.recipe import TrainConfig
 from hone.rundir import append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
 from hone.train.data import MixtureLoader
+from hone.train.faults import maybe_fail
 from hone.train.parallelize import DistContext
 
 __all__ = ["train", "lr_at", "latest_checkpoint"]
@@ -62,15 +64,75 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def _gather_rows(per_seq: torch.Tensor, ctx: DistContext) -> torch.Tensor:
-    """All ranks' per-sequence losses in global row order (tp ranks hold copies)."""
+    """All ranks' per-sequence losses in global row order.
+
+    The (dp, tp) mesh is row-major over ranks 0..world-1, so data-parallel index i lives on
+    ranks i*tp .. i*tp+tp-1, which hold identical copies; take the first of each.
+    """
     if not ctx.distributed:
         return per_seq
     parts = [torch.empty_like(per_seq) for _ in range(ctx.world_size)]
     dist.all_gather(parts, per_seq)
-    dp_group = ctx.mesh["dp"]
-    ranks = dp_group.mesh.flatten().tolist() if hasattr(dp_group, "mesh") else list(range(ctx.world_size))
-    # Global rank of dp index i along this rank's dp dimension.
-    return torch.cat([parts[r] for r in ranks])
+    tp = ctx.mesh["tp"].size()
+    return torch.cat(parts[::tp])
+
+
+# Dense bf16 peak FLOP/s by device name (MFU's denominator, as the industry quotes it).
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Per-device peak for MFU: ``HONE_PEAK_FLOPS`` if set, else the table for known GPUs."""
+    if os.environ.get("HONE_PEAK_FLOPS"):
+        return float(os.environ["HONE_PEAK_FLOPS"])
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v for k, v in PEAK_BF16.items() if k in name), None)
+    return None
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x (non-embedding params + head) + causal attention
+    (6 * layers * seq * hidden: QK^T and AV, half of the square, x3 for backward)."""
+    h, layers = cfg.hidden_size, cfg.num_hidden_layers
+    q = cfg.num_attention_heads * cfg.head_dim
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    dense = layers * per_layer + h * cfg.vocab_size
+    return 6 * dense + 6 * layers * seq_len * q
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak on a GPU, the process's peak RSS on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _no_grad_sync(model):
+    """Skip the data-parallel gradient reduction for all but the last micro-batch."""
+    if hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        @contextlib.contextmanager
+        def off():
+            model.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                model.set_requires_gradient_sync(True)
+        return off()
+    return contextlib.nullcontext()
+
+
+def _tensorboard(workdir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
 
 
 def _batch_digest(inputs: torch.Tensor) -> str:
@@ -99,14 +161,29 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     dp = ctx.mesh["dp"].size() if ctx.mesh is not None else 1
     rows = loader.batch_size // dp
     lo = ctx.dp_rank() * rows
+    micro = cfg.micro_batch or rows
+    if rows % micro:
+        from hone.errors import HoneError
+
+        raise HoneError(f"train.micro_batch ({micro}) does not divide the {rows} sequences each rank gets per step")
     n_params = sum(p.numel() for p in model.parameters())
-    say(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step ({rows} seqs x {dp} dp) | "
-        f"{total_steps} steps = {total_steps * tokens_per_step:,} tokens | domain ratio {loader.ratio:.2f} | "
-        f"lr {cfg.lr:g} | world {ctx.world_size} | threads {torch.get_num_threads()}")
+    if ctx.distributed:  # sharded parameters count their global size
+        n_params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
+    inner = getattr(model, "module", model)
+    fpt = flops_per_token(inner.config, seq_len) if hasattr(inner, "config") else None
+    peak = peak_flops(ctx.device)
+    say(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step ({dp} dp x {rows // micro} "
+        f"micro-batches x {micro} seqs x {seq_len}) | {total_steps} steps = {total_steps * tokens_per_step:,} tokens | "
+        f"domain ratio {loader.ratio:.2f} | lr {cfg.lr:g} | world {ctx.world_size} | {ctx.device} | "
+        f"threads {torch.get_num_threads()}"
+        + (f" | {fpt / 1e9:.2f} GFLOP/token" if fpt else "")
+        + (f" | peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""))
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
+    board = _tensorboard(workdir) if ctx.is_main else None
     t0, last = time.perf_counter(), {}
+    t_step = t0
     for step in range(start, stop):
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
@@ -114,35 +191,54 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         inputs, targets, names = loader.next_batch()
         digest = _batch_digest(inputs)
         x, y = inputs[lo:lo + rows].to(ctx.device), targets[lo:lo + rows].to(ctx.device)
-        with autocast:
-            logits = model(x)
-        per_token = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
-        per_seq = per_token.view(y.shape).mean(dim=1)
-        loss = per_seq.mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        per_seq_parts = []
+        for i in range(0, rows, micro):
+            sync = contextlib.nullcontext() if i + micro >= rows else _no_grad_sync(model)
+            with sync:
+                with autocast:
+                    logits = model(x[i:i + micro])
+                yy = y[i:i + micro]
+                per_token = F.cross_entropy(logits.float().flatten(0, 1), yy.flatten(), reduction="none")
+                per_seq = per_token.view(yy.shape).mean(dim=1)
+                # Sum over micro-batches of (sum / rows) is the mean over the rank's rows.
+                (per_seq.sum() / rows).backward()
+            per_seq_parts.append(per_seq.detach())
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         optimizer.step()
-        all_seq = _gather_rows(per_seq.detach().float().cpu(), ctx)
-        elapsed = time.perf_counter() - t0
+        maybe_fail("step", step + 1, ctx.rank)
+        all_seq = _gather_rows(torch.cat(per_seq_parts).float().cpu(), ctx)
+        now = time.perf_counter()
+        elapsed, step_s = now - t0, now - t_step
+        t_step = now
         done = step + 1 - start
         tps = done * tokens_per_step / elapsed
         by_domain = {name: float(all_seq[[i for i, n in enumerate(names) if n == name]].mean()) for name in set(names)}
         loss_value = float(all_seq.mean())
+        mfu = fpt * tokens_per_step / step_s / (peak * ctx.world_size) if fpt and peak else None
         last = {"step": step + 1, "loss": loss_value, "loss_by_domain": by_domain, "lr": lr,
                 "grad_norm": float(gnorm), "tokens": (step + 1) * tokens_per_step,
-                "tokens_per_s": tps, "elapsed_s": elapsed, "batch": digest}
+                "tokens_per_s": tps, "step_s": step_s, "mfu": mfu, "mem_gib": round(memory_gib(ctx.device), 3),
+                "elapsed_s": elapsed, "batch": digest}
         if ctx.is_main:
             append_jsonl(metrics_path, last)
+            if board is not None:
+                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gib") + (("mfu",) if mfu else ()):
+                    board.add_scalar(f"train/{key}", last[key], step + 1)
+                for name, v in by_domain.items():
+                    board.add_scalar(f"loss/{name}", v, step + 1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == stop:
             eta = (stop - step - 1) * elapsed / done
             dom = " ".join(f"{k[:3]} {v:.3f}" for k, v in sorted(by_domain.items()))
             say(f"step {step + 1:>5}/{total_steps} | loss {loss_value:.4f} ({dom}) | lr {lr:.2e} | "
-                f"gnorm {float(gnorm):.2f} | {tps:,.0f} tok/s | {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
+                f"gnorm {float(gnorm):.2f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+                + f" | {last['mem_gib']:.2f} GiB | {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stop:
             save_checkpoint(ckpt_root, step + 1, model, optimizer, loader, ctx)
     if stop > start:
         save_checkpoint(ckpt_root, stop, model, optimizer, loader, ctx)
+    if board is not None:
+        board.close()
     return {"steps": stop, "total_steps": total_steps, "last": last, "served": dict(loader.served)}

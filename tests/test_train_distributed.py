@@ -1,0 +1,165 @@
+"""`hone train --nproc N` on the CPU with gloo: 2-process DDP and FSDP2 equal 1 process,
+kill -9 (also mid-checkpoint) then --resume is bitwise identical, checkpoints reshard
+between world sizes, and the multi-node launch material."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from hone.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+
+
+def _recipe_text(workdir: Path, **train) -> str:
+    text = (ROOT / "recipes" / "tiny-cpu.toml").read_text()
+    text = text.replace('workdir = "runs/tiny"', f'workdir = "{workdir}"')
+    fields = {"seq_len": 64, "batch_size": 8, "max_tokens": STEPS * 8 * 64, "checkpoint_every": 4,
+              "threads": 1, "log_every": 1, **train}
+    head, _, tail = text.partition("[train]\n")
+    body, _, rest = tail.partition("\n[eval]")
+    lines = [ln for ln in body.splitlines() if ln.split(" = ")[0] not in fields]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    return head + "[train]\n" + "\n".join(lines) + "\n\n[eval]" + rest
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A run directory whose data stages are done (pool, corpus, tokenizer, tokens, eval)."""
+    from hone.pipeline import run_recipe
+
+    root = tmp_path_factory.mktemp("dist")
+    recipe = root / "fsdp.toml"
+    recipe.write_text(_recipe_text(root / "base"))
+    (root / "ddp.toml").write_text(_recipe_text(root / "base", data_parallel="ddp"))
+    run_recipe(load_recipe(recipe), root / "base", max_steps=1, log=lambda m: None)
+    return root
+
+
+def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | (env or {})
+    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hone {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _workdir(prepared: Path, name: str) -> Path:
+    dest = prepared / name
+    if not dest.exists():
+        shutil.copytree(prepared / "base", dest)
+    return dest
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(workdir: Path) -> dict:
+    return load_file(str(workdir / "final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared):
+    wd = _workdir(prepared, "one")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd)
+    return wd
+
+
+@pytest.fixture(scope="module")
+def two_fsdp(prepared):
+    wd = _workdir(prepared, "fsdp2")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2)
+    return wd
+
+
+def _assert_same_run(a: Path, b: Path, *, exact: bool) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
+    assert [m["batch"] for m in ma] == [m["batch"] for m in mb], "the loader served different batches"
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    if exact:
+        assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+        for k in wa:
+            assert wa[k].equal(wb[k]), f"{k} differs"
+    else:
+        for x, y in zip(ma, mb):
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x["step"], x["loss"], y["loss"])
+        for k in wa:
+            assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+
+
+def test_two_process_fsdp_matches_one_process(one_process, two_fsdp):
+    _assert_same_run(one_process, two_fsdp, exact=False)
+    summary = json.loads((two_fsdp / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["plan"]["data_parallel"] == "fsdp"
+
+
+def test_two_process_ddp_matches_one_process(prepared, one_process):
+    wd = _workdir(prepared, "ddp2")
+    _hone("train", prepared / "ddp.toml", "--workdir", wd, "--nproc", 2)
+    _assert_same_run(one_process, wd, exact=False)
+    assert json.loads((wd / "train_summary.json").read_text())["plan"]["data_parallel"] == "ddp"
+
+
+def test_kill9_during_checkpoint_write_then_resume_is_bitwise_identical(prepared, one_process):
+    wd = _workdir(prepared, "killed_in_ckpt")
+    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, env={"HONE_FAULT": "kill:ckpt=8"}, check=False)
+    assert proc.returncode == -9
+    ckpts = wd / "checkpoints"
+    assert (ckpts / ".step_000008.tmp").exists() and not (ckpts / "step_000008").exists()
+    resumed = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--resume")
+    assert "resumed from" in resumed.stdout and "step_000004" in resumed.stdout
+    _assert_same_run(one_process, wd, exact=True)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000008", "step_000012"]
+
+
+def test_kill9_of_one_worker_then_resume_is_bitwise_identical(prepared, two_fsdp):
+    wd = _workdir(prepared, "killed_worker")
+    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2,
+                 env={"HONE_FAULT": "kill:step=6:rank=1"}, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: torchrun with 2 processes exited")
+    assert "worker rank 1" in proc.stderr and "killed by SIGKILL" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2, "--resume")
+    _assert_same_run(two_fsdp, wd, exact=True)
+
+
+@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(prepared, one_process, first, then):
+    wd = _workdir(prepared, f"reshard_{first}_{then}")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", first, "--max-steps", 6)
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
+    out = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", then, "--resume")
+    if then == 1:
+        assert "resumed from" in out.stdout and "step 6" in out.stdout
+    _assert_same_run(one_process, wd, exact=False)
+
+
+def test_bad_tensor_parallel_degree_is_one_line(prepared, tmp_path):
+    recipe = tmp_path / "tp3.toml"
+    recipe.write_text(_recipe_text(prepared / "tp3", tp=3))
+    proc = _hone("train", recipe, "--nproc", 2, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: train.tp (3) does not divide the number of processes (2)"
+
+
+def test_multinode_prints_torchrun_and_writes_slurm(prepared, tmp_path):
+    proc = _hone("train", prepared / "fsdp.toml", "--workdir", tmp_path / "mn", "--nnodes", 4, "--nproc", 8)
+    assert "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d" in proc.stdout
+    script = (tmp_path / "mn" / "launch" / "slurm.sbatch").read_text()
+    assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
+    assert "srun torchrun --nnodes 4" in script and "-m hone.train.launch" in script
+    assert not (tmp_path / "mn" / "checkpoints").exists()
