@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from hone.recipe import TrainConfig
 from hone.rundir import append_jsonl, ensure_dir
@@ -58,9 +57,12 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
+    # Fused (one kernel for all parameters) on CUDA; DTensor parameters take the default path.
+    on_cuda = all(p.is_cuda for p in decay + no_decay)
+    plain = not any(hasattr(p, "full_tensor") for p in decay + no_decay)
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=tuple(cfg.betas))
+        lr=cfg.lr, betas=tuple(cfg.betas), fused=True if on_cuda and plain else None)
 
 
 def _gather_rows(per_seq: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -197,13 +199,11 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
             sync = contextlib.nullcontext() if i + micro >= rows else _no_grad_sync(model)
             with sync:
                 with autocast:
-                    logits = model(x[i:i + micro])
-                yy = y[i:i + micro]
-                per_token = F.cross_entropy(logits.float().flatten(0, 1), yy.flatten(), reduction="none")
-                per_seq = per_token.view(yy.shape).mean(dim=1)
-                # Sum over micro-batches of (sum / rows) is the mean over the rank's rows.
-                (per_seq.sum() / rows).backward()
-            per_seq_parts.append(per_seq.detach())
+                    # Summed over micro-batches, loss is the mean over the rank's rows of the
+                    # mean over each row's tokens.
+                    loss, per_token = model(x[i:i + micro], y[i:i + micro], token_weight=1.0 / (rows * seq_len))
+                loss.backward()
+            per_seq_parts.append(per_token.mean(dim=1))
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()

@@ -221,12 +221,15 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
-        if self.n_kv != self.n_heads:
-            # Expanding K/V is faster on CPU than SDPA's enable_gqa path and works on any torch.
-            rep = self.n_heads // self.n_kv
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if x.is_cuda:  # flash attention reads shared K/V heads directly
+                gqa = {"enable_gqa": True}
+            else:  # expanding K/V is faster on CPU than SDPA's enable_gqa path
+                rep = q.shape[1] // k.shape[1]
+                k = k.repeat_interleave(rep, dim=1)
+                v = v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -299,8 +302,20 @@ class Llama(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids))
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+                token_weight: float | None = None):
+        """Logits ``[B, T, V]``; or, given ``targets``, ``(loss, per-token losses [B, T])``
+        through the chunked linear + cross-entropy (no full logits tensor), where loss is
+        the per-token losses summed times ``token_weight`` (default: their mean)."""
+        if targets is None:
+            return self.lm_head(self.model(input_ids))
+        from hone.train.losses import fused_linear_cross_entropy
+
+        hidden = self.model(input_ids)
+        weight = token_weight if token_weight is not None else 1.0 / targets.numel()
+        loss, per_token = fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
+                                                     token_weight=weight)
+        return loss, per_token.view(targets.shape)
 
     @classmethod
     def from_state_dict(cls, cfg: LlamaConfig, state_dict: dict[str, torch.Tensor]) -> Llama:
