@@ -41,6 +41,8 @@ def prepared(tmp_path_factory):
     recipe = root / "fsdp.toml"
     recipe.write_text(_recipe_text(root / "base"))
     (root / "ddp.toml").write_text(_recipe_text(root / "base", data_parallel="ddp"))
+    (root / "tp.toml").write_text(_recipe_text(root / "base", tp=2))
+    (root / "ac.toml").write_text(_recipe_text(root / "base", activation_checkpointing=True, micro_batch=2))
     run_recipe(load_recipe(recipe), root / "base", max_steps=1, log=lambda m: None)
     return root
 
@@ -111,6 +113,21 @@ def test_two_process_ddp_matches_one_process(prepared, one_process):
     _hone("train", prepared / "ddp.toml", "--workdir", wd, "--nproc", 2)
     _assert_same_run(one_process, wd, exact=False)
     assert json.loads((wd / "train_summary.json").read_text())["plan"]["data_parallel"] == "ddp"
+
+
+def test_two_process_tensor_parallel_matches_one_process(prepared, one_process):
+    wd = _workdir(prepared, "tp2")
+    _hone("train", prepared / "tp.toml", "--workdir", wd, "--nproc", 2)
+    _assert_same_run(one_process, wd, exact=False)
+    assert json.loads((wd / "train_summary.json").read_text())["plan"]["tp"] == 2
+
+
+def test_activation_checkpointing_and_micro_batches_match(prepared, one_process):
+    """Recomputing activations and accumulating 4 micro-batches of 2 change nothing but memory."""
+    wd = _workdir(prepared, "ac")
+    out = _hone("train", prepared / "ac.toml", "--workdir", wd)
+    assert "4 micro-batches x 2 seqs" in out.stdout
+    _assert_same_run(one_process, wd, exact=False)
 
 
 def test_kill9_during_checkpoint_write_then_resume_is_bitwise_identical(prepared, one_process):

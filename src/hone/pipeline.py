@@ -214,10 +214,17 @@ def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log
         state = load_model_weights(newest, model)
         return {"steps": int(state["step"]), "total_steps": total}
     from hone.train.loop import train
+    from hone.train.parallelize import DistContext, parallelize
 
     loader = build_loader(recipe, workdir)
+    # One process: only activation checkpointing and compile apply; both keep the model's
+    # parameter names, so evaluation and the HF export use the same object afterwards.
+    parallelize(model, plan_from_recipe(t, 1), DistContext(device=next(model.parameters()).device))
     torch.manual_seed(recipe.run.seed)
-    return train(model, loader, t, workdir, total_steps=total, resume=True, max_steps=max_steps, log=log)
+    try:
+        return train(model, loader, t, workdir, total_steps=total, resume=True, max_steps=max_steps, log=log)
+    finally:
+        model.model.activation_checkpointing = False
 
 
 # What training writes; `hone train` without --resume removes these and keeps the data stages.

@@ -129,6 +129,23 @@ def _no_grad_sync(model):
     return contextlib.nullcontext()
 
 
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Global gradient-norm clipping that also works when tensor parallelism leaves some
+    parameters plain tensors (norms, embeddings) and others DTensors (sharded matrices)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    kinds = {hasattr(g, "full_tensor") for g in grads}
+    if len(kinds) < 2:
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    squares = [torch.linalg.vector_norm(g.float()) for g in grads]
+    total = torch.stack([(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2 for n in squares]).sum().sqrt()
+    coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
+    if coef < 1.0:
+        for g in grads:
+            g.mul_(coef)
+    return total
+
+
 def _tensorboard(workdir: Path):
     try:
         from torch.utils.tensorboard import SummaryWriter
@@ -204,9 +221,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
                     loss, per_token = model(x[i:i + micro], y[i:i + micro], token_weight=1.0 / (rows * seq_len))
                 loss.backward()
             per_seq_parts.append(per_token.mean(dim=1))
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
+        gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         optimizer.step()
         maybe_fail("step", step + 1, ctx.rank)
         all_seq = _gather_rows(torch.cat(per_seq_parts).float().cpu(), ctx)

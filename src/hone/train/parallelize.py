@@ -94,11 +94,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer)
+    """Full recompute of every decoder layer (parameter names unchanged)."""
+    model.model.activation_checkpointing = True
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
