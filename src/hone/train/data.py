@@ -6,6 +6,10 @@ Each step's batch takes its domain sequences by an exact quota, not by coin flip
 after ``k`` steps the domain has supplied ``floor(k * batch * ratio)`` sequences, so the
 realized mixture equals the recipe's ratio at every point of the run. The whole state is
 a few integers, saved in every checkpoint, so a resumed run sees the same batches.
+
+A schedule (phases of ``(start_step, ratio)``, e.g. a constant ratio then a domain
+upsampling phase over the last steps) keeps the same exactness: after ``k`` steps the
+domain has supplied ``floor(sum of batch * ratio(i) for i < k)`` sequences.
 """
 
 from __future__ import annotations
@@ -40,9 +44,44 @@ class TokenStream:
         return window
 
 
+Schedule = list[tuple[int, float]]
+
+
+def schedule_phases(ratio: float, total_steps: int, upsample_fraction: float = 0.0,
+                    upsample_ratio: float | None = None) -> Schedule:
+    """Phases ``[(start_step, ratio), ...]``: ``ratio`` throughout, then ``upsample_ratio``
+    over the last ``upsample_fraction`` of the ``total_steps`` (domain upsampling)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise HoneError(f"domain ratio {ratio} is outside [0, 1]")
+    if not upsample_fraction or upsample_ratio is None:
+        return [(0, ratio)]
+    if not 0.0 < upsample_fraction <= 1.0 or not 0.0 <= upsample_ratio <= 1.0:
+        raise HoneError(f"upsampling: fraction {upsample_fraction} must be in (0, 1] and ratio "
+                        f"{upsample_ratio} in [0, 1]")
+    start = total_steps - round(upsample_fraction * total_steps)
+    if start >= total_steps:  # the phase rounds to no step at all
+        return [(0, ratio)]
+    return [(0, ratio), (start, upsample_ratio)] if start > 0 else [(0, upsample_ratio)]
+
+
+def _check_schedule(schedule: Schedule) -> Schedule:
+    phases = [(int(s), float(r)) for s, r in schedule]
+    if not phases or phases[0][0] != 0:
+        raise HoneError(f"mixture schedule {schedule}: the first phase must start at step 0")
+    if any(b[0] <= a[0] for a, b in zip(phases, phases[1:])):
+        raise HoneError(f"mixture schedule {schedule}: phase start steps must increase")
+    if any(not 0.0 <= r <= 1.0 for _, r in phases):
+        raise HoneError(f"mixture schedule {schedule}: ratios must be in [0, 1]")
+    return phases
+
+
 @dataclass
 class MixtureLoader:
-    """Batches of ``batch_size`` windows: ``ratio`` of them from ``domain``, the rest from ``general``."""
+    """Batches of ``batch_size`` windows: ``ratio`` of them from ``domain``, the rest from ``general``.
+
+    With ``schedule`` (phases ``[(start_step, ratio), ...]``, the first at step 0) the
+    domain share follows the phases instead; ``ratio`` is then the first phase's.
+    """
 
     streams: dict[str, TokenStream]
     domain: str
@@ -51,10 +90,33 @@ class MixtureLoader:
     ratio: float
     step: int = 0
     served: dict[str, int] = field(default_factory=dict)
+    schedule: Schedule | None = None
+
+    def __post_init__(self) -> None:
+        if self.schedule is not None:
+            self.schedule = _check_schedule(self.schedule)
+            self.ratio = self.schedule[0][1]
+
+    def _phases(self) -> Schedule:
+        return self.schedule if self.schedule is not None else [(0, self.ratio)]
+
+    def ratio_at(self, step: int) -> float:
+        return next(r for s, r in reversed(self._phases()) if s <= step)
+
+    def _domain_target(self, k: int) -> int:
+        """Domain sequences the first ``k`` steps supply, in all: floor of the running sum."""
+        phases = self._phases()
+        done = 0.0
+        for i, (start, r) in enumerate(phases):
+            end = phases[i + 1][0] if i + 1 < len(phases) else None
+            if end is None or k <= end:
+                # One phase from step 0 reduces to floor(k * batch * ratio): the old quota.
+                return math.floor(done + (k - start) * (self.batch_size * r) + 1e-9)
+            done += (end - start) * (self.batch_size * r)
+        raise AssertionError("unreachable")
 
     def domain_quota(self, step: int) -> int:
-        total = self.batch_size * self.ratio
-        return math.floor((step + 1) * total + 1e-9) - math.floor(step * total + 1e-9)
+        return self._domain_target(step + 1) - self._domain_target(step)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Return (inputs [B,T], targets [B,T], the domain of each row)."""
@@ -72,9 +134,15 @@ class MixtureLoader:
             "step": self.step,
             "served": dict(self.served),
             "streams": {k: {"pos": s.pos, "epoch": s.epoch} for k, s in self.streams.items()},
+            "schedule": [list(p) for p in self._phases()],
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # States saved before schedules existed have no "schedule": a constant ratio.
+        saved = state.get("schedule")
+        if saved is not None and [tuple(p) for p in _check_schedule(saved)] != self._phases():
+            raise HoneError(f"the checkpoint's mixture schedule {saved} differs from this run's "
+                            f"{[list(p) for p in self._phases()]}: train without --resume to start over")
         self.step = state["step"]
         self.served = dict(state["served"])
         for name, s in state["streams"].items():
