@@ -8,7 +8,18 @@ Cases (numbers transcribed from the papers; model FLOP/s per GPU, no recompute c
   node), full recompute. The paper reports FLOP/s *with* the recompute forward (96 B s l h^2 ...);
   we convert to model FLOP/s with the ratio of its 72- and 96-coefficient formulas.
 - Dubey et al. 2024, "The Llama 3 Herd of Models" (arXiv 2407.21783) Table 4: 405B on H100,
-  seq 8192, 16M tokens per batch, TP8 PP16, DP 64 and 128.
+  seq 8192, 16M tokens per batch, TP8 PP16, DP 64 and 128. Evaluated at the published
+  configuration (section 3.3.2): micro-batch 1, no activation checkpointing at 8K, FSDP
+  sharding optimizer state and gradients (ZeRO-2), interleaved schedule with one layer less on
+  the first and last stage, so that the first chunk holds only the embedding: 126 layers + 2 in
+  16 x 8 one-layer chunks (vpp 8, our inference from that description).
+
+Memory cases (torchtitan docs/performance.md, commit eaea6f6, runs of 2024-12; "Memory(GiB)" is
+the maximum over GPUs of the allocator's reserved memory): Llama 3.1 8B, seq 8192, local batch 2,
+FSDP (ZeRO-3), selective (per-op) activation checkpointing, bf16 rows without torch.compile or
+Float8: Table 1 (8 GPUs) 82.4 GiB, Table 3 (128 GPUs) 67.0 GiB. Evaluated with torchtitan's
+accounting: fp32 sharded parameters (4 B), fp32 gradients (4 B), Adam m+v (8 B), and the loss on
+fp32 logits (bf16 logits 2 B + fp32 log-softmax 4 B + its fp32 gradient 4 B per vocab entry).
 """
 
 from __future__ import annotations
@@ -19,7 +30,7 @@ import time
 
 from hone.plan.config import Constants
 from hone.plan.hardware import parse_preset
-from hone.plan.search import search
+from hone.plan.search import evaluate_fixed, search
 from hone.plan.shapes import PRESETS
 
 # name, preset, gpus, tp, pp, global batch, seq, published FLOP/s per GPU, counted with recompute?, gpu
@@ -37,6 +48,18 @@ CASES = [
     ("llama3-405b-8k", "llama3.1-405b", 8192, 8, 16, 2048, 8192, 430, False, "H100"),
     ("llama3-405b-16k", "llama3.1-405b", 16384, 8, 16, 2048, 8192, 400, False, "H100"),
 ]
+# Published configuration of the Llama 3 runs (section 3.3.2 of the paper).
+LLAMA3_FIX = {"tp": 8, "pp": 16, "micro_batch": 1, "recompute": "none", "zero": 2, "vpp": 8}
+
+# name, preset, cluster, global batch, seq, fixed configuration, published GiB, constant overrides
+TORCHTITAN = {"weight_bytes": 4.0, "grad_bytes": 4.0, "optim_bytes": 8.0, "logits_bytes": 10.0}
+MEMORY_CASES = [
+    ("torchtitan-8b-8gpu", "llama3-8b", "8xH100", 16, 8192,
+     {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 2, "recompute": "selective", "zero": 3}, 82.4, TORCHTITAN),
+    ("torchtitan-8b-128gpu", "llama3-8b", "16x8xH100", 256, 8192,
+     {"tp": 1, "pp": 1, "dp": 128, "micro_batch": 2, "recompute": "selective", "zero": 3}, 67.0, TORCHTITAN),
+]
+
 FIT = {"megatron-1.7b", "megatron-7.5b", "megatron-39b", "megatron-145b", "megatron-530b"}
 
 
@@ -57,8 +80,20 @@ def predict(case, k: Constants) -> dict:
     fixed = {"tp": tp, "pp": pp}
     if with_recompute:  # Megatron 2021: full recompute, no distributed optimizer, micro-batch 1
         fixed.update(recompute="full", zero=0, micro_batch=1)
+    if preset == "llama3.1-405b":
+        fixed = dict(LLAMA3_FIX, dp=gpus // (tp * pp))
+        return evaluate_fixed(PRESETS[preset], cl, s, gb, fixed, k)
     res = search(PRESETS[preset], cl, s, gb, k, fixed=fixed, top=1)
     return res.plans[0] if res.plans else (res.smallest or {})
+
+
+def memory_errors(k: Constants) -> list:
+    rows = []
+    for name, preset, cluster, gb, s, fixed, pub, over in MEMORY_CASES:
+        r = evaluate_fixed(PRESETS[preset], parse_preset(cluster), s, gb, fixed, k.with_(**over))
+        rows.append({"case": name, "published_gib": pub, "predicted_gib": r["memory_gib_per_gpu"],
+                     "error": round(r["memory_gib_per_gpu"] / pub - 1, 4), "breakdown": r["memory_breakdown"]})
+    return rows
 
 
 def errors(k: Constants, names=None) -> list:
@@ -92,13 +127,13 @@ def fit() -> Constants:
 def speed() -> dict:
     cl = parse_preset("384x8xA100-80GB")
     t0 = time.perf_counter()
-    res = search(PRESETS["gpt-1t"], cl, 2048, 3072, Constants())
+    res = search(PRESETS["gpt-1t"], cl, 2048, 3072, Constants(), top=10)  # as `hone plan` (--top 10)
     return {"search_1t_3072gpus_s": round(time.perf_counter() - t0, 3), "evaluated": res.evaluated,
-            "fitting": len(res.plans)}
+            "best": res.plans[0]["tflops_per_gpu"], "best_config": _cfg(res.plans[0])}
 
 
 def main() -> None:
-    default = errors(Constants())
+    default = errors(Constants(eff_max=0.62, eff_half_width=256.0))  # the defaults before the fit
     k = fit()
     fitted = errors(k)
     print("| case | published model TFLOP/s | predicted (defaults) | error | predicted (fitted) | error | set | fitted config |")
@@ -111,6 +146,13 @@ def main() -> None:
                "held_out_mean_abs_error": round(sum(held) / len(held), 4), "held_out_max_abs_error": round(max(held), 4),
                "default_mean_abs_error": round(sum(abs(r["error"]) for r in default) / len(default), 4), **speed()}
     print(json.dumps(summary))
+    print("| memory case | published GiB | predicted GiB | error | predicted breakdown |")
+    print("|---|---:|---:|---:|---|")
+    for r in memory_errors(k):
+        b = r["breakdown"]
+        parts = ", ".join(f"{key} {b[key]:.1f}" for key in ("weights", "grads", "optimizer", "activations", "logits",
+                                                             "zero3_buffers", "overhead"))
+        print(f"| {r['case']} | {r['published_gib']} | {r['predicted_gib']:.1f} | {r['error']:+.1%} | {parts} |")
 
 
 if __name__ == "__main__":

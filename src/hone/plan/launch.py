@@ -46,8 +46,7 @@ def megatron_args(m: ModelShape, rec: dict, seq: int, global_batch: int) -> str:
     if m.arch == "llama":
         a += ["--swiglu", "--normalization RMSNorm", "--position-embedding-type rope", "--disable-bias-linear",
               "--untie-embeddings-and-output-weights" if not m.tied_embeddings else ""]
-    if rec["vpp"] > 1:
-        a.append(f"--num-layers-per-virtual-pipeline-stage {m.layers // (rec['pp'] * rec['vpp'])}")
+    a += pipeline_split_args(m, rec["pp"], rec["vpp"])
     if rec["sequence_parallel"]:
         a.append("--sequence-parallel")
     if rec["recompute"] == "selective":
@@ -60,6 +59,23 @@ def megatron_args(m: ModelShape, rec: dict, seq: int, global_batch: int) -> str:
         a += ["--use-distributed-optimizer", "--overlap-param-gather"]  # ZeRO-2 maps to this too
     a.append("--overlap-grad-reduce")
     return " ".join(x for x in a if x)
+
+def pipeline_split_args(m: ModelShape, pp: int, vpp: int) -> list[str]:
+    """Megatron-LM flags for the layer split ``hone.plan.memory.stage_layout`` assumes."""
+    if pp == 1:
+        return []
+    from hone.plan.config import Config
+    from hone.plan.memory import stage_layout
+
+    chunks = pp * vpp
+    if m.layers % chunks == 0:
+        return [f"--num-layers-per-virtual-pipeline-stage {m.layers // chunks}"] if vpp > 1 else []
+    vstages = [f"--num-virtual-stages-per-pipeline-rank {vpp}"] if vpp > 1 else []
+    if (m.layers + 2) % chunks == 0:  # embedding and loss each take one layer's slot (Llama 3 405B)
+        return ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"] + vstages
+    layout = stage_layout(m, Config(1, pp, 1, 1, vpp=vpp))
+    return [f"--decoder-first-pipeline-num-layers {layout[0]}", f"--decoder-last-pipeline-num-layers {layout[-1]}"] + vstages
+
 
 def launch(m: ModelShape, cluster: Cluster, rec: dict, seq: int, global_batch: int) -> dict:
     nodes = max(1, rec["gpus"] // cluster.gpus_per_node)

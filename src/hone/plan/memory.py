@@ -12,8 +12,8 @@ keeps the ``2 s b h`` layer input. The terms are written per tensor so that Llam
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from functools import lru_cache
 
 from hone.plan.config import Config, Constants
 from hone.plan.shapes import ModelShape
@@ -55,12 +55,38 @@ def full_layer_bytes(m: ModelShape, s: int, b: int, c: Config, flash: bool) -> f
     return repl / (c.tp if c.sequence_parallel and c.tp > 1 else 1) + (split + score) / c.tp
 
 
-def stage_params(m: ModelShape, c: Config, stage: str) -> float:
-    """Parameters on one GPU of the first or last pipeline stage (TP splits every matrix)."""
-    n = stage_layers(m, c) * m.layer_params()
-    if stage == "first" or c.pp == 1:
+def stage_layout(m: ModelShape, c: Config) -> tuple[int, ...]:
+    """Layers on each of the ``pp`` stages. The layers go to ``pp * vpp`` chunks as evenly as
+    possible (sizes differ by one); the larger chunks sit on the middle stages, the smaller ones
+    on the first and last stages, which also hold the embedding and the LM head + loss. 126
+    layers on pp=16 give 7, 8 x 14, 7 (Llama 3's "one layer less on the first and last stage");
+    with vpp=8 the first and last stages each hold one chunk with no layer (embedding only, loss
+    only). Valid while ``pp * vpp <= layers + 2``."""
+    return _layout(m.layers, c.pp, c.vpp)
+
+
+@lru_cache(maxsize=4096)
+def _layout(layers: int, p: int, v: int) -> tuple[int, ...]:
+    if p == 1:
+        return (layers,)
+    base, extra = divmod(layers, p * v)
+    counts = [v * base] * p
+    for i in range(1, p - 1):
+        take = min(v, extra)
+        counts[i] += take
+        extra -= take
+    counts[0] += extra // 2
+    counts[-1] += extra - extra // 2
+    return tuple(counts)
+
+
+def stage_params(m: ModelShape, c: Config, stage) -> float:
+    """Parameters on one GPU of a pipeline stage (an index, or 'first' / 'last'); TP splits every matrix."""
+    i = {"first": 0, "last": c.pp - 1}.get(stage, stage)
+    n = stage_layout(m, c)[i] * m.layer_params()
+    if i == 0:
         n += m.embedding_params()
-    if stage == "last" or c.pp == 1:
+    if i == c.pp - 1:
         n += m.head_params()
         if m.tied_embeddings and c.pp > 1:
             n += m.vocab * m.hidden  # the last stage keeps its own copy of the tied embedding
@@ -68,8 +94,18 @@ def stage_params(m: ModelShape, c: Config, stage: str) -> float:
 
 
 def stage_layers(m: ModelShape, c: Config) -> int:
-    """Layers on the busiest stage: uneven splits (126 layers on 16 stages) put ceil(l/p) on some."""
-    return math.ceil(m.layers / c.pp)
+    """Layers on the busiest stage (ceil(l/p) for the first and middle stages of an uneven split)."""
+    return max(stage_layout(m, c))
+
+
+def inflight(c: Config, mbs: int, i: int) -> float:
+    """Micro-batches of stage i's activations alive at its peak. 1F1B: ``min(m, p - i)``.
+    Interleaved (Megatron's warm-up of ``2 (p-i-1) + (v-1) p`` chunks, plus the one in flight),
+    in stage equivalents: for the first stage ``p (1 + (p-1)/(p v))`` as Korthikanti et al."""
+    p, v = c.pp, c.vpp
+    if v == 1:
+        return float(min(mbs, p - i))
+    return min(float(mbs), (2 * (p - i - 1) + (v - 1) * p + 1) / v)
 
 
 @dataclass
@@ -96,30 +132,31 @@ class Memory:
 
 
 def memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Constants) -> Memory:
-    """Peak memory of the worse of the first and last pipeline stage."""
-    first = _stage_memory(m, c, seq, global_batch, k, "first")
-    if c.pp == 1:
-        return first
-    last = _stage_memory(m, c, seq, global_batch, k, "last")
-    return first if first.total >= last.total else last
+    """Peak memory of the worst pipeline stage: the first (most micro-batches in flight), the
+    second (one fewer in flight but possibly more layers in an uneven split) or the last (LM head, logits)."""
+    worst = None
+    for i in sorted({0, min(1, c.pp - 1), c.pp - 1}):
+        mem = _stage_memory(m, c, seq, global_batch, k, i)
+        if worst is None or mem.total > worst.total:
+            worst = mem
+    return worst
 
 
-def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Constants, stage: str) -> Memory:
-    n = stage_params(m, c, stage)
+def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Constants, i: int) -> Memory:
+    n = stage_params(m, c, i)
     d = c.dp
     weights = k.weight_bytes * n / (d if c.zero >= 3 else 1)
     grads = k.grad_bytes * n / (d if c.zero >= 2 else 1)
     optim = k.optim_bytes * n / (d if c.zero >= 1 else 1)
     mbs = global_batch // (c.dp * c.micro_batch)
-    layers = stage_layers(m, c)
-    if stage == "first":
-        inflight = min(mbs, c.pp) * (1 + (c.pp - 1) / (c.pp * c.vpp) if c.vpp > 1 else 1.0)
-    else:
-        inflight = 1.0
-    acts = layers * inflight * layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
-    if c.recompute == "full":  # the layer being recomputed holds its full activations once
+    layers = stage_layout(m, c)[i]
+    held = inflight(c, mbs, i)
+    acts = layers * held * layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
+    if c.recompute == "full" and layers:  # the layer being recomputed holds its full activations once
         acts += full_layer_bytes(m, seq, c.micro_batch, c, k.flash_attention)
-    logits = k.logits_bytes * seq * c.micro_batch * m.vocab / c.tp if stage == "last" or c.pp == 1 else 0.0
+    last = i == c.pp - 1
+    logits = k.logits_bytes * seq * c.micro_batch * m.vocab / c.tp if last else 0.0
     z3 = 2 * (k.weight_bytes + 2) * m.layer_params() / c.tp if c.zero >= 3 and d > 1 else 0.0  # 2 gathered layers + grads
     overhead = k.overhead_gib * GIB + k.fragmentation * (acts + logits + z3)
-    return Memory(weights, grads, optim, acts, logits, z3, overhead, stage, inflight)
+    stage = "first" if i == 0 else "last" if last else f"stage {i}"
+    return Memory(weights, grads, optim, acts, logits, z3, overhead, stage, held)

@@ -47,8 +47,8 @@ def structural_reason(m: ModelShape, c: Config, seq: int, global_batch: int, n_g
     if c.vpp > 1:
         if c.pp == 1:
             return f"vpp={c.vpp} needs pp > 1"
-        if m.layers % (c.pp * c.vpp):
-            return f"pp*vpp = {c.pp}*{c.vpp} does not divide {m.layers} layers"
+        if c.pp * c.vpp > m.layers + 2:  # the embedding and the loss may each fill a chunk (Llama 3)
+            return f"pp*vpp = {c.pp}*{c.vpp} exceeds {m.layers} layers + 2 (embedding, loss)"
         mbs = global_batch // (c.dp * c.micro_batch)
         if mbs % c.pp:
             return f"interleaved schedule needs micro-batches ({mbs}) divisible by pp={c.pp}"
@@ -117,7 +117,7 @@ def candidates(m: ModelShape, seq: int, global_batch: int, n_gpus: int, fixed: d
             mbs_opts = [x for x in divisors(per_replica) if x <= MAX_MICRO_BATCH]
             for mb in opts("micro_batch", mbs_opts):
                 mcount = per_replica // mb if per_replica % mb == 0 else 0
-                vpps = [1] + [v for v in divisors(m.layers // pp) if 1 < v <= MAX_VPP and pp > 1 and mcount and mcount % pp == 0]
+                vpps = [1] + [v for v in range(2, MAX_VPP + 1) if pp > 1 and pp * v <= m.layers + 2 and mcount and mcount % pp == 0]
                 for vpp in opts("vpp", vpps):
                     for rc in opts("recompute", list(RECOMPUTE)):
                         for z in opts("zero", [0, 1, 2, 3] if dp > 1 else [0]):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 
 from hone.errors import HoneError
@@ -41,6 +42,7 @@ class ModelShape:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @lru_cache(maxsize=256)  # noqa: B019 (frozen, hashable; the search calls it ~1e5 times)
     def layer_params(self) -> int:
         h, f, kv = self.hidden, self.ffn, self.kv_dim
         attn = h * h + 2 * h * kv + h * h

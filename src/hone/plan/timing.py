@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import Cluster
-from hone.plan.memory import stage_layers, stage_params
+from hone.plan.memory import stage_layout, stage_params
 from hone.plan.shapes import ModelShape
 
 
@@ -69,12 +69,15 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
     else:
         layer_flops = matmul + attn
     head_flops = 6.0 * m.vocab * m.hidden
-    stage_flops = stage_layers(m, c) * layer_flops + head_flops  # the last stage (with the LM head) is the slowest
+    layout = stage_layout(m, c)
+    # The slowest stage sets the pace: the last one carries the LM head, a middle one may hold more layers.
+    busiest = max(max(layout[:-1], default=0), layout[-1] + head_flops / layer_flops)
+    stage_flops = busiest * layer_flops
     compute_mb = tokens_mb * stage_flops / t / rate
 
     tp_bw, tp_lat = cluster.group_link(1, t)
     n_ar = 6 if c.recompute == "full" else 4
-    tp_mb = (1 - k.tp_overlap) * stage_layers(m, c) * n_ar * ring_time(2.0 * tokens_mb * m.hidden, t, tp_bw, tp_lat, 2.0)
+    tp_mb = (1 - k.tp_overlap) * max(layout) * n_ar * ring_time(2.0 * tokens_mb * m.hidden, t, tp_bw, tp_lat, 2.0)
 
     pp_mb = 0.0
     if p > 1:
