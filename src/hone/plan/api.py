@@ -110,8 +110,10 @@ def format_text(r: dict) -> str:
         lines += ["", "rejected: " + "; ".join(f"{k} ({v})" for k, v in list(r["rejected"].items())[:6])]
     if "launch" in r:
         L = r["launch"]
-        lines += ["", "hone train settings: " + ", ".join(f"{k}={v}" for k, v in L["hone_train"].items()),
-                  "torchrun: " + L["torchrun"], "Megatron-LM: " + L["megatron_args"], "(Slurm script in the plan file)"]
+        lines += ["", "hone train settings: " + ", ".join(f"{k}={v}" for k, v in L["hone_train"].items())]
+        lines += [f"  note: {n}" for n in L["hone_train_notes"]]
+        lines += [("run: " if L["nodes"] == 1 else "torchrun (every node): ") + L["torchrun"],
+                  "Megatron-LM: " + L["megatron_args"], "(Slurm script in the plan file)"]
     if "placement" in r:
         p = r["placement"]
         lines += ["", f"placement: predicted communication {p['comm_time_s']:.4f} s/step vs {p['rank_order_comm_time_s']:.4f} s in rank order "

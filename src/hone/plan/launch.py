@@ -7,20 +7,42 @@ from hone.plan.shapes import ModelShape
 
 
 def hone_train_settings(rec: dict, seq: int, global_batch: int) -> dict:
-    return {"seq_len": seq, "global_batch": global_batch, "micro_batch": rec["micro_batch"], "tp": rec["tp"],
-            "pp": rec["pp"], "dp": rec["dp"], "vpp": rec["vpp"], "recompute": rec["recompute"], "zero": rec["zero"],
-            "sequence_parallel": rec["sequence_parallel"],
-            "grad_accum": global_batch // (rec["dp"] * rec["micro_batch"])}
+    """The recipe's ``[train]`` fields for this plan (names as ``hone.recipe.TrainConfig``)."""
+    return {"seq_len": seq, "batch_size": global_batch, "micro_batch": rec["micro_batch"], "tp": rec["tp"],
+            "data_parallel": "fsdp" if rec["zero"] >= 3 else "ddp", "activation_checkpointing": rec["recompute"] != "none",
+            "mixed_precision": "bf16"}
 
 
-def torchrun_command(cluster: Cluster, nodes: int, recipe: str = "recipe.toml") -> str:
+def hone_train_notes(rec: dict) -> list[str]:
+    """Where the plan asks for more than `hone train` does (it has DDP / FSDP2, TP and full recompute)."""
+    notes = []
+    if rec["pp"] > 1 or rec["vpp"] > 1:
+        notes.append(f"hone train has no pipeline parallelism: pp={rec['pp']} vpp={rec['vpp']} needs Megatron-LM (arguments below)")
+    if rec["zero"] in (1, 2):
+        notes.append(f"zero={rec['zero']} has no hone train equivalent: data_parallel=ddp keeps the optimizer state "
+                     "unsharded, fsdp shards everything (zero=3)")
+    if rec["recompute"] == "selective":
+        notes.append("hone train recomputes whole layers (activation_checkpointing); selective recompute is Megatron's")
+    if rec["sequence_parallel"]:
+        notes.append("hone train's tensor parallelism has no sequence parallelism: activations are larger than planned")
+    return notes
+
+
+def hone_train_toml(settings: dict) -> str:
+    val = lambda v: str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else str(v)  # noqa: E731
+    return "[train]\n" + "".join(f"{k} = {val(v)}\n" for k, v in settings.items())
+
+
+def torchrun_command(cluster: Cluster, nodes: int, recipe: str = "recipe.toml", workdir: str = "run") -> str:
+    """One node: ``hone train --nproc`` starts torchrun itself; several: the line to run on every node."""
     if nodes == 1:
-        return f"torchrun --standalone --nproc-per-node {cluster.gpus_per_node} -m hone.cli train {recipe}"
+        return f"hone train {recipe} --nproc {cluster.gpus_per_node}"
     return (f"torchrun --nnodes {nodes} --nproc-per-node {cluster.gpus_per_node} --rdzv-backend c10d "
-            f"--rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID -m hone.cli train {recipe}")
+            f"--rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID -m hone.train.launch {recipe} --workdir {workdir}")
 
 
-def slurm_script(cluster: Cluster, nodes: int, rec: dict, recipe: str = "recipe.toml", job: str = "hone") -> str:
+def slurm_script(cluster: Cluster, nodes: int, rec: dict, recipe: str = "recipe.toml", job: str = "hone",
+                 workdir: str = "run") -> str:
     return f"""#!/bin/bash
 #SBATCH --job-name={job}
 #SBATCH --nodes={nodes}
@@ -28,10 +50,12 @@ def slurm_script(cluster: Cluster, nodes: int, rec: dict, recipe: str = "recipe.
 #SBATCH --gpus-per-node={cluster.gpus_per_node}
 #SBATCH --exclusive
 # plan: {_label(rec)}  ({rec['tokens_per_s']:.0f} tokens/s, MFU {rec['mfu']:.1%}, {rec['memory_gib_per_gpu']:.1f} GiB/GPU predicted)
+# Run the data stages once before submitting: hone tokenize {recipe} --workdir {workdir}
+set -euo pipefail
 export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export JOB_ID=$SLURM_JOB_ID
 srun torchrun --nnodes $SLURM_NNODES --nproc-per-node {cluster.gpus_per_node} --rdzv-backend c10d \\
-  --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $SLURM_JOB_ID -m hone.cli train {recipe}
+  --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $SLURM_JOB_ID -m hone.train.launch {recipe} --workdir {workdir}
 """
 
 
@@ -79,8 +103,10 @@ def pipeline_split_args(m: ModelShape, pp: int, vpp: int) -> list[str]:
 
 def launch(m: ModelShape, cluster: Cluster, rec: dict, seq: int, global_batch: int) -> dict:
     nodes = max(1, rec["gpus"] // cluster.gpus_per_node)
-    return {"hone_train": hone_train_settings(rec, seq, global_batch), "torchrun": torchrun_command(cluster, nodes),
-            "slurm": slurm_script(cluster, nodes, rec), "megatron_args": megatron_args(m, rec, seq, global_batch)}
+    settings = hone_train_settings(rec, seq, global_batch)
+    return {"hone_train": settings, "hone_train_toml": hone_train_toml(settings), "hone_train_notes": hone_train_notes(rec),
+            "nodes": nodes, "torchrun": torchrun_command(cluster, nodes), "slurm": slurm_script(cluster, nodes, rec),
+            "megatron_args": megatron_args(m, rec, seq, global_batch)}
 
 
 def _label(rec: dict) -> str:
