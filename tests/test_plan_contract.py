@@ -112,3 +112,22 @@ def test_calibrate_profile_feeds_the_planner(tmp_path):
               "--global-batch", "4", "--json", "--top", "1", "--out", "")
     assert q.returncode == 0, q.stderr
     assert json.loads(q.stdout)[0]["time_breakdown"]["gemm_efficiency"] == pytest.approx(data["cluster"]["efficiency"], abs=1e-4)
+
+
+def test_plan_vs_trainer_predicts_every_grid_config():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "plan_vs_trainer.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_trainer", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cluster = {"gpu": {"name": "H100", "peak_tflops": 989.0, "memory_gib": 79.2, "hbm_gbps": 3000.0},
+               "nodes": 1, "gpus_per_node": 1, "intra_gbps": 0.0, "inter_gbps": 0.0, "efficiency": 0.6}
+    for name, mb, seq, rc in mod.GRID + mod.DRY_GRID:
+        shape = mod.model_shape(name)
+        pred = mod.predict(shape, mb, seq, rc, cluster)
+        assert pred["fits"] and pred["step_time_s"] > 0 and pred["time_breakdown"]["gemm_efficiency"] == 0.6
+        row = mod.compare({"step_s": pred["step_time_s"], "peak_mem_gib": pred["memory_gib_per_gpu"]}, pred)
+        assert row["step_error"] == 0 and row["mem_error"] == 0
+    assert abs(mod.model_shape("350m").params() / 1e6 - 374) < 5
