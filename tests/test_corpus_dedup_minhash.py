@@ -137,3 +137,51 @@ def test_changed_config_recomputes(tmp_path):
     m2 = near_dedup(inputs, tmp_path / "o", NearDedupConfig(threshold=0.5), executor=LocalExecutor(1))
     assert m1["config"]["threshold"] == 0.8 and m2["config"]["threshold"] == 0.5
     assert m2["totals"]["dropped"] >= m1["totals"]["dropped"]
+
+
+def test_word_hashes_long_words_and_position_independence():
+    # words of 1..200 bytes (8-byte loads, the vectorized tail up to 64 bytes, xxh3 beyond),
+    # each written twice in different places and case: equal words hash equal, others differ
+    rng = random.Random(3)
+    words = ["".join(rng.choice("abcdefghij") for _ in range(k)) for k in range(1, 201)]
+    words += [w[:-1] + "z" for w in words[1:]]  # differ only in the last byte
+    text = " ".join(words) + " ... " + " ".join(w.upper() for w in reversed(words))
+    h, off = MinHasher(ngram=1).shingles([text])
+    assert len(h) == 2 * len(words) and len(set(h.tolist())) == len(words)
+    assert h[:len(words)].tolist() == h[len(words):][::-1].tolist()
+
+
+def test_candidate_pairs_equal_brute_force():
+    from hone.corpus.minhash import candidate_pairs
+
+    rng = np.random.default_rng(4)
+    keys = rng.integers(0, 60, size=(300, 5)).astype(np.uint64) * np.uint64(1000) + np.arange(5, dtype=np.uint64)
+    keys[:40, 0] = 7  # one bucket of 40 (> MAX_ALL_PAIRS): chain + star
+    valid = np.ones(300, bool)
+    valid[::7] = False
+    got = {tuple(p) for p in candidate_pairs(keys, valid).tolist()}
+    want = set()
+    for i in range(300):
+        for j in range(i + 1, 300):
+            if valid[i] and valid[j] and (keys[i] == keys[j]).any():
+                if (keys[i, 1:] == keys[j, 1:]).any() or not (i < 40 and j < 40):
+                    want.add((i, j))
+    big = [i for i in range(40) if valid[i]]
+    want |= {(a, b) for a, b in zip(big, big[1:])} | {(big[0], b) for b in big[2:]}
+    assert got == want
+
+
+def test_sorted_jaccard_matches_sets():
+    from hone.corpus.minhash import per_doc_unique, sorted_jaccard
+
+    rng = random.Random(5)
+    texts = [_doc(rng, rng.randrange(3, 60)) for _ in range(30)] + ["", "one"]
+    sets, off = MinHasher().shingle_sets(texts)
+    for i in range(len(texts) - 1):
+        a, b = sets[off[i]:off[i + 1]], sets[off[i + 1]:off[i + 2]]
+        assert (np.diff(a.astype(np.int64)) > 0).all()
+        ra, rb = set(a.tolist()), set(b.tolist())
+        assert sorted_jaccard(a, b) == pytest.approx(len(ra & rb) / len(ra | rb) if ra | rb else 1.0)
+    h = np.array([5, 5, 1, 9, 1], dtype=np.uint64) << np.uint64(32)
+    s, o = per_doc_unique(h, np.array([0, 3, 5]))
+    assert s.tolist() == [1, 5, 1, 9] and o.tolist() == [0, 2, 4]

@@ -105,34 +105,43 @@ def _silent():
 
 
 def signature_task(shard, text_field: str, cfg: NearDedupConfig, bands: int, rows: int, work: Path, i: int) -> dict:
-    """Pass 1, one shard: band keys of every document (and which have no shingles)."""
+    """Pass 1, one shard: band keys of every document, and its distinct shingles (sorted
+    uint32, appended to ``sets-i.bin`` batch by batch) for the exact check of candidates."""
     from hone.corpus.minhash import band_keys
     from hone.corpus.read import Quarantine, StepStats, batched
 
     stats, q = StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
-    hasher, keys, empty = cfg.hasher(), [], []
-    for batch in batched(_shard_docs(shard, text_field, q, stats, cfg.max_doc_bytes), BATCH):
-        h, offsets = hasher.shingles([d["text"] for d in batch])
-        keys.append(band_keys(hasher.signatures_of(h, offsets), bands, rows))
-        empty.append(np.diff(offsets) == 0)
+    hasher, keys, sizes = cfg.hasher(), [], []
+    with open(work / f"sets-{i:05d}.bin", "wb") as sets_file:
+        for batch in batched(_shard_docs(shard, text_field, q, stats, cfg.max_doc_bytes), BATCH):
+            sets, offsets = hasher.shingle_sets([d["text"] for d in batch])
+            keys.append(band_keys(hasher.signatures_of(sets, offsets), bands, rows))
+            sizes.append(np.diff(offsets))
+            sets_file.write(sets.tobytes())
     q.close()
     keys_arr = np.concatenate(keys) if keys else np.zeros((0, bands), np.uint64)
+    sizes_arr = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
     np.save(work / f"keys-{i:05d}.npy", keys_arr)
-    np.save(work / f"empty-{i:05d}.npy", np.concatenate(empty) if empty else np.zeros(0, bool))
+    np.save(work / f"setoffs-{i:05d}.npy", np.concatenate(([0], np.cumsum(sizes_arr))).astype(np.int64))
     return {"docs": int(len(keys_arr)), "read": stats.as_dict()}
 
 
-def shingle_task(shard, text_field: str, cfg: NearDedupConfig, rows: list[int], work: Path, i: int) -> dict:
-    """Verification input, one shard: the shingle hashes of the documents in candidate pairs."""
-    want = np.asarray(sorted(rows), dtype=np.int64)
-    texts, pos = [], 0
-    for n, doc in enumerate(_shard_docs(shard, text_field, _silent(), None, cfg.max_doc_bytes)):
-        if pos < len(want) and want[pos] == n:
-            texts.append(doc["text"])
-            pos += 1
-    h, offsets = cfg.hasher().shingles(texts)
-    np.savez(work / f"shingles-{i:05d}.npz", rows=want, hashes=h, offsets=offsets)
-    return {"docs": len(texts)}
+class _ShingleSets:
+    """Every document's distinct shingles, read from the pass-1 files through memory maps."""
+
+    def __init__(self, work: Path, nshards: int, doc_offsets: np.ndarray):
+        self.doc_offsets = doc_offsets
+        self.offs = [np.load(work / f"setoffs-{i:05d}.npy") for i in range(nshards)]
+        self.maps = [np.memmap(work / f"sets-{i:05d}.bin", dtype=np.uint32, mode="r") if self.offs[i][-1] else
+                     np.zeros(0, np.uint32) for i in range(nshards)]
+
+    def __getitem__(self, doc: int) -> np.ndarray:
+        i = int(np.searchsorted(self.doc_offsets, doc, side="right")) - 1
+        k = doc - int(self.doc_offsets[i])
+        return self.maps[i][self.offs[i][k]:self.offs[i][k + 1]]
+
+    def empty(self) -> np.ndarray:
+        return np.concatenate([np.diff(o) == 0 for o in self.offs]) if self.offs else np.zeros(0, bool)
 
 
 def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: Path, out: Path, i: int) -> dict:
@@ -171,40 +180,26 @@ def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: 
     return {"dedup": stats.as_dict()}
 
 
-def _verify(pairs: np.ndarray, shingles: dict[int, np.ndarray], threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    from hone.corpus.minhash import jaccard
+def _verify(pairs: np.ndarray, sets: _ShingleSets, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    from hone.corpus.minhash import sorted_jaccard
 
-    sims = np.array([jaccard(shingles[a], shingles[b]) for a, b in pairs], dtype=np.float64)
-    return pairs[sims >= threshold], sims
+    sims = np.array([sorted_jaccard(sets[a], sets[b]) for a, b in pairs.tolist()], dtype=np.float64)
+    return pairs[sims >= threshold] if len(pairs) else pairs, sims
 
 
-def cluster_pass(shards, text_field, cfg, executor, work: Path, offsets: np.ndarray) -> dict:
+def cluster_pass(shards, work: Path, cfg: NearDedupConfig, offsets: np.ndarray) -> dict:
     """Pass 2 (global): candidates from shared bands → exact Jaccard → union-find clusters."""
-    from hone.corpus.executor import Task, run_tasks
     from hone.corpus.minhash import UnionFind, candidate_pairs
     from hone.rundir import is_done, mark_done, read_json
 
     marker = work / "clusters"
     if is_done(marker):
         return read_json(Path(str(marker) + ".done"))
+    sets = _ShingleSets(work, len(shards), offsets)
     keys = np.concatenate([np.load(work / f"keys-{i:05d}.npy") for i in range(len(shards))])
-    empty = np.concatenate([np.load(work / f"empty-{i:05d}.npy") for i in range(len(shards))])
-    pairs = candidate_pairs(keys, ~empty)
+    pairs = candidate_pairs(keys, ~sets.empty())
     del keys
-    need = np.unique(pairs)
-    shard_of = np.searchsorted(offsets, need, side="right") - 1
-    tasks = [Task(work / f"shingles-{i:05d}", shingle_task,
-                  (sh, text_field, cfg, (need[shard_of == i] - offsets[i]).tolist(), work, i))
-             for i, sh in enumerate(shards) if (shard_of == i).any()]
-    run_tasks(executor, tasks)
-    shingles: dict[int, np.ndarray] = {}
-    for t in tasks:
-        i = t.args[-1]
-        with np.load(work / f"shingles-{i:05d}.npz") as z:  # NpzFile re-reads on every z[...]: once each
-            rows_i, hashes, offs = z["rows"], z["hashes"], z["offsets"]
-        for k, row in enumerate(rows_i.tolist()):
-            shingles[row + int(offsets[i])] = hashes[offs[k]:offs[k + 1]]
-    edges, sims = _verify(pairs, shingles, cfg.threshold)
+    edges, _ = _verify(pairs, sets, cfg.threshold)
     uf = UnionFind()
     for a, b in edges.tolist():
         uf.union(a, b)
@@ -215,6 +210,9 @@ def cluster_pass(shards, text_field, cfg, executor, work: Path, offsets: np.ndar
             "clusters": len(set(roots.values())), "docs_in_clusters": int(len(members)),
             "rejected_candidates": int(len(pairs) - len(edges))}
     mark_done(marker, info)
+    del sets
+    for i in range(len(shards)):  # the largest work files: not needed once clusters are known
+        (work / f"sets-{i:05d}.bin").unlink(missing_ok=True)
     return info
 
 
@@ -223,8 +221,9 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
     """MinHash LSH near-dedup of ``inputs`` into ``out_dir`` (Parquet shards + manifest.json).
 
     Three passes, the per-shard ones on the executor, each shard task with its completion
-    marker: (1) band keys per shard; (2) candidate pairs, exact shingle Jaccard, union-find
-    (one survivor per cluster: its first document in input order); (3) write the survivors.
+    marker: (1) band keys and distinct shingles per shard; (2) candidate pairs, exact
+    shingle Jaccard, union-find (one survivor per cluster: its first document in input
+    order); (3) write the survivors. Inputs are read twice (passes 1 and 3), never held.
     """
     from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
     from hone.corpus.read import StepStats, expand_inputs
@@ -240,7 +239,7 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
     sig = run_tasks(executor, [Task(work / f"keys-{i:05d}", signature_task, (sh, text_field, cfg, bands, rows, work, i))
                                for i, sh in enumerate(shards)])
     offsets = np.concatenate(([0], np.cumsum([r["docs"] for r in sig]))).astype(np.int64)
-    lsh = cluster_pass(shards, text_field, cfg, executor, work, offsets)
+    lsh = cluster_pass(shards, work, cfg, offsets)
     out = run_tasks(executor, [Task(work / f"part-{i:05d}", write_task,
                                     (sh, text_field, cfg, int(offsets[i]), work, out_dir, i))
                                for i, sh in enumerate(shards)])
