@@ -23,7 +23,7 @@ CONSTANT_HELP = "Override a planner constant, e.g. --const eff_max=0.6 (see hone
 
 @plan_app.callback()
 def plan(ctx: typer.Context,
-         model: Optional[str] = typer.Option(None, "--model", help="Preset (llama3-8b, llama3-70b, llama3.1-405b, gpt3-175b, smollm2-135m, ...), an HF config.json, or layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..[,arch=gpt|llama]."),
+         model: Optional[str] = typer.Option(None, "--model", help="Preset (llama3-8b, llama3-70b, llama3.1-405b, gpt3-175b, smollm2-135m, hone-125m, hone-1b, ...), an HF config.json, or layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..[,arch=gpt|llama]."),
          cluster: Optional[str] = typer.Option(None, "--cluster", help="Preset GPUSxTYPE or NODESxGPUSxTYPE (8xH100, 4x8xA100-80GB), a cluster .toml, or a profile .json from `hone plan calibrate`."),
          seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),
          global_batch: int = typer.Option(None, "--global-batch", help="Global batch in sequences."),
