@@ -7,7 +7,7 @@ import pytest
 
 from hone.cli import app
 
-DOCUMENTED = ["demo", "run", "train", "fetch-data", "data", "plan", "tokenize", "eval", "report", "recipe"]
+DOCUMENTED = ["demo", "run", "train", "fetch-data", "data", "plan", "mix", "tokenize", "eval", "report", "recipe"]
 
 
 def hone(*args, cwd=None):

@@ -16,6 +16,7 @@ import typer
 from hone.cli_common import WORKDIR, load_recipe_and_workdir as _load, log as _log
 from hone.corpus.cli import data_app
 from hone.errors import HoneError
+from hone.mix.cli import mix_app
 from hone.plan.cli import plan_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,6 +26,7 @@ app.add_typer(recipe_app, name="recipe")
 # Stage command groups live with their stage; they import their heavy parts lazily.
 app.add_typer(data_app, name="data")
 app.add_typer(plan_app, name="plan")
+app.add_typer(mix_app, name="mix")
 
 
 @app.command()

@@ -32,14 +32,23 @@ LAYOUT_FIELDS = {"data_parallel", "tp", "activation_checkpointing", "compile", "
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of everything but the train section: a change redoes the data stages."""
-    data = json.loads(recipe.model_dump_json(exclude={"train"}))
+    """Hash of everything but the train section (and [mix], read only by `hone mix`): a change redoes the data stages."""
+    data = json.loads(recipe.model_dump_json(exclude={"train", "mix"}))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def train_hash(recipe: Recipe) -> str:
     """Hash of the train fields that change the result: a change starts training over."""
     data = json.loads(recipe.train.model_dump_json(exclude=LAYOUT_FIELDS))
+    # Mixture fields at their defaults keep the hash runs had before they existed; a
+    # mixture file counts by the schedule it holds, not by its path.
+    for key, default in (("mixture", None), ("upsample_fraction", 0.0), ("upsample_ratio", None)):
+        if data.get(key) == default:
+            data.pop(key, None)
+    if recipe.train.mixture:
+        from hone.mix.schedule import load_mixture
+
+        data["mixture"] = load_mixture(Path(recipe.train.mixture))["schedule"]
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -178,21 +187,42 @@ def stage_eval(recipe: Recipe, model, tok: Tokenizer, eval_sets: dict[str, Path]
     return results
 
 
+def mixture_phases(recipe: Recipe) -> list[tuple[int, float]]:
+    """The run's domain-ratio phases: train.mixture's schedule (fitted ratio and upsampling)
+    or train.domain_ratio, with train.upsample_* overriding the upsampling phase."""
+    from hone.train.data import schedule_phases
+    from hone.train.launch import total_steps
+
+    t = recipe.train
+    ratio, frac, up = t.domain_ratio, 0.0, None
+    if t.mixture:
+        from hone.mix.schedule import load_mixture
+
+        s = load_mixture(Path(t.mixture))["schedule"]
+        ratio = s["ratio"]
+        if s.get("upsample"):
+            frac, up = s["upsample"]["fraction"], s["upsample"]["ratio"]
+    if t.upsample_fraction:
+        frac, up = t.upsample_fraction, t.upsample_ratio if t.upsample_ratio is not None else min(1.0, 2 * ratio)
+    return schedule_phases(ratio, total_steps(t), frac, up)
+
+
 def build_loader(recipe: Recipe, workdir: Path):
     from hone.train.data import MixtureLoader, TokenStream
 
     domain, general = recipe.curate.domain.name, "general"
-    ratio = recipe.train.domain_ratio
+    phases = mixture_phases(recipe)
+    ratio = phases[0][1]
     streams = {}
-    for name, share in ((domain, ratio), (general, 1 - ratio)):
+    for name, share in ((domain, max(r for _, r in phases)), (general, 1 - min(r for _, r in phases))):
         if share <= 0:
             continue
         path = workdir / "tokens" / "train" / name
         if not (path / "index.json").exists():
             raise HoneError(f"train.domain_ratio is {ratio} but the corpus has no '{name}' documents")
         streams[name] = TokenStream(load_tokens(path), recipe.train.seq_len)
-    return MixtureLoader(streams, domain=domain, general=general,
-                         batch_size=recipe.train.batch_size, ratio=ratio)
+    return MixtureLoader(streams, domain=domain, general=general, batch_size=recipe.train.batch_size, ratio=ratio,
+                         schedule=phases if len(phases) > 1 else None)
 
 
 def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:

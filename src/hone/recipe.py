@@ -140,6 +140,30 @@ class TrainConfig(_Section):
     activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass.")
     compile: bool = Field(False, description="torch.compile each transformer layer.")
     log_every: int = Field(1, ge=1, description="Progress line and metrics.jsonl every N steps.")
+    mixture: str | None = Field(None, description="mixture.json from `hone mix fit`: its schedule (fitted ratio, upsampling) replaces domain_ratio.")
+    upsample_fraction: float = Field(0.0, ge=0, le=1, description="Domain upsampling: the last fraction of steps uses upsample_ratio (0: off; overrides the mixture file's).")
+    upsample_ratio: float | None = Field(None, ge=0, le=1, description="Domain ratio of the upsampling phase (default: twice the ratio, at most 1).")
+
+
+class MixConfig(_Section):
+    """`hone mix sweep` proxy runs and `hone mix fit` defaults; `hone run` ignores them."""
+
+    ratios: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="Domain ratios of the proxy runs.")
+    tokens: list[int] = Field(default_factory=list, description="Token budgets evaluated in each proxy run (default: 1/4, 1/2, 1 x train.max_tokens).")
+    base_tokens: int = Field(0, ge=0, description="General-only training of the base before the sweep (for a random model, which has nothing to forget).")
+    lr: float | None = Field(None, gt=0, description="Proxy learning rate, constant after warm-up (default: train.lr).")
+    general_set: str = Field("general", description="Evaluation set whose loss is the general loss.")
+    domain_set: str = Field("domain", description="Evaluation set whose loss is the domain loss.")
+    tolerance: float = Field(0.05, ge=0, description="Largest allowed rise of general loss (nats) when choosing the ratio.")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> "MixConfig":
+        bad = [r for r in self.ratios if not 0.0 <= r <= 1.0]
+        if bad:
+            raise ValueError(f"ratios must be in [0, 1] (got {bad[0]})")
+        if any(t < 1 for t in self.tokens):
+            raise ValueError("tokens budgets must be >= 1")
+        return self
 
 
 class EvalConfig(_Section):
@@ -156,6 +180,7 @@ class Recipe(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    mix: MixConfig = Field(default_factory=MixConfig)
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -1,0 +1,84 @@
+"""Mixture laws on real proxy runs (issue 6): sweep the tiny recipe over domain ratios and
+token budgets, fit the CMR and D-CPT laws, then confirm the chosen ratio with fresh runs
+(other data orders) and check the predicted losses against the observed spread.
+
+    nice python benchmarks/mix_sweep.py --workdir /tmp/hone-mix-bench     # ~10 min on 2 CPU cores
+
+Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hone.mix.laws import fit_mixture, load_runs, mean_r2, predict
+from hone.mix.sweep import _base_model, prepare, proxy_run, run_sweep
+from hone.recipe import load_recipe, shipped_recipe
+
+OVERRIDES = {"mix.ratios": [0.0, 0.25, 0.5, 0.75, 1.0], "mix.tokens": [10240, 20480, 40960],
+             "mix.base_tokens": 102400, "train.threads": 2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", default="/tmp/hone-mix-bench")
+    ap.add_argument("--seeds", type=int, default=3, help="confirmation runs (data orders) at the chosen ratio")
+    ap.add_argument("--tolerance", type=float, default=0.05)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    workdir = Path(args.workdir)
+    recipe = load_recipe(shipped_recipe("tiny-cpu"), OVERRIDES)
+    quiet = lambda m: None  # noqa: E731
+    t0 = time.perf_counter()
+    runs = run_sweep(recipe, workdir, log=print)
+    t_sweep = time.perf_counter() - t0
+    points = load_runs(runs)
+    target = max(recipe.mix.tokens)
+    mixture = fit_mixture(points, law="both", tolerance=args.tolerance, target_tokens=target, source=str(runs))
+    chosen = mixture["chosen"]
+    model, tok, eval_sets = prepare(recipe, workdir, quiet)
+    base = _base_model(recipe, workdir, model, quiet)
+    t1 = time.perf_counter()
+    observed = []
+    for seed in range(args.seeds):
+        rows = proxy_run(recipe, workdir, base, tok, eval_sets, chosen["ratio"], [target],
+                         workdir / "mix" / "confirm" / f"r{chosen['ratio']:.4f}-s{seed}", offset_seed=1000 + seed, log=print)
+        if not rows:  # finished before: read it back
+            rows = [json.loads((workdir / "mix" / "confirm" / f"seed{seed}.json").read_text())]
+        (workdir / "mix" / "confirm" / f"seed{seed}.json").write_text(json.dumps(rows[-1]))
+        observed.append(rows[-1])
+    t_confirm = time.perf_counter() - t1
+    result = {"bench": "mix_sweep", "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+              "points": len(points), "sweep_s": round(t_sweep, 1), "confirm_s": round(t_confirm, 1),
+              "target_tokens": target, "tolerance": args.tolerance,
+              "loss_before": mixture["loss_before"], "chosen": chosen, "laws": {}}
+    for name, law in mixture["laws"].items():
+        pred = predict(mixture, chosen["ratio"], target, law=name)
+        entry = {"mean_r2": round(mean_r2(law), 4), "choice": law["choice"]["ratio"], "predicted_at_chosen": pred}
+        if name == "cmr":
+            entry["r2"] = {f"{s['tokens']:.0f}": {k: round(s[k]["r2"], 4) for k in ("general_loss", "domain_loss")}
+                           for s in law["by_tokens"]}
+        else:
+            entry["r2"] = {k: round(law[k]["r2"], 4) for k in ("general_loss", "domain_loss")}
+        result["laws"][name] = entry
+    for key in ("general_loss", "domain_loss"):
+        vals = np.array([o[key] for o in observed])
+        spread = {"min": float(vals.min()), "max": float(vals.max()), "mean": float(vals.mean()),
+                  "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        for name in result["laws"]:
+            p = result["laws"][name]["predicted_at_chosen"][key]
+            result["laws"][name].setdefault("within_spread", {})[key] = bool(spread["min"] <= p <= spread["max"])
+            result["laws"][name].setdefault("error", {})[key] = round(p - spread["mean"], 4)
+        result.setdefault("observed", {})[key] = spread
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

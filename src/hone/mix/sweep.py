@@ -1,0 +1,184 @@
+"""Proxy sweep: short continual-pretraining runs at several domain ratios, each evaluated
+on the held-out general and domain sets at several token budgets.
+
+One run per ratio, from the same base model, with a constant learning rate after the
+warm-up (``min_lr_ratio = 1``), so the loss at an early budget is the loss a shorter run
+would have had, and one run gives every budget. Each (ratio, budget) appends one line to
+``<workdir>/mix/runs.jsonl``::
+
+    {"model_params": 180000, "ratio": 0.25, "tokens": 20480, "general_loss": 5.1, "domain_loss": 5.4}
+
+plus one ``tokens: 0`` line per ratio for the base model (the loss before continual
+pretraining, the CMR tolerance's reference). A re-run skips the lines already written and
+resumes an interrupted ratio from its checkpoint under ``mix/runs/``.
+
+With ``mix.base_tokens`` > 0 the base is first trained on general text only (for a random
+model, which has no general knowledge to forget otherwise); it is kept in ``mix/base/``.
+
+    hone mix sweep recipes/tiny-cpu.toml --workdir runs/tiny
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hone.errors import HoneError
+from hone.recipe import Recipe
+from hone.rundir import append_jsonl, atomic_path, ensure_dir, is_done, mark_done
+
+Log = Callable[[str], None]
+
+
+def budgets(recipe: Recipe) -> list[int]:
+    """Token budgets of the sweep: mix.tokens, or a quarter, half and all of train.max_tokens."""
+    m = recipe.mix
+    return sorted(set(m.tokens)) if m.tokens else [recipe.train.max_tokens // 4, recipe.train.max_tokens // 2,
+                                                   recipe.train.max_tokens]
+
+
+def _done_points(path: Path) -> set[tuple[float, float]]:
+    if not path.exists():
+        return set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(round(r["ratio"], 6), float(r["tokens"])) for r in rows}
+
+
+def _proxy_train_config(recipe: Recipe, total_tokens: int):
+    t = recipe.train
+    return t.model_copy(update={"max_tokens": total_tokens, "min_lr_ratio": 1.0, "checkpoint_every": 0,
+                                "lr": recipe.mix.lr or t.lr, "log_every": 10**9, "mixture": None,
+                                "upsample_fraction": 0.0})
+
+
+def _eval_losses(recipe: Recipe, model, tok, eval_sets: dict[str, Path]) -> dict[str, float]:
+    from hone.evaluate import evaluate_sets, read_texts
+
+    names = {"general_loss": recipe.mix.general_set, "domain_loss": recipe.mix.domain_set}
+    texts = {key: read_texts(eval_sets[name]) for key, name in names.items()}
+    scores = evaluate_sets(model, tok, texts, max_tokens=recipe.eval.max_tokens_per_set, seq_len=recipe.eval.seq_len,
+                           batch_size=recipe.eval.batch_size, log=lambda m: None)
+    return {key: scores[key]["nll"] for key in names}
+
+
+def _loader(recipe: Recipe, workdir: Path, ratio: float, seq_len: int, offset_seed: int | None = None):
+    from hone.tokens import load_tokens
+    from hone.train.data import MixtureLoader, TokenStream
+
+    domain = recipe.curate.domain.name
+    streams = {}
+    for name, share in ((domain, ratio), ("general", 1 - ratio)):
+        if share > 0:
+            path = workdir / "tokens" / "train" / name
+            if not (path / "index.json").exists():
+                raise HoneError(f"mix.ratios: ratio {ratio} needs '{name}' training tokens, but the corpus has none")
+            streams[name] = TokenStream(load_tokens(path), seq_len)
+            if offset_seed is not None:  # another data order: start each stream at a random window
+                g = torch.Generator().manual_seed(offset_seed)
+                windows = max(1, (len(streams[name].tokens) - seq_len - 1) // seq_len)
+                streams[name].pos = int(torch.randint(windows, (1,), generator=g)) * seq_len
+    return MixtureLoader(streams, domain=domain, general="general", batch_size=recipe.train.batch_size, ratio=ratio)
+
+
+def _base_model(recipe: Recipe, workdir: Path, model, log: Log):
+    """The sweep's starting point: the recipe's base model, or that model after
+    ``mix.base_tokens`` of general-only training (done once, kept in mix/base/)."""
+    n = recipe.mix.base_tokens
+    if n <= 0:
+        return model
+    base_dir = workdir / "mix" / "base"
+    weights = base_dir / "model.pt"
+    if is_done(base_dir):
+        model.load_state_dict(torch.load(weights, map_location=next(model.parameters()).device))
+        return model
+    from hone.train.loop import train
+
+    cfg = recipe.train.model_copy(update={"max_tokens": n, "checkpoint_every": 0, "log_every": 10**9,
+                                          "mixture": None, "upsample_fraction": 0.0})
+    steps = max(1, n // (cfg.batch_size * cfg.seq_len))
+    log(f"mix: base: {steps} steps of general-only training ({n:,} tokens)")
+    torch.manual_seed(recipe.run.seed)
+    train(model, _loader(recipe, workdir, 0.0, cfg.seq_len), cfg, ensure_dir(base_dir), total_steps=steps,
+          resume=True, log=lambda m: None)
+    with atomic_path(weights) as tmp:
+        torch.save(model.state_dict(), tmp)
+    mark_done(base_dir, {"tokens": steps * cfg.batch_size * cfg.seq_len})
+    return model
+
+
+def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Path], ratio: float,
+              token_budgets: list[int], run_dir: Path, *, skip: set[float] = frozenset(), offset_seed: int | None = None,
+              on_point: Callable[[dict], None] = lambda row: None, log: Log = print) -> list[dict]:
+    """Train a copy of ``base`` at ``ratio`` up to the largest budget, evaluating at each;
+    budgets in ``skip`` are trained through but not evaluated again."""
+    from hone.train.loop import train
+
+    seq, batch = recipe.train.seq_len, recipe.train.batch_size
+    per_step = seq * batch
+    steps = sorted({max(1, b // per_step) for b in token_budgets})
+    if all(s * per_step in skip for s in steps):
+        return []
+    cfg = _proxy_train_config(recipe, steps[-1] * per_step)
+    model = copy.deepcopy(base)
+    loader = _loader(recipe, workdir, ratio, seq, offset_seed)
+    n_params = sum(p.numel() for p in model.parameters())
+    rows = []
+    torch.manual_seed(recipe.run.seed)
+    for s in steps:
+        tokens = s * per_step
+        t0 = time.perf_counter()
+        train(model, loader, cfg, ensure_dir(run_dir), total_steps=steps[-1], resume=True, max_steps=s, log=lambda m: None)
+        if tokens in skip:
+            continue
+        row = {"model_params": n_params, "ratio": ratio, "tokens": tokens, **_eval_losses(recipe, model, tok, eval_sets)}
+        on_point(row)
+        rows.append(row)
+        log(f"mix: ratio {ratio:.3f} tokens {tokens:>9,} general {row['general_loss']:.4f} domain "
+            f"{row['domain_loss']:.4f} ({time.perf_counter() - t0:.0f}s)")
+    return rows
+
+
+def prepare(recipe: Recipe, workdir: Path, log: Log):
+    """Run (or skip) the data stages; return (model, tokenizer, eval sets)."""
+    from hone.pipeline import prepare_workdir, stage_base_model, stage_curate, stage_pool, stage_tokenize
+
+    prepare_workdir(recipe, workdir, False, log)
+    inputs, eval_sets = stage_pool(recipe, workdir, log)
+    for key in ("general_set", "domain_set"):
+        name = getattr(recipe.mix, key)
+        if name not in eval_sets:
+            raise HoneError(f"mix.{key}: no evaluation set named {name!r} (have: {', '.join(sorted(eval_sets))})")
+    stage_curate(recipe, workdir, inputs, log)
+    model, tok = stage_base_model(recipe, workdir, log)
+    stage_tokenize(recipe, workdir, tok, log)
+    return model, tok, eval_sets
+
+
+def run_sweep(recipe: Recipe, workdir: Path, log: Log = print) -> Path:
+    """Every (ratio, budget) of the recipe's [mix] section not yet in mix/runs.jsonl."""
+    workdir = Path(workdir)
+    model, tok, eval_sets = prepare(recipe, workdir, log)
+    mixdir = ensure_dir(workdir / "mix")
+    out = mixdir / "runs.jsonl"
+    done = _done_points(out)
+    token_budgets = budgets(recipe)
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    if min(token_budgets) < per_step:
+        raise HoneError(f"mix.tokens: budget {min(token_budgets)} is less than one step ({per_step} tokens)")
+    log(f"mix: sweep of ratios {list(recipe.mix.ratios)} x budgets {token_budgets} tokens -> {out}")
+    base = _base_model(recipe, workdir, model, log)
+    n_params = sum(p.numel() for p in base.parameters())
+    before = None
+    for ratio in recipe.mix.ratios:
+        if (round(ratio, 6), 0.0) not in done:
+            before = before or _eval_losses(recipe, base, tok, eval_sets)
+            append_jsonl(out, {"model_params": n_params, "ratio": ratio, "tokens": 0, **before})
+        skip = {t for r, t in done if r == round(ratio, 6)}
+        proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, mixdir / "runs" / f"r{ratio:.4f}",
+                  skip=skip, on_point=lambda row: append_jsonl(out, row), log=log)
+    return out
