@@ -56,7 +56,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-BATCH = 4096  # documents hashed at once: memory per worker stays flat with corpus size
+BATCH = 1024  # documents hashed at once: memory per worker stays flat with corpus size
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,8 @@ def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: 
 def _verify(pairs: np.ndarray, sets: _ShingleSets, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     from hone.corpus.minhash import sorted_jaccard
 
-    sims = np.array([sorted_jaccard(sets[a], sets[b]) for a, b in pairs.tolist()], dtype=np.float64)
+    cache = {int(d): np.asarray(sets[int(d)]) for d in np.unique(pairs)}  # one memmap slice per doc
+    sims = np.array([sorted_jaccard(cache[a], cache[b]) for a, b in pairs.tolist()], dtype=np.float64)
     return pairs[sims >= threshold] if len(pairs) else pairs, sims
 
 

@@ -152,9 +152,10 @@ class MinHasher:
         pos = np.sort(np.concatenate((full, short))) if len(short) else full
         padded = np.concatenate((wh, np.zeros(n, dtype=np.uint64)))
         w = self._weights
-        acc = padded[pos] * w[0]
+        acc = wh * w[0]  # contiguous slices for every position, then one gather
         for j in range(1, n):
-            acc += padded[pos + j] * w[j]
+            acc += padded[j:j + nw] * w[j]
+        acc = acc[pos]
         if len(short):  # a short document's sum must stop at its own last word
             k = np.searchsorted(pos, short)
             acc[k] = 0
