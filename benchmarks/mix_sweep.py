@@ -31,10 +31,16 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/hone-mix-bench")
     ap.add_argument("--seeds", type=int, default=3, help="confirmation runs (data orders) at the chosen ratio")
     ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                    help="extra recipe override, e.g. --set mix.lr=1e-3 (repeat)")
     args = ap.parse_args()
+    overrides = dict(OVERRIDES)
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
     torch.set_num_threads(2)
     workdir = Path(args.workdir)
-    recipe = load_recipe(shipped_recipe("tiny-cpu"), OVERRIDES)
+    recipe = load_recipe(shipped_recipe("tiny-cpu"), overrides)
     quiet = lambda m: None  # noqa: E731
     t0 = time.perf_counter()
     runs = run_sweep(recipe, workdir, log=print)
@@ -55,7 +61,7 @@ def main() -> None:
         (workdir / "mix" / "confirm" / f"seed{seed}.json").write_text(json.dumps(rows[-1]))
         observed.append(rows[-1])
     t_confirm = time.perf_counter() - t1
-    result = {"bench": "mix_sweep", "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+    result = {"bench": "mix_sweep", "overrides": overrides, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
               "points": len(points), "sweep_s": round(t_sweep, 1), "confirm_s": round(t_confirm, 1),
               "target_tokens": target, "tolerance": args.tolerance,
               "loss_before": mixture["loss_before"], "chosen": chosen, "laws": {}}

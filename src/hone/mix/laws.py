@@ -88,13 +88,14 @@ def load_runs(path: Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------- fitting
 
-def _robust(residuals, starts: list[np.ndarray], bounds) -> np.ndarray:
+def _robust(residuals, starts: list[np.ndarray], bounds, max_nfev: int = 300) -> np.ndarray:
     """The best of a few soft-L1 least-squares fits from different starting points."""
     best = None
     for x0 in starts:
         x0 = np.clip(x0, bounds[0], bounds[1])
         try:
-            r = least_squares(residuals, x0, loss="soft_l1", f_scale=F_SCALE, bounds=bounds, max_nfev=4000)
+            r = least_squares(residuals, x0, loss="soft_l1", f_scale=F_SCALE, bounds=bounds, max_nfev=max_nfev,
+                              x_scale="jac")
         except ValueError:
             continue
         if np.all(np.isfinite(r.x)) and (best is None or r.cost < best.cost):
@@ -176,12 +177,11 @@ def fit_dcpt(n, d, r, y) -> dict:
         return dcpt_value(_dcpt_unpack(q, with_n, n0, d0), n, d, r) - y
 
     starts = []
-    for gamma, eps in ((0.3, 0.1), (1.0, 0.05), (0.1, 0.5)):
-        for beta in (0.3, 1.0):
-            full = np.array([y.min() - 0.1, math.log(0.1), 0.3, math.log(0.1), 1.0, beta,
-                             math.log(0.1), gamma, math.log(eps)])
-            starts.append(full[keep])
-    q = _robust(resid, starts, bounds)
+    for gamma, eps, beta in ((0.3, 0.1, 0.3), (1.0, 0.05, 1.0), (0.1, 0.5, 0.5)):
+        full = np.array([y.min() - 0.1, math.log(0.1), 0.3, math.log(0.1), 1.0, beta,
+                         math.log(0.1), gamma, math.log(eps)])
+        starts.append(full[keep])
+    q = _robust(resid, starts, bounds, max_nfev=1500)
     p = _dcpt_unpack(q, with_n, n0, d0)
     return {"params": p, **_quality(y, dcpt_value(p, n, d, r))}
 
