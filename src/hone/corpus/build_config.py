@@ -179,6 +179,7 @@ def run_build(recipe: BuildRecipe, log=print) -> dict:
     import time
 
     from hone.corpus.executor import get_executor, summary_line
+    from hone.corpus.read import nonempty_parts
     from hone.rundir import ensure_dir, write_json
 
     t0, b = time.perf_counter(), recipe.build
@@ -194,8 +195,11 @@ def run_build(recipe: BuildRecipe, log=print) -> dict:
                                       **_step_params(step, b.text_field))
         log(summary_line(f"  {n:02d}-{step.type}", m, step_dir))
         steps.append({"name": f"{n:02d}-{step.type}", "dir": str(step_dir), "manifest": m})
-        inputs, text_field_next = [step_dir / s for s in m["shards"]], "text"
-        b = b.model_copy(update={"text_field": text_field_next})  # our Parquet always says 'text'
+        inputs = nonempty_parts(step_dir / s for s in m["shards"])
+        b = b.model_copy(update={"text_field": "text"})  # our Parquet always says 'text'
+        if not inputs and n < len(recipe.steps):
+            log(f"  nothing left after {n:02d}-{step.type}: the later steps have no input")
+            break
     first, last = steps[0]["manifest"]["totals"], steps[-1]["manifest"]["totals"]
     dropped = sum(s["manifest"]["totals"]["dropped"] + s["manifest"]["totals"]["quarantined"] for s in steps)
     dropped -= first["quarantined"]
@@ -207,11 +211,25 @@ def run_build(recipe: BuildRecipe, log=print) -> dict:
         "steps": {f"{s['name']}/{k}": v for i, s in enumerate(steps) for k, v in s["manifest"]["steps"].items()
                   if k != "read" or i == 0},
         "step_dirs": [s["dir"] for s in steps],
+        "skipped_steps": [f"{n:02d}-{st.type}" for n, st in enumerate(recipe.steps, start=1)][len(steps):],
         "final_shards": [str(p) for p in inputs],
         "recipe": recipe.model_dump(mode="json"),
         "seconds": round(time.perf_counter() - t0, 3),
     }
     t = manifest["totals"]
     assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"], t
+    _copy_quarantine(Path(steps[0]["dir"]), out)
     write_json(out / "manifest.json", manifest)
     return manifest
+
+
+def _copy_quarantine(first_step: Path, out: Path) -> None:
+    """The unreadable input lines (the first step read the inputs) at OUTPUT/quarantine too."""
+    import shutil
+
+    src, dst = first_step / "quarantine" / "quarantine.jsonl", out / "quarantine" / "quarantine.jsonl"
+    if src.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    else:
+        dst.unlink(missing_ok=True)

@@ -107,8 +107,11 @@ def run_key(shards: list, config: dict) -> str:
 
     files = []
     for sh in shards:
-        st = sh.path.stat()
-        files.append([str(sh.path.resolve()), sh.kind, st.st_size, st.st_mtime_ns])
+        try:
+            st = sh.path.stat()
+            files.append([str(sh.path.resolve()), sh.kind, st.st_size, st.st_mtime_ns])
+        except OSError as e:  # a broken link, a vanished file: the reader quarantines it
+            files.append([str(sh.path.absolute()), sh.kind, type(e).__name__])
     blob = json.dumps([config, files], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -25,6 +25,7 @@ import gzip
 import io
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,7 +141,20 @@ def parse_line(raw: bytes, text_field: str) -> dict | str:
         return "missing_text"
     if not isinstance(obj[text_field], str):
         return "text_not_a_string"
+    if b"\\u" in raw and _SURROGATE_ESCAPE.search(raw) and not _encodable(obj):
+        return "bad_utf8"  # valid JSON, but a lone surrogate escape (\ud800) is no UTF-8 text
     return obj
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _encodable(obj: dict) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def to_record(obj: dict, text_field: str, stem: str, lineno: int) -> dict:
@@ -236,7 +250,7 @@ def _dir_shards(d: Path) -> list[Shard]:
     if any((d / m).exists() for m in HF_MARKERS):
         return [Shard(p, "arrow") for p in _hf_arrow_files(d)]
     if (d / "manifest.json").exists():  # another hone data command's output: its shards only
-        return [Shard(p, "parquet") for p in sorted(d.glob("part-*.parquet"))]
+        return [Shard(p, "parquet") for p in nonempty_parts(sorted(d.glob("part-*.parquet")))]
     shards = []
     for root, dirs, files in os.walk(d):
         dirs[:] = sorted(x for x in dirs if not x.startswith("."))
@@ -245,6 +259,23 @@ def _dir_shards(d: Path) -> list[Shard]:
             if not name.startswith(".") and (kind := file_kind(p)) is not None:
                 shards.append(Shard(p, kind))
     return shards
+
+
+def nonempty_parts(paths: Iterable[Path]) -> list[Path]:
+    """The Parquet shards of a hone output that hold rows. A step writes one shard per input
+    shard, empty when nothing survived; read again, an empty one is no input (not a
+    quarantined "empty file" that the next step's manifest would count as a document)."""
+    import pyarrow.parquet as pq
+
+    out = []
+    for p in map(Path, paths):
+        try:
+            if pq.ParquetFile(p).metadata.num_rows == 0:
+                continue
+        except (OSError, ValueError):
+            pass  # unreadable: let the reader quarantine it
+        out.append(p)
+    return out
 
 
 def expand_inputs(paths: Iterable[Path | str]) -> list[Shard]:
@@ -306,6 +337,15 @@ def _open_stream(path: Path) -> IO[bytes]:
     return open(path, "rb")
 
 
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a damaged or unreadable file raises: the file's fault, not a bug here."""
+    import zlib
+
+    import zstandard
+
+    return OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError
+
+
 def _read_jsonl_shard(r: _Reader) -> Iterator[dict]:
     path, lineno, seen = r.shard.path, 0, False
     try:
@@ -323,7 +363,7 @@ def _read_jsonl_shard(r: _Reader) -> Iterator[dict]:
                 rec.update(src_file=str(path), src_row=lineno)
                 if (rec := r.good(rec, len(raw))) is not None:
                     yield rec
-    except (OSError, EOFError, ValueError) as e:  # corrupt gzip / zstd, permission denied, ...
+    except _read_errors() as e:  # corrupt gzip / zstd, permission denied, ...
         r.bad(lineno + 1 if seen else 0, "unreadable_file", f"{type(e).__name__}: {e}".encode(), 0)
         return
     if not seen:
