@@ -32,10 +32,26 @@ class Task:
     args: tuple = field(default_factory=tuple)
 
 
+_TASKS_RUN = 0  # per process: what HONE_CORPUS_FAULT counts
+
+
 def _run_and_mark(task: Task) -> dict:
     result = task.fn(*task.args)
+    _maybe_fault()
     mark_done(task.marker, {"result": result})
     return result
+
+
+def _maybe_fault() -> None:
+    """``HONE_CORPUS_FAULT=kill:tasks=N``: SIGKILL this process when its N-th shard task has
+    written its output but not yet its marker, the worst moment for a restart (tests)."""
+    global _TASKS_RUN
+    _TASKS_RUN += 1
+    spec = os.environ.get("HONE_CORPUS_FAULT")
+    if spec and spec.startswith("kill:tasks=") and _TASKS_RUN == int(spec.split("=", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LocalExecutor:
@@ -135,6 +151,8 @@ def prepare_output(out_dir: Path, key: str) -> tuple[Path, dict | None]:
     if stored != key:
         shutil.rmtree(work, ignore_errors=True)
         write_json(key_file, {"key": key})
+    for tmp in out_dir.glob(".part-*.tmp"):  # a shard being written when the run was killed
+        tmp.unlink(missing_ok=True)
     Path(str(out_dir / "manifest.json") + ".done").unlink(missing_ok=True)
     return work, None
 
