@@ -50,6 +50,32 @@ def drop_reasons(manifest: dict) -> dict[str, int]:
     return reasons
 
 
+def _mixture(workdir: Path, recipe: dict | None) -> tuple[list[dict], dict | None]:
+    """(proxy-run points, fitted mixture) from the run's train.mixture file, RUNDIR/mixture.json,
+    RUNDIR/mix/mixture.json, or only the points of RUNDIR/mix/runs.jsonl."""
+    from hone.mix.laws import load_runs
+
+    candidates = [workdir / "mixture.json", workdir / "mix" / "mixture.json"]
+    if recipe and (path := recipe.get("train", {}).get("mixture")):
+        candidates.insert(0, Path(path))
+    mixture = next((read_json(p) for p in candidates if p.exists()), None)
+    if mixture is not None and not isinstance(mixture.get("points"), list):
+        mixture = None
+    if mixture is not None:
+        return mixture["points"], mixture
+    runs = workdir / "mix" / "runs.jsonl"
+    return (load_runs(runs), None) if runs.exists() else ([], None)
+
+
+def plan_rows(plan: dict, top: int = 10) -> list[dict]:
+    """The plan's ranked configurations as table rows (missing fields left empty)."""
+    rows = []
+    for i, c in enumerate(plan.get("configs", [])[:top], 1):
+        rows.append({"rank": i, **{k: c.get(k) for k in ("tp", "pp", "dp", "micro_batch", "recompute", "zero", "vpp",
+                                                         "memory_gib_per_gpu", "step_time_s", "tokens_per_s", "mfu")}})
+    return rows
+
+
 def build_context(workdir: Path) -> dict:
     ctx: dict = {"workdir": str(workdir), "figures": {}}
     if (workdir / "recipe.json").exists():
@@ -76,6 +102,17 @@ def build_context(workdir: Path) -> dict:
         table = read_json(workdir / "eval.json")
         ctx["eval"] = table
         ctx["figures"]["ppl"] = plots.perplexity(table)
+    points, mixture = _mixture(workdir, ctx.get("recipe"))
+    if points:
+        ctx["mix_points"] = points
+        ctx["mixture"] = mixture
+        ctx["figures"]["mix"] = plots.mixture_fits(points, mixture)
+    if (workdir / "plan.json").exists():
+        plan = read_json(workdir / "plan.json")
+        if isinstance(plan, dict) and (rows := plan_rows(plan)):
+            ctx["plan"] = {"rows": rows, "model": (plan.get("model") or {}).get("name", ""),
+                           "cluster": (plan.get("cluster") or {}).get("name", ""), "seq": plan.get("seq"),
+                           "global_batch": plan.get("global_batch")}
     return ctx
 
 

@@ -98,3 +98,45 @@ def perplexity(table: dict[str, dict]) -> str:
     ax.margins(y=0.25)
     ax.legend()
     return _png(fig)
+
+
+def mixture_fits(points: list[dict], mixture: dict | None) -> str:
+    """General and domain loss vs domain ratio: the proxy runs' points per token budget, the
+    fitted CMR curves (solid) and D-CPT curves (dashed), the tolerance line and the chosen ratio."""
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    trained = [p for p in points if p["tokens"] > 0]
+    budgets = sorted({p["tokens"] for p in trained})
+    colors = plt.cm.viridis(np.linspace(0.1, 0.85, max(1, len(budgets))))
+    grid = np.linspace(0, 1, 201)
+    laws = (mixture or {}).get("laws", {})
+    for ax, key, title in zip(axes, ("general_loss", "domain_loss"), ("General loss", "Domain loss")):
+        for t, c in zip(budgets, colors):
+            pts = [(p["ratio"], p[key]) for p in trained if p["tokens"] == t and p[key] is not None]
+            ax.scatter([x for x, _ in pts], [y for _, y in pts], color=c, s=22, zorder=3, label=f"{t:,.0f} tokens")
+            cmr = next((s for s in laws.get("cmr", {}).get("by_tokens", []) if s["tokens"] == t and s.get(key)), None)
+            if cmr:
+                f = cmr[key]
+                ax.plot(grid, f["a"] * grid ** f["s"] + f["b"], color=c, lw=1.4)
+            if "dcpt" in laws:
+                from hone.mix.laws import predict_dcpt
+
+                ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t, mixture.get("model_params"))[key], color=c, lw=1, ls="--")
+        before = (mixture or {}).get("loss_before", {}).get(key)
+        if before is None:
+            before = next((p[key] for p in points if p["tokens"] == 0 and p[key] is not None), None)
+        if before is not None:
+            ax.axhline(before, color="gray", lw=0.8, ls=":", label="before")
+        if key == "general_loss" and mixture and mixture.get("chosen"):
+            ref = mixture["chosen"].get("reference_general_loss")
+            if ref is not None:
+                ax.axhline(ref + mixture["tolerance"], color="#C44E52", lw=0.8, ls="-.", label="tolerance")
+        if mixture and mixture.get("chosen"):
+            ax.axvline(mixture["chosen"]["ratio"], color="#C44E52", lw=1.2, label=f"chosen {mixture['chosen']['ratio']:.3f}")
+        ax.set_xlabel("domain ratio")
+        ax.set_ylabel("validation loss (nats/token)")
+        ax.set_title(title + (" (solid: CMR, dashed: D-CPT)" if laws and key == "general_loss" else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    return _png(fig)
