@@ -83,7 +83,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise HoneError("the ray executor needs Ray: pip install 'ray[default]' (or use executor 'local')") from None
+            raise HoneError("the ray executor needs Ray: pip install 'hone[ray]' (or use executor 'local')") from None
         self.ray = ray
         self.workers = workers
         if not ray.is_initialized():
