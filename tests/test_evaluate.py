@@ -81,3 +81,31 @@ def test_score_on_device_matches_cpu(tok, device):
     cpu = score(model, docs, batch_size=2)
     dev = score(model.to(device), docs, batch_size=2)
     assert dev["ppl"] == pytest.approx(cpu["ppl"], rel=1e-4)
+
+
+def test_eval_cli_scores_each_set_and_the_change_against_a_base(tok, tmp_path):
+    """`hone eval MODEL --data NAME=PATH... --base BASE -o eval.json`: ppl, bpb, change per set."""
+    import subprocess
+    import sys
+
+    from conftest import tiny_llama
+
+    from hone.train.checkpoint_io import save_hf
+
+    save_hf(tiny_llama(vocab=tok.get_vocab_size(), seed=0), tok, tmp_path / "base")
+    save_hf(tiny_llama(vocab=tok.get_vocab_size(), seed=1), tok, tmp_path / "tuned")
+    for name, texts in (("bio", TEXTS[:1] * 3), ("web", TEXTS[1:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    out = tmp_path / "eval.json"
+    args = [sys.executable, "-m", "hone.cli", "eval", str(tmp_path / "tuned"), "--data", f"bio={tmp_path / 'bio.jsonl'}",
+            "--data", f"web={tmp_path / 'web.jsonl'}", "--base", str(tmp_path / "base"), "-o", str(out)]
+    r = subprocess.run(args, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    table = json.loads(out.read_text())
+    assert set(table) == {"bio", "web"}
+    for row in table.values():
+        assert row["ppl_change"] == pytest.approx(row["ppl_after"] / row["ppl_before"] - 1)
+        assert row["bpb_change"] == pytest.approx(row["bpb_after"] / row["bpb_before"] - 1)
+        assert row["ppl_before"] != row["ppl_after"]  # two different models
+    r = subprocess.run(args[:4] + [str(tmp_path / "nowhere")] + args[5:], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "nowhere" in r.stderr and "Traceback" not in r.stderr

@@ -96,10 +96,14 @@ def evaluate_sets(model, tokenizer: Tokenizer, sets: dict[str, list[str]], *, ma
 
 
 def compare(before: dict[str, dict], after: dict[str, dict]) -> dict[str, dict]:
-    """eval.json rows: ppl/bpb before and after, and the relative change of perplexity."""
+    """eval.json rows: ppl/bpb before and after, and their relative changes (forgetting where
+    they rise). Sets present on one side only are left out."""
     out = {}
     for name in before:
+        if name not in after:
+            continue
         b, a = before[name], after[name]
         out[name] = {"ppl_before": b["ppl"], "ppl_after": a["ppl"], "bpb_before": b["bpb"], "bpb_after": a["bpb"],
-                     "ppl_change": a["ppl"] / b["ppl"] - 1, "tokens": a["tokens"], "docs": a["docs"]}
+                     "ppl_change": a["ppl"] / b["ppl"] - 1, "bpb_change": a["bpb"] / b["bpb"] - 1,
+                     "tokens": a["tokens"], "docs": a["docs"]}
     return out
