@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/hone-mix-bench")
     ap.add_argument("--seeds", type=int, default=3, help="confirmation runs (data orders) at the chosen ratio")
     ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--check-ratios", type=float, nargs="*", default=[0.6],
+                    help="off-grid ratios also run (seed 0) to compare predicted and observed losses")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                     help="extra recipe override, e.g. --set mix.lr=1e-3 (repeat)")
     args = ap.parse_args()
@@ -83,6 +85,15 @@ def main() -> None:
             result["laws"][name].setdefault("within_spread", {})[key] = bool(spread["min"] <= p <= spread["max"])
             result["laws"][name].setdefault("error", {})[key] = round(p - spread["mean"], 4)
         result.setdefault("observed", {})[key] = spread
+    result["checks"] = []
+    for ratio in args.check_ratios:
+        rows = proxy_run(recipe, workdir, base, tok, eval_sets, ratio, [target],
+                         workdir / "mix" / "confirm" / f"r{ratio:.4f}-s0", offset_seed=1000, log=print)
+        check = {"ratio": ratio, "observed": {k: rows[-1][k] for k in ("general_loss", "domain_loss")}}
+        for name in mixture["laws"]:
+            pred = predict(mixture, ratio, target, law=name)
+            check[name] = {k: round(pred[k] - rows[-1][k], 4) for k in pred}
+        result["checks"].append(check)
     print(json.dumps(result))
 
 
