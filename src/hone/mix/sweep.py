@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -124,6 +125,10 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
     if all(s * per_step in skip for s in steps):
         return []
     cfg = _proxy_train_config(recipe, steps[-1] * per_step)
+    first = min(s for s in steps if s * per_step not in skip)
+    saved = [int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*") if p.name.split("_")[-1].isdigit()]
+    if saved and max(saved) > first:  # a budget to evaluate lies behind the saved run: redo it from the base
+        shutil.rmtree(run_dir)
     model = copy.deepcopy(base)
     loader = _loader(recipe, workdir, ratio, seq, offset_seed)
     n_params = sum(p.numel() for p in model.parameters())
