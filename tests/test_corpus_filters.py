@@ -62,3 +62,17 @@ def test_dedup_off_still_keeps_ids_unique():
     assert dedup({"id": "a", "text": "x"}) is None
     assert dedup({"id": "b", "text": "x"}) is None
     assert dedup({"id": "a", "text": "y"}) == ("duplicate_id", {})
+
+
+def test_count_alpha_words_equals_the_python_definition():
+    import random
+
+    from hone.corpus.filters import count_alpha_words
+
+    rng = random.Random(0)
+    alphabet = "ab1 \t\n\x1c\x1f\u00a0\u2003\u2028é½²٣_,.#Ωж中"
+    texts = ["", " ", "a", "1", "1 a", "a\u2003b 2"] + ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60)))
+                                                        for _ in range(2000)]
+    texts += ["".join(rng.choice("ab1 \t\n\x1c_,.#") for _ in range(80)) for _ in range(500)]  # ASCII path
+    for t in texts:
+        assert count_alpha_words(t) == sum(any(c.isalpha() for c in w) for w in t.split()), repr(t)

@@ -39,8 +39,26 @@ def symbol_ratio(text: str, words: list[str], cfg: FilterConfig) -> str | None:
 
 
 def alpha_ratio(text: str, words: list[str], cfg: FilterConfig) -> str | None:
-    alpha = sum(1 for w in words if any(c.isalpha() for c in w))
+    alpha = count_alpha_words(text)
     return "not_alpha" if alpha / max(len(words), 1) < cfg.min_alpha_ratio else None
+
+
+# Words with a letter, counted in C (the per-character Python loop this replaces was 70% of
+# the filter step's time): letters become "a", whitespace (where ``str.split`` cuts) " ",
+# everything else is deleted. A word with a letter is then one run of "a"; a word without
+# one vanishes. Runs start at position 0 or after a space.
+_ASCII_CLASS = bytes(32 if chr(i).isspace() else 97 if chr(i).isalpha() else 0 for i in range(128)) + bytes(128)
+_ASCII_OTHER = bytes(i for i in range(128) if not chr(i).isspace() and not chr(i).isalpha())
+
+
+def count_alpha_words(text: str) -> int:
+    """``sum(any(c.isalpha() for c in w) for w in text.split())``, without the Python loop."""
+    if text.isascii():
+        cls = text.encode("ascii").translate(_ASCII_CLASS, _ASCII_OTHER)
+        return cls.count(b" a") + cls.startswith(b"a")
+    table = {ord(c): " " if c.isspace() else "a" if c.isalpha() else None for c in set(text)}
+    cls = text.translate(table)
+    return cls.count(" a") + cls.startswith("a")
 
 
 def duplicate_lines(text: str, words: list[str], cfg: FilterConfig) -> str | None:
