@@ -17,7 +17,9 @@ def test_sweep_writes_runs_and_resumes(tmp_path):
     from hone.mix.sweep import run_sweep
 
     recipe = load_recipe(shipped_recipe("tiny-cpu"), {"mix.ratios": [0.0, 0.5, 1.0], "mix.tokens": [1024, 2048],
-                                                     "mix.base_tokens": 1024, "eval.max_tokens_per_set": 300})
+                                                     "mix.base_tokens": 1024, "eval.max_tokens_per_set": 300,
+                                                     "data.packaged.wikipedia": 100, "data.packaged.gene_ontology": 100,
+                                                     "curate.domain.top_k": 100, "model.random.vocab": 512})
     out = run_sweep(recipe, tmp_path, log=lambda m: None)
     assert out == tmp_path / "mix" / "runs.jsonl"
     rows = [json.loads(line) for line in out.read_text().splitlines()]

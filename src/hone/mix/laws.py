@@ -181,7 +181,7 @@ def fit_dcpt(n, d, r, y) -> dict:
         full = np.array([y.min() - 0.1, math.log(0.1), 0.3, math.log(0.1), 1.0, beta,
                          math.log(0.1), gamma, math.log(eps)])
         starts.append(full[keep])
-    q = _robust(resid, starts, bounds, max_nfev=1500)
+    q = _robust(resid, starts, bounds, max_nfev=600)
     p = _dcpt_unpack(q, with_n, n0, d0)
     return {"params": p, **_quality(y, dcpt_value(p, n, d, r))}
 
