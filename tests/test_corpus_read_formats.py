@@ -85,3 +85,37 @@ def test_expand_inputs_errors_and_output_dirs(tmp_path):
     (out / "quarantine" / "quarantine.jsonl").write_text("{}\n")
     pq.write_table(pa.Table.from_pylist([{"text": "t"}]), out / "part-00000.parquet")
     assert [s.path.name for s in expand_inputs([out])] == ["part-00000.parquet"]
+
+
+def test_large_jsonl_split_into_byte_ranges_reads_the_same_records(tmp_path, monkeypatch):
+    import hone.corpus.read as read_mod
+    from hone.corpus.dedup import NearDedupConfig, near_dedup
+    from hone.corpus.executor import LocalExecutor
+
+    lines = []
+    for i in range(300):
+        if i % 37 == 5:
+            lines.append(b"{not json")
+        elif i % 41 == 7:
+            lines.append(b"")
+        else:
+            text = " ".join(f"w{(i * 7 + k) % 97}" for k in range(5 + i % 23)) if i % 10 else "same text " * 9
+            lines.append(json.dumps({"text": text}).encode() + (b"\r" if i % 13 == 0 else b""))
+    f = tmp_path / "big.jsonl"
+    f.write_bytes(b"\n".join(lines))  # no newline after the last line
+    q1, q2 = Quarantine(None), Quarantine(None)
+    whole = list(read_inputs([f], quarantine=q1))
+    monkeypatch.setattr(read_mod, "SPLIT_BYTES", 1500)
+    shards = read_mod.expand_inputs([f])
+    assert len(shards) > 5 and shards[0].start == 0 and shards[-1].end == f.stat().st_size
+    assert all(a.end == b.start for a, b in zip(shards, shards[1:]))
+    split = list(read_inputs([f], quarantine=q2))
+    assert split == whole and q1.rows == q2.rows and len(q1.rows) == 8
+    # a step over the ranges: one output shard per range, the same documents kept in order
+    m = near_dedup([f], tmp_path / "o", NearDedupConfig(), executor=LocalExecutor(2))
+    kept = [r["id"] for p in m["shards"] for r in pq.read_table(tmp_path / "o" / p).to_pylist()]
+    monkeypatch.setattr(read_mod, "SPLIT_BYTES", 1 << 30)
+    m1 = near_dedup([f], tmp_path / "o1", NearDedupConfig(), executor=LocalExecutor(1))
+    assert len(m["shards"]) == len(shards) and len(m1["shards"]) == 1
+    assert kept == pq.read_table(tmp_path / "o1" / "part-00000.parquet")["id"].to_pylist()
+    assert m["totals"] == m1["totals"] and m["totals"]["dropped"] > 0

@@ -251,7 +251,7 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
         dedup.merge(r["dedup"])
     steps = {"read": read.as_dict(), "dedup": dedup.as_dict()}
     manifest = {
-        "command": "dedup", "inputs": [str(s.path) for s in shards], "steps": steps,
+        "command": "dedup", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
         "totals": totals(steps["read"], {"dedup": steps["dedup"]}),
         "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
         "lsh": {"bands": bands, "rows": rows, **lsh},

@@ -125,7 +125,7 @@ def run_key(shards: list, config: dict) -> str:
     for sh in shards:
         try:
             st = sh.path.stat()
-            files.append([str(sh.path.resolve()), sh.kind, st.st_size, st.st_mtime_ns])
+            files.append([str(sh.path.resolve()), sh.kind, st.st_size, st.st_mtime_ns, sh.start, sh.end])
         except OSError as e:  # a broken link, a vanished file: the reader quarantines it
             files.append([str(sh.path.absolute()), sh.kind, type(e).__name__])
     blob = json.dumps([config, files], sort_keys=True, default=str)
@@ -254,7 +254,7 @@ def filter_step(inputs: list, out_dir: Path, *, text_field: str = "text", execut
         step.merge(r["filter"])
     steps = {"read": read.as_dict(), "filter": step.as_dict()}
     parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
-    manifest = {"command": "filter", "inputs": [str(s.path) for s in shards], "steps": steps,
+    manifest = {"command": "filter", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
                 "totals": totals(steps["read"], {"filter": steps["filter"]}),
                 "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
                 "shards": parts, "config": {**cfg, "text_field": text_field},
@@ -341,7 +341,7 @@ def retrieve_step(inputs: list, out_dir: Path, *, text_field: str = "text", exec
     writer.write(keep)
     writer.close()
     steps = {"read": read.as_dict(), "retrieve": step.as_dict()}
-    manifest = {"command": "retrieve", "inputs": [str(s.path) for s in shards], "steps": steps,
+    manifest = {"command": "retrieve", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
                 "totals": totals(steps["read"], {"retrieve": steps["retrieve"]}),
                 "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
                 "query": {"seed_terms": result.query, "expansion_terms": result.expansion, "llm_queries": extra},

@@ -21,6 +21,7 @@ as one entry (line 0).
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import json
@@ -204,10 +205,14 @@ RECORD_KEYS = ("id", "text", "source", "meta", "domain", *PROVENANCE)
 
 @dataclass(frozen=True)
 class Shard:
-    """One input file and how to read it: ``jsonl``, ``parquet``, ``arrow`` or ``txt``."""
+    """One input file and how to read it: ``jsonl``, ``parquet``, ``arrow`` or ``txt``; for a
+    large plain JSON-lines file, a byte range of whole lines (``split_large``)."""
 
     path: Path
     kind: str
+    start: int = 0  # first byte of the range (a line start)
+    end: int | None = None  # one past its last byte (a line end); None: the whole file
+    first_line: int = 1  # line number of the range's first line in the file
 
     @property
     def stem(self) -> str:
@@ -278,6 +283,49 @@ def nonempty_parts(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
+SPLIT_BYTES = 16 << 20  # plain JSON-lines files above 1.5x this are read as several shards
+
+
+def split_large(shards: list[Shard]) -> list[Shard]:
+    """Plain (uncompressed) JSON-lines files larger than 1.5 x ``SPLIT_BYTES`` become byte
+    ranges of about ``SPLIT_BYTES`` cut at line ends, so one big file keeps every worker
+    busy. The ranges depend on the file only (never on the worker count): outputs are the
+    same wherever they run. Their records are those of the whole file, line numbers and
+    default ids included; finding the cuts reads the file once."""
+    out = []
+    for sh in shards:
+        name = sh.path.name.lower()
+        try:
+            size = sh.path.stat().st_size
+        except OSError:
+            size = 0  # unreadable: the reader quarantines it
+        if sh.kind != "jsonl" or name.endswith((".gz", ".zst")) or sh.end is not None or size <= SPLIT_BYTES * 3 // 2:
+            out.append(sh)
+            continue
+        out += _byte_ranges(sh, size)
+    return out
+
+
+def _byte_ranges(sh: Shard, size: int) -> list[Shard]:
+    ranges, start, line = [], 0, 1
+    with open(sh.path, "rb") as f:
+        while start < size:
+            f.seek(min(start + SPLIT_BYTES, size))
+            f.readline()  # to the end of the line the target falls in
+            end = size if size - f.tell() < SPLIT_BYTES // 2 else f.tell()
+            ranges.append(Shard(sh.path, sh.kind, start, end, line))
+            f.seek(start)
+            left = end - start
+            while left > 0:  # line numbers: count the range's newlines
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                line += chunk.count(b"\n")
+                left -= len(chunk)
+            start = end
+    return ranges
+
+
 def expand_inputs(paths: Iterable[Path | str]) -> list[Shard]:
     """The input shards behind files and directories, in a fixed order.
 
@@ -298,7 +346,7 @@ def expand_inputs(paths: Iterable[Path | str]) -> list[Shard]:
         else:
             raise HoneError(f"{path}: unknown input format (expected .jsonl[.gz|.zst], .parquet, .arrow, .txt "
                             f"or a directory)")
-    return shards
+    return split_large(shards)
 
 
 class _Reader:
@@ -346,11 +394,23 @@ def _read_errors() -> tuple[type[BaseException], ...]:
     return OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError
 
 
+def _ranged_lines(sh: Shard) -> Iterator[bytes]:
+    """The lines of a byte range (it starts and ends at line boundaries)."""
+    with open(sh.path, "rb") as f:
+        f.seek(sh.start)
+        left = sh.end - sh.start
+        for raw in f:
+            if left <= 0:
+                return
+            left -= len(raw)
+            yield raw
+
+
 def _read_jsonl_shard(r: _Reader) -> Iterator[dict]:
-    path, lineno, seen = r.shard.path, 0, False
+    path, lineno, seen = r.shard.path, r.shard.first_line - 1, False
     try:
-        with _open_stream(path) as f:
-            for lineno, raw in enumerate(f, start=1):
+        with (_open_stream(path) if r.shard.end is None else contextlib.nullcontext(_ranged_lines(r.shard))) as f:
+            for lineno, raw in enumerate(f, start=r.shard.first_line):
                 seen = True
                 if not raw.strip():
                     continue

@@ -286,7 +286,7 @@ def whole_pool_step(name: str, inputs: list, out_dir: Path, text_field: str, con
     writer.write(keep)
     writer.close()
     steps = {"read": read.as_dict(), name: step.as_dict()}
-    manifest = {"command": name, "inputs": [str(s.path) for s in shards], "steps": steps,
+    manifest = {"command": name, "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
                 "totals": totals(steps["read"], {name: steps[name]}),
                 "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
                 name: info, "shards": ["part-00000.parquet"], "config": config,
