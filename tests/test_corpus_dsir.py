@@ -110,3 +110,24 @@ def test_dsir_command_missing_target_is_one_line(tmp_path):
     r = CliRunner().invoke(_cli(), ["data", "dsir", str(_pool(tmp_path)), "--target", str(tmp_path / "nope.txt"),
                                     "-o", str(tmp_path / "o"), "--k", "2"])
     assert r.exit_code != 0 and isinstance(r.exception, HoneError) and "nope.txt" in str(r.exception)
+
+
+def test_streaming_step_over_shards_matches_the_in_memory_selection(tmp_path):
+    from hone.corpus.executor import LocalExecutor
+
+    rng = np.random.default_rng(7)
+    vocab = " ".join(BIO + GEN).replace(".", "").replace(",", "").replace(";", "").split()
+    docs = [{"id": f"d{i}", "text": " ".join(rng.choice(vocab, size=int(rng.integers(2, 40))))} for i in range(300)]
+    for k in range(3):  # three shards; a bad line in each
+        (tmp_path / f"p{k}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs[k * 100:(k + 1) * 100])
+                                              + "{bad\n")
+    cfg = DsirConfig(k=40, seed=3, name="bio")
+    verdicts, _ = dsir_select([dict(d) for d in docs], TARGET, cfg)
+    want = [d["id"] for d, v in zip(docs, verdicts) if v is None]
+    m = dsir_step(sorted(tmp_path.glob("p*.jsonl")), tmp_path / "out", target=TARGET, executor=LocalExecutor(2),
+                  k=40, seed=3, name="bio")
+    got = [r["id"] for p in m["shards"] for r in pq.read_table(tmp_path / "out" / p).to_pylist()]
+    assert got == want and len(m["shards"]) == 3
+    t, reasons = m["totals"], m["steps"]["dsir"]["dropped"]
+    assert (t["docs_in"], t["kept"], t["quarantined"]) == (303, 40, 3)
+    assert reasons["too_short"]["docs"] == sum(v == "too_short" for v in verdicts)

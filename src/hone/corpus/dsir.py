@@ -175,18 +175,146 @@ def _summary(x: np.ndarray) -> dict:
 def dsir_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None,
               target: str | list[str] | None = None, **params) -> dict:
     """The ``dsir`` step of ``hone data build`` (``target`` = a file of example documents,
-    or the examples themselves), writing OUTDIR/part-00000.parquet + manifest.json."""
-    from hone.corpus.select import whole_pool_step
+    or the examples themselves), writing OUTDIR/part-NNNNN.parquet + manifest.json.
+
+    Streaming, three passes over the shards on the executor (memory: the bucket counts and
+    a few numbers per document, never the texts): (1) per shard, the raw bucket counts and
+    each document's n-gram count; (2) log w of every document from p_target / p_raw;
+    (3) Gumbel top-k over all log w (in the main process), then each shard writes its kept
+    documents. The selection is the one ``dsir_select`` makes on the pool in memory.
+    """
+    import time
+
+    from hone.corpus.executor import (Task, finish_output, get_executor, prepare_output, run_key, run_tasks,
+                                      totals)
+    from hone.corpus.read import StepStats, expand_inputs
 
     if not target:
         raise HoneError("dsir: give target (a file of example documents: .txt paragraphs, jsonl or parquet)")
     cfg = config_from(DsirConfig, params, "dsir")
     targets = _load_targets(target, text_field)
+    if not targets:
+        raise HoneError("dsir: no target examples")
     digest = xxhash.xxh64_hexdigest("\x00".join(targets).encode("utf-8"))  # a changed target file is another run
-    return whole_pool_step("dsir", inputs, out_dir, text_field,
-                           {**asdict(cfg), "target": target if isinstance(target, str) else "<list>",
-                            "target_hash": digest},
-                           lambda docs: dsir_select(docs, targets, cfg))
+    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
+    config = {"step": "dsir", **asdict(cfg), "target": target if isinstance(target, str) else "<list>",
+              "target_hash": digest, "text_field": text_field}
+    work, done = prepare_output(out_dir, run_key(shards, config))
+    if done is not None:
+        return done
+    work.mkdir(parents=True, exist_ok=True)
+    ex = executor or get_executor()
+    counted = run_tasks(ex, [Task(work / f"counts-{i:05d}", _count_task, (sh, text_field, cfg, work, i))
+                             for i, sh in enumerate(shards)])
+    counts = sum((np.load(work / f"counts-{i:05d}.npy") for i in range(len(shards))), np.zeros(cfg.buckets))
+    ngrams = np.concatenate([np.load(work / f"ngrams-{i:05d}.npy") for i in range(len(shards))] or [np.zeros(0)])
+    ok = ngrams >= 0  # -1: too short
+    hasher = NgramHasher(cfg.buckets)
+    p_raw = (counts + cfg.pseudo_count) / (counts + cfg.pseudo_count).sum()
+    log_ratio = np.log(distribution(hasher.features(targets), cfg.pseudo_count)) - np.log(p_raw)
+    median = float(np.median(np.maximum(ngrams[ok], 1.0))) if ok.any() else 1.0
+    np.save(work / "log_ratio.npy", log_ratio)
+    run_tasks(ex, [Task(work / f"logw-{i:05d}", _logw_task, (sh, text_field, cfg, work, i, median))
+                   for i, sh in enumerate(shards)])
+    logw = np.concatenate([np.load(work / f"logw-{i:05d}.npy") for i in range(len(shards))] or [np.zeros(0)])
+    keep = np.zeros(len(logw), dtype=bool)
+    keep[gumbel_top_k(logw, cfg.k, cfg.seed, cfg.deterministic)] = True
+    np.save(work / "keep.npy", keep)
+    offsets = np.concatenate(([0], np.cumsum([r["docs"] for r in counted]))).astype(np.int64)
+    written = run_tasks(ex, [Task(work / f"part-{i:05d}", _write_task,
+                                  (sh, text_field, cfg, work, out_dir, i, int(offsets[i])))
+                             for i, sh in enumerate(shards)])
+    read, step = StepStats(), StepStats()
+    for r in counted:
+        read.merge(r["read"])
+    for r in written:
+        step.merge(r["dsir"])
+    steps = {"read": read.as_dict(), "dsir": step.as_dict()}
+    parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
+    info = {"target_docs": len(targets), "eligible": int(ok.sum()),
+            "log_w": _summary(logw[ok]) if ok.any() else {}}
+    manifest = {"command": "dsir", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
+                "totals": totals(steps["read"], {"dsir": steps["dsir"]}),
+                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
+                "dsir": info, "shards": parts, "config": config, "seconds": round(time.perf_counter() - t0, 3)}
+    return finish_output(out_dir, manifest, [out_dir / p for p in parts],
+                         [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))])
+
+
+BATCH = 1024  # documents featurized at once
+
+
+def _eligible_batches(shard, text_field: str, cfg: DsirConfig, quarantine=None, stats=None):
+    """Batches of (docs, n-gram features of the eligible ones, eligible mask)."""
+    from hone.corpus.read import batched, read_shard
+
+    hasher = NgramHasher(cfg.buckets)
+    for batch in batched(read_shard(shard, text_field, quarantine, stats), BATCH):
+        ok = np.array([len(words(d["text"])) >= cfg.min_words for d in batch], dtype=bool)
+        yield batch, hasher.features([d["text"] for d, o in zip(batch, ok) if o]), ok
+
+
+def _count_task(shard, text_field: str, cfg: DsirConfig, work: Path, i: int) -> dict:
+    """Pass 1, one shard: raw bucket counts (eligible documents) and n-grams per document."""
+    from hone.corpus.read import Quarantine, StepStats
+
+    stats, q = StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
+    counts, ngrams = np.zeros(cfg.buckets), []
+    for batch, x, ok in _eligible_batches(shard, text_field, cfg, q, stats):
+        counts += np.asarray(x.sum(axis=0)).ravel()
+        n = np.full(len(batch), -1.0)
+        n[ok] = np.asarray(x.sum(axis=1)).ravel()
+        ngrams.append(n)
+    q.close()
+    np.save(work / f"counts-{i:05d}.npy", counts)
+    n_all = np.concatenate(ngrams) if ngrams else np.zeros(0)
+    np.save(work / f"ngrams-{i:05d}.npy", n_all)
+    return {"docs": int(len(n_all)), "read": stats.as_dict()}
+
+
+def _logw_task(shard, text_field: str, cfg: DsirConfig, work: Path, i: int, median: float) -> dict:
+    """Pass 2, one shard: log importance weight of every document (-inf: too short)."""
+    from hone.corpus.read import Quarantine
+
+    log_ratio = np.load(work / "log_ratio.npy")
+    out = []
+    for batch, x, ok in _eligible_batches(shard, text_field, cfg, Quarantine(None)):
+        logw = np.full(len(batch), -np.inf)
+        if ok.any():
+            lw = np.asarray(x @ log_ratio, dtype=np.float64)
+            if cfg.length_norm:  # as in dsir_scores
+                lw = lw / np.maximum(np.asarray(x.sum(axis=1)).ravel(), 1.0) * median
+            logw[ok] = lw
+        out.append(logw)
+    np.save(work / f"logw-{i:05d}.npy", np.concatenate(out) if out else np.zeros(0))
+    return {}
+
+
+def _write_task(shard, text_field: str, cfg: DsirConfig, work: Path, out: Path, i: int, offset: int) -> dict:
+    """Pass 3, one shard: the sampled documents with ``domain_score`` (and ``domain``)."""
+    from hone.corpus.read import Quarantine, StepStats, batched, read_shard
+    from hone.corpus.write import ShardWriter
+
+    logw, keep = np.load(work / f"logw-{i:05d}.npy"), np.load(work / "keep.npy", mmap_mode="r")
+    stats, writer, n = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet"), 0
+    for batch in batched(read_shard(shard, text_field, Quarantine(None)), BATCH):
+        kept = []
+        for d in batch:
+            nbytes = len(d["text"].encode("utf-8"))
+            if not np.isfinite(logw[n]):
+                stats.drop("too_short", nbytes)
+            elif keep[offset + n]:
+                d["domain_score"] = float(logw[n])
+                if cfg.name:
+                    d["domain"] = cfg.name
+                stats.keep(nbytes)
+                kept.append(d)
+            else:
+                stats.drop("not_sampled", nbytes)
+            n += 1
+        writer.write(kept)
+    writer.close()
+    return {"dsir": stats.as_dict()}
 
 
 def _load_targets(target, text_field: str) -> list[str]:
