@@ -9,8 +9,9 @@ an exact copy for dedup to find.
 Recipes (executor local, all cores):
 - ``stream``: filter (recipe defaults) → MinHash dedup (threshold 0.8): the sharded steps,
   which read in batches, so a worker's memory should not grow with the input;
-- ``full``: stream → DSIR toward 300 Gene Ontology definitions (k = 10% of the pool) →
-  random selection under a token budget: DSIR and select are whole-pool steps.
+- ``full``: filter → DSIR toward 300 Gene Ontology definitions (k = 10% of the input
+  documents; streaming over shards) → dedup → random selection under a 500k-token budget
+  (select holds what reaches it, here about 10% of the input, in memory).
 
 Each (recipe, input) runs in a fresh process (``--measure``) that calls ``run_build``
 in-process: its own ``ru_maxrss`` is the main process (whole-pool steps, the global dedup
@@ -65,10 +66,13 @@ def write_shards(docs: list[dict], out: Path, copies: int) -> float:
 
 
 def recipe(inputs: Path, output: Path, kind: str, target: Path, ndocs: int) -> str:
-    steps = '[[steps]]\ntype = "filter"\n\n[[steps]]\ntype = "dedup"\nthreshold = 0.8\n'
-    if kind == "full":
-        steps += (f'\n[[steps]]\ntype = "dsir"\ntarget = "{target}"\nk = {ndocs // 10}\n'
+    dedup = '[[steps]]\ntype = "dedup"\nthreshold = 0.8\n'
+    steps = '[[steps]]\ntype = "filter"\n\n'
+    if kind == "full":  # DSIR before dedup, so that it too reads the doubled input
+        steps += (f'[[steps]]\ntype = "dsir"\ntarget = "{target}"\nk = {ndocs // 10}\n\n{dedup}'
                   f'\n[[steps]]\ntype = "select"\nmethod = "random"\nbudget_tokens = 500000\n')
+    else:
+        steps += dedup
     return f'[build]\ninputs = ["{inputs}"]\noutput = "{output}"\n\n{steps}'
 
 

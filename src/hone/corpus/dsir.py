@@ -73,13 +73,10 @@ class NgramHasher:
 
     def word_hashes(self, toks: list[str]) -> np.ndarray:
         cache = self._cache
-        out = np.empty(len(toks), dtype=np.uint64)
-        for i, w in enumerate(toks):
-            h = cache.get(w)
-            if h is None:
-                h = cache[w] = xxhash.xxh64_intdigest(w.encode("utf-8"))
-            out[i] = h
-        return out
+        for w in set(toks).difference(cache):
+            cache[w] = xxhash.xxh64_intdigest(w.encode("utf-8"))
+        # map + fromiter: the per-token lookups run in C, not in a Python loop body
+        return np.fromiter(map(cache.__getitem__, toks), dtype=np.uint64, count=len(toks))
 
     def buckets(self, text: str) -> np.ndarray:
         h = self.word_hashes(words(text))
