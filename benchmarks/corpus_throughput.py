@@ -65,6 +65,15 @@ def write_shards(docs: list[dict], out: Path, copies: int) -> float:
     return total / 1e6
 
 
+def write_pool(tmp: Path) -> None:
+    from hone.corpus import sources
+
+    docs, go = pool_docs(), sources.gene_ontology_docs()
+    (tmp / "target.jsonl").write_text("".join(json.dumps({"text": d["text"]}) + "\n"
+                                              for d in go[::len(go) // 300][:300]))
+    print(json.dumps({"docs": len(docs), "mb": {c: write_shards(docs, tmp / f"x{c}", c) for c in (1, 2)}}))
+
+
 def recipe(inputs: Path, output: Path, kind: str, target: Path, ndocs: int) -> str:
     dedup = '[[steps]]\ntype = "dedup"\nthreshold = 0.8\n'
     steps = '[[steps]]\ntype = "filter"\n\n'
@@ -103,23 +112,25 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--recipes", default="stream,full")
     ap.add_argument("--measure", help=argparse.SUPPRESS)
+    ap.add_argument("--write-pool", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.measure:
         return measure(args.measure)
-    from hone.corpus import sources
-
-    docs = pool_docs()
-    go = sources.gene_ontology_docs()
-    results = {"machine": machine(), "docs": len(docs), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
+    if args.write_pool:
+        return write_pool(Path(args.write_pool))
+    results = {"machine": machine(), "load_avg_1m_start": round(os.getloadavg()[0], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        target = tmp / "target.jsonl"
-        target.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in go[::len(go) // 300][:300]))
-        mb = {c: write_shards(docs, tmp / f"x{c}", c) for c in (1, 2)}
+        # In a child: Linux carries a process's peak RSS across fork + exec, so the measured
+        # processes must be started by a parent that never held the pool.
+        p = subprocess.run([sys.executable, __file__, "--write-pool", str(tmp)], capture_output=True, text=True,
+                           check=True)
+        info = json.loads(p.stdout)
+        results["docs"], mb, target = info["docs"], {int(k): v for k, v in info["mb"].items()}, tmp / "target.jsonl"
         for kind in args.recipes.split(","):
             for c in (1, 2):
                 rp = tmp / f"{kind}-x{c}.toml"
-                rp.write_text(recipe(tmp / f"x{c}", tmp / f"out-{kind}-x{c}", kind, target, len(docs) * c))
+                rp.write_text(recipe(tmp / f"x{c}", tmp / f"out-{kind}-x{c}", kind, target, results["docs"] * c))
                 p = subprocess.run([sys.executable, __file__, "--measure", str(rp)], capture_output=True, text=True,
                                    check=True)
                 r = json.loads(p.stdout.strip().splitlines()[-1])

@@ -57,6 +57,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 BATCH = 1024  # documents hashed at once: memory per worker stays flat with corpus size
+VERIFY_CHUNK = 16384  # candidate pairs checked per batch of shingle sets held in memory
 
 
 @dataclass(frozen=True)
@@ -183,8 +184,11 @@ def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: 
 def _verify(pairs: np.ndarray, sets: _ShingleSets, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     from hone.corpus.minhash import sorted_jaccard
 
-    cache = {int(d): np.asarray(sets[int(d)]) for d in np.unique(pairs)}  # one memmap slice per doc
-    sims = np.array([sorted_jaccard(cache[a], cache[b]) for a, b in pairs.tolist()], dtype=np.float64)
+    sims = np.empty(len(pairs), dtype=np.float64)
+    for lo in range(0, len(pairs), VERIFY_CHUNK):  # pairs come sorted: a chunk touches few docs
+        chunk = pairs[lo:lo + VERIFY_CHUNK]
+        cache = {int(d): np.asarray(sets[int(d)]) for d in np.unique(chunk)}  # one memmap slice per doc
+        sims[lo:lo + len(chunk)] = [sorted_jaccard(cache[a], cache[b]) for a, b in chunk.tolist()]
     return pairs[sims >= threshold] if len(pairs) else pairs, sims
 
 

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -55,21 +56,39 @@ def _maybe_fault() -> None:
 
 
 class LocalExecutor:
-    """Runs tasks in a pool of worker processes (in this process when one worker suffices)."""
+    """Runs tasks in a pool of worker processes (in this process when one worker suffices).
+
+    The pool is made on the first parallel ``map`` and kept for the next ones (the passes of
+    a step, the steps of a build): workers are forked while this process is still small,
+    so they do not carry what a later global pass (dedup's clusters) holds in memory."""
 
     name = "local"
 
     def __init__(self, workers: int | None = None):
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         self.workers = max(1, workers or cores)
+        self._pool: ProcessPoolExecutor | None = None
 
     def map(self, fn: Callable[[Any], dict], items: list) -> list[dict]:
         if self.workers == 1 or len(items) <= 1:
             return [fn(item) for item in items]
-        # fork starts workers in milliseconds and shares the parent's imports; elsewhere spawn.
-        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        with ProcessPoolExecutor(min(self.workers, len(items)), mp_context=ctx) as pool:
-            return list(pool.map(fn, items))
+        if self._pool is None:
+            # fork starts workers in milliseconds and shares the parent's imports; elsewhere spawn.
+            ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+        try:
+            return list(self._pool.map(fn, items))
+        except BrokenProcessPool:
+            self.close()  # a worker died (killed, out of memory): the next map starts a new pool
+            raise
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+    def __del__(self):
+        self.close()
 
 
 class RayExecutor:
