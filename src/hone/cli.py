@@ -16,6 +16,7 @@ import typer
 from hone.cli_common import WORKDIR, load_recipe_and_workdir as _load, log as _log
 from hone.corpus.cli import data_app
 from hone.errors import HoneError
+from hone.heal.cluster_cli import cluster_app
 from hone.mix.cli import mix_app
 from hone.plan.cli import plan_app
 
@@ -27,6 +28,7 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(plan_app, name="plan")
 app.add_typer(mix_app, name="mix")
+app.add_typer(cluster_app, name="cluster")
 
 
 @app.command()
