@@ -94,16 +94,18 @@ def jobs_from_dict(cfg: dict, where: str, base: Path = Path(".")) -> list[Job]:
 
 def _job(j: dict, i: int, where: str, base: Path, defaults: dict) -> Job:
     at = f"{where}: job[{i}]"
-    extra = set(j) - JOB_FIELDS
-    if extra:
-        raise HoneError(f"{at}.{sorted(extra)[0]}: unknown field (fields: {', '.join(sorted(JOB_FIELDS))})")
-    for req in ("name", "model", "seq", "global_batch"):
-        if req not in j:
-            raise HoneError(f"{at}.{req}: required field missing")
+    if "name" not in j:
+        raise HoneError(f"{at}.name: required field missing")
     name = j["name"]
     if not isinstance(name, str) or not name.strip():
         raise HoneError(f"{at}.name: must be a non-empty string (got {name!r})")
-    at = f"{where}: job[{i}] ({name})"
+    at = f"{where}: job[{i}] ({name})"  # the name helps find the table in a long file
+    extra = set(j) - JOB_FIELDS
+    if extra:
+        raise HoneError(f"{at}.{sorted(extra)[0]}: unknown field (fields: {', '.join(sorted(JOB_FIELDS))})")
+    for req in ("model", "seq", "global_batch"):
+        if req not in j:
+            raise HoneError(f"{at}.{req}: required field missing")
     if "tokens" in j and "hours" in j:
         raise HoneError(f"{at}.hours: give tokens or hours, not both")
     min_g = _int(j.get("min_gpus", 0), f"{at}.min_gpus", 0)

@@ -44,11 +44,10 @@ class Segment:
         dur = max(0.0, t - self.start)
         restart = min(dur, self.delay)
         e = dur - restart
-        if math.isinf(self.tau):
-            k, phase = 0, e
-        else:
-            k = int(e // (self.tau + self.ckpt))
-            phase = e - k * (self.tau + self.ckpt)
+        if math.isinf(self.tau):  # no failures expected: never checkpoints (0 * inf would be nan)
+            return {"restart": restart, "useful": 0.0 if failed else e, "checkpoint": 0.0, "rollback": e if failed else 0.0}
+        k = int(e // (self.tau + self.ckpt))
+        phase = e - k * (self.tau + self.ckpt)
         if failed:  # the partial cycle (and a checkpoint being written) is lost
             return {"restart": restart, "useful": k * self.tau, "checkpoint": k * self.ckpt, "rollback": phase}
         return {"restart": restart, "useful": k * self.tau + min(phase, self.tau),
@@ -270,9 +269,7 @@ class Simulation:
             "weighted_flops": sum(j.job.weight * flops[j.job.name] for j in self.runs),
             "flops": flops,
             "tokens": {j.job.name: j.tokens for j in self.runs},
-            "gpu_hours": {**{b: round(v, 4) for b, v in hours.items()},
-                          "lost": round(sum(v for b, v in hours.items() if b != "useful"), 4),
-                          "total": round(total / 3600, 4)},
+            "gpu_hours": {**hours, "lost": sum(v for b, v in hours.items() if b != "useful"), "total": total / 3600},
             "accounting_error": abs(sum(self.gpu_s.values()) - total) / total,
             "reconfigurations": sum(j.reconfigurations for j in self.runs),
             "restarts": sum(j.restarts for j in self.runs),
