@@ -7,7 +7,8 @@ import pytest
 
 from hone.cli import app
 
-DOCUMENTED = ["demo", "run", "train", "fetch-data", "data", "plan", "mix", "tokenize", "eval", "report", "recipe"]
+DOCUMENTED = ["demo", "run", "train", "fetch-data", "data", "plan", "mix", "tokenize", "eval", "report", "recipe",
+              "cluster", "branch", "merge"]
 
 
 def hone(*args, cwd=None):
@@ -25,7 +26,8 @@ def test_subcommands_are_the_documented_ones():
 
 
 @pytest.mark.parametrize("args", [[], ["demo"], ["run"], ["train"], ["fetch-data"], ["data"], ["data", "pool"],
-                                  ["data", "curate"], ["tokenize"], ["eval"], ["report"], ["recipe", "check"]])
+                                  ["data", "curate"], ["tokenize"], ["eval"], ["report"], ["recipe", "check"],
+                                  ["branch"], ["merge"]])
 def test_every_subcommand_has_help(args):
     from typer.testing import CliRunner
 

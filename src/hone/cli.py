@@ -29,6 +29,11 @@ app.add_typer(data_app, name="data")
 app.add_typer(plan_app, name="plan")
 app.add_typer(mix_app, name="mix")
 app.add_typer(cluster_app, name="cluster")
+# Domain experts (Branch-Train-Merge): hone.experts.cli imports torch only when a command runs.
+from hone.experts.cli import branch as _branch, merge as _merge  # noqa: E402
+
+app.command("branch")(_branch)
+app.command("merge")(_merge)
 
 
 @app.command()
@@ -109,7 +114,7 @@ def tokenize(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workd
 
 
 @app.command("eval")
-def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model directory (e.g. runs/demo/final)."),
+def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model directory (e.g. runs/demo/final) or an ensemble directory (hone merge --method ensemble)."),
              data: List[str] = typer.Option(..., "--data", help="NAME=PATH of a JSON-lines set; repeat."),
              base: Optional[Path] = typer.Option(None, "--base", help="Base model directory to compare with (forgetting)."),
              out: Path = typer.Option(Path("eval.json"), "-o", "--out", help="Where to write the results."),
@@ -118,7 +123,7 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model direct
     """Perplexity and bits per byte per dataset, and the change against a base model."""
     from hone.evaluate import compare, evaluate_sets, read_texts
     from hone.rundir import write_json
-    from hone.train.checkpoint_io import load_hf
+    from hone.experts.ensemble import load_model
 
     sets = {}
     for item in data:
@@ -128,7 +133,7 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model direct
         sets[name] = read_texts(Path(path))
 
     def scored(ckpt: Path) -> dict:
-        model, tok = load_hf(ckpt)
+        model, tok = load_model(ckpt)  # an HF directory, or an ensemble from `hone merge --method ensemble`
         if tok is None:
             raise HoneError(f"{ckpt}: no tokenizer.json beside the weights")
         _log(f"{ckpt}:")

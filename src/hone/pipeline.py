@@ -32,8 +32,9 @@ LAYOUT_FIELDS = {"data_parallel", "tp", "activation_checkpointing", "compile", "
 
 
 def recipe_hash(recipe: Recipe) -> str:
-    """Hash of everything but the train section (and [mix], read only by `hone mix`): a change redoes the data stages."""
-    data = json.loads(recipe.model_dump_json(exclude={"train", "mix"}))
+    """Hash of everything but the train section (and [mix] / [experts], read only by `hone mix` /
+    `hone branch`, so adding an expert keeps the run): a change redoes the data stages."""
+    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts"}))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -163,6 +163,64 @@ class EvalConfig(_Section):
     sets: dict[str, str] = Field(default_factory=dict, description="Extra evaluation sets: name = path of a JSON-lines file.")
 
 
+EXPERT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Directory names under WORKDIR/experts/ that are not experts.
+RESERVED_EXPERT_NAMES = ("seed", "joint", "merged", "average", "ensemble", "base")
+
+
+class ExpertDomain(_Section):
+    """One Branch-Train-Merge expert: how its documents are chosen and how it trains."""
+
+    name: str = Field(..., pattern=EXPERT_NAME, description="Expert name: its directory WORKDIR/experts/NAME/.")
+    sources: list[str] = Field(default_factory=list, description="Take the curated documents whose `source` is one of these (packaged: wikipedia, gene_ontology, licenses, python_stdlib); used only to build this expert's corpus.")
+    keywords: list[str] = Field(default_factory=list, description="Or find the documents by BM25 retrieval from these seed keywords.")
+    examples: list[str] = Field(default_factory=list, description="Example documents for the retrieval query.")
+    top_k: int = Field(500, ge=1, description="Documents retrieved by keywords/examples.")
+    max_tokens: int | None = Field(None, ge=1, description="This expert's training token budget (default: train.max_tokens).")
+    domain_ratio: float = Field(1.0, ge=0, le=1, description="Fraction of each batch from the expert's documents; the rest from the other curated documents.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (default: train.lr).")
+    eval_set: str | None = Field(None, description="JSON-lines held-out set for this domain (default: a held-out share of its own documents).")
+    branch_from: list[str] = Field(default_factory=list, description="Branch from the weighted average of these earlier experts instead of the seed.")
+    branch_weights: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list, description="Weights of branch_from (default: uniform).")
+
+    @model_validator(mode="after")
+    def _selects(self) -> "ExpertDomain":
+        if not self.sources and not self.keywords and not self.examples:
+            raise ValueError(f"expert {self.name!r}: give sources, keywords or examples")
+        if self.name in RESERVED_EXPERT_NAMES:
+            raise ValueError(f"expert name {self.name!r} is reserved ({', '.join(RESERVED_EXPERT_NAMES)})")
+        if self.branch_weights and len(self.branch_weights) != len(self.branch_from):
+            raise ValueError(f"expert {self.name!r}: {len(self.branch_weights)} branch_weights for "
+                             f"{len(self.branch_from)} branch_from experts")
+        if self.branch_weights and sum(self.branch_weights) <= 0:
+            raise ValueError(f"expert {self.name!r}: branch_weights sum to 0")
+        return self
+
+
+class ExpertsConfig(_Section):
+    """`hone branch`: Branch-Train-Merge domain experts; `hone run` ignores this section."""
+
+    domain: list[ExpertDomain] = Field(default_factory=list, description="One [[experts.domain]] table per expert.")
+    seed: str = Field("model", description="Checkpoint every expert branches from: 'model' (the recipe's [model]) or an HF directory.")
+    seed_tokens: int = Field(0, ge=0, description="Seed phase: first train the seed on the union of the domains for this many tokens (0: off).")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each domain's documents held out of all training (by a hash of the id) for evaluation.")
+    heldout_max_docs: int = Field(50, ge=1, description="At most this many held-out documents per domain.")
+    prefix_cap: int | None = Field(None, ge=1, description="Ensemble: the domain posterior uses only the last N tokens of the context (default: all).")
+    smoothing: float = Field(0.0, ge=0, le=1, description="Ensemble: mix this much of the prior into the posterior (keeps every expert's weight >= smoothing * prior).")
+
+    @model_validator(mode="after")
+    def _names(self) -> "ExpertsConfig":
+        seen: list[str] = []
+        for d in self.domain:
+            if d.name in seen:
+                raise ValueError(f"expert name {d.name!r} appears twice")
+            for parent in d.branch_from:
+                if parent not in seen:
+                    raise ValueError(f"expert {d.name!r}: branch_from {parent!r} is not an expert listed before it")
+            seen.append(d.name)
+        return self
+
+
 class Recipe(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -171,6 +229,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
+    experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
 
 
 def _format_error(source: str, err: ValidationError) -> str:
