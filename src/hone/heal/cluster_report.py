@@ -26,6 +26,8 @@ def format_text(res: dict) -> str:
         lines.append(f"{p:<19} {g['mean']:>8.2%} {g['min']:>7.2%} {g['max']:>7.2%} {s['weighted_flops']['mean'] / 1e15:>12,.0f} "
                      f"{s['failures']:>8.1f} {s['reconfigurations']:>6.1f} "
                      + " ".join(f"{lost[b]:>10,.1f}" for b in (*BUCKETS[1:], "lost")))
+    lines.append("useful tokens (mean, billions): " + "; ".join(
+        f"{p} " + ", ".join(f"{n} {v / 1e9:,.1f}" for n, v in s["useful_tokens"].items()) for p, s in res["summary"].items()))
     for p, s in res["summary"].items():
         if "cost_aware_ratio" in s:
             r = s["cost_aware_ratio"]

@@ -290,8 +290,11 @@ def prepare(jobs: list[Job], *, n_nodes: int, gpus_per_node: int, gpu: str, end_
     for i, job in enumerate(jobs):
         c = curve(job, gpu, gpus_per_node, n_nodes)
         if not c:
-            raise HoneError(f"{where}: job[{i}] ({job.name}): no valid parallel shape fits on 1..{n_nodes} nodes of "
-                            f"{gpus_per_node} x {gpu} (see hone plan --model ... --cluster {n_nodes}x{gpus_per_node}x{gpu})")
+            limits = f" within min_gpus {job.min_gpus} / max_gpus {job.max_gpus}" if job.min_gpus or job.max_gpus else ""
+            raise HoneError(f"{where}: job[{i}] ({job.name}): no valid parallel shape of {job.model.name} fits on "
+                            f"1..{n_nodes} nodes of {gpus_per_node} x {gpu}{limits} (see hone plan --model "
+                            f"{job.model.name} --cluster {n_nodes}x{gpus_per_node}x{gpu} --seq {job.seq} "
+                            f"--global-batch {job.global_batch})")
         curves.append(c)
     budgets = [job.tokens if job.tokens else math.inf for job in jobs]
     values = [{n: job.weight * job.flops_per_token * min(tps * end_s, budgets[i]) for n, tps in c.items()}
@@ -386,6 +389,7 @@ def summarize(runs: list[dict], policies: list[str]) -> dict:
         agg = lambda xs: {"mean": sum(xs) / len(xs), "min": min(xs), "max": max(xs)}  # noqa: E731
         out[p] = {"weighted_flops": agg([r["weighted_flops"] for r in rs]), "goodput": agg([r["goodput"] for r in rs]),
                   "lost_gpu_hours": {b: sum(r["gpu_hours"][b] for r in rs) / len(rs) for b in (*BUCKETS[1:], "lost")},
+                  "useful_tokens": {name: sum(r["tokens"][name] for r in rs) / len(rs) for name in rs[0]["tokens"]},
                   "reconfigurations": sum(r["reconfigurations"] for r in rs) / len(rs),
                   "failures": sum(r["failures"]["failures"] for r in rs) / len(rs)}
     if "cost-aware" in policies:
