@@ -66,7 +66,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
           resume: bool = typer.Option(False, "--resume", help="Resume from the newest good checkpoint."),
           nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun; GPUs or CPU/gloo)."),
-          nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes: > 1 prints the torchrun line and writes a Slurm script.")):
+          nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes: > 1 prints the torchrun line and writes a Slurm script."),
+          supervise: bool = typer.Option(False, "--supervise", help="Self-healing: detect crashes, hangs, NaN losses and stragglers, recover by the cheapest plan (events.jsonl)."),
+          fault: Optional[str] = typer.Option(None, "--fault", help="Inject faults (as HONE_FAULT): kill|hang|nan:step=N[:rank=R], kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
     """Train as the recipe says (runs the data stages first if their artifacts are missing).
 
     Without --resume, training starts over (the data stages are kept); with it, training
@@ -78,6 +80,15 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
     from hone.train.launch import plan_from_recipe
 
     plan_from_recipe(r.train, nproc * nnodes)  # a bad tp fails now, before any data stage runs
+    if fault is not None:
+        import os
+
+        from hone.train.faults import parse
+
+        parse(fault)  # a bad spec is a one-line error now, not in every worker
+        os.environ["HONE_FAULT"] = fault
+    if supervise and nnodes > 1:
+        raise HoneError("--supervise runs the workers on this machine; with --nnodes > 1 run the printed torchrun line under your scheduler")
     if nnodes > 1:
         from hone.rundir import ensure_dir, write_text
         from hone.train.launch import multinode_commands
@@ -89,7 +100,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
         _log(f"then on every node: {cmds['torchrun']}")
         _log(f"or submit: sbatch {script}")
         return
-    run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, restart_training=not resume)
+    run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, restart_training=not resume, supervise=supervise)
 
 
 @app.command("fetch-data")

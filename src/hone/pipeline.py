@@ -28,13 +28,13 @@ Log = Callable[[str], None]
 # Train fields that change how the work is laid out, not what is computed: changing them
 # resumes (on another world size, with or without compile, ...) instead of starting over.
 LAYOUT_FIELDS = {"data_parallel", "tp", "activation_checkpointing", "compile", "device", "threads",
-                 "log_every", "checkpoint_every", "micro_batch"}
+                 "log_every", "checkpoint_every", "micro_batch", "worker_mtbf_hours"}
 
 
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of everything but the train section (and [mix] / [experts], read only by `hone mix` /
     `hone branch`, so adding an expert keeps the run): a change redoes the data stages."""
-    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts"}))
+    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts", "heal"}))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -43,7 +43,8 @@ def train_hash(recipe: Recipe) -> str:
     data = json.loads(recipe.train.model_dump_json(exclude=LAYOUT_FIELDS))
     # Mixture fields at their defaults keep the hash runs had before they existed; a
     # mixture file counts by the schedule it holds, not by its path.
-    for key, default in (("mixture", None), ("upsample_fraction", 0.0), ("upsample_ratio", None)):
+    for key, default in (("mixture", None), ("upsample_fraction", 0.0), ("upsample_ratio", None),
+                         ("nan_skip_batches", 1)):
         if data.get(key) == default:
             data.pop(key, None)
     if recipe.train.mixture:
@@ -226,19 +227,26 @@ def build_loader(recipe: Recipe, workdir: Path):
                          schedule=phases if len(phases) > 1 else None)
 
 
-def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:
-    """Train in this process, or in ``nproc`` torchrun workers and then read the newest
-    checkpoint's weights back into ``model`` (for evaluation and the HF export)."""
+def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1,
+                supervise: bool = False) -> dict:
+    """Train in this process, or in ``nproc`` torchrun workers (under the self-healing
+    supervisor with ``supervise``) and then read the newest checkpoint's weights back into
+    ``model`` (for evaluation and the HF export)."""
     from hone.train.launch import plan_from_recipe, total_steps
 
     t = recipe.train
     total = total_steps(t)
-    if nproc > 1:
+    if nproc > 1 or supervise:
         from hone.train.checkpoint import latest_checkpoint, load_model_weights
         from hone.train.launch import launch_local
 
         plan_from_recipe(t, nproc)  # a bad tp fails here, before workers start
-        launch_local(workdir, nproc, max_steps, log)
+        if supervise:
+            from hone.heal.supervisor import supervise as run_supervised
+
+            run_supervised(recipe, workdir, nproc, max_steps, log)
+        else:
+            launch_local(workdir, nproc, max_steps, log)
         newest = latest_checkpoint(workdir / "checkpoints", log)
         if newest is None:
             raise HoneError(f"{workdir / 'checkpoints'}: the workers left no checkpoint")
@@ -260,7 +268,7 @@ def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log
 
 # What training writes; `hone train` without --resume removes these and keeps the data stages.
 TRAINING_ARTIFACTS = ("checkpoints", "metrics.jsonl", "train_summary.json", "eval_after.json", "eval.json",
-                      "final", "report.html", "tensorboard")
+                      "final", "report.html", "tensorboard", "heal", "events.jsonl", "samples.jsonl")
 
 
 def forget_training(workdir: Path, log: Log) -> None:
@@ -280,11 +288,12 @@ def forget_training(workdir: Path, log: Log) -> None:
 
 def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = False,
                max_steps: int | None = None, log: Log = print, nproc: int = 1,
-               restart_training: bool = False) -> dict:
+               restart_training: bool = False, supervise: bool = False) -> dict:
     """Run every stage of ``recipe``; return the comparison written to eval.json.
 
     ``fresh`` starts the whole run over; ``restart_training`` keeps the data stages and
-    starts training over; ``nproc`` > 1 trains in that many torchrun workers.
+    starts training over; ``nproc`` > 1 trains in that many torchrun workers; ``supervise``
+    runs them under the self-healing supervisor (hone.heal.supervisor).
     """
     workdir = Path(workdir or recipe.run.workdir)
     torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
@@ -297,7 +306,7 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     model, tok = stage_base_model(recipe, workdir, log)
     stage_tokenize(recipe, workdir, tok, log)
     before = stage_eval(recipe, model, tok, eval_sets, workdir / "eval_before.json", "before", log)
-    summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc)
+    summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc, supervise=supervise)
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']} (--max-steps); run again to resume")
         return {}

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hone.errors import HoneError
 
@@ -131,7 +131,9 @@ class TrainConfig(_Section):
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: off).")
     domain_ratio: float = Field(0.7, ge=0, le=1, description="Fraction of each batch's sequences drawn from the domain stream.")
-    checkpoint_every: int = Field(0, ge=0, description="Save a resumable checkpoint every N steps (0: only at the end).")
+    checkpoint_every: int | Literal["auto"] = Field(0, description="Save a resumable checkpoint every N steps (0: only at the end; \"auto\": the Young/Daly interval sqrt(2 x checkpoint time x MTBF)).")
+    worker_mtbf_hours: float = Field(50_000.0, gt=0, description="Mean time between failures of one worker (GPU), hours; the job's is this / world size (Llama 3: ~50,000 h). Used by checkpoint_every = \"auto\".")
+    nan_skip_batches: int = Field(1, ge=1, description="On a NaN/inf loss or gradient: roll back to the newest checkpoint and skip this many loader batches ending at the offending one.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate (auto: cuda when available).")
     mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast (FSDP: bf16 params, fp32 reduction); fp32: exact.")
@@ -143,6 +145,14 @@ class TrainConfig(_Section):
     mixture: str | None = Field(None, description="mixture.json from `hone mix fit`: its schedule (fitted ratio, upsampling) replaces domain_ratio.")
     upsample_fraction: float = Field(0.0, ge=0, le=1, description="Domain upsampling: the last fraction of steps uses upsample_ratio (0: off; overrides the mixture file's).")
     upsample_ratio: float | None = Field(None, ge=0, le=1, description="Domain ratio of the upsampling phase (default: twice the ratio, at most 1).")
+
+    @field_validator("checkpoint_every", mode="before")
+    @classmethod
+    def _every(cls, v):
+        # One clear message instead of pydantic's one error per member of the union.
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError('must be a whole number of steps >= 0 or "auto"')
 
 
 class MixConfig(_Section):
@@ -221,6 +231,18 @@ class ExpertsConfig(_Section):
         return self
 
 
+class HealConfig(_Section):
+    """`hone train --supervise`: how the supervisor detects failures and prices recoveries."""
+
+    hang_factor: float = Field(10.0, gt=1, description="A hang: no step for this many times the median step time (and at least hang_min_s).")
+    hang_min_s: float = Field(60.0, gt=0, description="Shortest wait without step progress before a hang is declared, seconds.")
+    startup_s: float = Field(600.0, gt=0, description="Time allowed from launch to the first completed step (model load, checkpoint read), seconds.")
+    straggler_factor: float = Field(1.5, gt=1, description="A straggler: a rank whose own work per step exceeds this many times the other ranks' median.")
+    straggler_min_s: float = Field(0.05, ge=0, description="... and by at least this many seconds (ignores jitter on fast steps).")
+    repair_s: float = Field(600.0, ge=0, description="Expected time until a lost worker's device is usable again (a replacement node), seconds: the policy waits for it or shrinks.")
+    max_restarts: int = Field(10, ge=0, description="Give up after this many recoveries.")
+
+
 class Recipe(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -230,6 +252,7 @@ class Recipe(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
+    heal: HealConfig = Field(default_factory=HealConfig)
 
 
 def _format_error(source: str, err: ValidationError) -> str:

@@ -50,7 +50,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: Mixtur
     ctx.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    maybe_fail("ckpt", step, ctx.rank)
+    maybe_fail("ckpt", step, ctx.rank, Path(ckpt_root).parent / "heal")  # fires once per run
     if ctx.is_main:
         write_json(tmp / STATE_FILE, {"step": step, "world_size": ctx.world_size,
                                       "loader": loader.state_dict(), "rng": _rng_state()})

@@ -39,6 +39,7 @@ class TokenStream:
     def next_window(self) -> np.ndarray:
         if self.pos + self.seq_len + 1 > len(self.tokens):
             self.pos, self.epoch = 0, self.epoch + 1
+        self.last = (self.epoch, self.pos)  # the window's identity, for sample accounting
         window = np.asarray(self.tokens[self.pos:self.pos + self.seq_len + 1], dtype=np.int64)
         self.pos += self.seq_len
         return window
@@ -122,7 +123,11 @@ class MixtureLoader:
         """Return (inputs [B,T], targets [B,T], the domain of each row)."""
         n_domain = self.domain_quota(self.step)
         names = [self.domain] * n_domain + [self.general] * (self.batch_size - n_domain)
-        windows = [self.streams[name].next_window() for name in names]
+        windows, self.last_ids = [], []
+        for name in names:
+            windows.append(self.streams[name].next_window())
+            # "stream:epoch:position" of every row: sample accounting across restarts (hone.heal).
+            self.last_ids.append("%s:%d:%d" % (name, *self.streams[name].last))
         for name in names:
             self.served[name] = self.served.get(name, 0) + 1
         self.step += 1

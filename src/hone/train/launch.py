@@ -143,6 +143,11 @@ def run_torchrun(args: list[str]) -> int:
     try:
         run(get_args_parser().parse_args(args))
     except ChildFailedError as e:
+        if report := os.environ.get("HONE_FAILURE_REPORT"):  # for the supervisor (hone.heal)
+            from hone.rundir import write_json
+
+            write_json(Path(report), [{"rank": rank, "exitcode": f.exitcode, "pid": f.pid, "time": f.timestamp}
+                                      for rank, f in sorted(e.failures.items())])
         for rank, failure in sorted(e.failures.items()):
             how = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
                    else f"exited with status {failure.exitcode}")
@@ -171,8 +176,14 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     rank = os.environ.get("RANK", "0")
+    from hone.heal.worker import NonFiniteLoss
+
     try:
         run_worker(recipe, workdir, args.max_steps)
+    except NonFiniteLoss as e:  # every rank stops alike; a distinct status tells the supervisor why
+        if rank == "0":
+            print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(NonFiniteLoss.exit_code)
     except HoneError as e:
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)

@@ -20,11 +20,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from hone.heal.events import append_event
+from hone.heal.worker import (CheckpointSchedule, Heartbeat, NonFiniteLoss, SampleLedger, check_finite, heal_dir,
+                              load_skips, record_skips, skip_window)
 from hone.recipe import TrainConfig
 from hone.rundir import append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
 from hone.train.data import MixtureLoader
-from hone.train.faults import maybe_fail
+from hone.train.faults import maybe_fail, poison_loss, slow_down
 from hone.train.parallelize import DistContext
 
 __all__ = ["train", "lr_at", "latest_checkpoint"]
@@ -158,6 +161,34 @@ def _batch_digest(inputs: torch.Tensor) -> str:
     return hashlib.sha1(inputs.numpy().tobytes()).hexdigest()[:12]
 
 
+def _broadcaster(ctx: DistContext) -> Callable:
+    """Rank 0's value on every rank (decisions that all ranks must take alike)."""
+    def broadcast(value):
+        if not ctx.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return broadcast
+
+
+def _non_finite(workdir: Path, ctx: DistContext, cfg: TrainConfig, *, step: int, batch: int, first_batch: int,
+                loss: float, grad_norm: float) -> NonFiniteLoss:
+    """Record the offending window in the skip list (rank 0), then stop every rank alike: the
+    weights are rolled back by resuming from the newest checkpoint, which predates this step."""
+    skipped = skip_window(batch, first_batch, cfg.nan_skip_batches)
+    if ctx.is_main:
+        why = {"step": step, "batch": batch, "loss": loss, "grad_norm": grad_norm}
+        record_skips(workdir, skipped, {k: str(v) if isinstance(v, float) else v for k, v in why.items()})
+        append_event(workdir, "nonfinite", step=step, batch=batch, loss=loss, grad_norm=grad_norm,
+                     skip_batches=skipped, world=ctx.world_size)
+    ctx.barrier()  # the skip list is on disk before any rank exits
+    return NonFiniteLoss(
+        f"non-finite loss at step {step} (loss {loss}, grad norm {grad_norm}): loader batches {skipped} are now in "
+        f"{heal_dir(workdir) / 'skips.json'} and will be skipped; --resume continues from the newest checkpoint "
+        f"(--supervise does this by itself)")
+
+
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
           total_steps: int, resume: bool = False, max_steps: int | None = None,
           ctx: DistContext | None = None, log: Callable[[str], None] = print) -> dict:
@@ -170,6 +201,11 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     say = log if ctx.is_main else (lambda m: None)
     optimizer = make_optimizer(model, cfg)
     start = resume_from_newest(ckpt_root, model, optimizer, loader, say) if resume else 0
+    skips, first_batch = load_skips(workdir), loader.step
+    ledger = SampleLedger(workdir, ctx.is_main)
+    ledger.start(loader.step, start, fresh=not resume)
+    heartbeat = Heartbeat(workdir, ctx.rank)
+    fault_dir = heal_dir(workdir)
     if ctx.is_main:
         if not resume and metrics_path.exists():
             metrics_path.unlink()
@@ -201,13 +237,23 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
     board = _tensorboard(workdir) if ctx.is_main else None
+    schedule = CheckpointSchedule(cfg, total_steps=total_steps, start=start, world=ctx.world_size, n_params=n_params,
+                                  broadcast=_broadcaster(ctx), say=say, workdir=workdir if ctx.is_main else None)
     t0, last = time.perf_counter(), {}
     t_step = t0
     for step in range(start, stop):
+        t_begin = time.perf_counter()
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        while loader.step in skips:  # a window that gave a non-finite loss: consumed, never trained on
+            skipped_batch = loader.step
+            loader.next_batch()
+            ledger.record(skipped_batch, None, loader.last_ids, "skipped")
+        batch_index = loader.step
         inputs, targets, names = loader.next_batch()
+        ids = loader.last_ids
+        poison = poison_loss(step + 1, ctx.rank, fault_dir)
         digest = _batch_digest(inputs)
         x, y = inputs[lo:lo + rows].to(ctx.device), targets[lo:lo + rows].to(ctx.device)
         optimizer.zero_grad(set_to_none=True)
@@ -219,24 +265,38 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
                     # Summed over micro-batches, loss is the mean over the rank's rows of the
                     # mean over each row's tokens.
                     loss, per_token = model(x[i:i + micro], y[i:i + micro], token_weight=1.0 / (rows * seq_len))
+                if poison:  # fault injection: NaN reaches every rank through the gradient reduction
+                    loss = loss * float("nan")
                 loss.backward()
             per_seq_parts.append(per_token.mean(dim=1))
         gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        if not math.isfinite(float(gnorm)):  # the norm is global: every rank stops here alike
+            raise _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch,
+                              loss=float(torch.cat(per_seq_parts).float().mean()), grad_norm=float(gnorm))
         optimizer.step()
-        maybe_fail("step", step + 1, ctx.rank)
+        if (stall := slow_down(step + 1, ctx.rank)):
+            time.sleep(stall)
+        maybe_fail("step", step + 1, ctx.rank, fault_dir)
+        t_gather = time.perf_counter()
         all_seq = _gather_rows(torch.cat(per_seq_parts).float().cpu(), ctx)
         now = time.perf_counter()
+        # Work and wait of this rank: a straggler is the rank the others wait for at the gather.
+        busy_s, wait_s = t_gather - t_begin, now - t_gather
         elapsed, step_s = now - t0, now - t_step
         t_step = now
         done = step + 1 - start
         tps = done * tokens_per_step / elapsed
         by_domain = {name: float(all_seq[[i for i, n in enumerate(names) if n == name]].mean()) for name in set(names)}
         loss_value = float(all_seq.mean())
+        if not check_finite(loss_value, float(gnorm)):
+            raise _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch,
+                              loss=loss_value, grad_norm=float(gnorm))
         mfu = fpt * tokens_per_step / step_s / (peak * ctx.world_size) if fpt and peak else None
         last = {"step": step + 1, "loss": loss_value, "loss_by_domain": by_domain, "lr": lr,
                 "grad_norm": float(gnorm), "tokens": (step + 1) * tokens_per_step,
                 "tokens_per_s": tps, "step_s": step_s, "mfu": mfu, "mem_gib": round(memory_gib(ctx.device), 3),
-                "elapsed_s": elapsed, "batch": digest}
+                "elapsed_s": elapsed, "batch": digest, "world": ctx.world_size}
+        ledger.record(batch_index, step + 1, ids, "trained")
         if ctx.is_main:
             append_jsonl(metrics_path, last)
             if board is not None:
@@ -250,8 +310,11 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
             say(f"step {step + 1:>5}/{total_steps} | loss {loss_value:.4f} ({dom}) | lr {lr:.2e} | "
                 f"gnorm {float(gnorm):.2f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
                 + f" | {last['mem_gib']:.2f} GiB | {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < stop:
+        if schedule.due(step + 1, stop, step_s):
+            t_ckpt = time.perf_counter()
             save_checkpoint(ckpt_root, step + 1, model, optimizer, loader, ctx)
+            schedule.saved(step + 1, time.perf_counter() - t_ckpt)
+        heartbeat.beat(step + 1, step_s=step_s, busy_s=busy_s, wait_s=wait_s)
     if stop > start:
         save_checkpoint(ckpt_root, stop, model, optimizer, loader, ctx)
     if board is not None:
