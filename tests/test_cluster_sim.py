@@ -277,3 +277,16 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path):
     assert p.stderr.startswith(f"error: {bad}: job[0] (a).weight: must be a number") and "Traceback" not in p.stderr
     p = _hone("cluster", "simulate", "--jobs", str(jobs), "--gpus", "8", "--days", "1", "--out", str(out))
     assert p.returncode == 2 and "--trace FILE or --mtbf" in p.stderr
+
+
+def test_hours_budget_and_inline_model_table(tmp_path):
+    jobs = jobs_from_dict({"job": [
+        {"name": "a", "model": {"layers": 4, "hidden": 256, "heads": 4, "vocab": 1000}, "seq": 512,
+         "global_batch": 16, "hours": 2, "max_gpus": 2},
+        {"name": "b", "model": "hone-125m", "seq": 2048, "global_batch": 64, "max_gpus": 2}]}, "jobs.toml")
+    assert jobs[0].model.layers == 4 and jobs[0].model.ffn == 1024
+    (tmp_path / "empty.csv").write_text("time_h,node\n")
+    res = simulate(jobs, n_gpus=4, gpus_per_node=1, days=1, policies=ALL, seeds=[0], trace=tmp_path / "empty.csv")
+    for r in res["runs"]:
+        assert r["finished_h"] == {"a": pytest.approx(2.0)}
+        assert r["weighted_flops"] <= res["ideal_weighted_flops"] * (1 + 1e-12)

@@ -76,7 +76,8 @@ def plot(res: dict, path: Path) -> None:
     ax.set_ylabel("GPU-hours (mean)")
     ax.set_title("Lost GPU-hours")
     ax.legend(fontsize=8)
-    seed = res["config"]["seeds"][0]
+    # Show the seed whose failures hit jobs most often: the first seed may have none.
+    seed = max(res["config"]["seeds"], key=lambda sd: (sum(r["failures"]["hit_jobs"] for r in res["runs"] if r["seed"] == sd), -sd))
     names = [j["name"] for j in res["jobs"]]
     for i, p in enumerate(pols):
         ax = fig.add_subplot(grid[1 + i, :])
