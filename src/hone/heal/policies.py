@@ -117,7 +117,7 @@ def cost_aware(sim, t: float) -> dict[int, int]:
             d = sim.transition_s(j, n)
             vals[n] = j.job.weight * j.job.flops_per_token * min(tps * max(0.0, horizon - d), left)
         values.append(vals)
-        current.append(j.running_nodes())
+        current.append(j.running_nodes() or j.last_nodes)  # a stopped job: prefer its last size on ties
     _, alloc = best_allocation(values, sim.healthy_nodes(), current)
     return {j.idx: n for j, n in zip(jobs, alloc)}
 

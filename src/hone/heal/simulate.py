@@ -154,10 +154,10 @@ class Simulation:
                 continue
             if j.seg:
                 self.stop(j, t, failed=False)
-                if want == 0:
-                    j.reconfigurations += 1
-                    self.log(t, "pause", j, j.last_nodes, 0)
-                    j.last_nodes = 0
+            if want == 0 and j.last_nodes:  # paused (also a job stopped by a failure and given nothing)
+                j.reconfigurations += 1
+                self.log(t, "pause", j, j.last_nodes, 0)
+                j.last_nodes = 0
             while len(j.nodes) > want:
                 self.holder[j.nodes.pop()] = None
         free = [k for k in range(self.n_nodes) if not self.down[k] and self.holder[k] is None]
