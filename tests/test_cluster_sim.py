@@ -248,9 +248,13 @@ def test_bad_files_and_traces_name_the_place(tmp_path):
     t.write_text("time_h,node,kind\n1,99,hardware\n")
     with pytest.raises(HoneError, match=r"t.csv:2: node: 99 is not below the cluster's 8 nodes"):
         load_trace(t, 8, 1, 1, RepairTime("const:1"), 0)
-    t.write_text("time_h,node,kind\n1,0,broken\n")
-    with pytest.raises(HoneError, match=r"t.csv:2: kind: must be hardware or transient"):
+    t.write_text("time_h,node,kind\n# comment\n\n1,0,broken\n")
+    with pytest.raises(HoneError, match=r"t.csv:4: kind: must be hardware or transient"):
         load_trace(t, 8, 1, 1, RepairTime("const:1"), 0)
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"time_h": 1, "node": 0}\n{"time_h": -2, "node": 0}\n')
+    with pytest.raises(HoneError, match=r"t.jsonl:2: time_h: must be a non-negative number \(got -2\)"):
+        load_trace(j, 8, 1, 1, RepairTime("const:1"), 0)
 
 
 def _hone(*args):

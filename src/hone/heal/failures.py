@@ -138,11 +138,13 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
                 raise HoneError(f"{path}:{i}: expected a JSON object per line")
             rows.append((i, obj))
         return rows
-    reader = csv.DictReader(ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#"))
+    kept = [(i, ln) for i, ln in enumerate(text.splitlines(), 1) if ln.strip() and not ln.lstrip().startswith("#")]
+    reader = csv.DictReader(ln for _, ln in kept)
     if not reader.fieldnames:
         return []
-    # Line numbers: the header is line 1 of the non-comment lines; good enough for small traces.
-    return [(i, {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k}) for i, r in enumerate(reader, 2)]
+    # reader.line_num counts the kept lines read so far: map it back to the file's line number.
+    return [(kept[reader.line_num - 1][0], {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k})
+            for r in reader]
 
 
 TRACE_FIELDS = {"time_h", "time_s", "node", "gpu", "kind", "repair_h"}
