@@ -294,3 +294,14 @@ def test_hours_budget_and_inline_model_table(tmp_path):
     for r in res["runs"]:
         assert r["finished_h"] == {"a": pytest.approx(2.0)}
         assert r["weighted_flops"] <= res["ideal_weighted_flops"] * (1 + 1e-12)
+
+
+def test_cluster_group_has_simulate_with_help():
+    import typer.main
+    from typer.testing import CliRunner
+
+    from hone.cli import app
+
+    assert sorted(typer.main.get_command(app).commands["cluster"].commands) == ["simulate"]
+    result = CliRunner().invoke(app, ["cluster", "simulate", "--help"])
+    assert result.exit_code == 0 and "--mtbf" in result.output and "--policy" in result.output
