@@ -279,8 +279,12 @@ def test_cli_end_to_end_and_one_line_errors(tmp_path):
     p = _hone("cluster", "simulate", "--jobs", str(bad), "--gpus", "8", "--mtbf", "llama3", "--out", str(out))
     assert p.returncode == 2 and p.stderr.strip().count("\n") == 0
     assert p.stderr.startswith(f"error: {bad}: job[0] (a).weight: must be a number") and "Traceback" not in p.stderr
-    p = _hone("cluster", "simulate", "--jobs", str(jobs), "--gpus", "8", "--days", "1", "--out", str(out))
-    assert p.returncode == 2 and "--trace FILE or --mtbf" in p.stderr
+    from typer.testing import CliRunner
+
+    from hone.cli import app
+
+    r = CliRunner().invoke(app, ["cluster", "simulate", "--jobs", str(jobs), "--gpus", "8", "--out", str(out)])
+    assert isinstance(r.exception, HoneError) and "--trace FILE or --mtbf" in str(r.exception)
 
 
 def test_hours_budget_and_inline_model_table(tmp_path):
@@ -305,3 +309,29 @@ def test_cluster_group_has_simulate_with_help():
     assert sorted(typer.main.get_command(app).commands["cluster"].commands) == ["simulate"]
     result = CliRunner().invoke(app, ["cluster", "simulate", "--help"])
     assert result.exit_code == 0 and "--mtbf" in result.output and "--policy" in result.output
+
+
+def test_random_clusters_account_for_every_gpu_second():
+    rng = random.Random(0)
+    for it in range(100):
+        nodes, nj = rng.randint(1, 12), rng.randint(1, 4)
+        jobs = [_job(f"j{i}", rng.uniform(0.1, 5), checkpoint_s=rng.uniform(1, 300), restart_s=rng.uniform(0, 900),
+                     checkpoint_interval_s=rng.choice([None, rng.uniform(60, 7200)])) for i in range(nj)]
+        curves = [{n: rng.uniform(1, 100) * n for n in rng.sample(range(1, nodes + 1), rng.randint(1, nodes))}
+                  for _ in range(nj)]
+        initial, cap = [], nodes
+        for c in curves:
+            initial.append(max([k for k in c if k <= cap], default=0))
+            cap -= initial[-1]
+        budgets = [rng.choice([math.inf, rng.uniform(1e4, 1e7)]) for _ in range(nj)]
+        days, mtbf = rng.uniform(0.5, 10), rng.uniform(1, 200) * nodes
+        rep = RepairTime(rng.choice(["const:2", "exp:5", "lognormal:3,1", "const:0"]))
+        fails = generate(nodes, 1, days, mtbf, it, rep, rng.random())
+        for p in ALL:
+            r = run_policy(jobs, curves, initial, budgets, policy=p, n_nodes=nodes, gpus_per_node=1, failures=fails,
+                           end_s=days * 86400, gpu_mtbf_h=mtbf)
+            assert r["accounting_error"] < 1e-9 and min(r["gpu_hours"][b] for b in BUCKETS) > -1e-9
+            assert all(r["tokens"][j.name] <= budgets[i] * (1 + 1e-12) for i, j in enumerate(jobs))
+            for e in r["events"]:
+                if e.get("nodes_to"):
+                    assert e["nodes_to"] in curves[int(e["job"][1:])]
