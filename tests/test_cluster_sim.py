@@ -12,7 +12,7 @@ import pytest
 from hone.errors import HoneError
 from hone.heal.failures import Failure, RepairTime, generate, load_trace
 from hone.heal.jobs import Job, curve, jobs_from_dict, load_jobs
-from hone.heal.policies import best_allocation, brute_force
+from hone.heal.cluster_policies import best_allocation, brute_force
 from hone.heal.simulate import BUCKETS, run_policy, simulate
 from hone.plan.shapes import PRESETS
 
