@@ -175,7 +175,7 @@ class EvalConfig(_Section):
 
 EXPERT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Directory names under WORKDIR/experts/ that are not experts.
-RESERVED_EXPERT_NAMES = ("seed", "joint", "merged", "average", "ensemble", "base")
+RESERVED_EXPERT_NAMES = ("seed", "joint", "merged", "average", "ensemble", "base", "general")
 
 
 class ExpertDomain(_Section):

@@ -38,7 +38,8 @@ def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an [ex
            resume: bool = typer.Option(False, "--resume", help="Continue unfinished experts from their newest checkpoint (default: start them over)."),
            with_joint: bool = typer.Option(False, "--with-joint", help="Also train one model on the union of the domains with the experts' total token budget."),
            max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each expert after N steps (resume later)."),
-           no_eval: bool = typer.Option(False, "--no-eval", help="Skip merging and the per-domain comparison.")):
+           no_eval: bool = typer.Option(False, "--no-eval", help="Skip merging and the per-domain comparison."),
+           prepare_only: bool = typer.Option(False, "--prepare-only", help="Build the seed and each expert's run directory, print the torchrun / Slurm command per expert, train nothing.")):
     """Branch-Train-Merge: one expert per [[experts.domain]], each an independent, resumable job.
 
     Finished experts are never retrained; a domain added to the recipe later trains only its
@@ -49,4 +50,4 @@ def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an [ex
 
     r, wd = load_recipe_and_workdir(recipe, workdir)
     run_branch(r, wd, recipe_path=recipe, only=only or None, resume=resume, with_joint=with_joint,
-               max_steps=max_steps, evaluate=not no_eval, log=log)
+               max_steps=max_steps, evaluate=not no_eval, prepare_only=prepare_only, log=log)
