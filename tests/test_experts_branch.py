@@ -116,6 +116,9 @@ def test_branch_trains_each_expert_joint_and_compares(branched):
     assert out["cost"]["average"]["tokens"] == out["cost"]["joint"]["tokens"] == 640
     assert (root / "merged" / "ensemble" / "ensemble.json").exists()
     assert (root / "merged" / "average" / "model.safetensors").exists()
+    html = (branched["run"] / "report.html").read_text()
+    assert "<h2>Domain experts</h2>" in html and 'id="experts-table"' in html
+    assert html.count("<tr><td>") >= 7 and "http" not in html.split("Domain experts")[1]
 
 
 def test_held_out_documents_are_in_no_training_stream(branched):

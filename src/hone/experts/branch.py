@@ -344,5 +344,8 @@ def run_branch(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = None
     if not complete or not evaluate:
         return {}
     from hone.experts.compare import compare_variants
+    from hone.report import write_report
 
-    return compare_variants(b, seed_dir, log)
+    out = compare_variants(b, seed_dir, log)
+    log(f"report: {write_report(b.workdir)} (section 'Domain experts')")
+    return out

@@ -50,7 +50,7 @@ def compare_variants(b, seed_dir: Path, log: Log) -> dict:
     merge_s = time.perf_counter() - t0
     ensemble(finals, root / "merged" / "ensemble", prefix_cap=cfg.prefix_cap, smoothing=cfg.smoothing)
     seed_cost = read_done(root / "seed" / "expert.json") or {}
-    variants: dict[str, tuple[Path | None, dict]] = {"base": (None, {"tokens": 0, "train_s": 0.0, "experts": 0})}
+    variants: dict[str, tuple[Path | None, dict]] = {"base": (None, {"tokens": 0, "train_s": 0.0, "experts": 1})}
     if cfg.seed_tokens:
         variants["seed"] = (seed_dir, {"tokens": seed_cost.get("tokens", 0), "train_s": seed_cost.get("train_s", 0.0),
                                        "experts": 1})

@@ -113,6 +113,11 @@ def build_context(workdir: Path) -> dict:
             ctx["plan"] = {"rows": rows, "model": (plan.get("model") or {}).get("name", ""),
                            "cluster": (plan.get("cluster") or {}).get("name", ""), "seq": plan.get("seq"),
                            "global_batch": plan.get("global_batch")}
+    if (workdir / "experts" / "eval.json").exists():  # hone branch: per-domain comparison of the variants
+        out = read_json(workdir / "experts" / "eval.json")
+        if out.get("models"):
+            ctx["experts"] = out
+            ctx["figures"]["experts"] = plots.experts(out)
     return ctx
 
 

@@ -140,3 +140,23 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7)
     return _png(fig)
+
+
+def experts(out: dict) -> str:
+    """Domain experts: perplexity per evaluation set (groups) for every variant (bars), log scale."""
+    import numpy as np
+
+    sets, models = list(out["sets"]), list(out["models"])
+    fig, ax = plt.subplots(figsize=(min(11, 2.2 + 1.6 * len(sets)), 3.8))
+    w = 0.8 / len(models)
+    colors = plt.cm.tab10(np.arange(len(models)) % 10)
+    for i, (m, c) in enumerate(zip(models, colors)):
+        vals = [out["models"][m][s]["ppl"] for s in sets]
+        ax.bar([j - 0.4 + (i + 0.5) * w for j in range(len(sets))], vals, w, label=m, color=c)
+    ax.set_xticks(range(len(sets)), sets)
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale)")
+    ax.set_title("Domain experts: perplexity per held-out set")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3, axis="y")
+    return _png(fig)
