@@ -52,7 +52,8 @@ def classify(failures: list[dict], *, hung: bool = False, nonfinite: dict | None
         if hit:
             return Failure(kind, hit[0].get("rank"), f"rank {hit[0].get('rank')} exited with status {code}")
     if by_time:
-        f = by_time[0]
+        # A rank that exited by itself is the cause; ranks the agent tore down come last.
+        f = min(by_time, key=lambda f: (f.get("exitcode") or 0) < 0)
         return Failure("transient", f.get("rank"), f"rank {f.get('rank')} exited with status {f.get('exitcode')}")
     return Failure("transient", None, "torchrun failed without a per-rank report")
 

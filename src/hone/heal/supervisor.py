@@ -50,6 +50,7 @@ class Attempt:
     outcome: str = ""                      # finished | failed | hang | grow
     first_beat: float | None = None        # time of the first completed step
     detected_at: float | None = None       # when a hang was declared
+    stopping: bool = False                 # the workers said they are exiting (non-finite loss)
     last_progress: float = 0.0
     last_step: int = 0
     start_checkpoint: int = 0
@@ -139,6 +140,9 @@ class Supervisor:
             for beat in self._beats():
                 r = beat["rank"]
                 pids.add(beat["pid"])
+                if beat.get("state") == "stopping":  # a worker is leaving on purpose (NaN): not a hang
+                    a.stopping = True
+                    continue
                 if beat["step"] != seen_step.get(r):
                     seen_step[r] = beat["step"]
                     history[r].append(beat.get("busy_s", 0.0))
@@ -171,7 +175,7 @@ class Supervisor:
         return beats
 
     def _timeout(self, a: Attempt) -> float:
-        if a.first_beat is None or a.last_step >= self.total:
+        if a.first_beat is None or a.last_step >= self.total or a.stopping:
             return self.heal.startup_s  # loading before the first step, final checkpoint and exit after the last
         recent = self.step_s.get(a.world, [])[-50:]
         return hang_timeout_s(recent, self.heal.hang_factor, self.heal.hang_min_s)

@@ -78,7 +78,7 @@ class Heartbeat:
             return
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"rank": self.rank, "pid": os.getpid(), "step": step, "time": time.time(),
-                                   **{k: round(v, 5) for k, v in figures.items()}}))
+                                   **{k: round(v, 5) if isinstance(v, float) else v for k, v in figures.items()}}))
         os.replace(tmp, self.path)  # the supervisor never reads half a heartbeat
 
 

@@ -271,6 +271,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
             per_seq_parts.append(per_token.mean(dim=1))
         gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if not math.isfinite(float(gnorm)):  # the norm is global: every rank stops here alike
+            heartbeat.beat(step, state="stopping")
             raise _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch,
                               loss=float(torch.cat(per_seq_parts).float().mean()), grad_norm=float(gnorm))
         optimizer.step()
@@ -289,6 +290,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         by_domain = {name: float(all_seq[[i for i, n in enumerate(names) if n == name]].mean()) for name in set(names)}
         loss_value = float(all_seq.mean())
         if not check_finite(loss_value, float(gnorm)):
+            heartbeat.beat(step, state="stopping")
             raise _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch,
                               loss=loss_value, grad_norm=float(gnorm))
         mfu = fpt * tokens_per_step / step_s / (peak * ctx.world_size) if fpt and peak else None
