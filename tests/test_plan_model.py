@@ -11,10 +11,11 @@ from hone.errors import HoneError
 from hone.plan.api import make_plan
 from hone.plan.config import Config, Constants, parse_fix
 from hone.plan.hardware import load_cluster, parse_preset
-from hone.plan.memory import GIB, layer_activation_bytes, memory
+from hone.plan.memory import GIB, layer_activation_bytes, memory, op_kept_bytes, op_recompute_flops
 from hone.plan.placement import place_matrix
 from hone.plan.search import search, structural_reason
-from hone.plan.shapes import PRESETS, load_model
+from hone.plan.shapes import PRESETS, ModelShape, load_model
+from hone.plan.timing import step_time
 
 
 @pytest.mark.parametrize("name,billions,tol", [("llama3-8b", 8.03, 0.01), ("llama3-70b", 70.6, 0.1),
@@ -65,6 +66,179 @@ def _sbh():
 ])
 def test_activation_per_layer_matches_korthikanti(cfg, expected):
     assert layer_activation_bytes(GPT, S, B, cfg, flash=False) == pytest.approx(expected(), rel=1e-12)
+
+
+TINY = ModelShape("tiny", 2, 64, 4, 2, 160, 256)  # h 64, 4 heads, 2 kv heads (kv_dim 32), ffn 160
+
+
+def test_op_recompute_bytes_by_hand():
+    s, b, h, kv, f, a = 64, 2, 64, 32, 160, 4
+    # tp=1: layer input, wq, wv, attention output (bf16) + fp32 log-sum-exp, w1, w2 outputs
+    hand = s * b * (2 * h + 2 * h + 2 * kv + 2 * h + 4 * a + 2 * f + 2 * h)
+    assert layer_activation_bytes(TINY, s, b, Config(1, 1, 1, b, "op"), flash=True) == hand
+    # tp=2 + SP: column-parallel outputs halve, w2's output is a full-width partial sum, 2 reduce-scatters kept
+    t = 2
+    hand_tp = s * b * (2 * h / t + 2 * h / t + 2 * kv / t + 2 * h / t + 4 * a / t + 2 * f / t + 2 * h + 2 * 2 * h / t)
+    assert layer_activation_bytes(TINY, s, b, Config(t, 1, 1, b, "op"), flash=True) == hand_tp
+    assert op_kept_bytes(PRESETS["llama3-8b"], 1, 1, 1, False, True) == 63616  # 8h + 2kv + 2f + 4a
+    # recomputed in backward: wk, wo, w3 forward, 2 FLOPs per weight
+    assert op_recompute_flops(TINY) == 2 * (h * kv + h * h + h * f)
+
+
+def test_recompute_ordering():
+    m, s, b = PRESETS["llama3-8b"], 8192, 2
+    by = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b, rc), flash=True) for rc in ("none", "selective", "op", "full")}
+    assert by["none"] == by["selective"] > by["op"] > by["full"]  # flash already drops what Megatron's selective recomputes
+    nf = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b, rc), flash=False) for rc in ("none", "selective", "op", "full")}
+    assert nf["none"] > nf["selective"] > nf["op"] > nf["full"]
+    # Under TP the kept w2 output is a full-width partial sum on every rank: for 405B at tp=8, op keeps more than none.
+    big = PRESETS["llama3.1-405b"]
+    assert layer_activation_bytes(big, s, 1, Config(8, 1, 1, 1, "op"), True) > layer_activation_bytes(big, s, 1, Config(8, 1, 1, 1, "none"), True)
+
+
+def test_step_time_charges_op_recompute():
+    m, cl, k = PRESETS["llama3-8b"], parse_preset("8xH100"), Constants()
+    t = {rc: step_time(m, Config(1, 1, 8, 2, rc, zero=3), 8192, 16, cl, k) for rc in ("none", "op", "full")}
+    assert t["none"].step_time_s < t["op"].step_time_s < t["full"].step_time_s
+    rate = cl.gpu.peak_tflops * 1e12 * t["op"].efficiency
+    extra = 16 // 8 * 8192 * m.layers * op_recompute_flops(m) / rate  # 2 sequences per GPU, every layer
+    assert t["op"].compute_s - t["none"].compute_s == pytest.approx(extra, rel=1e-9)
+    assert t["op"].tflops_per_gpu < t["none"].tflops_per_gpu  # model FLOPs do not count recompute
+
+
+def test_op_recompute_matches_torch_selective_checkpointing():
+    """Parity with torch: a torchtitan-style Llama block under torch's selective checkpointing with
+    torchtitan's op policy keeps exactly op_kept_bytes (live op outputs counted after forward)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.checkpoint import checkpoint
+
+    blocks, x = _tiny_blocks(torch, TINY), None
+    s, b = 64, 2
+    for mode, expected in (("op", op_kept_bytes(TINY, s, b, 1, False, True)), ("full", 2.0 * s * b * TINY.hidden)):
+        x = torch.randn(b, s, TINY.hidden, dtype=torch.bfloat16, requires_grad=True)
+        live = _LiveBytes(torch, [p for blk in blocks for p in blk.parameters()] + [x])
+        with live:
+            y = x
+            for blk in blocks:
+                y = checkpoint(blk, y, use_reentrant=False, **({"context_fn": _op_policy(torch)} if mode == "op" else {}))
+            kept = live.bytes  # the checkpoints keep their inputs and the saved ops; the last output replaces x
+            y.float().sum().backward()
+        assert kept / len(blocks) == expected, mode
+
+
+def test_cross_entropy_backward_peaks_at_12_bytes_per_logit():
+    """Why the torchtitan cases count 12 B per vocab entry per token: fp32 log-softmax output (saved),
+    its incoming gradient and its input gradient are alive together at the start of backward."""
+    torch = pytest.importorskip("torch")
+    n, h, v = 256, 32, 1000
+    hid = torch.randn(n, h, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(v, h, dtype=torch.bfloat16, requires_grad=True)
+    live = _LiveBytes(torch, [hid, w])
+    with live:
+        pred = (hid @ w.t()).float()
+        loss = torch.nn.functional.cross_entropy(pred, torch.randint(0, v, (n,)))
+        forward_peak = live.peak
+        del pred
+        loss.backward()
+    assert forward_peak / (n * v) == pytest.approx(8, abs=0.3)
+    assert live.peak / (n * v) == pytest.approx(12, abs=0.3)  # + the bf16 weight gradient (small here)
+
+
+class _LiveBytes:
+    """Bytes of op outputs still alive (storage freed -> uncounted); ``ignore`` tensors created outside."""
+
+    def __init__(self, torch, ignore):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        outer = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                outer._track(out)
+                return out
+
+        self.torch, self.mode, self.bytes, self.peak = torch, Mode(), 0, 0
+        self.seen = {t.untyped_storage().data_ptr() for t in ignore}
+
+    def _track(self, out):
+        import weakref
+
+        from torch.utils._pytree import tree_leaves
+
+        for t in tree_leaves(out):
+            if not isinstance(t, self.torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            key, n = st.data_ptr(), st.nbytes()
+            if key in self.seen or n == 0:
+                continue
+            self.seen.add(key)
+            self.bytes += n
+            self.peak = max(self.peak, self.bytes)
+            weakref.finalize(st, self._free, key, n)
+
+    def _free(self, key, n):
+        self.bytes -= n
+        self.seen.discard(key)
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def _op_policy(torch):
+    """torchtitan's op-level policy: save mm outputs except every second one, and attention kernels."""
+    from collections import defaultdict
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def context_fn():
+        count = defaultdict(int)
+
+        def policy(ctx, func, *args, **kwargs):
+            key = "recompute" if ctx.is_recompute else "forward"
+            if func == torch.ops.aten.mm.default:
+                count[key] += 1
+            save = (func == torch.ops.aten.mm.default and count[key] % 2 == 1) or "scaled_dot_product" in str(func)
+            return CheckpointPolicy.MUST_SAVE if save else CheckpointPolicy.PREFER_RECOMPUTE
+
+        return create_selective_checkpoint_contexts(policy)
+
+    return context_fn
+
+
+def _tiny_blocks(torch, m: ModelShape):
+    nn, F = torch.nn, torch.nn.functional
+    h, a, kv, hd, f = m.hidden, m.heads, m.kv_heads, m.head_dim, m.ffn
+
+    class Block(nn.Module):  # torchtitan's Llama block order: wq, wk, wv, sdpa, wo; w1, w3, w2
+        def __init__(self):
+            super().__init__()
+            lin = lambda i, o: nn.Linear(i, o, bias=False)  # noqa: E731
+            self.wq, self.wk, self.wv, self.wo = lin(h, h), lin(h, kv * hd), lin(h, kv * hd), lin(h, h)
+            self.w1, self.w2, self.w3 = lin(h, f), lin(f, h), lin(h, f)
+            self.n1, self.n2 = nn.RMSNorm(h), nn.RMSNorm(h)
+
+        def attention(self, x):
+            b, s, _ = x.shape
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+            q = q.view(b, s, a, hd).transpose(1, 2)
+            k = k.view(b, s, kv, hd).repeat_interleave(a // kv, dim=2).transpose(1, 2)
+            v = v.view(b, s, kv, hd).repeat_interleave(a // kv, dim=2).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.wo(o.transpose(1, 2).contiguous().view(b, s, h))
+
+        def forward(self, x):
+            x = x + self.attention(self.n1(x))
+            y = self.n2(x)
+            return x + self.w2(F.silu(self.w1(y)) * self.w3(y))
+
+    torch.manual_seed(0)
+    return [Block().to(torch.bfloat16) for _ in range(m.layers)]
 
 
 def test_memory_terms_by_hand():
@@ -139,6 +313,22 @@ def test_cli_json_fields_and_plan_file(tmp_path):
     assert fail.returncode == 0 and json.loads(fail.stdout)[0]["reason"] == "tp=3 does not divide 32 heads"
 
 
+def test_cli_fix_recompute_op():
+    base = ["plan", "--model", "llama3-8b", "--cluster", "8xH100", "--seq", "8192", "--global-batch", "16", "--json", "--out", ""]
+    rows = {}
+    for rc in ("selective", "op"):
+        p = subprocess.run([sys.executable, "-m", "hone.cli", *base, "--fix", f"tp=1,pp=1,mb=2,recompute={rc},zero=3"],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        rows[rc] = json.loads(p.stdout)[0]
+    op, sel = rows["op"], rows["selective"]
+    assert op["recompute"] == "op" and JSON_FIELDS <= op.keys()
+    assert op["memory_breakdown"]["activations"] < 0.5 * sel["memory_breakdown"]["activations"]
+    assert op["step_time_s"] > 0 and op["fits"] is True
+    res = search(PRESETS["llama3-8b"], parse_preset("8xH100"), 8192, 16, fixed={"tp": 1, "pp": 1, "micro_batch": 2, "zero": 3})
+    assert "op" in {p["recompute"] for p in res.plans}  # the search tries it too
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--model", "nope", "--cluster", "8xH100", "--global-batch", "8"], "error: unknown model 'nope'"),
     (["--model", "llama3-8b", "--cluster", "8xQ100", "--global-batch", "8"], "error: unknown GPU 'Q100'"),
@@ -154,6 +344,7 @@ def test_bad_input_one_line(args, msg):
 def test_parse_fix():
     assert parse_fix("tp=8,pp=8,dp=4,mb=1,recompute=full,zero=1,vpp=2") == {
         "tp": 8, "pp": 8, "dp": 4, "micro_batch": 1, "recompute": "full", "zero": 1, "vpp": 2}
+    assert parse_fix("recompute=op") == {"recompute": "op"}
     with pytest.raises(HoneError, match="recompute must be"):
         parse_fix("recompute=some")
 

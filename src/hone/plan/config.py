@@ -6,7 +6,9 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from hone.errors import HoneError
 
-RECOMPUTE = ("none", "selective", "full")
+# none; selective = Megatron's (attention core recomputed); op = torchtitan's per-op selective
+# checkpointing (every second matmul and all element-wise ops recomputed); full = whole layers.
+RECOMPUTE = ("none", "selective", "op", "full")
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,8 @@ _FIX_KEYS = {"tp": "tp", "pp": "pp", "dp": "dp", "mb": "micro_batch", "micro_bat
 
 
 def parse_fix(spec: str) -> dict:
-    """``tp=8,pp=8,dp=4,mb=1,recompute=full,zero=1,vpp=2`` -> partial config fields (validated types)."""
+    """``tp=8,pp=8,dp=4,mb=1,recompute=full,zero=1,vpp=2`` -> partial config fields (validated types).
+    recompute is one of none, selective, op, full."""
     out: dict = {}
     for part in (p for p in spec.split(",") if p.strip()):
         key, sep, val = part.partition("=")

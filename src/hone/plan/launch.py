@@ -23,6 +23,9 @@ def hone_train_notes(rec: dict) -> list[str]:
                      "unsharded, fsdp shards everything (zero=3)")
     if rec["recompute"] == "selective":
         notes.append("hone train recomputes whole layers (activation_checkpointing); selective recompute is Megatron's")
+    if rec["recompute"] == "op":
+        notes.append("hone train recomputes whole layers (activation_checkpointing); recompute=op is torchtitan's per-op "
+                     "selective checkpointing (--activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op)")
     if rec["sequence_parallel"]:
         notes.append("hone train's tensor parallelism has no sequence parallelism: activations are larger than planned")
     return notes
@@ -77,6 +80,7 @@ def megatron_args(m: ModelShape, rec: dict, seq: int, global_batch: int) -> str:
         a.append("--recompute-activations")
     elif rec["recompute"] == "full":
         a += ["--recompute-granularity full", "--recompute-method uniform", "--recompute-num-layers 1"]
+    # recompute=op (torchtitan's per-op policy) has no Megatron-LM flag; see the hone_train notes
     if rec["zero"] == 3:
         a.append("--use-torch-fsdp2")  # Megatron-LM has no ZeRO-3 of its own
     elif rec["zero"] >= 1:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import Cluster
-from hone.plan.memory import stage_layout, stage_params
+from hone.plan.memory import op_recompute_flops, stage_layout, stage_params
 from hone.plan.shapes import ModelShape
 
 
@@ -59,13 +59,17 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
     eff = efficiency(m, c, k, cluster)
     rate = cluster.gpu.peak_tflops * 1e12 * eff
     tokens_mb = b * seq
-    # Hardware FLOPs per token of one layer: matmuls 6 per weight, attention 12 h s; recompute adds a forward.
+    # Hardware FLOPs per token of one layer: matmuls 6 per weight, attention 12 h s; recompute adds a forward
+    # of what it recomputes: everything (full), the attention core (selective), every second matmul (op;
+    # also the attention core when it is not a flash kernel, whose output op keeps).
     matmul = 6.0 * (2 * m.hidden * (m.hidden + m.kv_dim) + (3 if m.arch == "llama" else 2) * m.hidden * m.ffn)
     attn = 12.0 * m.hidden * seq
     if c.recompute == "full":
         layer_flops = (matmul + attn) * 8 / 6
     elif c.recompute == "selective":
         layer_flops = matmul + attn * 4 / 3
+    elif c.recompute == "op":
+        layer_flops = matmul + op_recompute_flops(m) + attn * (1 if k.flash_attention else 4 / 3)
     else:
         layer_flops = matmul + attn
     head_flops = 6.0 * m.vocab * m.hidden
@@ -76,7 +80,10 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
     compute_mb = tokens_mb * stage_flops / t / rate
 
     tp_bw, tp_lat = cluster.group_link(1, t)
-    n_ar = 6 if c.recompute == "full" else 4
+    # 4 all-reduce equivalents per layer (with SP: all-gather + reduce-scatter, half each); full recompute
+    # repeats the forward's 2; op keeps reduce-scatter outputs but repeats the all-gathers (1), or, without
+    # SP, the all-reduces (2): only reduce-scatters are on its save list.
+    n_ar = {"full": 6, "op": 5 if c.sequence_parallel and t > 1 else 6}.get(c.recompute, 4)
     tp_mb = (1 - k.tp_overlap) * max(layout) * n_ar * ring_time(2.0 * tokens_mb * m.hidden, t, tp_bw, tp_lat, 2.0)
 
     pp_mb = 0.0
