@@ -87,7 +87,8 @@ class Supervisor:
             attempt = self._attempt()
             if attempt.outcome == "finished":
                 append_event(self.workdir, "finished", world=self.world, steps=self.total, recoveries=recoveries,
-                             wall_s=round(time.time() - t_start, 3))
+                             wall_s=round(time.time() - t_start, 3),
+                             launch_to_first_step_s=[round(x, 3) for x in self.restart_s])
                 self.say(f"finished {self.total} steps on {self.world} workers after {recoveries} recoveries")
                 return {"recoveries": recoveries, "world": self.world}
             if attempt.outcome == "grow":

@@ -118,6 +118,10 @@ def build_context(workdir: Path) -> dict:
         if out.get("models"):
             ctx["experts"] = out
             ctx["figures"]["experts"] = plots.experts(out)
+    from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
+
+    if (heal := heal_context(workdir)) is not None:
+        ctx["heal"] = heal
     return ctx
 
 
