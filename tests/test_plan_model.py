@@ -11,7 +11,8 @@ from hone.errors import HoneError
 from hone.plan.api import make_plan
 from hone.plan.config import Config, Constants, parse_fix
 from hone.plan.hardware import load_cluster, parse_preset
-from hone.plan.memory import GIB, layer_activation_bytes, memory, op_kept_bytes, op_recompute_flops
+from hone.plan.memory import (GIB, chunk_layout, held_layers, inflight, layer_activation_bytes, memory, op_kept_bytes,
+                              op_recompute_flops, stage_layout)
 from hone.plan.placement import place_matrix
 from hone.plan.search import search, structural_reason
 from hone.plan.shapes import PRESETS, ModelShape, load_model
@@ -264,6 +265,38 @@ def test_pipeline_inflight_1f1b_and_interleaved():
     assert inter.inflight_microbatches == pytest.approx(8 * (1 + 7 / 16))
     few = memory(m, Config(8, 8, 1, 1, "selective"), 2048, 3, k)  # m=3 < p: only 3 in flight
     assert few.inflight_microbatches == 3
+
+
+def _simulate_interleaved(p, v, mbs, chunks, i):
+    """Megatron-LM's interleaved 1F1B on stage i, step by step: layer-micro-batches alive at the peak."""
+    fwd = [(k // p) % v for k in range(mbs * v)]
+    bwd = [v - 1 - (k // p) % v for k in range(mbs * v)]
+    warm = len(fwd) if mbs == p else min(len(fwd), 2 * (p - i - 1) + (v - 1) * p)
+    alive = sum(chunks[c] for c in fwd[:warm])
+    peak = alive
+    for k in range(len(fwd) - warm):
+        alive += chunks[fwd[warm + k]]
+        peak = max(peak, alive)
+        alive -= chunks[bwd[k]]
+    return peak
+
+
+def test_interleaved_inflight_counts_chunks():
+    m = PRESETS["llama3.1-405b"]  # 126 layers in 16 x 8 one-layer chunks, embedding and loss chunks empty
+    c = Config(8, 16, 64, 1, "none", 2, 8)
+    assert chunk_layout(m, c, 0) == (0,) + (1,) * 7 and chunk_layout(m, c, 15) == (1,) * 7 + (0,)
+    assert [held_layers(m, c, 32, i) for i in (0, 1, 15)] == [112, 141, 113]
+    assert [held_layers(m, c, 16, i) for i in (0, 1, 15)] == [112, 128, 112]  # m == p: all forwards first
+    for i in range(16):
+        assert held_layers(m, c, 32, i) == _simulate_interleaved(16, 8, 32, chunk_layout(m, c, i), i)
+    # equal chunks: the closed form (Korthikanti et al. for the first stage) times the stage's layers
+    even = PRESETS["gpt-1t"]  # 128 layers
+    for p, v, mbs in [(8, 2, 64), (8, 4, 16), (16, 8, 32), (4, 2, 8)]:
+        ce = Config(8, p, 1, 1, vpp=v)
+        for i in range(p):
+            assert held_layers(even, ce, mbs, i) == pytest.approx(inflight(ce, mbs, i) * stage_layout(even, ce)[i])
+    ce = Config(8, 8, 1, 1, vpp=2)  # m == p: every stage holds all its micro-batches (Megatron's all-warm-up case)
+    assert [held_layers(even, ce, 8, i) for i in range(8)] == [8 * 16] * 8
 
 
 def test_pruning_reasons():

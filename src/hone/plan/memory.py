@@ -8,7 +8,9 @@ keeps the ``2 s b h`` layer input; ``op``, torchtitan's per-op selective checkpo
 outputs of every second matmul and of the attention kernel (``op_kept_bytes``). The terms are
 written per tensor so that Llama layers (SwiGLU, GQA, no dropout) are counted by the same rule. Under 1F1B the first stage holds
 ``min(m, p)`` micro-batches of its ``l/p`` layers; interleaving with v chunks multiplies that by
-``1 + (p-1)/(p v)``.
+``1 + (p-1)/(p v)``. Each stage's count runs Megatron's schedule chunk by chunk (``held_layers``), so
+that stages with an empty embedding or loss chunk, and the m == p all-forwards-first case, come out
+right.
 """
 
 from __future__ import annotations
@@ -144,10 +146,56 @@ def stage_layers(m: ModelShape, c: Config) -> int:
     return max(stage_layout(m, c))
 
 
+def chunk_layout(m: ModelShape, c: Config, i: int) -> tuple[int, ...]:
+    """Layers in each of stage i's ``vpp`` chunks, in schedule order. Chunk sizes differ by at most
+    one; the small chunks of the first stage come first (the embedding sits there), those of the
+    other stages last (the last stage's loss). Llama 3 405B, pp 16, vpp 8: stage 0 (0, 1, 1, ...),
+    stage 15 (..., 1, 1, 0)."""
+    return _chunks(m.layers, c.pp, c.vpp, i)
+
+
+@lru_cache(maxsize=65536)
+def _chunks(layers: int, p: int, v: int, i: int) -> tuple[int, ...]:
+    base = layers // (p * v)
+    extra = _layout(layers, p, v)[i] - v * base
+    plus = [1] * extra + [0] * (v - extra)
+    if i == 0 and p > 1:
+        plus.reverse()
+    return tuple(base + x for x in plus)
+
+
+def held_layers(m: ModelShape, c: Config, mbs: int, i: int) -> float:
+    """Layer-micro-batches of activations stage i holds at its peak. 1F1B: its layers times
+    ``min(m, p - i)``. Interleaved: Megatron's schedule run chunk by chunk (``_interleaved_peak``),
+    which for equal chunks is ``inflight`` times the stage's layers, and for unequal ones (an empty
+    embedding or loss chunk) counts which chunks are in flight."""
+    if c.vpp == 1:
+        return float(stage_layout(m, c)[i] * min(mbs, c.pp - i))
+    return float(_interleaved_peak(c.pp, c.vpp, mbs, i, chunk_layout(m, c, i)))
+
+
+@lru_cache(maxsize=65536)
+def _interleaved_peak(p: int, v: int, mbs: int, i: int, chunks: tuple[int, ...]) -> int:
+    """Megatron-LM's interleaved 1F1B on stage i: forward k runs chunk ``(k // p) % v``, backward k
+    chunk ``v - 1 - (k // p) % v``; ``2 (p-i-1) + (v-1) p`` warm-up forwards (all of them when
+    m == p), then one forward and one backward per step. The steady state repeats every ``p v``
+    steps with zero net change, so one period past the warm-up holds the peak."""
+    total = mbs * v
+    warm = total if mbs == p else min(total, 2 * (p - i - 1) + (v - 1) * p)
+    alive = sum(chunks[(k // p) % v] for k in range(warm))
+    peak = alive
+    for step in range(min(total - warm, p * v + 1)):
+        alive += chunks[((warm + step) // p) % v]
+        peak = max(peak, alive)
+        alive -= chunks[v - 1 - (step // p) % v]
+    return peak
+
+
 def inflight(c: Config, mbs: int, i: int) -> float:
-    """Micro-batches of stage i's activations alive at its peak. 1F1B: ``min(m, p - i)``.
-    Interleaved (Megatron's warm-up of ``2 (p-i-1) + (v-1) p`` chunks, plus the one in flight),
-    in stage equivalents: for the first stage ``p (1 + (p-1)/(p v))`` as Korthikanti et al."""
+    """Micro-batches of stage i's activations alive at its peak, for equal chunks (the closed form;
+    ``held_layers`` is what the memory model uses). 1F1B: ``min(m, p - i)``. Interleaved (Megatron's
+    warm-up of ``2 (p-i-1) + (v-1) p`` chunks, plus the one in flight), in stage equivalents: for the
+    first stage ``p (1 + (p-1)/(p v))`` as Korthikanti et al."""
     p, v = c.pp, c.vpp
     if v == 1:
         return float(min(mbs, p - i))
@@ -196,8 +244,9 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
     optim = k.optim_bytes * n / (d if c.zero >= 1 else 1)
     mbs = global_batch // (c.dp * c.micro_batch)
     layers = stage_layout(m, c)[i]
-    held = inflight(c, mbs, i)
-    acts = layers * held * layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
+    held_l = held_layers(m, c, mbs, i)
+    held = held_l / layers if layers else inflight(c, mbs, i)  # in stage equivalents, as reported
+    acts = held_l * layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
     if c.recompute == "full" and layers:  # the layer being recomputed holds its full activations once
         acts += full_layer_bytes(m, seq, c.micro_batch, c, k.flash_attention)
     elif c.recompute == "op" and layers:  # ... and under op, what it recomputes on top of what it kept
