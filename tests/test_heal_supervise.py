@@ -58,18 +58,24 @@ def reference(prepared):
 
 def test_kill9_of_one_of_four_workers_finishes_on_three(prepared, reference, monkeypatch, capfd):
     wd = _copy(prepared, "killed")
-    monkeypatch.setenv("HONE_FAULT", "kill:step=5:rank=2")
+    # Rank 1 is also a straggler: half a second more per step.
+    monkeypatch.setenv("HONE_FAULT", "kill:step=6:rank=2;slow:step=1:rank=1:ms=500")
     _train(prepared, wd, supervise=True, nproc=4)
     assert "Traceback" not in capfd.readouterr().err
-    kinds = [e["kind"] for e in _events(wd)]
+    events = _events(wd)
+    slow = [e for e in events if e["kind"] == "straggler"]
+    assert [e["rank"] for e in slow] == [1] and slow[0]["ratio"] > 1.5 and slow[0]["busy_s"] > 0.5
+    events = [e for e in events if e["kind"] != "straggler"]
+    kinds = [e["kind"] for e in events]
     assert kinds == ["supervise", "failure", "decision", "recovered", "finished"], kinds
-    failure, decision, recovered, finished = _events(wd)[1:]
+    failure, decision, recovered, finished = events[1:]
     assert (failure["failure"], failure["rank"]) == ("worker_lost", 2) and "SIGKILL" in failure["detail"]
     # The repair takes an hour: finishing on 3 is cheaper than waiting for the fourth.
     assert decision["action"] == "shrink" and decision["world"] == 3
     costs = {o["action"]: o["cost_s"] for o in decision["options"]}
     assert set(costs) == {"shrink", "wait"} and costs["shrink"] < costs["wait"]
-    assert decision["checkpoint_step"] == 4 and recovered["step"] == 5 and recovered["recovery_s"] > 0
+    assert decision["checkpoint_step"] == 4 and decision["lost_steps"] == 1
+    assert recovered["step"] == 5 and recovered["recovery_s"] > 0
     assert finished["world"] == 3 and finished["recoveries"] == 1
     # Continuous loss curve: every step once, the same losses as one uninterrupted process.
     got, ref = _metrics(wd), _metrics(reference)
@@ -84,6 +90,10 @@ def test_kill9_of_one_of_four_workers_finishes_on_three(prepared, reference, mon
     assert [b["ids"] for b in effective(read_ledger(wd / "samples.jsonl"))] == \
         [b["ids"] for b in effective(read_ledger(reference / "samples.jsonl"))]
     assert (wd / "final" / "model.safetensors").exists()
+    report = (wd / "report.html").read_text()
+    assert "Failures and recoveries" in report and "rank 2 killed by SIGKILL" in report
+    assert "shrink on 3" in report and "every sample consumed exactly once" in report
+    assert "Straggler at step" in report
 
 
 def test_nan_then_hang_are_detected_and_handled(prepared, monkeypatch, capfd):

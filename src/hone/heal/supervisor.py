@@ -51,6 +51,7 @@ class Attempt:
     first_beat: float | None = None        # time of the first completed step
     detected_at: float | None = None       # when a hang was declared
     stopping: bool = False                 # the workers said they are exiting (non-finite loss)
+    first_death: float | None = None       # when the first worker process was seen gone
     last_progress: float = 0.0
     last_step: int = 0
     start_checkpoint: int = 0
@@ -154,6 +155,8 @@ class Supervisor:
                     if a.first_beat is None:
                         self._first_step(a, beat)
             self._check_stragglers(history, a)
+            if a.first_death is None and any(not _alive(pid) for pid in pids):
+                a.first_death = now  # torchrun reports it only after tearing the others down
             timeout = self._timeout(a)
             if now - a.last_progress > timeout:
                 a.outcome = "hang"
@@ -249,7 +252,7 @@ class Supervisor:
     def _recover(self, failure: Failure, a: Attempt) -> None:
         now = time.time()
         detected_at = a.detected_at or now
-        failed_at = a.last_progress if failure.kind == "hang" else now
+        failed_at = a.last_progress if failure.kind == "hang" else (a.first_death or now)
         if failure.kind == "nonfinite":  # the worker noticed it first, and said when
             seen = [e for e in read_events(self.workdir) if e["kind"] == "nonfinite" and e["time"] >= a.launched]
             failed_at = seen[-1]["time"] if seen else now
@@ -309,6 +312,14 @@ class Supervisor:
 
 def _ckpt_step(path: Path | None) -> int:
     return int(path.name.split("_")[1]) if path is not None else 0
+
+
+def _alive(pid: int) -> bool:
+    """False once ``pid`` has exited (a zombie not yet reaped by torchrun counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _children(pid: int) -> set[int]:
