@@ -46,7 +46,7 @@ lr = 3e-3
 warmup_steps = 1
 checkpoint_every = 1
 log_every = 1
-threads = 2
+threads = 1
 [eval]
 max_tokens_per_set = 200
 seq_len = 64
@@ -152,10 +152,16 @@ def test_an_expert_stops_and_resumes_on_its_own(tmp_path):
     from hone.experts.branch import run_branch
 
     recipe, path = _recipe(tmp_path, RECIPE.replace("seed_tokens = 128", "seed_tokens = 0"))
+    logs: list[str] = []
+    run_branch(recipe, tmp_path / "run", recipe_path=path, only=["legal"], prepare_only=True, log=logs.append)
+    legal = tmp_path / "run" / "experts" / "legal"
+    assert any(f"-m hone.train.launch --workdir {legal}" in line for line in logs)
+    assert any(f"--only legal --resume" in line for line in logs)
+    assert (legal / "recipe.json").exists() and not (legal / "checkpoints").exists()
     run_branch(recipe, tmp_path / "run", recipe_path=path, only=["code"], max_steps=1, evaluate=False, log=lambda m: None)
     code = tmp_path / "run" / "experts" / "code"
     assert (code / "checkpoints").exists() and not (code / "expert.json").exists()
-    assert not (tmp_path / "run" / "experts" / "legal" / "recipe.json").exists()  # --only: legal not started
+    assert not (legal / "checkpoints").exists() and not (legal / "expert.json").exists()  # --only code: legal untouched
     logs: list[str] = []
     run_branch(recipe, tmp_path / "run", recipe_path=path, only=["code"], resume=True, evaluate=False, log=logs.append)
     assert any("resumed from" in line and "step_000001" in line for line in logs)

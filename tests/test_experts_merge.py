@@ -28,8 +28,11 @@ def _texts(words: list[str], n: int, seed: int, sep: str = " ") -> list[str]:
 def _train(model, ids: list[int], steps: int = 60, seq: int = 32, seed: int = 0):
     """A few AdamW steps on windows of ``ids``: enough for a tiny model to learn a unigram-ish law."""
     torch.manual_seed(seed)
-    # Tiny models drift into denormal floats, which make CPU math ~10x slower.
+    # Tiny models drift into denormal floats, which make CPU math ~10x slower; one thread, as
+    # two threads spin-waiting on a loaded 2-core machine cost more than they give.
     flush = torch.set_flush_denormal(True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     data = torch.tensor(ids)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -40,6 +43,7 @@ def _train(model, ids: list[int], steps: int = 60, seq: int = 32, seed: int = 0)
         loss.backward()
         opt.step()
     torch.set_flush_denormal(False) if flush else None
+    torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -27,8 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from hone.errors import HoneError
-from hone.experts.data import GENERAL, build_expert_data, heldout_path, interleave, read_done, training_rows, \
-    write_union_stream
+from hone.experts.data import build_expert_data, interleave, read_done, training_rows, write_union_stream
 from hone.recipe import ExpertDomain, Recipe
 from hone.rundir import ensure_dir, read_json, write_json, write_text
 
@@ -166,7 +165,8 @@ class Brancher:
         done = read_done(sdir / DONE_FILE)
         if done and done.get("hash") == key:
             return sdir / "final"
-        start = sdir / "start"
+        # Without a seed phase the start point is the seed itself (no copy of a large model).
+        start = sdir / ("start" if self.cfg.seed_tokens else "final")
         if self.cfg.seed == "model":
             save_hf(self.base.to("cpu"), self.tok, start)
         else:
@@ -179,9 +179,6 @@ class Brancher:
             cost = self._union_run(SEED, start, self.cfg.seed_tokens, list(self.specs), resume=True, max_steps=None)
             if cost is None:
                 raise HoneError("the seed phase stopped early; run again")
-        else:
-            shutil.rmtree(sdir / "final", ignore_errors=True)
-            shutil.copytree(start, sdir / "final")
         write_json(sdir / DONE_FILE, {**cost, "run_hash": cost.get("hash"), "hash": key})
         return sdir / "final"
 

@@ -71,7 +71,8 @@ def compare_variants(b, seed_dir: Path, log: Log) -> dict:
         scores, eval_s = _score(model.to(device), tok, sets, b.recipe)
         results[name] = scores
         # "experts" = forward passes per scored token; the seed's cost is shared by every branched variant.
-        costs[name] = {**cost, "forward_passes_per_token": cost.pop("experts"), "eval_s": round(eval_s, 3)}
+        passes = cost.pop("experts")
+        costs[name] = {**cost, "forward_passes_per_token": passes, "eval_s": round(eval_s, 3)}
         log(f"eval {name:<10} " + " | ".join(f"{s} ppl {r['ppl']:.2f}" for s, r in scores.items()))
     out = {"domains": names, "sets": {s: {"tokens": results["base"][s]["tokens"], "docs": results["base"][s]["docs"]}
                                       for s in sets},

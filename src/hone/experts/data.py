@@ -91,7 +91,7 @@ def training_rows(loader, steps: int) -> list[np.ndarray]:
 
 def interleave(batches: dict[str, list[np.ndarray]], counts: dict[str, int]) -> list[np.ndarray]:
     """Take ``counts[name]`` batches of each source, spread evenly: at every point the share of
-    each source is as close to its final share as whole batches allow (a fixed, seeded-free order)."""
+    each source is as close to its final share as whole batches allow (deterministic)."""
     total = sum(counts.values())
     taken = {k: 0 for k in counts}
     out = []
