@@ -33,6 +33,8 @@ SHAPES = {
                  intermediate_size=2048, vocab_size=32000),
     "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                intermediate_size=8192, vocab_size=128256),
+    "small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                  intermediate_size=688, vocab_size=32000),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=172, vocab_size=1000),
 }
@@ -122,14 +124,16 @@ def main() -> None:
     p.add_argument("--shapes", default="125m,1b")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--cpu", action="store_true", help="eager only, on the CPU, sequence 512 (ratios only)")
     args = p.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.dry_run else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not (args.dry_run or args.cpu) else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    seq = 128 if args.dry_run else 2048
+    seq = 128 if args.dry_run else 512 if args.cpu else 2048
     plan = {  # shape -> (micro-batches to try for the baseline, and for Hone)
         "125m": ([8], [8, 16]),
         "1b": ([4], [4, 8]),
+        "small": ([4], [4]),
         "tiny": ([2], [2, 4]),
     }
     shapes = ["tiny"] if args.dry_run else args.shapes.split(",")
@@ -140,8 +144,9 @@ def main() -> None:
         c = SHAPES[shape]
         hf_mbs, hone_mbs = plan[shape]
         rows = {}
-        runs = [("hf", hf_model, mode, mb) for mode in (None, "full") for mb in hf_mbs]
-        runs += [("hone", hone_model, mode, mb) for mode in (None, "layers", "model") for mb in hone_mbs]
+        hf_modes, hone_modes = ([None], [None]) if args.cpu else ([None, "full"], [None, "layers", "model"])
+        runs = [("hf", hf_model, mode, mb) for mode in hf_modes for mb in hf_mbs]
+        runs += [("hone", hone_model, mode, mb) for mode in hone_modes for mb in hone_mbs]
         for who, build, mode, mb in runs:
             tag = f"{who}_{'compiled-' + mode if mode else 'eager'}_mb{mb}"
             rows[tag] = measure(build, c, seq, mb, mode, steps, warmup, device)
@@ -150,7 +155,7 @@ def main() -> None:
                                   if k.startswith(prefix) and "tokens_per_s" in r)
         summary = {}
         try:
-            hf_c, hone_best = best("hf_compiled"), best("hone_")
+            hf_c, hone_best = best("hf_eager" if args.cpu else "hf_compiled"), best("hone_")
             summary = {"hone_best": hone_best[1], "hf_compiled_best": hf_c[1],
                        "speedup_vs_hf_compiled": hone_best[0] / hf_c[0],
                        "hone_best_mfu": rows[hone_best[1]]["mfu"]}
