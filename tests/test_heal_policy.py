@@ -208,25 +208,36 @@ def _run(token_dirs, workdir, *, resume=False, steps=10):
     return model
 
 
-def test_nan_rolls_back_skips_the_batch_and_is_reproducible(token_dirs, tmp_path, monkeypatch):
-    """A NaN at step 5 stops training with the batch in the skip list; resuming rolls back to the
-    step-3 checkpoint and trains on without that batch: bitwise the run that skipped it from the start."""
+def test_nan_rolls_back_in_place_skips_the_batch_and_is_reproducible(token_dirs, tmp_path, monkeypatch):
+    """A NaN at step 5: the running trainer reloads the step-3 checkpoint, skips the batch and
+    trains on; bitwise the run that skipped that batch from the start."""
     wd = tmp_path / "nan"
     monkeypatch.setenv("HONE_FAULT", "nan:step=5")
-    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 5 .*loader batches \\[4\\]"):
-        _run(token_dirs, wd)
+    rolled = _run(token_dirs, wd)  # the fault fires once: the replayed step 5 is clean
     assert load_skips(wd) == {4}
-    resumed = _run(token_dirs, wd, resume=True)  # the fault fired once: the replayed step 5 is clean
     metrics = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 11)) and all(math.isfinite(m["loss"]) for m in metrics)
     a = audit(wd / "samples.jsonl", seq_len=16)
     assert a["problems"] == [] and (a["trained"], a["skipped"], a["batches"], a["rolled_back"]) == (10, 1, 11, 1)
+    events = [json.loads(l) for l in (wd / "events.jsonl").read_text().splitlines()]
+    assert [e["kind"] for e in events] == ["nonfinite", "decision", "recovered"]
+    assert events[0]["skip_batches"] == [4] and events[0]["grad_norm"] == "nan"
+    assert (events[1]["action"], events[1]["checkpoint_step"], events[1]["lost_steps"]) == ("rollback", 3, 1)
+    assert events[2]["step"] == 4 and events[2]["restart_s"] == 0.0
     monkeypatch.delenv("HONE_FAULT")
     clean = tmp_path / "clean"
     (clean / "heal").mkdir(parents=True)
     (clean / "heal" / "skips.json").write_text((wd / "heal" / "skips.json").read_text())
     reference = _run(token_dirs, clean)
-    for (name, x), y in zip(reference.state_dict().items(), resumed.state_dict().values()):
+    for (name, x), y in zip(reference.state_dict().items(), rolled.state_dict().values()):
         assert torch.equal(x, y), name
-    events = [json.loads(l) for l in (wd / "events.jsonl").read_text().splitlines()]
-    assert events[0]["kind"] == "nonfinite" and events[0]["skip_batches"] == [4] and events[0]["grad_norm"] == "nan"
+
+
+def test_nan_before_any_checkpoint_stops_then_resume_skips(token_dirs, tmp_path, monkeypatch):
+    wd = tmp_path / "early"
+    monkeypatch.setenv("HONE_FAULT", "nan:step=2")
+    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 2 .*before any checkpoint: loader batches \\[1\\]"):
+        _run(token_dirs, wd, steps=4)
+    _run(token_dirs, wd, steps=4, resume=True)  # no checkpoint: from the start, without batch 1
+    a = audit(wd / "samples.jsonl", seq_len=16)
+    assert a["problems"] == [] and (a["trained"], a["skipped"], a["batches"]) == (4, 1, 5)

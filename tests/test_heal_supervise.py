@@ -103,13 +103,14 @@ def test_nan_then_hang_are_detected_and_handled(prepared, monkeypatch, capfd):
     assert "Traceback" not in capfd.readouterr().err
     events = _events(wd)
     kinds = [e["kind"] for e in events]
-    assert kinds == ["supervise", "nonfinite", "failure", "decision", "recovered",
+    assert kinds == ["supervise", "nonfinite", "decision", "recovered",
                      "failure", "decision", "recovered", "finished"], kinds
-    nonfinite, nan_failure, nan_decision, nan_recovered = events[1:5]
+    nonfinite, nan_decision, nan_recovered = events[1:4]
     assert nonfinite["step"] == 3 and nonfinite["skip_batches"] == [2] and nonfinite["grad_norm"] == "nan"
-    assert nan_failure["failure"] == "nonfinite" and nan_decision["action"] == "restart"
-    assert nan_decision["checkpoint_step"] == 2 and nan_recovered["step"] == 3
-    hang, hang_decision, hang_recovered = events[5:8]
+    # Rolled back in the running workers: no restart.
+    assert nan_decision["action"] == "rollback" and nan_decision["checkpoint_step"] == 2
+    assert nan_recovered["step"] == 3 and nan_recovered["restart_s"] == 0
+    hang, hang_decision, hang_recovered = events[4:7]
     assert hang["failure"] == "hang" and hang["step"] == 5 and "timeout 2.0 s" in hang["detail"]
     assert hang_decision["action"] == "restart" and hang_decision["world"] == 2
     assert hang_decision["checkpoint_step"] == 4 and hang_recovered["step"] == 5

@@ -15,7 +15,14 @@ def recovery_rows(events: list[dict]) -> list[dict]:
     blank = {"action": None, "new_world": None, "options": "", "recovery_s": None, "recovered_step": None,
              "lost_steps": None}
     for e in events:
-        if e["kind"] == "failure":
+        if e["kind"] == "nonfinite":  # the workers saw it; they roll back in place or stop
+            rows.append({**blank, "t": round(e["time"] - t0, 1), "failure": "nonfinite", "rank": None,
+                         "step": e.get("step"), "world": e.get("world"),
+                         "detail": f"loss {e.get('loss')}, grad norm {e.get('grad_norm')}; "
+                                   f"skipped batches {e.get('skip_batches')}"})
+        elif e["kind"] == "failure" and e["failure"] == "nonfinite" and rows and rows[-1]["failure"] == "nonfinite":
+            continue  # the supervisor's view of the same NaN (workers stopped: no checkpoint yet)
+        elif e["kind"] == "failure":
             rows.append({**blank, "t": round(e["time"] - t0, 1), "failure": e["failure"], "rank": e.get("rank"),
                          "step": e.get("step"), "detail": e.get("detail", ""), "world": e.get("world")})
         elif e["kind"] == "decision" and e.get("failure") == "repaired":

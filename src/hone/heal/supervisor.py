@@ -139,21 +139,26 @@ class Supervisor:
         pids: set[int] = set()
         while proc.poll() is None:
             now = time.time()
-            for beat in self._beats():
+            beats = self._beats()
+            for beat in beats:
                 r = beat["rank"]
                 pids.add(beat["pid"])
                 if beat.get("state") == "stopping":  # a worker is leaving on purpose (NaN): not a hang
                     a.stopping = True
                     continue
-                if beat["step"] != seen_step.get(r):
-                    seen_step[r] = beat["step"]
+                if (beat["step"], beat.get("state")) == seen_step.get(r):
+                    continue
+                # Any new step is progress, also a lower one after a roll-back in place.
+                seen_step[r] = (beat["step"], beat.get("state"))
+                a.last_progress = max(a.last_progress, beat["time"])
+                if "step_s" in beat:
                     history[r].append(beat.get("busy_s", 0.0))
                     if r == 0:
                         self.step_s[a.world].append(beat["step_s"])
-                if beat["step"] > a.last_step:
-                    a.last_step, a.last_progress = beat["step"], beat["time"]
                     if a.first_beat is None:
                         self._first_step(a, beat)
+            if beats:
+                a.last_step = max(b["step"] for b in beats)
             self._check_stragglers(history, a)
             if a.first_death is None and any(not _alive(pid) for pid in pids):
                 a.first_death = now  # torchrun reports it only after tearing the others down

@@ -174,19 +174,27 @@ def _broadcaster(ctx: DistContext) -> Callable:
 
 def _non_finite(workdir: Path, ctx: DistContext, cfg: TrainConfig, *, step: int, batch: int, first_batch: int,
                 loss: float, grad_norm: float) -> NonFiniteLoss:
-    """Record the offending window in the skip list (rank 0), then stop every rank alike: the
-    weights are rolled back by resuming from the newest checkpoint, which predates this step."""
+    """Record the offending window in the skip list (rank 0) and return the error to raise when
+    no checkpoint exists to roll back to in place."""
     skipped = skip_window(batch, first_batch, cfg.nan_skip_batches)
     if ctx.is_main:
         why = {"step": step, "batch": batch, "loss": loss, "grad_norm": grad_norm}
         record_skips(workdir, skipped, {k: str(v) if isinstance(v, float) else v for k, v in why.items()})
         append_event(workdir, "nonfinite", step=step, batch=batch, loss=loss, grad_norm=grad_norm,
                      skip_batches=skipped, world=ctx.world_size)
-    ctx.barrier()  # the skip list is on disk before any rank exits
+    ctx.barrier()  # the skip list is on disk before any rank reads it back
     return NonFiniteLoss(
-        f"non-finite loss at step {step} (loss {loss}, grad norm {grad_norm}): loader batches {skipped} are now in "
-        f"{heal_dir(workdir) / 'skips.json'} and will be skipped; --resume continues from the newest checkpoint "
+        f"non-finite loss at step {step} (loss {loss}, grad norm {grad_norm}) before any checkpoint: loader batches "
+        f"{skipped} are now in {heal_dir(workdir) / 'skips.json'} and will be skipped; train again with --resume "
         f"(--supervise does this by itself)")
+
+
+def _roll_back(ckpt_root: Path, model, optimizer, loader: MixtureLoader, say) -> int | None:
+    """Reload the newest checkpoint in the running processes (no restart: the cheapest recovery
+    from a NaN, which is the data's or the optimizer's fault, not the machine's); None if there is none."""
+    if latest_checkpoint(ckpt_root, say) is None:
+        return None
+    return resume_from_newest(ckpt_root, model, optimizer, loader, say)
 
 
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
@@ -241,7 +249,9 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
                                   broadcast=_broadcaster(ctx), say=say, workdir=workdir if ctx.is_main else None)
     t0, last = time.perf_counter(), {}
     t_step = t0
-    for step in range(start, stop):
+    rolled_back: dict | None = None  # a NaN roll-back in place, until its first completed step
+    step = start
+    while step < stop:
         t_begin = time.perf_counter()
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
@@ -270,14 +280,15 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
                 loss.backward()
             per_seq_parts.append(per_token.mean(dim=1))
         gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        bad = None
         if not math.isfinite(float(gnorm)):  # the norm is global: every rank stops here alike
-            heartbeat.beat(step, state="stopping")
-            raise _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch,
-                              loss=float(torch.cat(per_seq_parts).float().mean()), grad_norm=float(gnorm))
-        optimizer.step()
-        if (stall := slow_down(step + 1, ctx.rank)):
+            bad = {"loss": float(torch.cat(per_seq_parts).float().mean()), "grad_norm": float(gnorm)}
+        else:
+            optimizer.step()
+        if bad is None and (stall := slow_down(step + 1, ctx.rank)):
             time.sleep(stall)
-        maybe_fail("step", step + 1, ctx.rank, fault_dir)
+        if bad is None:
+            maybe_fail("step", step + 1, ctx.rank, fault_dir)
         t_gather = time.perf_counter()
         all_seq = _gather_rows(torch.cat(per_seq_parts).float().cpu(), ctx)
         now = time.perf_counter()
@@ -289,10 +300,28 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         tps = done * tokens_per_step / elapsed
         by_domain = {name: float(all_seq[[i for i, n in enumerate(names) if n == name]].mean()) for name in set(names)}
         loss_value = float(all_seq.mean())
-        if not check_finite(loss_value, float(gnorm)):
-            heartbeat.beat(step, state="stopping")
-            raise _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch,
-                              loss=loss_value, grad_norm=float(gnorm))
+        if bad is not None or not check_finite(loss_value, float(gnorm)):
+            bad = bad or {"loss": loss_value, "grad_norm": float(gnorm)}
+            error = _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch, **bad)
+            t_bad, failed = time.time(), step + 1
+            heartbeat.beat(step, state="rollback")
+            back = _roll_back(ckpt_root, model, optimizer, loader, say)
+            if back is None:
+                heartbeat.beat(step, state="stopping")
+                raise error
+            step = start = schedule.last = back
+            skips, first_batch = load_skips(workdir), loader.step
+            ledger.start(loader.step, start, fresh=False)
+            if ctx.is_main:
+                _truncate_metrics(metrics_path, start)
+                append_event(workdir, "decision", failure="nonfinite", step=failed - 1, checkpoint_step=start,
+                             action="rollback", world=ctx.world_size, lost_steps=failed - 1 - start,
+                             why="reload the newest checkpoint in the running workers and skip the window",
+                             options=[{"action": "rollback", "world": ctx.world_size,
+                                       "cost_s": round((stop - start) * step_s, 3)}])
+            rolled_back = {"time": t_bad, "lost_steps": failed - 1 - start}
+            t0 = t_step = time.perf_counter()
+            continue
         mfu = fpt * tokens_per_step / step_s / (peak * ctx.world_size) if fpt and peak else None
         last = {"step": step + 1, "loss": loss_value, "loss_by_domain": by_domain, "lr": lr,
                 "grad_norm": float(gnorm), "tokens": (step + 1) * tokens_per_step,
@@ -317,6 +346,15 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
             save_checkpoint(ckpt_root, step + 1, model, optimizer, loader, ctx)
             schedule.saved(step + 1, time.perf_counter() - t_ckpt)
         heartbeat.beat(step + 1, step_s=step_s, busy_s=busy_s, wait_s=wait_s)
+        if rolled_back is not None:
+            if ctx.is_main:
+                append_event(workdir, "recovered", failure="nonfinite", step=step + 1, world=ctx.world_size,
+                             recovery_s=round(time.time() - rolled_back["time"], 3), detect_s=0.0,
+                             restart_s=0.0, lost_steps=rolled_back["lost_steps"])
+            say(f"recovered from a non-finite loss in place: step {step + 1} done "
+                f"{time.time() - rolled_back['time']:.1f} s after it")
+            rolled_back = None
+        step += 1
     if stop > start:
         save_checkpoint(ckpt_root, stop, model, optimizer, loader, ctx)
     if board is not None:
