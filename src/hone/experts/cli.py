@@ -32,7 +32,7 @@ def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories 
     log(f"{method} of {len(experts)} experts (weights {', '.join(f'{x:.3g}' for x in w)}) -> {out}")
 
 
-def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an [experts] section."),
+def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an experts section (experts.domain tables)."),
            workdir: Optional[Path] = WORKDIR,
            only: Optional[List[str]] = typer.Option(None, "--only", help="Train only this expert (repeat); others are left as they are."),
            resume: bool = typer.Option(False, "--resume", help="Continue unfinished experts from their newest checkpoint (default: start them over)."),
@@ -40,7 +40,7 @@ def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an [ex
            max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each expert after N steps (resume later)."),
            no_eval: bool = typer.Option(False, "--no-eval", help="Skip merging and the per-domain comparison."),
            prepare_only: bool = typer.Option(False, "--prepare-only", help="Build the seed and each expert's run directory, print the torchrun / Slurm command per expert, train nothing.")):
-    """Branch-Train-Merge: one expert per [[experts.domain]], each an independent, resumable job.
+    """Branch-Train-Merge: one expert per experts.domain table of the recipe, each an independent, resumable job.
 
     Finished experts are never retrained; a domain added to the recipe later trains only its
     own expert. Each expert's directory is a run directory the training engine can resume on
