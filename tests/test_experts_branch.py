@@ -69,6 +69,8 @@ BIO = """
 name = "bio"
 keywords = ["gene", "protein", "enzyme", "cell"]
 top_k = 50
+branch_from = ["legal", "code"]
+branch_weights = [3, 1]
 """
 
 
@@ -144,6 +146,17 @@ def test_adding_a_domain_trains_only_the_new_expert(branched):
     assert any(line.startswith("[legal] finished earlier") for line in logs)
     assert not any(line.startswith("[legal] step") or line.startswith("[code] step") for line in logs)
     assert (root / "bio" / "expert.json").exists()
+    # BTM's later branching: the new expert starts from the 3:1 average of the earlier two.
+    from safetensors.torch import load_file
+
+    from hone.experts.merge import average_state_dicts
+
+    start = root / "bio" / "branch_point"
+    assert json.loads((root / "bio" / "recipe.json").read_text())["recipe"]["model"]["path"] == str(start.resolve())
+    want = average_state_dicts([load_file(str(root / n / "final" / "model.safetensors")) for n in ("legal", "code")],
+                               [0.75, 0.25])
+    got = load_file(str(start / "model.safetensors"))
+    assert all(bool((got[k] == want[k]).all()) for k in want)
     out = json.loads((root / "eval.json").read_text())
     assert out["domains"] == ["legal", "code", "bio"] and out["cost"]["ensemble"]["forward_passes_per_token"] == 3
 
