@@ -241,3 +241,31 @@ def test_nan_before_any_checkpoint_stops_then_resume_skips(token_dirs, tmp_path,
     _run(token_dirs, wd, steps=4, resume=True)  # no checkpoint: from the start, without batch 1
     a = audit(wd / "samples.jsonl", seq_len=16)
     assert a["problems"] == [] and (a["trained"], a["skipped"], a["batches"]) == (4, 1, 5)
+
+
+def test_supervisor_grows_back_after_the_repair_at_a_new_checkpoint(tmp_path):
+    """Shrunk to 3 of 4 workers: once the lost device is repaired and a newer checkpoint is
+    written, the supervisor prices staying vs restarting on 4 and grows when that pays."""
+    import time
+
+    from hone.heal.supervisor import Attempt, Supervisor
+
+    base = {"data": {"inputs": ["x.jsonl"]}, "curate": {"domain": {"keywords": ["gene"]}},
+            "train": {"seq_len": 8, "batch_size": 12, "max_tokens": 8 * 12 * 100}}
+    recipe = parse_recipe(base, "r.toml")
+    sup = Supervisor(recipe, tmp_path, nproc=4, max_steps=None, log=lambda m: None)
+    sup.world, sup.restart_s = 3, [5.0]
+    sup.step_s.update({4: [1.0], 3: [1.3]})
+    sup.repair_at = [time.time() + 60]
+    ckpt = tmp_path / "checkpoints" / "step_000020"
+    ckpt.mkdir(parents=True)
+    (ckpt / ".metadata").write_text("")
+    (ckpt / "trainer_state.json").write_text("{}")
+    a = Attempt(world=3, launched=time.time(), first_beat=time.time(), last_step=21, start_checkpoint=10)
+    assert not sup._should_grow(a)  # the device is still being repaired
+    sup.repair_at = [time.time() - 1]
+    assert sup._should_grow(a)  # 79 steps x 0.3 s saved > 5 s restart + 1 step redone
+    decision = json.loads((tmp_path / "events.jsonl").read_text().splitlines()[-1])
+    assert (decision["failure"], decision["action"], decision["world"]) == ("repaired", "grow", 4)
+    assert {o["action"] for o in decision["options"]} == {"stay", "grow"}
+    assert not sup._should_grow(a)  # each checkpoint is priced once

@@ -270,9 +270,12 @@ class Supervisor:
                          world=a.world, step=a.last_step, exit_status=a.returncode, ranks=a.failures)
         s = self._situation(a)
         decision = decide(failure, s)
+        w = decision.chosen.world
+        plan = {"dp": w // self.t.tp, "tp": self.t.tp, "rows_per_rank": self.t.batch_size // max(1, w // self.t.tp),
+                "global_batch": self.t.batch_size} if w else None  # the worker builds it: plan_from_recipe
         append_event(self.workdir, "decision", failure=failure.kind, step=a.last_step,
                      checkpoint_step=s.checkpoint_step, step_s={str(k): round(v, 4) for k, v in s.step_s.items()},
-                     restart_s=round(s.restart_s, 3), **decision.to_json())
+                     restart_s=round(s.restart_s, 3), plan=plan, **decision.to_json())
         costs = ", ".join(f"{o.action} on {o.world}: {o.cost_s:.1f} s" for o in decision.options)
         self.say(f"{failure.kind} ({failure.detail}) at step {a.last_step}; newest checkpoint step "
                  f"{s.checkpoint_step}; expected time to finish: {costs} -> {decision.chosen.action}")
