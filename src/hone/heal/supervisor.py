@@ -135,7 +135,7 @@ class Supervisor:
 
     def _watch(self, proc: subprocess.Popen, a: Attempt) -> None:
         history: dict[int, deque] = defaultdict(lambda: deque(maxlen=5))
-        seen_step: dict[int, int] = {}
+        seen_step: dict[int, tuple] = {}
         pids: set[int] = set()
         while proc.poll() is None:
             now = time.time()
