@@ -4,6 +4,11 @@ dense progress line, and resumable DCP checkpoints.
 One code path for 1 process and for N under torchrun: every rank builds the same global
 batch from the deterministic mixture loader and keeps its data-parallel slice of rows, so
 N processes see exactly the data 1 process sees, and the logged losses are the global ones.
+
+For self-healing (hone.heal): a NaN/inf gradient norm or loss skips the optimizer step,
+puts the batch window in ``heal/skips.json`` and reloads the newest checkpoint in place;
+every loader batch goes to the sample ledger ``samples.jsonl``; under the supervisor each
+rank rewrites a heartbeat after every step.
 """
 
 from __future__ import annotations
