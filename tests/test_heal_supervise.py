@@ -58,13 +58,13 @@ def reference(prepared):
 
 def test_kill9_of_one_of_four_workers_finishes_on_three(prepared, reference, monkeypatch, capfd):
     wd = _copy(prepared, "killed")
-    # Rank 1 is also a straggler: half a second more per step.
-    monkeypatch.setenv("HONE_FAULT", "kill:step=6:rank=2;slow:step=1:rank=1:ms=500")
+    # Rank 1 is also a straggler: 0.3 s more per step.
+    monkeypatch.setenv("HONE_FAULT", "kill:step=6:rank=2;slow:step=1:rank=1:ms=300")
     _train(prepared, wd, supervise=True, nproc=4)
     assert "Traceback" not in capfd.readouterr().err
     events = _events(wd)
     slow = [e for e in events if e["kind"] == "straggler"]
-    assert [e["rank"] for e in slow] == [1] and slow[0]["ratio"] > 1.5 and slow[0]["busy_s"] > 0.5
+    assert [e["rank"] for e in slow] == [1] and slow[0]["ratio"] > 1.5 and slow[0]["busy_s"] > 0.3
     events = [e for e in events if e["kind"] != "straggler"]
     kinds = [e["kind"] for e in events]
     assert kinds == ["supervise", "failure", "decision", "recovered", "finished"], kinds

@@ -238,7 +238,7 @@ class HealConfig(_Section):
     hang_min_s: float = Field(60.0, gt=0, description="Shortest wait without step progress before a hang is declared, seconds.")
     startup_s: float = Field(600.0, gt=0, description="Time allowed from launch to the first completed step (model load, checkpoint read), seconds.")
     straggler_factor: float = Field(1.5, gt=1, description="A straggler: a rank whose own work per step exceeds this many times the other ranks' median.")
-    straggler_min_s: float = Field(0.05, ge=0, description="... and by at least this many seconds (ignores jitter on fast steps).")
+    straggler_min_s: float = Field(0.05, ge=0, description="A straggler must also exceed that median by at least this many seconds (ignores jitter on fast steps).")
     repair_s: float = Field(600.0, ge=0, description="Expected time until a lost worker's device is usable again (a replacement node), seconds: the policy waits for it or shrinks.")
     max_restarts: int = Field(10, ge=0, description="Give up after this many recoveries.")
 
