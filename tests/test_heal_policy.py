@@ -192,6 +192,14 @@ def test_audit_resolves_roll_backs_and_finds_repeats(tmp_path):
     assert any("consumed twice" in p for p in audit(tmp_path / "dup.jsonl", seq_len=4)["problems"])
     _ledger(tmp_path / "gap.jsonl", [{"resume": 0}, batch(0, 1, 0), batch(1, 2, 8)])
     assert any("gap before epoch 0 position 8" in p for p in audit(tmp_path / "gap.jsonl", seq_len=4)["problems"])
+    # A new epoch after position 4 of a 12-token stream is right (a window of 5 at 8 would not fit)...
+    wrap = [{"resume": 0}, batch(0, 1, 0), batch(1, 2, 4), {"batch": 2, "step": 3, "status": "trained",
+                                                           "ids": ["d:1:0", "g:1:0"]}]
+    _ledger(tmp_path / "wrap.jsonl", wrap)
+    assert audit(tmp_path / "wrap.jsonl", seq_len=4, lengths={"d": 12, "g": 12})["problems"] == []
+    # ... but in a 20-token stream the window at 8 was skipped over.
+    bad = audit(tmp_path / "wrap.jsonl", seq_len=4, lengths={"d": 20, "g": 12})["problems"]
+    assert bad == ["d: gap before epoch 1 position 0"]
 
 
 def _run(token_dirs, workdir, *, resume=False, steps=10):

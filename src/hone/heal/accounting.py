@@ -43,8 +43,12 @@ def effective(lines: list[dict]) -> list[dict]:
     return kept
 
 
-def audit(path: Path, seq_len: int) -> dict:
-    """Counts and every violation of exactly-once consumption (empty lists when exact)."""
+def audit(path: Path, seq_len: int, lengths: dict[str, int] | None = None) -> dict:
+    """Counts and every violation of exactly-once consumption (empty lists when exact).
+
+    With ``lengths`` (tokens per stream) a new epoch must also start only when the previous
+    one is used up: the loader wraps when the next window of ``seq_len + 1`` tokens no longer fits.
+    """
     lines = read_ledger(path)
     batches = effective(lines)
     problems: list[str] = []
@@ -68,7 +72,10 @@ def audit(path: Path, seq_len: int) -> dict:
                 ok = (epoch, pos) == (0, 0)
             else:
                 pe, pp = seq[i - 1]
-                ok = (epoch == pe and pos == pp + seq_len) or (epoch == pe + 1 and pos == 0)
+                wrapped = epoch == pe + 1 and pos == 0
+                ok = (epoch == pe and pos == pp + seq_len) or wrapped
+                if wrapped and lengths and name in lengths and pp + 2 * seq_len + 1 <= lengths[name]:
+                    ok = False  # the epoch ended early: its last windows were never consumed
             if not ok:
                 problems.append(f"{name}: gap before epoch {epoch} position {pos}")
     return {"batches": len(batches), "trained": len(steps),

@@ -54,10 +54,14 @@ def heal_context(workdir: Path) -> dict | None:
 
         seq_len = None
         recipe = Path(workdir) / "recipe.json"
-        if recipe.exists():
-            from hone.rundir import read_json
+        from hone.rundir import read_json
 
+        if recipe.exists():
             seq_len = read_json(recipe).get("recipe", {}).get("train", {}).get("seq_len")
         if seq_len:
-            ctx["accounting"] = audit(Path(workdir) / "samples.jsonl", seq_len)
+            lengths = {}
+            for index in (Path(workdir) / "tokens" / "train").glob("*/index.json"):
+                lengths[index.parent.name] = read_json(index).get("tokens")
+            ctx["accounting"] = audit(Path(workdir) / "samples.jsonl", seq_len,
+                                      {k: v for k, v in lengths.items() if v})
     return ctx
