@@ -277,3 +277,15 @@ def test_supervisor_grows_back_after_the_repair_at_a_new_checkpoint(tmp_path):
     assert (decision["failure"], decision["action"], decision["world"]) == ("repaired", "grow", 4)
     assert {o["action"] for o in decision["options"]} == {"stay", "grow"}
     assert not sup._should_grow(a)  # each checkpoint is priced once
+
+
+def test_the_same_rank_failing_twice_is_escalated_to_a_lost_device(tmp_path):
+    from hone.heal.supervisor import Attempt, Supervisor
+
+    recipe = parse_recipe({"data": {"inputs": ["x.jsonl"]}, "curate": {"domain": {"keywords": ["gene"]}}}, "r.toml")
+    sup = Supervisor(recipe, tmp_path, nproc=4, max_steps=None, log=lambda m: None)
+    failed = [{"rank": 3, "exitcode": 1, "time": 1}, {"rank": 0, "exitcode": TERM, "time": 1}]
+    first = sup._classify(Attempt(world=4, launched=0.0, failures=failed))
+    assert (first.kind, first.rank) == ("transient", 3)  # retry in place first
+    again = sup._classify(Attempt(world=4, launched=0.0, failures=failed))
+    assert (again.kind, again.rank) == ("worker_lost", 3) and "second time" in again.detail

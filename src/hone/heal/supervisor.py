@@ -75,6 +75,7 @@ class Supervisor:
         self.hw_failures = 0
         self.pending: dict | None = None                           # the failure awaiting its recovery
         self.reported: set[int] = set()
+        self.transient: dict[tuple[int, int], int] = defaultdict(int)  # (world, rank) -> failures
         self.dir = heal_dir(self.workdir)
 
     # -- the loop ---------------------------------------------------------------------------------
@@ -239,7 +240,13 @@ class Supervisor:
     def _classify(self, a: Attempt) -> Failure:
         if a.outcome == "hang":
             return classify([], hung=True)
-        return classify(a.failures)
+        f = classify(a.failures)
+        if f.kind == "transient" and f.rank is not None:
+            # Tiered response: a retry in place first; the same rank failing again is a bad device.
+            self.transient[(a.world, f.rank)] += 1
+            if self.transient[(a.world, f.rank)] >= 2:
+                return Failure("worker_lost", f.rank, f"{f.detail}, the second time: treated as a bad device")
+        return f
 
     def _situation(self, a: Attempt) -> Situation:
         from hone.train.checkpoint import latest_checkpoint
