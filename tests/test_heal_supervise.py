@@ -16,7 +16,7 @@ from hone.recipe import load_recipe
 from test_train_distributed import _hone, _metrics, _recipe_text
 
 STEPS = 8
-HEAL = "\n[heal]\nrepair_s = 3600\nhang_min_s = 4\nhang_factor = 5\n"
+HEAL = "\n[heal]\nrepair_s = 3600\nhang_min_s = 4\nhang_factor = 5\nstraggler_min_s = 0.15\n"
 
 
 @pytest.fixture(scope="module")
