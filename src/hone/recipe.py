@@ -162,6 +162,7 @@ class MixConfig(_Section):
     tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, description="Token budgets evaluated in each proxy run (default: 1/4, 1/2, 1 x train.max_tokens).")
     base_tokens: int = Field(0, ge=0, description="General-only training of the base before the sweep (for a random model, which has nothing to forget).")
     lr: float | None = Field(None, gt=0, description="Proxy learning rate, constant after warm-up (default: train.lr).")
+    orders: int = Field(1, ge=1, le=64, description="Data orders per ratio: each runs.jsonl point is the mean of this many proxy runs (order 0 reads the streams from their start, order k from random windows drawn with seed k); sd and every value are kept beside it.")
     general_set: str = Field("general", description="Evaluation set whose loss is the general loss.")
     domain_set: str = Field("domain", description="Evaluation set whose loss is the domain loss.")
 

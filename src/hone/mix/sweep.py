@@ -12,6 +12,16 @@ plus one ``tokens: 0`` line per ratio for the base model (the loss before contin
 pretraining, the CMR tolerance's reference). A re-run skips the lines already written and
 resumes an interrupted ratio from its checkpoint under ``mix/runs/``.
 
+With ``mix.orders = K`` > 1 each ratio is trained K times with different data orders (order
+0 is the single run above; order k starts every stream at a random window drawn with seed
+k), each order's points go to ``mix/orders.jsonl``, and the runs.jsonl line of a (ratio,
+budget) is their mean, written once all K are measured, with extra fields the fitter
+ignores: ``orders``, ``general_loss_sd`` / ``domain_loss_sd`` (over orders) and
+``general_losses`` / ``domain_losses`` (every order's value). One proxy run follows one
+data order, and its noise (0.01–0.04 nats on the tiny recipe) is larger than the effect of
+a few tenths of ratio; the mean of K orders has about 1/√K of it. A re-run skips finished
+orders as well as finished points.
+
 With ``mix.base_tokens`` > 0 the base is first trained on general text only (for a random
 model, which has no general knowledge to forget otherwise); it is kept in ``mix/base/``.
 
@@ -27,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from hone.errors import HoneError
@@ -48,6 +59,35 @@ def _done_points(path: Path) -> set[tuple[float, float]]:
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {(round(r["ratio"], 6), float(r["tokens"])) for r in rows}
+
+
+def _order_points(path: Path) -> dict[tuple[float, float, int], dict]:
+    """mix/orders.jsonl rows by (ratio, tokens, order)."""
+    if not path.exists():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {(round(r["ratio"], 6), float(r["tokens"]), int(r["order"])): r for r in rows}
+
+
+def order_seed(order: int) -> int | None:
+    """Order 0 reads every stream from its start (a plain sweep); order k from windows drawn with seed k."""
+    return None if order == 0 else order
+
+
+def _run_name(ratio: float, order: int) -> str:
+    return f"r{ratio:.4f}" if order == 0 else f"r{ratio:.4f}-o{order}"
+
+
+def _mean_row(rows: list[dict]) -> dict:
+    """One runs.jsonl line from the same (ratio, budget) measured over several data orders."""
+    out = {k: rows[0][k] for k in ("model_params", "ratio", "tokens")}
+    out["orders"] = len(rows)
+    for key in ("general_loss", "domain_loss"):
+        vals = np.array([r[key] for r in rows], dtype=float)
+        out[key] = float(vals.mean())
+        out[f"{key}_sd"] = float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+        out[key.replace("_loss", "_losses")] = [float(v) for v in vals]
+    return out
 
 
 def _proxy_train_config(recipe: Recipe, total_tokens: int):
@@ -175,7 +215,8 @@ def run_sweep(recipe: Recipe, workdir: Path, log: Log = print) -> Path:
     per_step = recipe.train.seq_len * recipe.train.batch_size
     if min(token_budgets) < per_step:
         raise HoneError(f"mix.tokens: budget {min(token_budgets)} is less than one step ({per_step} tokens)")
-    log(f"mix: sweep of ratios {list(recipe.mix.ratios)} x budgets {token_budgets} tokens -> {out}")
+    orders = f" x {recipe.mix.orders} data orders" if recipe.mix.orders > 1 else ""
+    log(f"mix: sweep of ratios {list(recipe.mix.ratios)} x budgets {token_budgets} tokens{orders} -> {out}")
     base = _base_model(recipe, workdir, model, log)
     n_params = sum(p.numel() for p in base.parameters())
     before = None
@@ -184,6 +225,38 @@ def run_sweep(recipe: Recipe, workdir: Path, log: Log = print) -> Path:
             before = before or _eval_losses(recipe, base, tok, eval_sets)
             append_jsonl(out, {"model_params": n_params, "ratio": ratio, "tokens": 0, **before})
         skip = {t for r, t in done if r == round(ratio, 6)}
-        proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, mixdir / "runs" / f"r{ratio:.4f}",
-                  skip=skip, on_point=lambda row: append_jsonl(out, row), log=log)
+        if recipe.mix.orders == 1:
+            proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, mixdir / "runs" / _run_name(ratio, 0),
+                      skip=skip, on_point=lambda row: append_jsonl(out, row), log=log)
+        else:
+            _ratio_over_orders(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, skip, out, log)
     return out
+
+
+def _ratio_over_orders(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Path], ratio: float,
+                       token_budgets: list[int], finished: set[float], out: Path, log: Log) -> None:
+    """mix.orders proxy runs at ``ratio`` (each order's points in mix/orders.jsonl), then one
+    mean line per budget not yet in runs.jsonl."""
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    wanted = [t for t in sorted({max(1, b // per_step) * per_step for b in token_budgets}) if t not in finished]
+    if not wanted:
+        return
+    path = out.parent / "orders.jsonl"
+    measured = _order_points(path)
+    key = round(ratio, 6)
+
+    def record(row: dict, order: int) -> None:
+        row = {**row, "order": order}
+        append_jsonl(path, row)
+        measured[(key, float(row["tokens"]), order)] = row
+
+    for k in range(recipe.mix.orders):
+        skip = set(finished) | {t for r, t, o in measured if r == key and o == k}
+        proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, out.parent / "runs" / _run_name(ratio, k),
+                  skip=skip, offset_seed=order_seed(k), on_point=lambda row, k=k: record(row, k),
+                  log=lambda m, k=k: log(f"{m} [order {k}]"))
+    for t in wanted:
+        row = _mean_row([measured[(key, float(t), k)] for k in range(recipe.mix.orders)])
+        append_jsonl(out, row)
+        log(f"mix: ratio {ratio:.3f} tokens {t:>9,} mean of {row['orders']} orders: general {row['general_loss']:.4f} "
+            f"(sd {row['general_loss_sd']:.4f}) domain {row['domain_loss']:.4f} (sd {row['domain_loss_sd']:.4f})")
