@@ -216,6 +216,7 @@ def test_bad_input_is_one_line(separated, tmp_path, capsys):
         (["merge", str(separated["a"]), str(other), "-o", str(tmp_path / "x")], "experts must share one architecture"),
         (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "vote"], "--method 'vote'"),
         (["eval", str(tmp_path / "nope"), "--data", f"a={separated['a_heldout']}"], "file not found"),
+        (["merge", str(separated["a"]), str(separated["b"]), "-o", str(separated["a"])], "would replace the expert"),
     ]
     for args, msg in cases:
         code, err = hone(capsys, *args)

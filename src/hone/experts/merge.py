@@ -75,6 +75,14 @@ def _file_hash(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
+def check_out(paths: list[Path], out: Path) -> None:
+    """The output directory is swapped in whole: it must not be (or hold) one of the inputs."""
+    target = Path(out).resolve()
+    for p in paths:
+        if Path(p).resolve() == target or target in Path(p).resolve().parents:
+            raise HoneError(f"-o {out}: would replace the expert {p}; choose another output directory")
+
+
 def check_experts(paths: list[Path], same_shapes: bool) -> list[dict]:
     """Configs of the experts; HoneError naming the first difference that forbids merging."""
     if not paths:
@@ -139,6 +147,7 @@ def average(paths: list[Path], out: Path, weights: list[float] | None = None) ->
     paths = [Path(p) for p in paths]
     weights = normalize_weights(list(weights), len(paths)) if weights is not None else [1 / len(paths)] * len(paths)
     configs = check_experts(paths, same_shapes=True)
+    check_out(paths, out)
     states = [_read_weights(p) for p in paths]
     merged = average_state_dicts(states, weights, [str(p) for p in paths])
     with atomic_dir(Path(out)) as tmp:
@@ -161,6 +170,7 @@ def ensemble(paths: list[Path], out: Path, weights: list[float] | None = None, *
     if not 0.0 <= smoothing <= 1.0:
         raise HoneError(f"--smoothing: must be in [0, 1] (got {smoothing})")
     configs = check_experts(paths, same_shapes=False)
+    check_out(paths, out)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     names = _expert_names(paths)
