@@ -146,6 +146,17 @@ def test_smoothing_keeps_a_floor_under_every_expert(separated, tmp_path):
     assert torch.allclose(w.sum(0), torch.ones_like(w[0]))
 
 
+def test_cached_prior_follows_the_sample(separated, tmp_path, capsys):
+    ens = tmp_path / "ens"
+    code, err = hone(capsys, "merge", str(separated["a"]), str(separated["b"]), "-o", str(ens), "--method", "ensemble",
+                     "--prior-data", str(separated["b_heldout"]))
+    assert code == 0, err
+    prior = [e["prior"] for e in json.loads((ens / "ensemble.json").read_text())["experts"]]
+    assert prior[1] > 0.95 and sum(prior) == pytest.approx(1.0)  # a sample of 'b' text: b's expert first
+    model, _ = load_model(ens)
+    assert model.log_prior.exp().tolist() == pytest.approx(prior)
+
+
 def hone(capsys, *args) -> tuple[int, str]:
     """Run the `hone` entry point in this process (no torch import per call): (status, stderr)."""
     from hone.cli import main
@@ -217,6 +228,7 @@ def test_bad_input_is_one_line(separated, tmp_path, capsys):
         (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "vote"], "--method 'vote'"),
         (["eval", str(tmp_path / "nope"), "--data", f"a={separated['a_heldout']}"], "file not found"),
         (["merge", str(separated["a"]), str(separated["b"]), "-o", str(separated["a"])], "would replace the expert"),
+        (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "ensemble", "--prior-data", str(tmp_path / "no.jsonl")], "evaluation set not found"),
     ]
     for args, msg in cases:
         code, err = hone(capsys, *args)

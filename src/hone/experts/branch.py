@@ -336,7 +336,9 @@ def run_branch(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = None
     complete = True
     for spec in todo:
         complete &= b.train_expert(spec, seed_dir, resume, max_steps)
-    if with_joint and not only:
+    if with_joint and only:
+        log("--with-joint is skipped with --only: the joint model needs every domain; run without --only")
+    elif with_joint:
         complete &= b.joint(seed_dir, resume, max_steps)
     if not complete or not evaluate:
         return {}

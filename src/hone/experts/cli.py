@@ -16,7 +16,8 @@ def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories 
           weights: Optional[str] = typer.Option(None, "--weights", help="w1,w2,... one per expert, normalized (default: uniform). The prior for an ensemble."),
           method: str = typer.Option("average", "--method", help="average: one HF checkpoint of averaged parameters; ensemble: mix the experts' predictions by domain posterior."),
           prefix_cap: Optional[int] = typer.Option(None, "--prefix-cap", help="Ensemble: posterior from the last N context tokens only."),
-          smoothing: float = typer.Option(0.0, "--smoothing", help="Ensemble: share of the prior mixed into the posterior.")):
+          smoothing: float = typer.Option(0.0, "--smoothing", help="Ensemble: share of the prior mixed into the posterior."),
+          prior_data: Optional[List[Path]] = typer.Option(None, "--prior-data", help="Ensemble: JSON-lines sample of the target data; the prior becomes the experts' mean posterior on it (BTM's cached prior). Repeat.")):
     """Merge experts into one checkpoint (parameter average) or an ensemble `hone eval` can score."""
     from hone.experts.merge import average, ensemble, parse_weights
 
@@ -26,10 +27,33 @@ def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories 
             raise HoneError("--prefix-cap and --smoothing apply to --method ensemble only")
         average(experts, out, w)
     elif method == "ensemble":
+        if prior_data and weights is not None:
+            raise HoneError("give --weights or --prior-data, not both")
+        from hone.evaluate import read_texts
+
+        texts = [t for p in prior_data or [] for t in read_texts(p)]  # a missing file fails before writing
         ensemble(experts, out, w, prefix_cap=prefix_cap, smoothing=smoothing)
+        if prior_data:
+            w = _cache_prior(out, texts, prior_data)
     else:
         raise HoneError(f"--method {method!r}: expected average or ensemble")
     log(f"{method} of {len(experts)} experts (weights {', '.join(f'{x:.3g}' for x in w)}) -> {out}")
+
+
+def _cache_prior(out: Path, texts: list[str], prior_data: List[Path]) -> list[float]:
+    """Rewrite the ensemble's prior as its mean posterior on ``texts`` (read from ``prior_data``)."""
+    from hone.experts.ensemble import cached_prior, load_ensemble
+    from hone.experts.merge import ENSEMBLE_FILE
+    from hone.rundir import read_json, write_json
+
+    model, tok = load_ensemble(out)
+    prior = cached_prior(model, tok, texts)
+    manifest = read_json(out / ENSEMBLE_FILE)
+    for e, w in zip(manifest["experts"], prior):
+        e["prior"] = w
+    manifest["prior_from"] = [str(p) for p in prior_data]
+    write_json(out / ENSEMBLE_FILE, manifest)
+    return prior
 
 
 def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an experts section (experts.domain tables)."),

@@ -69,6 +69,24 @@ class EnsembleLM(nn.Module):
         return torch.logsumexp(lp + log_w.unsqueeze(-1), dim=0)
 
 
+@torch.no_grad()
+def cached_prior(model: EnsembleLM, tokenizer, texts: list[str], max_tokens: int = 4000, seq_len: int = 512) -> list[float]:
+    """BTM's "cached prior": the experts' posterior at the end of each document of a sample of
+    the data the ensemble will see, averaged over the documents. A skewed test mixture
+    then starts every document with its skew instead of a uniform prior."""
+    from hone.evaluate import encode_docs
+
+    docs = encode_docs(texts, tokenizer, max_tokens, seq_len)
+    if not docs:
+        raise HoneError("--prior-data: no text to estimate the prior from")
+    uniform = EnsembleLM(list(model.experts), [1.0] * len(model.experts), prefix_cap=model.prefix_cap)
+    total = torch.zeros(len(model.experts), dtype=torch.float64)
+    for ids, _ in docs:
+        x = torch.tensor([ids], device=next(model.parameters()).device)
+        total += uniform.log_posterior(x)[:, 0, -1].double().exp().cpu()
+    return (total / len(docs)).tolist()
+
+
 def load_ensemble(path: Path, dtype: torch.dtype | None = None):
     """(EnsembleLM, tokenizer) from a directory written by ``hone merge --method ensemble``."""
     from tokenizers import Tokenizer
