@@ -33,6 +33,19 @@ def test_phases_from_the_recipe_and_the_mixture_file(tmp_path):
                                   "train.upsample_ratio": 0.6})) == [(0, 0.3), (n - 30, 0.6)]
 
 
+def test_relative_mixture_path_is_read_beside_the_recipe(tmp_path, monkeypatch):
+    from hone.pipeline import mixture_phases
+
+    (tmp_path / "recipes").mkdir()
+    write_mixture(tmp_path / "recipes" / "fitted.json", make_schedule(0.4, 0.0, None))
+    text = shipped_recipe("tiny-cpu").read_text().replace("[train]\n", '[train]\nmixture = "fitted.json"\n', 1)
+    (tmp_path / "recipes" / "r.toml").write_text(text)
+    monkeypatch.chdir(tmp_path)  # the file is not in the working directory
+    recipe = load_recipe("recipes/r.toml")
+    assert recipe.train.mixture == str((tmp_path / "recipes" / "fitted.json").resolve())
+    assert mixture_phases(recipe) == [(0, 0.4)]
+
+
 def test_loader_follows_the_mixture_file(tmp_path, token_dirs):
     from hone.pipeline import build_loader
 

@@ -285,6 +285,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise HoneError(f"{path}: invalid TOML: {e}") from None
+    _resolve_beside(data, path)
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -292,6 +293,17 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
             node = node.setdefault(key, {})
         node[leaf] = value
     return parse_recipe(data, str(path))
+
+
+def _resolve_beside(data: dict, recipe_path: Path) -> None:
+    """A relative ``train.mixture`` names a file beside the recipe (a recipe ships with its
+    fitted mixture); a path that exists only from the working directory keeps working."""
+    train = data.get("train")
+    mixture = train.get("mixture") if isinstance(train, dict) else None
+    if isinstance(mixture, str) and mixture and not Path(mixture).is_absolute():
+        beside = recipe_path.parent / mixture
+        if beside.exists():
+            train["mixture"] = str(beside.resolve())
 
 
 def shipped_recipe(name: str) -> Path:
