@@ -11,7 +11,6 @@ ensemble mixes next-token distributions over one vocabulary.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hone.errors import HoneError
-from hone.rundir import atomic_dir, write_json
+from hone.rundir import atomic_dir, read_json, write_json
 
 ENSEMBLE_FILE = "ensemble.json"
 ENSEMBLE_FORMAT = "hone-ensemble"
@@ -65,10 +64,7 @@ def _config(path: Path) -> dict:
     cfg = path / "config.json"
     if not cfg.is_file():
         raise HoneError(f"{cfg}: file not found (not a Hugging Face model directory?)")
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HoneError(f"{cfg}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return read_json(cfg)
 
 
 def _file_hash(path: Path) -> str | None:
