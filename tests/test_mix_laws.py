@@ -234,3 +234,22 @@ def test_cli_missing_files_and_bad_predict(tmp_path):
     assert r.returncode == 2 and r.stderr.strip() == "error: --ratio 1.5 is outside [0, 1]"
     r = hone("fit", str(runs), "--law", "magic", "-o", str(tmp_path / "x.json"))
     assert r.returncode == 2 and "--law 'magic'" in r.stderr
+
+
+def test_choice_stays_inside_the_measured_ratios_and_needs_positive_losses():
+    import numpy as np
+
+    from hone.mix.laws import choose_ratio
+
+    # A law that extrapolates to a negative domain loss below its lowest measured ratio.
+    def predict(r, t):
+        r = np.asarray(r, dtype=float)
+        return {"general_loss": np.full_like(r, 2.5), "domain_loss": 2.0 + 8.0 * (r - 0.25) ** 2 - 0.5 / (r + 0.01) ** 0.2 * (r < 0.2)}
+
+    unbounded = choose_ratio(predict, 1e4, 0.05, 2.5)
+    assert unbounded["ratio"] < 0.25
+    bounded = choose_ratio(predict, 1e4, 0.05, 2.5, measured=(0.25, 1.0))
+    assert bounded["ratio"] == 0.25 and bounded["ratio_range"] == [0.25, 1.0] and bounded["physical"]
+    negative = choose_ratio(lambda r, t: {"general_loss": np.full_like(np.asarray(r, float), 2.5),
+                                          "domain_loss": np.asarray(r, float) - 0.5}, 1e4, 0.05, 2.5)
+    assert not negative["physical"]

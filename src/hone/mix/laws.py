@@ -288,10 +288,19 @@ def reference_losses(points: list[dict], model_params) -> dict[str, float | None
     return ref
 
 
-def choose_ratio(predict, tokens: float, tolerance: float, general_before: float | None) -> dict:
+def choose_ratio(predict, tokens: float, tolerance: float, general_before: float | None,
+                 measured: tuple[float, float] = (0.0, 1.0)) -> dict:
     """Lowest predicted domain loss among ratios whose general loss is within ``tolerance``
-    of ``general_before`` (or, without it, of the prediction at ratio 0)."""
-    pred = predict(GRID, tokens)
+    of ``general_before`` (or, without it, of the prediction at the lowest ratio).
+
+    Only ratios inside the ``measured`` range are candidates: a law extrapolated past its
+    points can promise anything (D-CPT's C/(r+eps)^gamma term gave a negative domain loss
+    at ratio 0 on a sweep that started at 0.25). ``physical`` says every prediction there
+    is a positive loss; ``fit_mixture`` never lets a non-physical law choose.
+    """
+    lo, hi = measured
+    grid = GRID[(GRID >= lo - 1e-9) & (GRID <= hi + 1e-9)]
+    pred = predict(grid, tokens)
     g, d = pred["general_loss"], pred["domain_loss"]
     reference = general_before if general_before is not None else float(g[0])
     feasible = g <= reference + tolerance
@@ -299,10 +308,12 @@ def choose_ratio(predict, tokens: float, tolerance: float, general_before: float
         i = int(np.flatnonzero(feasible)[np.argmin(d[feasible])])
     else:
         i = int(np.argmin(g))
-    critical = float(GRID[np.flatnonzero(feasible)].max()) if feasible.any() else 0.0
-    return {"ratio": float(GRID[i]), "tokens": tokens, "general_loss": float(g[i]), "domain_loss": float(d[i]),
+    critical = float(grid[np.flatnonzero(feasible)].max()) if feasible.any() else 0.0
+    return {"ratio": float(grid[i]), "tokens": tokens, "general_loss": float(g[i]), "domain_loss": float(d[i]),
             "feasible": bool(feasible.any()), "critical_ratio": critical, "reference_general_loss": reference,
-            "reference": "before" if general_before is not None else "ratio 0"}
+            "reference": "before" if general_before is not None else "lowest ratio",
+            "ratio_range": [float(grid[0]), float(grid[-1])],
+            "physical": bool(np.all(np.isfinite(g)) and np.all(np.isfinite(d)) and (g > 0).all() and (d > 0).all())}
 
 
 def fit_mixture(points: list[dict], *, law: str = "both", tolerance: float = 0.05,
@@ -323,20 +334,28 @@ def fit_mixture(points: list[dict], *, law: str = "both", tolerance: float = 0.0
     out = {"version": 1, "tolerance": tolerance, "target_tokens": target, "model_params": size,
            "loss_before": ref, "laws": {}, "points": points}
     choices = {}
+    ratios = [p["ratio"] for p in trained]
+    measured = (min(ratios), max(ratios))
     if law in ("cmr", "both"):
         own = [p for p in points if size is None or p["model_params"] in (None, size)]
         fit = fit_cmr(own, source)
         fit["model_params"] = size
         fit["critical_ratio_by_tokens"] = _critical_by_tokens(fit, tolerance, ref["general_loss"])
         out["laws"]["cmr"] = fit
-        choices["cmr"] = choose_ratio(lambda r, t: predict_cmr(fit, r, t), target, tolerance, ref["general_loss"])
+        choices["cmr"] = choose_ratio(lambda r, t: predict_cmr(fit, r, t), target, tolerance, ref["general_loss"],
+                                       measured)
     if law in ("dcpt", "both"):
         fit = fit_dcpt_law(points, source)
         out["laws"]["dcpt"] = fit
-        choices["dcpt"] = choose_ratio(lambda r, t: predict_dcpt(fit, r, t, size), target, tolerance, ref["general_loss"])
+        choices["dcpt"] = choose_ratio(lambda r, t: predict_dcpt(fit, r, t, size), target, tolerance,
+                                        ref["general_loss"], measured)
     for name, c in choices.items():
         out["laws"][name]["choice"] = c
-    best = max(choices, key=lambda k: mean_r2(out["laws"][k]))
+    usable = [k for k in choices if choices[k]["physical"]]
+    if not usable:
+        raise HoneError(f"{source}: no law gives positive losses over the measured ratios "
+                        f"{measured[0]:g}..{measured[1]:g}; measure more points")
+    best = max(usable, key=lambda k: mean_r2(out["laws"][k]))
     out["chosen"] = {"law": best, **choices[best]}
     return out
 
