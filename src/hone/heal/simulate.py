@@ -24,6 +24,7 @@ from typing import Optional
 from hone.errors import HoneError
 from hone.heal.failures import Failure
 from hone.heal.jobs import Job, curve
+from hone.heal.policy import young_daly_s
 from hone.heal.cluster_policies import POLICY_FUNCS, best_allocation
 
 BUCKETS = ("useful", "rollback", "restart", "checkpoint", "idle", "down")
@@ -126,7 +127,7 @@ class Simulation:
         if delay > 0:
             j.restarts += 1
         ck = j.job.checkpoint_s
-        tau = j.job.checkpoint_interval_s or math.sqrt(2 * ck * self.gpu_mtbf_s / (n * self.gpn))  # Young/Daly
+        tau = j.job.checkpoint_interval_s or young_daly_s(ck, self.gpu_mtbf_s / (n * self.gpn))
         self.version += 1
         j.seg = Segment(t, n, j.curve[n], delay, tau, ck, self.version)
         j.last_nodes = n
