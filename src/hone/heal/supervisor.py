@@ -105,7 +105,7 @@ class Supervisor:
             self._recover(failure, attempt)
 
     def _attempt(self) -> Attempt:
-        from hone.train.checkpoint import latest_checkpoint
+        from hone.train.checkpoint import checkpoint_step, latest_checkpoint
         from hone.train.launch import torchrun_argv
 
         for stale in (self.dir / "heartbeat").glob("rank*.json"):
@@ -118,7 +118,7 @@ class Supervisor:
                ENV_SUPERVISED: "1", "HONE_FAILURE_REPORT": str(report), ENV_JOB_MTBF: str(self._mtbf_s())}
         self.say(f"launch on {self.world} workers: torchrun {shlex.join(argv[4:])}")
         now = time.time()
-        a = Attempt(self.world, now, last_progress=now, start_checkpoint=_ckpt_step(newest))
+        a = Attempt(self.world, now, last_progress=now, start_checkpoint=checkpoint_step(newest))
         proc = subprocess.Popen(argv, env=env, start_new_session=True)
         try:
             self._watch(proc, a)
@@ -249,13 +249,13 @@ class Supervisor:
         return f
 
     def _situation(self, a: Attempt) -> Situation:
-        from hone.train.checkpoint import latest_checkpoint
+        from hone.train.checkpoint import checkpoint_step, latest_checkpoint
 
         now = time.time()
         down = [t for t in self.repair_at if t > now]
         measured = {w: statistics.median(v[-50:]) for w, v in self.step_s.items() if v}
         return Situation(world=a.world, target_world=self.target, step=a.last_step,
-                         checkpoint_step=_ckpt_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None)),
+                         checkpoint_step=checkpoint_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None)),
                          total_steps=self.total, step_s=measured or {a.world: 1.0},
                          restart_s=statistics.median(self.restart_s) if self.restart_s else 10.0,
                          tp=self.t.tp, batch_size=self.t.batch_size, down=len(down),
@@ -299,11 +299,11 @@ class Supervisor:
 
     def _should_grow(self, a: Attempt) -> bool:
         """Back to the full world once the repair is done and a new checkpoint bounds the loss."""
-        from hone.train.checkpoint import latest_checkpoint
+        from hone.train.checkpoint import checkpoint_step, latest_checkpoint
 
         if a.world >= self.target or any(t > time.time() for t in self.repair_at) or a.first_beat is None:
             return False
-        ckpt = _ckpt_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None))
+        ckpt = checkpoint_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None))
         if ckpt <= a.start_checkpoint or ckpt >= self.total:
             return False
         s = self._situation(a)
@@ -323,10 +323,6 @@ class Supervisor:
 
     def say(self, msg: str) -> None:
         self.log(f"heal: {msg}")
-
-
-def _ckpt_step(path: Path | None) -> int:
-    return int(path.name.split("_")[1]) if path is not None else 0
 
 
 def _alive(pid: int) -> bool:

@@ -75,6 +75,11 @@ def _looks_complete(path: Path) -> str | None:
     return None
 
 
+def checkpoint_step(path: Path | None) -> int:
+    """The step of ``checkpoints/step_NNNNNN`` (0 for no checkpoint)."""
+    return int(path.name.split("_")[1]) if path is not None else 0
+
+
 def checkpoints_newest_first(ckpt_root: Path) -> list[Path]:
     return sorted(Path(ckpt_root).glob("step_*"), reverse=True)
 
