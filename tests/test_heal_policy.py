@@ -15,6 +15,7 @@ from hone.errors import HoneError
 from hone.heal import policy
 from hone.heal.accounting import audit
 from hone.heal.policy import Failure, Situation, classify, decide, decide_grow
+from hone.heal.replan import Replanner
 from hone.heal.worker import CheckpointSchedule, NonFiniteLoss, load_skips, skip_window
 from hone.recipe import TrainConfig, parse_recipe
 from hone.train import faults
@@ -40,10 +41,13 @@ def test_classify_hang_and_unknown():
     assert classify([]).kind == "transient"  # torchrun died without a report: try again
 
 
-def situation(**kw) -> Situation:
+def situation(batch_size: int = 12, tp: int = 1, **kw) -> Situation:
+    """No model shape: the valid worlds from divisibility, step times scaled as data parallelism."""
     base = dict(world=4, target_world=4, step=10, checkpoint_step=8, total_steps=100, step_s={4: 1.0},
-                restart_s=20.0, tp=1, batch_size=12, down=0, repair_left_s=0.0)
-    return Situation(**{**base, **kw})
+                restart_s=20.0, down=0, repair_left_s=0.0)
+    merged = {**base, **kw}
+    planner = Replanner(TrainConfig(batch_size=batch_size, tp=tp), "auto", None, merged["target_world"])
+    return Situation(worlds=planner.valid_worlds(merged["target_world"]), **merged)
 
 
 def test_transient_failure_restarts_in_place_at_the_expected_cost():
@@ -74,7 +78,7 @@ def test_shrink_keeps_a_valid_shape():
     d = decide(Failure("worker_lost", 0), situation(batch_size=8, down=1, repair_left_s=3600))
     assert d.chosen.action == "shrink" and d.chosen.world == 2
     # tp=2: worlds must be multiples of 2 as well.
-    assert policy.valid_worlds(8, tp=2, batch_size=12) == [8, 6, 4, 2]
+    assert Replanner(TrainConfig(batch_size=12, tp=2), "auto", None, 8).valid_worlds(8) == [8, 6, 4, 2]
 
 
 def test_measured_step_time_beats_the_scaling_guess():

@@ -40,12 +40,12 @@ def _events(wd: Path) -> list[dict]:
     return [json.loads(line) for line in (wd / "events.jsonl").read_text().splitlines()]
 
 
-def _train(prepared: Path, wd: Path, **kw) -> None:
+def _train(prepared: Path, wd: Path, overrides: dict | None = None, **kw) -> None:
     """`hone train RECIPE --workdir WD [--supervise --nproc N]`, in this process (the workers are
     torchrun's processes either way; this saves the CLI's start-up on a busy CI machine)."""
     from hone.pipeline import run_recipe
 
-    run_recipe(load_recipe(prepared / "heal.toml"), wd, restart_training=True, log=lambda m: None, **kw)
+    run_recipe(load_recipe(prepared / "heal.toml", overrides), wd, restart_training=True, log=lambda m: None, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,8 @@ def test_kill9_of_one_of_four_workers_finishes_on_three(prepared, reference, mon
     wd = _copy(prepared, "killed")
     # Rank 1 is also a straggler: 0.3 s more per step.
     monkeypatch.setenv("HONE_FAULT", "kill:step=6:rank=2;slow:step=1:rank=1:ms=300")
-    _train(prepared, wd, supervise=True, nproc=4)
+    # micro_batch 3 divides the 3 rows per rank on 4 workers but not the 4 rows on 3: the re-plan changes it.
+    _train(prepared, wd, overrides={"train.micro_batch": 3}, supervise=True, nproc=4)
     assert "Traceback" not in capfd.readouterr().err
     events = _events(wd)
     slow = [e for e in events if e["kind"] == "straggler"]
@@ -75,6 +76,14 @@ def test_kill9_of_one_of_four_workers_finishes_on_three(prepared, reference, mon
     costs = {o["action"]: o["cost_s"] for o in decision["options"]}
     assert set(costs) == {"shrink", "wait"} and costs["shrink"] < costs["wait"]
     assert decision["checkpoint_step"] == 4 and decision["lost_steps"] == 1
+    # The new plan comes from hone.plan with the workers' model shape, and prices the shrink.
+    plan = decision["plan"]
+    assert plan["source"] == "hone.plan on 4xcpu (auto)"
+    assert (plan["world"], plan["dp"], plan["rows_per_rank"], plan["micro_batch"], plan["fits"]) == (3, 3, 4, 4, True)
+    modeled, measured = decision["modeled_step_s"], decision["step_s"]
+    redo = STEPS - decision["checkpoint_step"]
+    assert costs["shrink"] == pytest.approx(decision["restart_s"] + redo * measured["4"] * modeled["3"] / modeled["4"],
+                                            abs=0.01)
     assert recovered["step"] == 5 and recovered["recovery_s"] > 0
     assert finished["world"] == 3 and finished["recoveries"] == 1
     # Continuous loss curve: every step once, the same losses as one uninterrupted process.
@@ -93,6 +102,7 @@ def test_kill9_of_one_of_four_workers_finishes_on_three(prepared, reference, mon
     report = (wd / "report.html").read_text()
     assert "Failures and recoveries" in report and "rank 2 killed by SIGKILL" in report
     assert "shrink on 3" in report and "every sample consumed exactly once" in report
+    assert "dp 3 x tp 1, micro-batch 4" in report and "hone.plan on 4xcpu (auto)" in report
     assert "Straggler at step" in report
 
 

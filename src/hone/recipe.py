@@ -242,6 +242,7 @@ class HealConfig(_Section):
     straggler_min_s: float = Field(0.05, ge=0, description="A straggler must also exceed that median by at least this many seconds (ignores jitter on fast steps).")
     repair_s: float = Field(600.0, ge=0, description="Expected time until a lost worker's device is usable again (a replacement node), seconds: the policy waits for it or shrinks.")
     max_restarts: int = Field(10, ge=0, description="Give up after this many recoveries.")
+    hardware: str = Field("auto", min_length=1, description="What the planner models when re-planning for another world size: auto (the workers' device), a preset such as 8xH100, a cluster TOML or a `hone plan calibrate` profile.")
 
 
 class Recipe(_Section):

@@ -65,18 +65,16 @@ def _signame(num: int) -> str:
         return f"signal {num}"
 
 
-def valid_worlds(limit: int, *, tp: int, batch_size: int) -> list[int]:
-    """World sizes up to ``limit`` with a valid shape: tp divides it and the global batch
-    splits evenly over data-parallel ranks (so every world size trains on the same rows)."""
-    return [w for w in range(limit, 0, -1) if w % tp == 0 and batch_size % (w // tp) == 0]
-
-
-def step_time_at(measured: dict[int, float], world: int) -> float:
-    """Step time at ``world`` processes: measured if it ran there, else scaled from the
-    nearest measured size as data parallelism with a fixed global batch (time ~ 1 / world)."""
+def step_time_at(measured: dict[int, float], world: int, modeled: dict[int, float] | None = None) -> float:
+    """Step time at ``world`` processes: measured if it ran there, else the nearest measured
+    size's time times the planner's modeled ratio between the two sizes
+    (:class:`hone.heal.replan.Replanner`); without a model for both sizes, scaled as data
+    parallelism with a fixed global batch (time ~ 1 / world)."""
     if world in measured:
         return measured[world]
     ref = min(measured, key=lambda w: abs(w - world))
+    if modeled and world in modeled and ref in modeled and modeled[ref] > 0:
+        return measured[ref] * modeled[world] / modeled[ref]
     return measured[ref] * ref / world
 
 
@@ -90,8 +88,8 @@ class Situation:
     total_steps: int
     step_s: dict[int, float]         # measured median step time by world size
     restart_s: float                 # measured start-to-first-step overhead
-    tp: int = 1
-    batch_size: int = 1
+    worlds: list[int] = field(default_factory=list)  # valid world sizes, largest first (Replanner)
+    modeled: dict[int, float] = field(default_factory=dict)  # the planner's step time by world size
     down: int = 0                    # devices down (lost workers not yet repaired)
     repair_left_s: float = 0.0       # until the first of them is back
 
@@ -127,16 +125,16 @@ def decide(failure: Failure, s: Situation) -> Decision:
     options = []
     if available >= s.world or failure.kind != "worker_lost":
         world = min(s.world, available) if failure.kind == "worker_lost" else s.world
-        options.append(Option("restart", world, s.restart_s + redo * step_time_at(s.step_s, world),
+        options.append(Option("restart", world, s.restart_s + redo * step_time_at(s.step_s, world, s.modeled),
                               "transient: same processes, from the newest checkpoint"))
-    smaller = [w for w in valid_worlds(available, tp=s.tp, batch_size=s.batch_size) if w < s.world]
+    smaller = [w for w in s.worlds if w <= available and w < s.world]
     if smaller and not any(o.action == "restart" for o in options):
         w = smaller[0]
-        options.append(Option("shrink", w, s.restart_s + redo * step_time_at(s.step_s, w),
+        options.append(Option("shrink", w, s.restart_s + redo * step_time_at(s.step_s, w, s.modeled),
                               f"continue on {w} processes (valid shape, same global batch) until repaired"))
     if s.down:
         options.append(Option("wait", s.target_world, s.repair_left_s + s.restart_s
-                              + redo * step_time_at(s.step_s, s.target_world),
+                              + redo * step_time_at(s.step_s, s.target_world, s.modeled),
                               f"wait {s.repair_left_s:.0f} s for the repair, then run on {s.target_world}"))
     if not options:
         return Decision(Option("give_up", 0, math.inf, "no valid world size is left"), [], lost)
@@ -147,9 +145,9 @@ def decide_grow(s: Situation, steps_since_checkpoint: int) -> Decision:
     """Running shrunk and the device is back: restart on the full world now (losing the steps
     since the checkpoint and one restart) or stay shrunk to the end."""
     left = s.total_steps - s.step
-    stay = Option("stay", s.world, left * step_time_at(s.step_s, s.world), "keep the smaller world to the end")
+    stay = Option("stay", s.world, left * step_time_at(s.step_s, s.world, s.modeled), "keep the smaller world to the end")
     grow = Option("grow", s.target_world, s.restart_s + (left + steps_since_checkpoint)
-                  * step_time_at(s.step_s, s.target_world), f"restart on {s.target_world} from the newest checkpoint")
+                  * step_time_at(s.step_s, s.target_world, s.modeled), f"restart on {s.target_world} from the newest checkpoint")
     return Decision(min((stay, grow), key=lambda o: o.cost_s), [stay, grow], steps_since_checkpoint)
 
 

@@ -12,7 +12,7 @@ def recovery_rows(events: list[dict]) -> list[dict]:
     long it took until the next completed step."""
     t0 = events[0]["time"] if events else 0.0
     rows: list[dict] = []
-    blank = {"action": None, "new_world": None, "options": "", "recovery_s": None, "recovered_step": None,
+    blank = {"action": None, "new_world": None, "options": "", "plan": "", "recovery_s": None, "recovered_step": None,
              "lost_steps": None}
     for e in events:
         if e["kind"] == "nonfinite":  # the workers saw it; they roll back in place or stop
@@ -37,7 +37,17 @@ def recovery_rows(events: list[dict]) -> list[dict]:
 
 def _decision(e: dict) -> dict:
     options = " / ".join(f"{o['action']} on {o['world']}: {o['cost_s']:.1f} s" for o in e.get("options", []))
-    return {"action": e.get("action"), "new_world": e.get("world"), "options": options}
+    return {"action": e.get("action"), "new_world": e.get("world"), "options": options, "plan": plan_text(e.get("plan"))}
+
+
+def plan_text(plan: dict | None) -> str:
+    """``dp 3 x tp 1, micro-batch 4, 0.41 GiB per device (hone.plan on 4xcpu)``, or '' without a plan."""
+    if not plan or not plan.get("dp"):
+        return ""
+    text = f"dp {plan['dp']} x tp {plan['tp']}, micro-batch {plan.get('micro_batch')}"
+    if plan.get("memory_gib") is not None:
+        text += f", {plan['memory_gib']:.2f} GiB per device"
+    return f"{text} ({plan.get('source', '')})"
 
 
 def heal_context(workdir: Path) -> dict | None:

@@ -36,7 +36,8 @@ from hone.errors import HoneError
 from hone.heal.events import append_event, read_events
 from hone.heal.policy import (Failure, Situation, classify, decide, decide_grow, hang_timeout_s, job_mtbf_s,
                               stragglers)
-from hone.heal.worker import ENV_JOB_MTBF, ENV_SUPERVISED, heal_dir
+from hone.heal.replan import MODEL_FILE, Replanner, read_model_info
+from hone.heal.worker import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, heal_dir
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
@@ -77,10 +78,13 @@ class Supervisor:
         self.reported: set[int] = set()
         self.transient: dict[tuple[int, int], int] = defaultdict(int)  # (world, rank) -> failures
         self.dir = heal_dir(self.workdir)
+        self._replanner: Replanner | None = None
 
     # -- the loop ---------------------------------------------------------------------------------
     def run(self) -> dict:
         self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / MODEL_FILE).unlink(missing_ok=True)  # the workers write it again at every launch
+        self.replanner()  # a bad heal.hardware stops here, before any worker starts
         append_event(self.workdir, "supervise", world=self.world, total_steps=self.total,
                      fault=os.environ.get("HONE_FAULT") or None, heal=self.heal.model_dump())
         self.say(f"supervising {self.world} workers for {self.total} steps (events: {self.workdir / 'events.jsonl'})")
@@ -116,7 +120,12 @@ class Supervisor:
         argv = torchrun_argv(self.workdir, self.world, self.max_steps)
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
                ENV_SUPERVISED: "1", "HONE_FAILURE_REPORT": str(report), ENV_JOB_MTBF: str(self._mtbf_s())}
-        self.say(f"launch on {self.world} workers: torchrun {shlex.join(argv[4:])}")
+        env.pop(ENV_MICRO_BATCH, None)
+        micro = self.replanner().micro_batch_override(self.world)
+        if micro is not None:  # the re-plan for this world size changed the micro-batch
+            env[ENV_MICRO_BATCH] = str(micro)
+        self.say(f"launch on {self.world} workers: torchrun {shlex.join(argv[4:])}"
+                 + (f" (micro-batch {micro}, re-planned)" if micro is not None else ""))
         now = time.time()
         a = Attempt(self.world, now, last_progress=now, start_checkpoint=checkpoint_step(newest))
         proc = subprocess.Popen(argv, env=env, start_new_session=True)
@@ -254,11 +263,12 @@ class Supervisor:
         now = time.time()
         down = [t for t in self.repair_at if t > now]
         measured = {w: statistics.median(v[-50:]) for w, v in self.step_s.items() if v}
+        worlds = self.replanner().valid_worlds(self.target)
         return Situation(world=a.world, target_world=self.target, step=a.last_step,
                          checkpoint_step=checkpoint_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None)),
                          total_steps=self.total, step_s=measured or {a.world: 1.0},
                          restart_s=statistics.median(self.restart_s) if self.restart_s else 10.0,
-                         tp=self.t.tp, batch_size=self.t.batch_size, down=len(down),
+                         worlds=worlds, modeled=self.replanner().modeled(worlds), down=len(down),
                          repair_left_s=max(down) - now if down else 0.0)
 
     def _recover(self, failure: Failure, a: Attempt) -> None:
@@ -278,11 +288,11 @@ class Supervisor:
         s = self._situation(a)
         decision = decide(failure, s)
         w = decision.chosen.world
-        plan = {"dp": w // self.t.tp, "tp": self.t.tp, "rows_per_rank": self.t.batch_size // max(1, w // self.t.tp),
-                "global_batch": self.t.batch_size} if w else None  # the worker builds it: plan_from_recipe
+        plan = self.replanner().plan(w) if w else None  # the workers build the same: plan_from_recipe
         append_event(self.workdir, "decision", failure=failure.kind, step=a.last_step,
                      checkpoint_step=s.checkpoint_step, step_s={str(k): round(v, 4) for k, v in s.step_s.items()},
-                     restart_s=round(s.restart_s, 3), plan=plan, **decision.to_json())
+                     restart_s=round(s.restart_s, 3), plan=plan, modeled_step_s=_rounded(s.modeled),
+                     **decision.to_json())
         costs = ", ".join(f"{o.action} on {o.world}: {o.cost_s:.1f} s" for o in decision.options)
         self.say(f"{failure.kind} ({failure.detail}) at step {a.last_step}; newest checkpoint step "
                  f"{s.checkpoint_step}; expected time to finish: {costs} -> {decision.chosen.action}")
@@ -313,16 +323,28 @@ class Supervisor:
             return False
         append_event(self.workdir, "decision", failure="repaired", step=a.last_step, checkpoint_step=ckpt,
                      step_s={str(k): round(v, 4) for k, v in s.step_s.items()}, restart_s=round(s.restart_s, 3),
+                     plan=self.replanner().plan(self.target), modeled_step_s=_rounded(s.modeled),
                      **decision.to_json())
         self.say(f"device repaired: growing from {a.world} to {self.target} workers at the step-{ckpt} checkpoint "
                  f"({', '.join(f'{o.action} {o.cost_s:.1f} s' for o in decision.options)})")
         return True
+
+    def replanner(self) -> Replanner:
+        """The planner's view of this job, built once the workers have said what model they run."""
+        info = read_model_info(self.dir)
+        if self._replanner is None or (info is not None and self._replanner.info is None):
+            self._replanner = Replanner(self.t, self.heal.hardware, info, self.target)
+        return self._replanner
 
     def _mtbf_s(self) -> float:
         return job_mtbf_s(self.t.worker_mtbf_hours, self.world, self.worker_s, self.hw_failures)
 
     def say(self, msg: str) -> None:
         self.log(f"heal: {msg}")
+
+
+def _rounded(modeled: dict[int, float]) -> dict[str, float]:
+    return {str(k): round(v, 6) for k, v in modeled.items()}
 
 
 def _alive(pid: int) -> bool:

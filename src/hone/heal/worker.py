@@ -28,6 +28,7 @@ from hone.rundir import append_jsonl, read_json, write_json
 
 ENV_SUPERVISED = "HONE_SUPERVISED"   # "1": write heartbeats
 ENV_JOB_MTBF = "HONE_JOB_MTBF_S"     # the supervisor's blended MTBF estimate for this job
+ENV_MICRO_BATCH = "HONE_MICRO_BATCH"  # the supervisor's re-plan changed the micro-batch for this world size
 SAMPLES_FILE = "samples.jsonl"
 
 
@@ -63,6 +64,13 @@ def skip_window(bad_batch: int, first_batch: int, size: int) -> list[int]:
 
 def check_finite(loss: float, grad_norm: float) -> bool:
     return math.isfinite(loss) and math.isfinite(grad_norm)
+
+
+def micro_batch(cfg, rows: int) -> int:
+    """Sequences per forward pass: the supervisor's re-planned micro-batch, else the recipe's,
+    else the rank's whole share of the global batch."""
+    override = os.environ.get(ENV_MICRO_BATCH)
+    return int(override) if override else (cfg.micro_batch or rows)
 
 
 class Heartbeat:

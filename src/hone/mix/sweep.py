@@ -157,6 +157,7 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
               on_point: Callable[[dict], None] = lambda row: None, log: Log = print) -> list[dict]:
     """Train a copy of ``base`` at ``ratio`` up to the largest budget, evaluating at each;
     budgets in ``skip`` are trained through but not evaluated again."""
+    from hone.train.checkpoint import checkpoint_step, checkpoints_newest_first
     from hone.train.loop import train
 
     seq, batch = recipe.train.seq_len, recipe.train.batch_size
@@ -166,8 +167,8 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
         return []
     cfg = _proxy_train_config(recipe, steps[-1] * per_step)
     first = min(s for s in steps if s * per_step not in skip)
-    saved = [int(p.name.split("_")[-1]) for p in (run_dir / "checkpoints").glob("step_*") if p.name.split("_")[-1].isdigit()]
-    if saved and max(saved) > first:  # a budget to evaluate lies behind the saved run: redo it from the base
+    saved = checkpoints_newest_first(run_dir / "checkpoints")  # complete ones only (tmp dirs start with a dot)
+    if saved and checkpoint_step(saved[0]) > first:  # a budget to evaluate lies behind the saved run: redo it from the base
         shutil.rmtree(run_dir)
     model = copy.deepcopy(base)
     loader = _loader(recipe, workdir, ratio, seq, offset_seed)

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from hone.heal.events import append_event
+from hone.heal.replan import write_model_info
 from hone.heal.worker import (CheckpointSchedule, Heartbeat, NonFiniteLoss, SampleLedger, check_finite, heal_dir,
-                              load_skips, record_skips, skip_window)
+                              load_skips, micro_batch, record_skips, skip_window)
 from hone.recipe import TrainConfig
 from hone.rundir import append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
@@ -229,7 +230,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     dp = ctx.mesh["dp"].size() if ctx.mesh is not None else 1
     rows = loader.batch_size // dp
     lo = ctx.dp_rank() * rows
-    micro = cfg.micro_batch or rows
+    micro = micro_batch(cfg, rows)
     if rows % micro:
         from hone.errors import HoneError
 
@@ -240,6 +241,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     inner = getattr(model, "module", model)
     fpt = flops_per_token(inner.config, seq_len) if hasattr(inner, "config") else None
     peak = peak_flops(ctx.device)
+    if heartbeat.enabled and ctx.is_main and hasattr(inner, "config"):
+        write_model_info(fault_dir, inner.config, ctx.device)  # what the supervisor's re-planning needs
     say(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step ({dp} dp x {rows // micro} "
         f"micro-batches x {micro} seqs x {seq_len}) | {total_steps} steps = {total_steps * tokens_per_step:,} tokens | "
         f"domain ratio {loader.ratio:.2f} | lr {cfg.lr:g} | world {ctx.world_size} | {ctx.device} | "
