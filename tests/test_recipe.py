@@ -19,6 +19,25 @@ def test_demo_and_tiny_are_shipped():
         shipped_recipe("nope")
 
 
+def test_demo_trains_on_its_fitted_mixture():
+    """The demo's ratio is the one the laws chose on its SmolLM2 sweep; refitting the shipped
+    points gives the same choice, and the file ships with the package."""
+    import tomllib
+    from pathlib import Path
+
+    from hone.mix.laws import fit_mixture
+    from hone.mix.schedule import load_mixture
+
+    recipe = load_recipe(shipped_recipe("demo-biomed"))
+    assert Path(recipe.train.mixture).parent == RECIPES_DIR
+    mixture = load_mixture(Path(recipe.train.mixture))
+    refit = fit_mixture(mixture["points"], law="both", tolerance=mixture["tolerance"],
+                        target_tokens=mixture["target_tokens"], source="test")
+    assert mixture["schedule"]["ratio"] == refit["chosen"]["ratio"] == mixture["chosen"]["ratio"]
+    pyproject = tomllib.loads((RECIPES_DIR.parents[2] / "pyproject.toml").read_text())
+    assert "recipes/*.json" in pyproject["tool"]["setuptools"]["package-data"]["hone"]
+
+
 def _write(tmp_path, text):
     p = tmp_path / "r.toml"
     p.write_text(text)
