@@ -65,10 +65,28 @@ def run(recipe: Path, root: Path, name: str, nproc: int, fault: str | None) -> d
     if decision:
         out.update(failure=decision["failure"], decision=f"{decision['action']} on {decision['world']}",
                    options={o["action"]: o["cost_s"] for o in decision["options"]})
+        if decision["action"] == "shrink":
+            out["shrink_step_time"] = step_time_prediction(decision, metrics)
     finished = next(e for e in events if e["kind"] == "finished")
     out["launch_to_first_step_s"] = finished["launch_to_first_step_s"]
     if recovered:
         out.update({k: recovered[k] for k in ("recovery_s", "detect_s", "restart_s", "lost_steps")})
+    return out
+
+
+def step_time_prediction(decision: dict, metrics: list[dict]) -> dict:
+    """The step time the supervisor expected on the smaller world (the planner's ratio on the
+    measured time, and plain data-parallel scaling) against what the workers then measured."""
+    new = decision["world"]
+    measured = {int(k): v for k, v in decision["step_s"].items()}
+    ref = min(measured, key=lambda w: abs(w - new))
+    modeled = {int(k): v for k, v in decision.get("modeled_step_s", {}).items()}
+    after = sorted(m["step_s"] for m in metrics if m.get("world") == new)
+    out = {"from_world": ref, "to_world": new, "measured_before_s": round(measured[ref], 4),
+           "dp_scaling_s": round(measured[ref] * ref / new, 4),
+           "measured_after_s": round(after[len(after) // 2], 4) if after else None, "plan": decision["plan"]}
+    if new in modeled and ref in modeled:
+        out["planner_s"] = round(measured[ref] * modeled[new] / modeled[ref], 4)
     return out
 
 

@@ -50,6 +50,20 @@ def test_resume_is_bitwise_identical(token_dirs, tmp_path):
     assert [l["step"] for l in lines] == list(range(1, 11))
 
 
+def test_resume_in_the_same_process_restores_the_optimizer(token_dirs, tmp_path):
+    """A model trained to step 4 and resumed in place (its last gradients still on it, as a
+    mixture sweep does between budgets) continues exactly as an uninterrupted run: the Adam
+    moments come back from the checkpoint instead of restarting from zero."""
+    straight, _ = run(token_dirs, tmp_path / "a")
+    torch.manual_seed(0)
+    model, data = tiny_llama(), loader(token_dirs)
+    train(model, data, CFG, tmp_path / "b", total_steps=10, max_steps=4, log=lambda m: None)
+    assert any(p.grad is not None for p in model.parameters())
+    train(model, data, CFG, tmp_path / "b", total_steps=10, resume=True, log=lambda m: None)
+    for (name, a), b in zip(straight.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
 def test_corrupt_checkpoint_falls_back_with_message(token_dirs, tmp_path):
     run(token_dirs, tmp_path, steps=10)
     ckpts = sorted((tmp_path / "checkpoints").glob("step_*"))

@@ -135,7 +135,7 @@ def _base_model(recipe: Recipe, workdir: Path, model, log: Log):
     base_dir = workdir / "mix" / "base"
     weights = base_dir / "model.pt"
     if is_done(base_dir):
-        model.load_state_dict(torch.load(weights, map_location=next(model.parameters()).device))
+        model.load_state_dict(torch.load(weights, map_location=next(model.parameters()).device, weights_only=True))
         return model
     from hone.train.loop import train
 

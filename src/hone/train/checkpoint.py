@@ -96,6 +96,11 @@ def latest_checkpoint(ckpt_root: Path, log: Callable[[str], None] = print) -> Pa
 
 def load_checkpoint(path: Path, model, optimizer, loader: MixtureLoader) -> int:
     """Load model, optimizer, loader and RNG state; return the step it was taken at."""
+    # DCP loads only the keys of the state it is given, and get_state_dict creates a fresh
+    # optimizer's state (by a zero-gradient step) only when no parameter holds a gradient: a
+    # model resumed in the same process after training (a mixture sweep's next budget) still
+    # holds its last gradients, and its Adam moments would silently start from zero.
+    model.zero_grad(set_to_none=True)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
