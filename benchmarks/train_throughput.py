@@ -125,6 +125,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--cpu", action="store_true", help="eager only, on the CPU, sequence 512 (ratios only)")
+    p.add_argument("--hone-mbs", help="comma-separated micro-batches for Hone (default per shape: 125m 8,16; 1b 4,8)")
+    p.add_argument("--only", help="comma-separated run tags to measure, e.g. hone_compiled-layers (prefix match)")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not (args.dry_run or args.cpu) else "cpu")
     if device.type == "cuda":
@@ -143,12 +145,16 @@ def main() -> None:
     for shape in shapes:
         c = SHAPES[shape]
         hf_mbs, hone_mbs = plan[shape]
+        if args.hone_mbs:
+            hone_mbs = [int(x) for x in args.hone_mbs.split(",")]
         rows = {}
         hf_modes, hone_modes = ([None], [None]) if args.cpu else ([None, "full"], [None, "layers", "model"])
         runs = [("hf", hf_model, mode, mb) for mode in hf_modes for mb in hf_mbs]
         runs += [("hone", hone_model, mode, mb) for mode in hone_modes for mb in hone_mbs]
         for who, build, mode, mb in runs:
             tag = f"{who}_{'compiled-' + mode if mode else 'eager'}_mb{mb}"
+            if args.only and not any(tag.startswith(x) for x in args.only.split(",")):
+                continue
             rows[tag] = measure(build, c, seq, mb, mode, steps, warmup, device)
             print(json.dumps({shape: {tag: rows[tag]}}), file=sys.stderr, flush=True)
         best = lambda prefix: max((r["tokens_per_s"], k) for k, r in rows.items()  # noqa: E731

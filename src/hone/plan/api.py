@@ -10,6 +10,7 @@ from hone.plan.hardware import load_cluster
 from hone.plan.launch import launch
 from hone.plan.search import evaluate_fixed, nothing_fits_message, search
 from hone.plan.shapes import load_model
+from hone.plan.trainer_profile import with_trainer
 
 EXACT = {"tp", "pp", "micro_batch", "recompute", "zero"}
 FLOPS_CONVENTION = "6*(N_nonembedding + V*h) + 12*l*h*s per token (Megatron/PaLM model FLOPs, no recompute)"
@@ -19,7 +20,7 @@ def make_plan(model: str, cluster: str, *, seq: int, global_batch: int, fix: Opt
               rank: str = "throughput", tokens: Optional[float] = None, price: float = 2.0, placement: bool = False,
               constants: Optional[dict] = None) -> dict:
     m, cl = load_model(model), load_cluster(cluster)
-    k = Constants().with_(**(constants or {}))
+    k = with_trainer(Constants().with_(**(constants or {})), cl, m)
     fixed = parse_fix(fix) if fix else {}
     if rank not in ("throughput", "cost"):
         raise HoneError(f"--rank must be throughput or cost (got {rank!r})")

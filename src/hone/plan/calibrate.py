@@ -1,8 +1,10 @@
 """`hone plan calibrate`: measure this machine into a hardware profile the planner reads.
 
 GEMM FLOP/s at the model's shapes (QKV, MLP up, MLP down for b*s tokens), memory bandwidth
-(a large copy), and device-to-device copy bandwidth between every pair of visible GPUs (the
-link matrix). Without a GPU it measures the CPU, so the command never needs one.
+(a large copy), device-to-device copy bandwidth between every pair of visible GPUs (the
+link matrix), and Hone's own training layer, loss and optimizer at the model's shape
+(:mod:`hone.plan.trainer_profile`: what makes the planner's step time and memory those of
+`hone train`). Without a GPU it measures the CPU, so the command never needs one.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ def _timeit(fn, sync, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False) -> dict:
+def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False,
+                    trainer: bool = True) -> dict:
     import torch
 
     m = load_model(model)
@@ -71,6 +74,10 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
                "efficiency": min(1.0, gemm_tflops / peak)}
     if n > 1:
         cluster["matrix"] = [[v if i != j else 0.0 for j, v in enumerate(r)] for i, r in enumerate(matrix)]
+    if trainer:  # Hone's own layer, loss and optimizer at this model's shape (hone.plan.trainer_profile)
+        from hone.plan.trainer_profile import measure
+
+        cluster["trainer"] = measure(m, dev, quick=quick)
     return {"cluster": cluster, "measured": {"device": str(dev), "dtype": str(dtype), "model": m.name,
                                              "gemm_tflops": gemm_tflops, "gemms": gemms, "memory_gbps": mem_gbps,
                                              "link_matrix_gbps": matrix}}

@@ -89,4 +89,8 @@ def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--outp
     print(f"{c['gpus_per_node']} x {c['gpu']['name']}: GEMM {prof['measured']['gemm_tflops']:.2f} TFLOP/s "
           f"(efficiency {c['efficiency']:.2f} of {c['gpu']['peak_tflops']:g}), memory {prof['measured']['memory_gbps']:.1f} GB/s, "
           f"links {c['intra_gbps']:.1f} GB/s")
+    if (t := c.get("trainer")) is not None:
+        (b, s), ms = t["points"][1], 1e3 * t["measured"]["layer_fwd_bwd_s"][1]
+        print(f"Hone's layer at this shape: {ms:.2f} ms forward + backward for {b} x {s} tokens; keeps "
+              f"{t['act_bytes_per_token']:.0f} B per token ({t['ckpt_bytes_per_token']:.0f} B with activation checkpointing)")
     print(f"wrote {output}  (use: hone plan --cluster {output} ...)")

@@ -79,6 +79,10 @@ class Constants:
     logits_bytes: float = 6.0      # bf16 logits + fp32 copy for the loss, per vocab entry per token
     dp_comm_bytes: float = 2.0     # gradient reduce dtype (bf16)
     flash_attention: bool = True
+    # Measured by `hone plan calibrate` on Hone's own layer (0: the formulas above), bytes per
+    # token per layer kept for the backward: without recompute, and under whole-layer recompute.
+    act_bytes_per_token: float = 0.0
+    ckpt_bytes_per_token: float = 0.0
 
     def with_(self, **kw) -> "Constants":
         names = {f.name for f in fields(self)}

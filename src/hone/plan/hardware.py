@@ -66,6 +66,8 @@ class Cluster:
     matrix: Optional[tuple] = None  # N x N GB/s, rank-order GPU ids
     name: str = ""
     efficiency: Optional[float] = None  # calibrated GEMM efficiency (achieved / peak), if measured
+    # Hone's own layer measured on this device at one model shape (hone.plan.trainer_profile).
+    trainer: Optional[dict] = field(default=None, compare=False, hash=False, repr=False)
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -126,7 +128,7 @@ class Cluster:
         return {"name": self.name, "gpu": self.gpu.name, "nodes": self.nodes, "gpus_per_node": self.gpus_per_node,
                 "peak_tflops": self.gpu.peak_tflops, "memory_gib": self.gpu.memory_gib,
                 "intra_gbps": self.intra_gbps, "inter_gbps": self.inter_gbps,
-                "measured_matrix": self.matrix is not None}
+                "measured_matrix": self.matrix is not None, "trainer_calibrated": self.trainer is not None}
 
 
 _PRESET = re.compile(r"^(?:(\d+)x)?(\d+)x([A-Za-z0-9.\-]+)$")
@@ -174,7 +176,7 @@ def load_toml(path: Path) -> Cluster:
 
 def cluster_from_dict(cfg: dict, where: str, base: Path = Path(".")) -> Cluster:
     known = {"gpu", "nodes", "gpus_per_node", "intra_gbps", "inter_gbps", "node_inter_gbps", "matrix", "matrix_file",
-             "intra_latency_us", "inter_latency_us", "name", "efficiency", "measured"}
+             "intra_latency_us", "inter_latency_us", "name", "efficiency", "measured", "trainer"}
     extra = set(cfg) - known
     if extra:
         raise HoneError(f"{where}: unknown field {sorted(extra)[0]!r} (fields: {', '.join(sorted(known))})")
@@ -199,7 +201,7 @@ def cluster_from_dict(cfg: dict, where: str, base: Path = Path(".")) -> Cluster:
         raise HoneError(f"{where}: node_inter_gbps has {len(node_bw)} entries for {nodes} nodes")
     return Cluster(gpu, nodes, gpn, float(cfg.get("intra_gbps", gpu.nvlink_gbps)), float(cfg.get("inter_gbps", gpu.network_gbps)),
                    float(cfg.get("intra_latency_us", 5.0)), float(cfg.get("inter_latency_us", 12.0)), node_bw, matrix,
-                   cfg.get("name", where), cfg.get("efficiency"))
+                   cfg.get("name", where), cfg.get("efficiency"), trainer=cfg.get("trainer"))
 
 
 def _gpu_from(g, where: str) -> GPU:

@@ -246,12 +246,18 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
     layers = stage_layout(m, c)[i]
     held_l = held_layers(m, c, mbs, i)
     held = held_l / layers if layers else inflight(c, mbs, i)  # in stage equivalents, as reported
-    acts = held_l * layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
+    kept = layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
+    full = full_layer_bytes(m, seq, c.micro_batch, c, k.flash_attention)
+    if c.tp == 1 and k.act_bytes_per_token:  # measured on Hone's own layer (hone plan calibrate)
+        full = k.act_bytes_per_token * seq * c.micro_batch
+        kept = full if c.recompute == "none" else kept
+        if c.recompute == "full" and k.ckpt_bytes_per_token:
+            kept = k.ckpt_bytes_per_token * seq * c.micro_batch
+    acts = held_l * kept
     if c.recompute == "full" and layers:  # the layer being recomputed holds its full activations once
-        acts += full_layer_bytes(m, seq, c.micro_batch, c, k.flash_attention)
+        acts += full
     elif c.recompute == "op" and layers:  # ... and under op, what it recomputes on top of what it kept
-        full = full_layer_bytes(m, seq, c.micro_batch, c, k.flash_attention)
-        acts += max(0.0, full - layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention))
+        acts += max(0.0, full - kept)
     last = i == c.pp - 1
     logits = k.logits_bytes * seq * c.micro_batch * m.vocab / c.tp if last else 0.0
     z3 = 2 * (k.weight_bytes + 2) * m.layer_params() / c.tp if c.zero >= 3 and d > 1 else 0.0  # 2 gathered layers + grads

@@ -18,6 +18,7 @@ from hone.plan.hardware import Cluster
 from hone.plan.memory import GIB, memory
 from hone.plan.shapes import ModelShape
 from hone.plan.timing import step_time
+from hone.plan.trainer_profile import with_trainer
 
 MAX_VPP = 8
 MAX_MICRO_BATCH = 64
@@ -63,6 +64,7 @@ def plan_record(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: 
            "micro_batches": global_batch // (c.dp * c.micro_batch) if global_batch % (c.dp * c.micro_batch) == 0 else None,
            "fits": False, "memory_gib_per_gpu": None, "memory_breakdown": None, "step_time_s": None,
            "tokens_per_s": None, "tflops_per_gpu": None, "mfu": None, "time_breakdown": None}
+    k = with_trainer(k, cluster, m)
     if reason is None:
         reason = structural_reason(m, c, seq, global_batch, cluster.n_gpus)
     if reason is not None:
@@ -128,6 +130,7 @@ def search(m: ModelShape, cluster: Cluster, seq: int, global_batch: int, k: Cons
            fixed: Optional[dict] = None, top: Optional[int] = None) -> SearchResult:
     """All fitting configurations ranked by throughput (tokens/s), best first."""
     check_inputs(m, seq, global_batch)
+    k = with_trainer(k, cluster, m)
     fixed = fixed or {}
     res = SearchResult([])
     n = cluster.n_gpus

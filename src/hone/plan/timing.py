@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import Cluster
+from hone.plan import trainer_profile
 from hone.plan.memory import op_recompute_flops, stage_layout, stage_params
 from hone.plan.shapes import ModelShape
 
@@ -74,10 +75,19 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
         layer_flops = matmul + attn
     head_flops = 6.0 * m.vocab * m.hidden
     layout = stage_layout(m, c)
+    measured = trainer_profile.applies(cluster.trainer, m, t)
+    if measured:  # Hone's own layer and loss, timed on this device by `hone plan calibrate`
+        layer_s = trainer_profile.layer_time(cluster.trainer, tokens_mb, seq, c.recompute)
+        head_layers = trainer_profile.head_time(cluster.trainer, tokens_mb) / layer_s
+    else:
+        head_layers = head_flops / layer_flops
     # The slowest stage sets the pace: the last one carries the LM head, a middle one may hold more layers.
-    busiest = max(max(layout[:-1], default=0), layout[-1] + head_flops / layer_flops)
-    stage_flops = busiest * layer_flops
-    compute_mb = tokens_mb * stage_flops / t / rate
+    busiest = max(max(layout[:-1], default=0), layout[-1] + head_layers)
+    if measured:
+        compute_mb = busiest * layer_s
+        eff = tokens_mb * busiest * layer_flops / compute_mb / (cluster.gpu.peak_tflops * 1e12)  # implied
+    else:
+        compute_mb = tokens_mb * busiest * layer_flops / t / rate
 
     tp_bw, tp_lat = cluster.group_link(1, t)
     # 4 all-reduce equivalents per layer (with SP: all-gather + reduce-scatter, half each); full recompute
@@ -110,6 +120,8 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
         dp_exposed = max(0.0, dp_comm - k.dp_overlap * compute_mb * 2 / 3)
     opt_bytes = n_local * (k.weight_bytes + k.grad_bytes + 2 * k.optim_bytes) / (d if c.zero >= 1 else 1)
     optimizer = opt_bytes / (cluster.gpu.hbm_gbps * 1e9)
+    if measured:
+        optimizer = cluster.trainer["optimizer_s_per_param"] * n_local / (d if c.zero >= 1 else 1)
     step = pipeline + (dp_exposed if c.zero < 3 else 0.0) + optimizer
 
     tokens = global_batch * seq

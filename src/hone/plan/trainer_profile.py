@@ -1,0 +1,214 @@
+"""How Hone's own trainer runs one model shape on this device: the part of `hone plan
+calibrate` that makes the planner's step time and memory those of `hone train`.
+
+GEMM FLOP/s alone predict a Megatron-style step with fused kernels. Hone's eager Llama also
+spends time in element-wise kernels (RMSNorm in fp32, RoPE, SiLU, casts), in kernel launches
+and in the chunked loss, and keeps more activations (fp32 norm inputs): on an H200 the
+GEMM-only model was 62-81% too fast and 22-31% short on memory (BENCHMARKS.md). So this
+measures, at the model's shapes, what the planner otherwise derives from FLOPs:
+
+* one decoder layer, forward + backward and forward only, run ``STACK`` times back to back
+  (so launch overhead overlaps with GPU work as it does in a real step), at several
+  (micro-batch, sequence) points; fitted as ``a + b * tokens + c * tokens * seq`` per layer
+  (the last term is attention);
+* the bytes a layer keeps for its backward per token, with and without whole-layer
+  activation checkpointing;
+* the LM head with the chunked cross-entropy, forward + backward, as ``a + b * tokens``;
+* one fused AdamW step with gradient clipping, per parameter.
+
+The result goes into the profile's ``cluster.trainer`` table, keyed by the shape it was
+measured at; the planner uses it for plans with tp = 1 of a model with that shape
+(:func:`applies`) and falls back to the FLOP model otherwise.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from hone.plan.shapes import ModelShape
+
+STACK = 3          # layers run back to back per measurement
+SHAPE_KEYS = ("hidden", "ffn", "heads", "kv_heads", "vocab")
+
+
+def shape_key(m: ModelShape) -> dict:
+    return {k: getattr(m, k) for k in SHAPE_KEYS}
+
+
+def applies(trainer: dict | None, m: ModelShape, tp: int) -> bool:
+    """The measured table describes this model's layers on one device (no tensor parallelism)."""
+    return bool(trainer) and tp == 1 and trainer.get("shape") == shape_key(m)
+
+
+def with_trainer(k, cluster, m: ModelShape):
+    """The planner constants with this cluster's measured activation bytes, when its trainer
+    table was measured at this model's shape (memory applies them to tp = 1 plans only)."""
+    t = getattr(cluster, "trainer", None)
+    if not t or t.get("shape") != shape_key(m):
+        return k
+    return k.with_(act_bytes_per_token=float(t["act_bytes_per_token"]),
+                   ckpt_bytes_per_token=float(t["ckpt_bytes_per_token"]))
+
+
+def layer_time(trainer: dict, tokens: float, seq: int, recompute: str) -> float:
+    """Seconds for one layer's forward + backward on ``tokens`` tokens of sequence ``seq``;
+    whole-layer recompute runs the forward again; selective recompute its attention part."""
+    fb, fwd = trainer["layer_fwd_bwd"], trainer["layer_fwd"]
+    t = fb["a"] + fb["b"] * tokens + fb["c"] * tokens * seq
+    if recompute == "full":
+        t += fwd["a"] + fwd["b"] * tokens + fwd["c"] * tokens * seq
+    elif recompute == "selective":
+        t += fwd["c"] * tokens * seq
+    elif recompute == "op":  # half the matmuls and the element-wise work again: half a forward
+        t += 0.5 * (fwd["a"] + fwd["b"] * tokens) + fwd["c"] * tokens * seq
+    return t
+
+
+def head_time(trainer: dict, tokens: float) -> float:
+    h = trainer["head_fwd_bwd"]
+    return h["a"] + h["b"] * tokens
+
+
+def activation_bytes(trainer: dict, tokens: float, recompute: str) -> float | None:
+    """Bytes one layer keeps for its backward, or None where the table has no measurement
+    (selective / op recompute: the planner's formula is used)."""
+    if recompute == "none":
+        return trainer["act_bytes_per_token"] * tokens
+    if recompute == "full":
+        return trainer["ckpt_bytes_per_token"] * tokens
+    return None
+
+
+def _fit(points: list[tuple[float, float, float]], with_seq: bool) -> dict:
+    """Non-negative least squares of time = a + b * tokens (+ c * tokens * seq)."""
+    from scipy.optimize import nnls
+
+    rows = np.array([[1.0, t, t * s] if with_seq else [1.0, t] for t, s, _ in points])
+    y = np.array([v for _, _, v in points])
+    scale = rows.max(axis=0)
+    coef, _ = nnls(rows / scale, y)
+    coef = coef / scale
+    pred = rows @ coef
+    return {"a": float(coef[0]), "b": float(coef[1]), "c": float(coef[2]) if with_seq else 0.0,
+            "max_rel_residual": float(np.max(np.abs(pred - y) / y)) if len(y) else 0.0}
+
+
+def measure(m: ModelShape, device, quick: bool = False) -> dict:
+    """Measure the table on ``device`` (seconds on a GPU; ``quick`` keeps a CPU run short)."""
+    import torch
+
+    from hone.train.losses import fused_linear_cross_entropy
+    from hone.train.model import DecoderLayer, LlamaConfig, _rope_tables, rope_inv_freq
+
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    repeats = 2 if quick or not cuda else 5
+    seqs = (32, 64) if quick else (512, 2048)
+    points = [(1, seqs[1]), (4, seqs[1]), (4, seqs[0]), (1, seqs[0])] + ([] if quick else [(8, seqs[1])])
+    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.ffn, num_hidden_layers=STACK,
+                      num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
+                      max_position_embeddings=max(seqs))
+    with torch.device(device):
+        layer = DecoderLayer(cfg)
+        head = torch.nn.Linear(m.hidden, m.vocab, bias=False)
+    cos_all, sin_all = (t.to(device) for t in _rope_tables(rope_inv_freq(cfg).to(device), max(seqs)))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+
+    def run_layers(x, cos, sin, checkpoint: bool):
+        for _ in range(STACK):
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return x
+
+    def timed(fn) -> float:
+        fn()
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (time.perf_counter() - t0) / repeats
+
+    fb_pts, fwd_pts = [], []
+    for b, s in points:
+        x = torch.randn(b, s, m.hidden, device=device, requires_grad=True)
+        cos, sin = cos_all[:s], sin_all[:s]
+
+        def fwd_bwd():
+            with autocast:
+                y = run_layers(x, cos, sin, False)
+            y.float().sum().backward()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+
+        def fwd_only():
+            with torch.no_grad(), autocast:
+                run_layers(x, cos, sin, False)
+
+        fb_pts.append((b * s, s, timed(fwd_bwd) / STACK))
+        fwd_pts.append((b * s, s, timed(fwd_only) / STACK))
+
+    # Kept bytes per token: the slope between two token counts of what the layers save for
+    # their backward (the constant part, e.g. autocast's bf16 weight copies, is counted with
+    # the weights by the planner).
+    s = seqs[1]
+    kept = {}
+    for ckpt in (False, True):
+        sizes = []
+        for b in (1, 4):
+            x = torch.randn(b, s, m.hidden, device=device, requires_grad=True)
+            sizes.append(_saved_bytes(lambda: run_layers(x, cos_all[:s], sin_all[:s], ckpt), autocast))
+        kept[ckpt] = (sizes[1] - sizes[0]) / (3 * s * STACK)
+    head_pts = []
+    for tokens in ((64, 256) if quick else (2048, 8192, 16384)):
+        h = torch.randn(tokens, m.hidden, device=device, requires_grad=True)
+        tgt = torch.randint(0, m.vocab, (tokens,), device=device)
+
+        def head_step():
+            with autocast:
+                loss, _ = fused_linear_cross_entropy(h, head.weight, tgt, token_weight=1.0 / tokens)
+            loss.backward()
+            head.zero_grad(set_to_none=True)
+            h.grad = None
+
+        head_pts.append((tokens, 0, timed(head_step)))
+    params = [p for p in layer.parameters()] + [head.weight]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True if cuda else None)
+
+    def opt_step():
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+
+    n = sum(p.numel() for p in params)
+    per_param = timed(opt_step) / n
+    return {"shape": shape_key(m), "device": str(device), "stack": STACK, "points": [list(p) for p in points],
+            "layer_fwd_bwd": _fit(fb_pts, True), "layer_fwd": _fit(fwd_pts, True),
+            "head_fwd_bwd": _fit(head_pts, False),
+            "act_bytes_per_token": kept[False], "ckpt_bytes_per_token": kept[True],
+            "optimizer_s_per_param": per_param,
+            "measured": {"layer_fwd_bwd_s": [round(v, 6) for _, _, v in fb_pts],
+                         "layer_fwd_s": [round(v, 6) for _, _, v in fwd_pts],
+                         "head_fwd_bwd_s": [round(v, 6) for _, _, v in head_pts]}}
+
+
+def _saved_bytes(forward, autocast) -> float:
+    """Bytes of the distinct storages the autograd graph saves during ``forward()``."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        y = forward()
+    del y
+    return float(sum(seen.values()))
