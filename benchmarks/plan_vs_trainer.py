@@ -92,9 +92,11 @@ def build(shape: ModelShape, seq: int, recompute: str, device: torch.device):
 def measure(shape: ModelShape, mb: int, seq: int, recompute: str, steps: int, warmup: int, device) -> dict:
     cuda = device.type == "cuda"
     model = opt = x = y = None
+    base = 0
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()  # anything still held (calibration): not this step's
     try:
         model, opt, clip = build(shape, seq, recompute, device)
         gen = torch.Generator(device="cpu").manual_seed(0)
@@ -118,7 +120,8 @@ def measure(shape: ModelShape, mb: int, seq: int, recompute: str, steps: int, wa
                 times.append(time.perf_counter() - t0)
         times.sort()
         return {"step_s": times[len(times) // 2], "step_s_min": times[0], "step_s_max": times[-1],
-                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": loss.item()}
+                "peak_mem_gib": (torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else None,
+                "held_before_gib": base / 2**30 if cuda else None, "loss": loss.item()}
     except torch.OutOfMemoryError as e:
         return {"oom": True, "error": str(e).splitlines()[0][:200]}
     except RuntimeError as e:  # some kernels report OOM as a plain RuntimeError
@@ -145,6 +148,7 @@ def profile_for(shape: ModelShape, args, device, cache: dict) -> dict:
     if shape.name not in cache:
         tokens = 256 if args.dry_run else 8192
         cache[shape.name] = run_calibration_for(shape, tokens, device, args.dry_run)
+        gc.collect()
     return cache[shape.name]["cluster"]
 
 
@@ -190,7 +194,8 @@ def main() -> None:
         cluster = profile_for(shape, args, device, cache)
         if shape.name in cache:
             result["profiles"][shape.name] = {"efficiency": cluster["efficiency"], "peak_tflops": cluster["gpu"]["peak_tflops"],
-                                              **{k: cache[shape.name]["measured"][k] for k in ("gemm_tflops", "memory_gbps")}}
+                                              **{k: cache[shape.name]["measured"][k] for k in ("gemm_tflops", "memory_gbps")},
+                                              "trainer": cluster.get("trainer")}
         meas = measure(shape, mb, seq, rc, steps, warmup, device)
         pred = predict(shape, mb, seq, rc, cluster)
         row = {"model": name, "params": shape.params(), "micro_batch": mb, "seq": seq, "recompute": rc,

@@ -83,6 +83,9 @@ class Constants:
     # token per layer kept for the backward: without recompute, and under whole-layer recompute.
     act_bytes_per_token: float = 0.0
     ckpt_bytes_per_token: float = 0.0
+    # ... and the extra bytes at the peak of a layer's backward, without and with recompute.
+    backward_bytes_per_token: float = 0.0
+    recompute_backward_bytes_per_token: float = 0.0
 
     def with_(self, **kw) -> "Constants":
         names = {f.name for f in fields(self)}

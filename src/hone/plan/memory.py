@@ -248,7 +248,8 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
     held = held_l / layers if layers else inflight(c, mbs, i)  # in stage equivalents, as reported
     kept = layer_activation_bytes(m, seq, c.micro_batch, c, k.flash_attention)
     full = full_layer_bytes(m, seq, c.micro_batch, c, k.flash_attention)
-    if c.tp == 1 and k.act_bytes_per_token:  # measured on Hone's own layer (hone plan calibrate)
+    measured = c.tp == 1 and bool(k.act_bytes_per_token)
+    if measured:  # measured on Hone's own layer (hone plan calibrate)
         full = k.act_bytes_per_token * seq * c.micro_batch
         kept = full if c.recompute == "none" else kept
         if c.recompute == "full" and k.ckpt_bytes_per_token:
@@ -260,6 +261,15 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
         acts += max(0.0, full - kept)
     last = i == c.pp - 1
     logits = k.logits_bytes * seq * c.micro_batch * m.vocab / c.tp if last else 0.0
+    if measured and layers and c.recompute in ("none", "full"):
+        # Hone's chunked loss computes its gradients in the forward: its buffers and the backward's
+        # peak (a layer's activation gradients, or a recomputed layer) never coexist, so the
+        # stage peaks at the kept activations plus the larger of the two.
+        peak = (k.recompute_backward_bytes_per_token if c.recompute == "full" else k.backward_bytes_per_token)
+        peak *= seq * c.micro_batch
+        if peak:
+            acts = held_l * kept + peak
+            logits = max(0.0, logits - peak)
     z3 = 2 * (k.weight_bytes + 2) * m.layer_params() / c.tp if c.zero >= 3 and d > 1 else 0.0  # 2 gathered layers + grads
     overhead = k.overhead_gib * GIB + k.fragmentation * (acts + logits + z3)
     stage = "first" if i == 0 else "last" if last else f"stage {i}"

@@ -12,7 +12,7 @@ measures, at the model's shapes, what the planner otherwise derives from FLOPs:
   (micro-batch, sequence) points; fitted as ``a + b * tokens + c * tokens * seq`` per layer
   (the last term is attention);
 * the bytes a layer keeps for its backward per token, with and without whole-layer
-  activation checkpointing;
+  activation checkpointing, and the extra bytes at the peak of its backward (on CUDA);
 * the LM head with the chunked cross-entropy, forward + backward, as ``a + b * tokens``;
 * one fused AdamW step with gradient clipping, per parameter.
 
@@ -49,13 +49,18 @@ def with_trainer(k, cluster, m: ModelShape):
     if not t or t.get("shape") != shape_key(m):
         return k
     return k.with_(act_bytes_per_token=float(t["act_bytes_per_token"]),
-                   ckpt_bytes_per_token=float(t["ckpt_bytes_per_token"]))
+                   ckpt_bytes_per_token=float(t["ckpt_bytes_per_token"]),
+                   backward_bytes_per_token=float(t.get("backward_bytes_per_token", 0.0)),
+                   recompute_backward_bytes_per_token=float(t.get("recompute_backward_bytes_per_token", 0.0)))
 
 
 def layer_time(trainer: dict, tokens: float, seq: int, recompute: str) -> float:
     """Seconds for one layer's forward + backward on ``tokens`` tokens of sequence ``seq``;
     whole-layer recompute runs the forward again; selective recompute its attention part."""
     fb, fwd = trainer["layer_fwd_bwd"], trainer["layer_fwd"]
+    if recompute == "full" and "layer_fwd_bwd_recompute" in trainer:  # measured under checkpointing
+        r = trainer["layer_fwd_bwd_recompute"]
+        return r["a"] + r["b"] * tokens + r["c"] * tokens * seq
     t = fb["a"] + fb["b"] * tokens + fb["c"] * tokens * seq
     if recompute == "full":
         t += fwd["a"] + fwd["b"] * tokens + fwd["c"] * tokens * seq
@@ -133,7 +138,7 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
         sync()
         return (time.perf_counter() - t0) / repeats
 
-    fb_pts, fwd_pts = [], []
+    fb_pts, fwd_pts, ckpt_pts = [], [], []
     for b, s in points:
         x = torch.randn(b, s, m.hidden, device=device, requires_grad=True)
         cos, sin = cos_all[:s], sin_all[:s]
@@ -149,20 +154,33 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
             with torch.no_grad(), autocast:
                 run_layers(x, cos, sin, False)
 
+        def fwd_bwd_ckpt():
+            with autocast:
+                y = run_layers(x, cos, sin, True)
+            y.float().sum().backward()
+            layer.zero_grad(set_to_none=True)
+            x.grad = None
+
         fb_pts.append((b * s, s, timed(fwd_bwd) / STACK))
         fwd_pts.append((b * s, s, timed(fwd_only) / STACK))
+        ckpt_pts.append((b * s, s, timed(fwd_bwd_ckpt) / STACK))
 
     # Kept bytes per token: the slope between two token counts of what the layers save for
     # their backward (the constant part, e.g. autocast's bf16 weight copies, is counted with
     # the weights by the planner).
     s = seqs[1]
-    kept = {}
+    kept, transient = {}, {}
     for ckpt in (False, True):
-        sizes = []
+        sizes, peaks = [], []
         for b in (1, 4):
             x = torch.randn(b, s, m.hidden, device=device, requires_grad=True)
-            sizes.append(_saved_bytes(lambda: run_layers(x, cos_all[:s], sin_all[:s], ckpt), autocast))
+            saved, peak = _saved_and_backward_bytes(lambda: run_layers(x, cos_all[:s], sin_all[:s], ckpt), autocast,
+                                                    device)
+            sizes.append(saved)
+            peaks.append(peak)
+            layer.zero_grad(set_to_none=True)
         kept[ckpt] = (sizes[1] - sizes[0]) / (3 * s * STACK)
+        transient[ckpt] = max(0.0, (peaks[1] - peaks[0]) / (3 * s))
     head_pts = []
     for tokens in ((64, 256) if quick else (2048, 8192, 16384)):
         h = torch.randn(tokens, m.hidden, device=device, requires_grad=True)
@@ -189,16 +207,22 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
     per_param = timed(opt_step) / n
     return {"shape": shape_key(m), "device": str(device), "stack": STACK, "points": [list(p) for p in points],
             "layer_fwd_bwd": _fit(fb_pts, True), "layer_fwd": _fit(fwd_pts, True),
+            "layer_fwd_bwd_recompute": _fit(ckpt_pts, True),
             "head_fwd_bwd": _fit(head_pts, False),
             "act_bytes_per_token": kept[False], "ckpt_bytes_per_token": kept[True],
+            # Extra bytes at the peak of the backward (gradients of activations, a recomputed
+            # layer's activations), per token; CUDA's peak counter only (0 on a CPU).
+            "backward_bytes_per_token": transient[False], "recompute_backward_bytes_per_token": transient[True],
             "optimizer_s_per_param": per_param,
             "measured": {"layer_fwd_bwd_s": [round(v, 6) for _, _, v in fb_pts],
                          "layer_fwd_s": [round(v, 6) for _, _, v in fwd_pts],
+                         "layer_fwd_bwd_recompute_s": [round(v, 6) for _, _, v in ckpt_pts],
                          "head_fwd_bwd_s": [round(v, 6) for _, _, v in head_pts]}}
 
 
-def _saved_bytes(forward, autocast) -> float:
-    """Bytes of the distinct storages the autograd graph saves during ``forward()``."""
+def _saved_and_backward_bytes(forward, autocast, device) -> tuple[float, float]:
+    """(bytes of the distinct storages the autograd graph saves during ``forward()``, the peak
+    extra bytes allocated during its backward; 0 where the device has no peak counter)."""
     import torch
 
     seen: dict[int, int] = {}
@@ -210,5 +234,16 @@ def _saved_bytes(forward, autocast) -> float:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         y = forward()
-    del y
-    return float(sum(seen.values()))
+    peak = 0.0
+    loss = y.float().sum()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        loss.backward()
+        torch.cuda.synchronize(device)
+        peak = float(torch.cuda.max_memory_allocated(device) - before)
+    else:
+        loss.backward()
+    del y, loss
+    return float(sum(seen.values())), peak
