@@ -16,7 +16,7 @@ from hone.plan.hardware import GPUS
 from hone.plan.shapes import load_model
 
 
-def _timeit(fn, sync, repeats: int) -> float:
+def time_call(fn, sync, repeats: int) -> float:
     fn()
     sync()
     t0 = time.perf_counter()
@@ -44,7 +44,7 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
     for name, (k_, n_) in {"qkv": (h, h + 2 * m.kv_dim * h // m.hidden), "mlp_up": (h, f), "mlp_down": (f, h)}.items():
         a = torch.randn(rows, k_, device=dev, dtype=dtype)
         b = torch.randn(k_, n_, device=dev, dtype=dtype)
-        t = _timeit(lambda: a @ b, sync, repeats)
+        t = time_call(lambda: a @ b, sync, repeats)
         gemms[name] = {"shape": [rows, k_, n_], "tflops": 2 * rows * k_ * n_ / t / 1e12}
         flops += 2 * rows * k_ * n_
         secs += t
@@ -52,14 +52,14 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
     nbytes = (1 << 28) if cuda and not quick else (1 << 24)
     x = torch.empty(nbytes // 4, device=dev, dtype=torch.float32)
     y = torch.empty_like(x)
-    mem_gbps = 2 * nbytes / _timeit(lambda: y.copy_(x), sync, repeats) / 1e9
+    mem_gbps = 2 * nbytes / time_call(lambda: y.copy_(x), sync, repeats) / 1e9
     n = torch.cuda.device_count() if cuda else 1
     matrix = [[0.0] * n for _ in range(n)]
     for i in range(n):
         for j in range(n):
             if i != j:
                 src = torch.empty(nbytes // 4, device=f"cuda:{i}")
-                matrix[i][j] = nbytes / _timeit(lambda: src.to(f"cuda:{j}"), lambda: [torch.cuda.synchronize(d) for d in (i, j)], 3) / 1e9
+                matrix[i][j] = nbytes / time_call(lambda: src.to(f"cuda:{j}"), lambda: [torch.cuda.synchronize(d) for d in (i, j)], 3) / 1e9
     if cuda:
         name = torch.cuda.get_device_name(0)
         known = next((g for g in GPUS.values() if g.name.split("-")[0] in name), None)

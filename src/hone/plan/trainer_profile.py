@@ -23,7 +23,6 @@ measured at; the planner uses it for plans with tp = 1 of a model with that shap
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 
@@ -131,6 +130,7 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
     """Measure the table on ``device`` (seconds on a GPU; ``quick`` keeps a CPU run short)."""
     import torch
 
+    from hone.plan.calibrate import time_call
     from hone.train.losses import fused_linear_cross_entropy
     from hone.train.model import DecoderLayer, LlamaConfig, _rope_tables, rope_inv_freq
 
@@ -157,22 +157,16 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
         return x
 
     def timed(fn) -> float:
-        fn()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (time.perf_counter() - t0) / repeats
+        return time_call(fn, sync, repeats)
 
     fb_pts, fwd_pts, ckpt_pts = [], [], []
     for b, s in points:
         x = torch.randn(b, s, m.hidden, device=device, requires_grad=True)
         cos, sin = cos_all[:s], sin_all[:s]
 
-        def fwd_bwd():
+        def fwd_bwd(checkpoint: bool = False):
             with autocast:
-                y = run_layers(x, cos, sin, False)
+                y = run_layers(x, cos, sin, checkpoint)
             y.float().sum().backward()
             layer.zero_grad(set_to_none=True)
             x.grad = None
@@ -181,16 +175,9 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
             with torch.no_grad(), autocast:
                 run_layers(x, cos, sin, False)
 
-        def fwd_bwd_ckpt():
-            with autocast:
-                y = run_layers(x, cos, sin, True)
-            y.float().sum().backward()
-            layer.zero_grad(set_to_none=True)
-            x.grad = None
-
         fb_pts.append((b * s, s, timed(fwd_bwd) / STACK))
         fwd_pts.append((b * s, s, timed(fwd_only) / STACK))
-        ckpt_pts.append((b * s, s, timed(fwd_bwd_ckpt) / STACK))
+        ckpt_pts.append((b * s, s, timed(lambda: fwd_bwd(True)) / STACK))
 
     # Kept bytes per token: the slope between two token counts of what the layers save for
     # their backward (the constant part, e.g. autocast's bf16 weight copies, is counted with
