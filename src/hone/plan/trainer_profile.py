@@ -23,6 +23,7 @@ measured at; the planner uses it for plans with tp = 1 of a model with that shap
 
 from __future__ import annotations
 
+import contextlib
 
 import numpy as np
 
@@ -136,9 +137,9 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    repeats = 2 if quick or not cuda else 5
+    repeats = 1 if quick else 2 if not cuda else 5
     seqs = (32, 64) if quick else (512, 2048)
-    points = [(1, seqs[1]), (4, seqs[1]), (4, seqs[0]), (1, seqs[0])] + ([] if quick else [(8, seqs[1]), (16, seqs[1])])
+    points = [(1, seqs[1]), (4, seqs[1]), (4, seqs[0])] + ([] if quick else [(1, seqs[0]), (8, seqs[1]), (16, seqs[1])])
     cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.ffn, num_hidden_layers=STACK,
                       num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
                       max_position_embeddings=max(seqs))
@@ -146,7 +147,8 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
         layer = DecoderLayer(cfg)
         head = torch.nn.Linear(m.hidden, m.vocab, bias=False)
     cos_all, sin_all = (t.to(device) for t in _rope_tables(rope_inv_freq(cfg).to(device), max(seqs)))
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    # As `hone train` runs: bf16 autocast on a GPU; fp32 on a CPU (bf16 matmuls are slow there).
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
     def run_layers(x, cos, sin, checkpoint: bool):
         for _ in range(STACK):
@@ -196,7 +198,7 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
         kept[ckpt] = (sizes[1] - sizes[0]) / (3 * s * STACK)
         transient[ckpt] = max(0.0, (peaks[1] - peaks[0]) / (3 * s))
     head_pts = []
-    head_tokens = (64, 256) if quick else (2048, 8192, 16384, 32768)
+    head_tokens = (64, 128) if quick else (2048, 8192, 16384, 32768)
     for tokens in head_tokens:
         h = torch.randn(tokens, m.hidden, device=device, requires_grad=True)
         tgt = torch.randint(0, m.vocab, (tokens,), device=device)
