@@ -121,8 +121,9 @@ class Supervisor:
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "PYTHONUNBUFFERED": "1",
                ENV_SUPERVISED: "1", "HONE_FAILURE_REPORT": str(report), ENV_JOB_MTBF: str(self._mtbf_s())}
         env.pop(ENV_MICRO_BATCH, None)
-        micro = self.replanner().micro_batch_override(self.world)
-        if micro is not None:  # the re-plan for this world size changed the micro-batch
+        # The recipe's own world runs the recipe as written; a re-planned one may change the micro-batch.
+        micro = self.replanner().micro_batch_override(self.world) if self.world != self.target else None
+        if micro is not None:
             env[ENV_MICRO_BATCH] = str(micro)
         self.say(f"launch on {self.world} workers: torchrun {shlex.join(argv[4:])}"
                  + (f" (micro-batch {micro}, re-planned)" if micro is not None else ""))
