@@ -105,6 +105,14 @@ def write_jsonl(path: Path, rows: Any) -> int:
     return n
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSON-lines log this package wrote (none if it does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def append_jsonl(path: Path, row: dict) -> None:
     """Append one line (metrics logs): a crash loses at most the line being written."""
     with open(path, "a", encoding="utf-8") as f:

@@ -19,34 +19,12 @@ GPU, or its ``cpu`` entry), a preset such as ``8xH100``, a cluster TOML, or a pr
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 from hone.errors import HoneError
 from hone.plan.config import Config, Constants
-from hone.plan.hardware import GPUS, Cluster, load_cluster
+from hone.plan.hardware import GPUS, Cluster, gpu_for_device_name, load_cluster
 from hone.plan.search import plan_record
 from hone.plan.shapes import ModelShape
-from hone.rundir import read_json, write_json
-
-MODEL_FILE = "model.json"  # under heal/: the model's shape and device, written by rank 0
-
-
-def write_model_info(heal_dir: Path, config, device) -> None:
-    """Rank 0 of a supervised run: the shape the planner needs and the device it runs on."""
-    import torch
-
-    info = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
-            "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            "ffn": config.intermediate_size, "vocab": config.vocab_size,
-            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "device": device.type}
-    if device.type == "cuda":
-        info["device_name"] = torch.cuda.get_device_name(device)
-    write_json(heal_dir / MODEL_FILE, info)
-
-
-def read_model_info(heal_dir: Path) -> dict | None:
-    path = heal_dir / MODEL_FILE
-    return read_json(path) if path.exists() else None
 
 
 def shape_of(info: dict) -> ModelShape:
@@ -65,7 +43,7 @@ def hardware_for(spec: str, info: dict | None, devices: int) -> Cluster:
     gpu = GPUS["cpu"]
     if info and info.get("device") == "cuda":
         name = info.get("device_name", "")
-        gpu = next((g for g in GPUS.values() if g.name != "cpu" and g.name.split("-")[0] in name), GPUS["H100"])
+        gpu = gpu_for_device_name(name) or GPUS["H100"]
     return Cluster(gpu, 1, devices, gpu.nvlink_gbps, gpu.network_gbps, name=f"{devices}x{gpu.name} (auto)")
 
 

@@ -36,8 +36,8 @@ from hone.errors import HoneError
 from hone.heal.events import append_event, read_events
 from hone.heal.policy import (Failure, Situation, classify, decide, decide_grow, hang_timeout_s, job_mtbf_s,
                               stragglers)
-from hone.heal.replan import MODEL_FILE, Replanner, read_model_info
-from hone.heal.worker import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, heal_dir
+from hone.heal.replan import Replanner
+from hone.heal.worker import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
@@ -291,8 +291,8 @@ class Supervisor:
         w = decision.chosen.world
         plan = self.replanner().plan(w) if w else None  # the workers build the same: plan_from_recipe
         append_event(self.workdir, "decision", failure=failure.kind, step=a.last_step,
-                     checkpoint_step=s.checkpoint_step, step_s={str(k): round(v, 4) for k, v in s.step_s.items()},
-                     restart_s=round(s.restart_s, 3), plan=plan, modeled_step_s=_rounded(s.modeled),
+                     checkpoint_step=s.checkpoint_step, step_s=_rounded(s.step_s, 4),
+                     restart_s=round(s.restart_s, 3), plan=plan, modeled_step_s=_rounded(s.modeled, 6),
                      **decision.to_json())
         costs = ", ".join(f"{o.action} on {o.world}: {o.cost_s:.1f} s" for o in decision.options)
         self.say(f"{failure.kind} ({failure.detail}) at step {a.last_step}; newest checkpoint step "
@@ -323,8 +323,8 @@ class Supervisor:
         if decision.chosen.action != "grow":
             return False
         append_event(self.workdir, "decision", failure="repaired", step=a.last_step, checkpoint_step=ckpt,
-                     step_s={str(k): round(v, 4) for k, v in s.step_s.items()}, restart_s=round(s.restart_s, 3),
-                     plan=self.replanner().plan(self.target), modeled_step_s=_rounded(s.modeled),
+                     step_s=_rounded(s.step_s, 4), restart_s=round(s.restart_s, 3),
+                     plan=self.replanner().plan(self.target), modeled_step_s=_rounded(s.modeled, 6),
                      **decision.to_json())
         self.say(f"device repaired: growing from {a.world} to {self.target} workers at the step-{ckpt} checkpoint "
                  f"({', '.join(f'{o.action} {o.cost_s:.1f} s' for o in decision.options)})")
@@ -344,8 +344,9 @@ class Supervisor:
         self.log(f"heal: {msg}")
 
 
-def _rounded(modeled: dict[int, float]) -> dict[str, float]:
-    return {str(k): round(v, 6) for k, v in modeled.items()}
+def _rounded(by_world: dict[int, float], digits: int) -> dict[str, float]:
+    """Step times by world size as events.jsonl keeps them (JSON keys are strings)."""
+    return {str(k): round(v, digits) for k, v in by_world.items()}
 
 
 def _alive(pid: int) -> bool:

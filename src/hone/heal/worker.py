@@ -8,7 +8,9 @@
   (re)start, so accounting can prove each sample was consumed once (``hone.heal.accounting``);
 * the **skip list** ``heal/skips.json``: loader batches never to train on (the window of a
   non-finite loss), read at every start so resumed runs stay reproducible;
-* the **checkpoint schedule**, fixed or Young/Daly (``train.checkpoint_every = "auto"``).
+* the **checkpoint schedule**, fixed or Young/Daly (``train.checkpoint_every = "auto"``);
+* ``heal/model.json`` (rank 0): the model's shape and device, which the supervisor's
+  re-planning (:mod:`hone.heal.replan`) hands to the planner.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ ENV_SUPERVISED = "HONE_SUPERVISED"   # "1": write heartbeats
 ENV_JOB_MTBF = "HONE_JOB_MTBF_S"     # the supervisor's blended MTBF estimate for this job
 ENV_MICRO_BATCH = "HONE_MICRO_BATCH"  # the supervisor's re-plan changed the micro-batch for this world size
 SAMPLES_FILE = "samples.jsonl"
+MODEL_FILE = "model.json"            # under heal/: the model's shape and device, for the supervisor's re-plan
 
 
 class NonFiniteLoss(HoneError):
@@ -71,6 +74,24 @@ def micro_batch(cfg, rows: int) -> int:
     else the rank's whole share of the global batch."""
     override = os.environ.get(ENV_MICRO_BATCH)
     return int(override) if override else (cfg.micro_batch or rows)
+
+
+def write_model_info(heal_dir: Path, config, device) -> None:
+    """Rank 0 of a supervised run: the shape the planner needs and the device it runs on."""
+    import torch
+
+    info = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
+            "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            "ffn": config.intermediate_size, "vocab": config.vocab_size,
+            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "device": device.type}
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    write_json(heal_dir / MODEL_FILE, info)
+
+
+def read_model_info(heal_dir: Path) -> dict | None:
+    path = heal_dir / MODEL_FILE
+    return read_json(path) if path.exists() else None
 
 
 class Heartbeat:

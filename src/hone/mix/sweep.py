@@ -31,7 +31,6 @@ model, which has no general knowledge to forget otherwise); it is kept in ``mix/
 from __future__ import annotations
 
 import copy
-import json
 import shutil
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import torch
 
 from hone.errors import HoneError
 from hone.recipe import Recipe
-from hone.rundir import append_jsonl, atomic_path, ensure_dir, is_done, mark_done
+from hone.rundir import append_jsonl, atomic_path, ensure_dir, is_done, mark_done, read_jsonl
 
 Log = Callable[[str], None]
 
@@ -54,19 +53,18 @@ def budgets(recipe: Recipe) -> list[int]:
                                                    recipe.train.max_tokens]
 
 
+def _budget_steps(token_budgets: list[int], per_step: int) -> list[int]:
+    """The optimizer steps at which the budgets are evaluated (each rounded down to whole steps)."""
+    return sorted({max(1, b // per_step) for b in token_budgets})
+
+
 def _done_points(path: Path) -> set[tuple[float, float]]:
-    if not path.exists():
-        return set()
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(round(r["ratio"], 6), float(r["tokens"])) for r in rows}
+    return {(round(r["ratio"], 6), float(r["tokens"])) for r in read_jsonl(path)}
 
 
 def _order_points(path: Path) -> dict[tuple[float, float, int], dict]:
     """mix/orders.jsonl rows by (ratio, tokens, order)."""
-    if not path.exists():
-        return {}
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(round(r["ratio"], 6), float(r["tokens"]), int(r["order"])): r for r in rows}
+    return {(round(r["ratio"], 6), float(r["tokens"]), int(r["order"])): r for r in read_jsonl(path)}
 
 
 def order_seed(order: int) -> int | None:
@@ -162,7 +160,7 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
 
     seq, batch = recipe.train.seq_len, recipe.train.batch_size
     per_step = seq * batch
-    steps = sorted({max(1, b // per_step) for b in token_budgets})
+    steps = _budget_steps(token_budgets, per_step)
     if all(s * per_step in skip for s in steps):
         return []
     cfg = _proxy_train_config(recipe, steps[-1] * per_step)
@@ -239,7 +237,7 @@ def _ratio_over_orders(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict
     """mix.orders proxy runs at ``ratio`` (each order's points in mix/orders.jsonl), then one
     mean line per budget not yet in runs.jsonl."""
     per_step = recipe.train.seq_len * recipe.train.batch_size
-    wanted = [t for t in sorted({max(1, b // per_step) * per_step for b in token_budgets}) if t not in finished]
+    wanted = [s * per_step for s in _budget_steps(token_budgets, per_step) if s * per_step not in finished]
     if not wanted:
         return
     path = out.parent / "orders.jsonl"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import time
 
-from hone.plan.hardware import GPUS
+from hone.plan.hardware import GPUS, gpu_for_device_name
 from hone.plan.shapes import load_model
 
 
@@ -26,8 +26,7 @@ def time_call(fn, sync, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False,
-                    trainer: bool = True) -> dict:
+def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False) -> dict:
     import torch
 
     m = load_model(model)
@@ -62,7 +61,7 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
                 matrix[i][j] = nbytes / time_call(lambda: src.to(f"cuda:{j}"), lambda: [torch.cuda.synchronize(d) for d in (i, j)], 3) / 1e9
     if cuda:
         name = torch.cuda.get_device_name(0)
-        known = next((g for g in GPUS.values() if g.name.split("-")[0] in name), None)
+        known = gpu_for_device_name(name)
         peak = known.peak_tflops if known else gemm_tflops
         mem_gib = torch.cuda.get_device_properties(0).total_memory / (1 << 30)
     else:
@@ -74,10 +73,9 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
                "efficiency": min(1.0, gemm_tflops / peak)}
     if n > 1:
         cluster["matrix"] = [[v if i != j else 0.0 for j, v in enumerate(r)] for i, r in enumerate(matrix)]
-    if trainer:  # Hone's own layer, loss and optimizer at this model's shape (hone.plan.trainer_profile)
-        from hone.plan.trainer_profile import measure
+    from hone.plan.trainer_profile import measure
 
-        cluster["trainer"] = measure(m, dev, quick=quick)
+    cluster["trainer"] = measure(m, dev, quick=quick)  # Hone's own layer, loss and optimizer at this shape
     return {"cluster": cluster, "measured": {"device": str(dev), "dtype": str(dtype), "model": m.name,
                                              "gemm_tflops": gemm_tflops, "gemms": gemms, "memory_gbps": mem_gbps,
                                              "link_matrix_gbps": matrix}}

@@ -50,6 +50,11 @@ def get_gpu(name: str) -> GPU:
     raise HoneError(f"unknown GPU {name!r} (known: {', '.join(GPUS)})")
 
 
+def gpu_for_device_name(name: str) -> Optional[GPU]:
+    """The planner's entry for a device name as CUDA reports it ("NVIDIA H100 80GB HBM3"), or None."""
+    return next((g for g in GPUS.values() if g.name != "cpu" and g.name.split("-")[0] in name), None)
+
+
 @dataclass(frozen=True)
 class Cluster:
     """``nodes`` x ``gpus_per_node`` GPUs. A link's bandwidth is ``matrix[i][j]`` when a measured

@@ -254,22 +254,22 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
         kept = full if c.recompute == "none" else kept
         if c.recompute == "full" and k.ckpt_bytes_per_token:
             kept = k.ckpt_bytes_per_token * seq * c.micro_batch
+    last = i == c.pp - 1
+    logits = k.logits_bytes * seq * c.micro_batch * m.vocab / c.tp if last else 0.0
     acts = held_l * kept
-    if c.recompute == "full" and layers:  # the layer being recomputed holds its full activations once
+    peak = 0.0  # the measured peak of Hone's layer's backward (activation gradients, or a recomputed layer)
+    if measured and c.recompute in ("none", "full"):
+        peak = (k.recompute_backward_bytes_per_token if c.recompute == "full" else k.backward_bytes_per_token)
+        peak *= seq * c.micro_batch
+    if peak and layers:
+        # Hone's chunked loss computes its gradients in the forward: its buffers and the backward's
+        # peak never coexist, so the stage peaks at the kept activations plus the larger of the two.
+        acts += peak
+        logits = max(0.0, logits - peak)
+    elif c.recompute == "full" and layers:  # the layer being recomputed holds its full activations once
         acts += full
     elif c.recompute == "op" and layers:  # ... and under op, what it recomputes on top of what it kept
         acts += max(0.0, full - kept)
-    last = i == c.pp - 1
-    logits = k.logits_bytes * seq * c.micro_batch * m.vocab / c.tp if last else 0.0
-    if measured and layers and c.recompute in ("none", "full"):
-        # Hone's chunked loss computes its gradients in the forward: its buffers and the backward's
-        # peak (a layer's activation gradients, or a recomputed layer) never coexist, so the
-        # stage peaks at the kept activations plus the larger of the two.
-        peak = (k.recompute_backward_bytes_per_token if c.recompute == "full" else k.backward_bytes_per_token)
-        peak *= seq * c.micro_batch
-        if peak:
-            acts = held_l * kept + peak
-            logits = max(0.0, logits - peak)
     z3 = 2 * (k.weight_bytes + 2) * m.layer_params() / c.tp if c.zero >= 3 and d > 1 else 0.0  # 2 gathered layers + grads
     overhead = k.overhead_gib * GIB + k.fragmentation * (acts + logits + z3)
     stage = "first" if i == 0 else "last" if last else f"stage {i}"

@@ -76,16 +76,6 @@ def head_time(trainer: dict, tokens: float) -> float:
     return _eval(trainer["head_fwd_bwd"], tokens, 0)
 
 
-def activation_bytes(trainer: dict, tokens: float, recompute: str) -> float | None:
-    """Bytes one layer keeps for its backward, or None where the table has no measurement
-    (selective / op recompute: the planner's formula is used)."""
-    if recompute == "none":
-        return trainer["act_bytes_per_token"] * tokens
-    if recompute == "full":
-        return trainer["ckpt_bytes_per_token"] * tokens
-    return None
-
-
 def _fit(points: list[tuple[float, float, float]], with_seq: bool) -> dict:
     """time = max(a, b * tokens (+ c * tokens * seq)): ``a`` is the host's floor (Python and
     kernel launches: an eager layer cannot go faster however few its tokens), the rest the
@@ -113,13 +103,14 @@ def _eval(fit: dict, tokens: float, seq: float) -> float:
 
 
 def refit(trainer: dict) -> dict:
-    """The table's fits recomputed from its raw measured points (with this module's model)."""
+    """The table's fits from its raw measured points (``measure`` ends here; an older table
+    is refitted with this module's model)."""
     pts = [tuple(p) for p in trainer["points"]]
     meas = trainer["measured"]
     out = dict(trainer)
     out["layer_fwd_bwd"] = _fit([(b * s, s, v) for (b, s), v in zip(pts, meas["layer_fwd_bwd_s"])], True)
     out["layer_fwd"] = _fit([(b * s, s, v) for (b, s), v in zip(pts, meas["layer_fwd_s"])], True)
-    heads = trainer.get("head_tokens") or [2048, 8192, 16384]
+    heads = trainer.get("head_tokens") or [2048, 8192, 16384]  # tables written before head_tokens was kept
     out["head_fwd_bwd"] = _fit([(t, 0, v) for t, v in zip(heads, meas["head_fwd_bwd_s"])], False)
     if "layer_fwd_bwd_recompute_s" in meas:
         out["recompute_floor_s"] = _fit([(b * s, s, v) for (b, s), v in zip(pts, meas["layer_fwd_bwd_recompute_s"])],
@@ -184,19 +175,20 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
     # Kept bytes per token: the slope between two token counts of what the layers save for
     # their backward (the constant part, e.g. autocast's bf16 weight copies, is counted with
     # the weights by the planner).
-    s = seqs[1]
+    s, batches = seqs[1], (1, 4)
+    tokens_apart = (batches[1] - batches[0]) * s
     kept, transient = {}, {}
     for ckpt in (False, True):
         sizes, peaks = [], []
-        for b in (1, 4):
+        for b in batches:
             x = torch.randn(b, s, m.hidden, device=device, requires_grad=True)
             saved, peak = _saved_and_backward_bytes(lambda: run_layers(x, cos_all[:s], sin_all[:s], ckpt), autocast,
                                                     device)
             sizes.append(saved)
             peaks.append(peak)
             layer.zero_grad(set_to_none=True)
-        kept[ckpt] = (sizes[1] - sizes[0]) / (3 * s * STACK)
-        transient[ckpt] = max(0.0, (peaks[1] - peaks[0]) / (3 * s))
+        kept[ckpt] = (sizes[1] - sizes[0]) / (tokens_apart * STACK)
+        transient[ckpt] = max(0.0, (peaks[1] - peaks[0]) / tokens_apart)  # one layer's backward at a time
     head_pts = []
     head_tokens = (64, 128) if quick else (2048, 8192, 16384, 32768)
     for tokens in head_tokens:
@@ -222,19 +214,17 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
 
     n = sum(p.numel() for p in params)
     per_param = timed(opt_step) / n
-    return {"shape": shape_key(m), "device": str(device), "stack": STACK, "points": [list(p) for p in points],
-            "layer_fwd_bwd": _fit(fb_pts, True), "layer_fwd": _fit(fwd_pts, True),
-            "head_fwd_bwd": _fit(head_pts, False), "head_tokens": list(head_tokens),
-            "recompute_floor_s": _fit(ckpt_pts, True)["a"],
-            "act_bytes_per_token": kept[False], "ckpt_bytes_per_token": kept[True],
-            # Extra bytes at the peak of the backward (gradients of activations, a recomputed
-            # layer's activations), per token; CUDA's peak counter only (0 on a CPU).
-            "backward_bytes_per_token": transient[False], "recompute_backward_bytes_per_token": transient[True],
-            "optimizer_s_per_param": per_param,
-            "measured": {"layer_fwd_bwd_s": [round(v, 6) for _, _, v in fb_pts],
-                         "layer_fwd_s": [round(v, 6) for _, _, v in fwd_pts],
-                         "layer_fwd_bwd_recompute_s": [round(v, 6) for _, _, v in ckpt_pts],
-                         "head_fwd_bwd_s": [round(v, 6) for _, _, v in head_pts]}}
+    table = {"shape": shape_key(m), "device": str(device), "stack": STACK, "points": [list(p) for p in points],
+             "head_tokens": list(head_tokens),
+             "act_bytes_per_token": kept[False], "ckpt_bytes_per_token": kept[True],
+             # Extra bytes at the peak of the backward (gradients of activations, a recomputed
+             # layer's activations), per token; CUDA's peak counter only (0 on a CPU).
+             "backward_bytes_per_token": transient[False], "recompute_backward_bytes_per_token": transient[True],
+             "optimizer_s_per_param": per_param,
+             "measured": {"layer_fwd_bwd_s": [v for _, _, v in fb_pts], "layer_fwd_s": [v for _, _, v in fwd_pts],
+                          "layer_fwd_bwd_recompute_s": [v for _, _, v in ckpt_pts],
+                          "head_fwd_bwd_s": [v for _, _, v in head_pts]}}
+    return refit(table)  # the fits, from the raw points
 
 
 def _saved_and_backward_bytes(forward, autocast, device) -> tuple[float, float]:

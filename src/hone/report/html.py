@@ -6,20 +6,13 @@ be written for a partial run too.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from hone.errors import HoneError
 from hone.report import plots
-from hone.rundir import read_json, write_text
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from hone.rundir import read_json, read_jsonl, write_text
 
 
 def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
@@ -94,7 +87,7 @@ def build_context(workdir: Path) -> dict:
         if retrieval := manifest.get("retrieval"):
             ctx["figures"]["retrieval"] = plots.retrieval(retrieval)
             ctx["retrieval"] = retrieval
-    metrics = _read_metrics(workdir / "metrics.jsonl")
+    metrics = read_jsonl(workdir / "metrics.jsonl")
     if metrics:
         ctx["figures"]["loss"] = plots.loss_curves(metrics)
         ctx["train"] = metrics[-1]

@@ -26,9 +26,8 @@ import torch
 import torch.distributed as dist
 
 from hone.heal.events import append_event
-from hone.heal.replan import write_model_info
 from hone.heal.worker import (CheckpointSchedule, Heartbeat, NonFiniteLoss, SampleLedger, check_finite, heal_dir,
-                              load_skips, micro_batch, record_skips, skip_window)
+                              load_skips, micro_batch, record_skips, skip_window, write_model_info)
 from hone.recipe import TrainConfig
 from hone.rundir import append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
