@@ -2,7 +2,7 @@
 
 For each configuration of a small grid (125M-class and ~350M Llama shapes, micro-batch 4/8/16,
 sequence 1024/2048, recompute none/full) this runs the training step `hone train` runs
-(``hone.train.model.Llama`` with the chunked linear + cross-entropy, bf16 autocast over fp32
+(``hone.model.llama.Llama`` with the chunked linear + cross-entropy, bf16 autocast over fp32
 weights, fused AdamW from ``hone.train.loop.make_optimizer``, gradient clipping, whole-layer
 activation checkpointing as ``hone.train.parallelize`` applies it), times ``--steps`` steps after
 ``--warmup``, and reads ``torch.cuda.max_memory_allocated``. The planner predicts the same
@@ -36,7 +36,7 @@ from hone.plan.config import Constants  # noqa: E402
 from hone.plan.hardware import cluster_from_dict  # noqa: E402
 from hone.plan.search import evaluate_fixed  # noqa: E402
 from hone.plan.shapes import ModelShape  # noqa: E402
-from hone.train.model import Llama, LlamaConfig  # noqa: E402
+from hone.model.llama import Llama, LlamaConfig  # noqa: E402
 from hone.train.parallelize import apply_activation_checkpointing  # noqa: E402
 
 SHAPES = {  # (layers, hidden, heads, kv_heads, ffn, vocab)
@@ -49,7 +49,7 @@ GRID = [  # shape, micro-batch, sequence, recompute
     ("350m", 4, 2048, "none"), ("350m", 8, 1024, "full"), ("350m", 8, 2048, "none"), ("350m", 16, 2048, "full"),
 ]
 DRY_GRID = [("tiny", 2, 64, "none"), ("tiny", 4, 128, "full")]
-CE_CHUNK = 4096  # tokens per chunk of hone.train.losses.fused_linear_cross_entropy
+CE_CHUNK = 4096  # tokens per chunk of hone.model.loss.fused_linear_cross_entropy
 
 # Hone's single-GPU accounting: fp32 weights + their bf16 autocast copies held for the backward (6 B),
 # fp32 gradients (4 B), fused AdamW m and v (8 B); max_memory_allocated has no CUDA context and no

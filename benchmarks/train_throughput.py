@@ -8,7 +8,7 @@ variant, and the ratios the training issue asks for.
     python benchmarks/train_throughput.py                 # on a GPU: 125M and 1B shapes
     python benchmarks/train_throughput.py --dry-run       # tiny shape on the CPU (a smoke test)
 
-Only ``hone.train.model`` / ``hone.train.losses`` are imported, so ``PYTHONPATH=src``
+Only ``hone.model.llama`` / ``hone.model.loss`` are imported, so ``PYTHONPATH=src``
 without installing Hone's other dependencies is enough.
 """
 
@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hone.train.model import Llama, LlamaConfig  # noqa: E402
+from hone.model.llama import Llama, LlamaConfig  # noqa: E402
 
 SHAPES = {
     "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,

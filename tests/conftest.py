@@ -14,7 +14,7 @@ def _few_threads():
 
 
 def tiny_llama(vocab: int = 256, seed: int = 0):
-    from hone.train.model import Llama, LlamaConfig
+    from hone.model.llama import Llama, LlamaConfig
 
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,

@@ -11,14 +11,9 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from hone.errors import HoneError
-from hone.train.checkpoint_io import (
-    load_gguf,
-    load_hf,
-    save_hf,
-    smollm2_gguf_path,
-    special_ids,
-)
-from hone.train.model import Llama, LlamaConfig
+from hone.model.gguf import load_gguf, smollm2_gguf_path, special_ids
+from hone.model.hf import load_hf, save_hf
+from hone.model.llama import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from hone.corpus.cli_select import register
+from hone.cli.select import register
 from hone.corpus.dsir import DsirConfig, NgramHasher, dsir_scores, dsir_select, dsir_step, gumbel_top_k
 from hone.errors import HoneError
 

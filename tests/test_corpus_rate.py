@@ -11,7 +11,7 @@ import typer
 from typer.testing import CliRunner
 
 from hone.corpus import rate as rate_mod
-from hone.corpus.cli_select import register
+from hone.cli.select import register
 from hone.corpus.rate import (LocalJudge, OpenAIJudge, RateConfig, confident, fit_bradley_terry, judge_both_orders,
                               p_b_from_response, pairwise_accuracy, question, rate_docs, sample_pairs)
 from hone.errors import HoneError

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from hone.corpus.cli_select import register
+from hone.cli.select import register
 from hone.corpus.select import SelectConfig, _Stream, count_tokens, quality_order, select_docs, zip_order
 from hone.errors import HoneError
 

@@ -90,7 +90,7 @@ def test_eval_cli_scores_each_set_and_the_change_against_a_base(tok, tmp_path):
 
     from conftest import tiny_llama
 
-    from hone.train.checkpoint_io import save_hf
+    from hone.model.hf import save_hf
 
     save_hf(tiny_llama(vocab=tok.get_vocab_size(), seed=0), tok, tmp_path / "base")
     save_hf(tiny_llama(vocab=tok.get_vocab_size(), seed=1), tok, tmp_path / "tuned")

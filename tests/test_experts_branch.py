@@ -104,7 +104,7 @@ def test_branch_trains_each_expert_joint_and_compares(branched):
         done = json.loads((root / name / "expert.json").read_text())
         assert (root / name / "final" / "model.safetensors").exists()
         assert (root / name / "heldout.jsonl").exists()
-        assert (root / name / "launch" / "slurm.sbatch").read_text().count("hone.train.launch --workdir") == 1
+        assert (root / name / "launch" / "slurm.sbatch").read_text().count("hone.train.worker --workdir") == 1
         # The expert's run directory is one the training engine (and torchrun) resumes by itself.
         rec = json.loads((root / name / "recipe.json").read_text())["recipe"]
         assert rec["model"] == {**rec["model"], "source": "hf"} and rec["curate"]["domain"]["name"] == name
@@ -168,7 +168,7 @@ def test_an_expert_stops_and_resumes_on_its_own(tmp_path):
     logs: list[str] = []
     run_branch(recipe, tmp_path / "run", recipe_path=path, only=["legal"], prepare_only=True, log=logs.append)
     legal = tmp_path / "run" / "experts" / "legal"
-    assert any(f"-m hone.train.launch --workdir {legal}" in line for line in logs)
+    assert any(f"-m hone.train.worker --workdir {legal}" in line for line in logs)
     assert any(f"--only legal --resume" in line for line in logs)
     assert (legal / "recipe.json").exists() and not (legal / "checkpoints").exists()
     run_branch(recipe, tmp_path / "run", recipe_path=path, only=["code"], max_steps=1, evaluate=False, log=lambda m: None)

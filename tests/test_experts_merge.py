@@ -53,7 +53,7 @@ def separated(tmp_path_factory):
     held-out sets of each domain as JSON lines."""
     from conftest import tiny_llama
     from hone.tokens import eos_id, train_bpe
-    from hone.train.checkpoint_io import save_hf
+    from hone.model.hf import save_hf
 
     root = tmp_path_factory.mktemp("experts")
     texts = {"a": _texts(WORDS_A, 60, 0), "b": _texts(WORDS_B, 60, 1)}
@@ -72,7 +72,7 @@ def separated(tmp_path_factory):
 
 def test_merge_of_identical_experts_is_the_expert_bitwise(tmp_path):
     from conftest import tiny_llama
-    from hone.train.checkpoint_io import save_hf
+    from hone.model.hf import save_hf
 
     src = save_hf(tiny_llama(seed=3), None, tmp_path / "e")
     out = average([src, src, src], tmp_path / "m", [1, 1, 1])
@@ -85,7 +85,7 @@ def test_merge_of_identical_experts_is_the_expert_bitwise(tmp_path):
 
 def test_weighted_average_is_exact(tmp_path):
     from conftest import tiny_llama
-    from hone.train.checkpoint_io import load_hf, save_hf
+    from hone.model.hf import load_hf, save_hf
 
     p1 = save_hf(tiny_llama(seed=1), None, tmp_path / "e1")
     p2 = save_hf(tiny_llama(seed=2), None, tmp_path / "e2")
@@ -99,7 +99,7 @@ def test_weighted_average_is_exact(tmp_path):
 
 
 def test_ensemble_of_one_expert_is_that_expert(separated, tmp_path):
-    from hone.train.checkpoint_io import load_hf
+    from hone.model.hf import load_hf
 
     ens, _ = load_model(ensemble([separated["a"]], tmp_path / "ens"))
     single, _ = load_hf(separated["a"])
@@ -175,7 +175,7 @@ def hone(capsys, *args) -> tuple[int, str]:
 
 def test_hone_eval_scores_an_ensemble_no_worse_than_the_best_expert(separated, tmp_path, capsys):
     from hone.evaluate import evaluate_sets, read_texts
-    from hone.train.checkpoint_io import load_hf
+    from hone.model.hf import load_hf
 
     ens = tmp_path / "ens"
     code, err = hone(capsys, "merge", str(separated["a"]), str(separated["b"]), "-o", str(ens), "--method", "ensemble")
@@ -205,7 +205,7 @@ def test_hone_eval_scores_an_ensemble_no_worse_than_the_best_expert(separated, t
 
 def test_bad_input_is_one_line(separated, tmp_path, capsys):
     from conftest import tiny_llama
-    from hone.train.checkpoint_io import save_hf
+    from hone.model.hf import save_hf
 
     other = save_hf(tiny_llama(vocab=separated["tok"].get_vocab_size(), seed=0).float(), separated["tok"], tmp_path / "o")
     cfg = json.loads((other / "config.json").read_text())

@@ -16,7 +16,8 @@ from hone.heal import policy
 from hone.heal.accounting import audit
 from hone.heal.policy import Failure, Situation, classify, decide, decide_grow
 from hone.heal.replan import Replanner
-from hone.heal.worker import CheckpointSchedule, NonFiniteLoss, load_skips, skip_window
+from hone.plan import reliability
+from hone.train.hooks import CheckpointSchedule, NonFiniteLoss, load_skips, skip_window
 from hone.recipe import TrainConfig, parse_recipe
 from hone.train import faults
 
@@ -98,16 +99,16 @@ def test_grow_back_only_when_it_pays():
 
 
 def test_young_daly():
-    assert policy.young_daly_s(10.0, 3600.0) == pytest.approx(math.sqrt(2 * 10 * 3600))
-    assert policy.interval_steps(10.0, 3600.0, 2.0, 10_000) == round(math.sqrt(72000) / 2)
-    assert policy.interval_steps(10.0, 3600.0, 2.0, 50) == 50   # never beyond the run
-    assert policy.interval_steps(1e-6, 1.0, 100.0, 50) == 1     # at least one step
+    assert reliability.young_daly_s(10.0, 3600.0) == pytest.approx(math.sqrt(2 * 10 * 3600))
+    assert reliability.interval_steps(10.0, 3600.0, 2.0, 10_000) == round(math.sqrt(72000) / 2)
+    assert reliability.interval_steps(10.0, 3600.0, 2.0, 50) == 50   # never beyond the run
+    assert reliability.interval_steps(1e-6, 1.0, 100.0, 50) == 1     # at least one step
 
 
 def test_job_mtbf_blends_configured_and_observed():
-    assert policy.job_mtbf_s(50_000, 16384) == pytest.approx(50_000 * 3600 / 16384)
+    assert reliability.job_mtbf_s(50_000, 16384) == pytest.approx(50_000 * 3600 / 16384)
     # One failure in 10 worker-hours, with the configured 10 h as one prior failure: 10 h per worker.
-    assert policy.job_mtbf_s(10, 2, observed_worker_s=10 * 3600, failures=1) == pytest.approx(10 * 3600 / 2)
+    assert reliability.job_mtbf_s(10, 2, observed_worker_s=10 * 3600, failures=1) == pytest.approx(10 * 3600 / 2)
 
 
 def test_hang_timeout_and_stragglers():

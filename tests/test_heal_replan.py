@@ -9,7 +9,7 @@ import pytest
 from hone.errors import HoneError
 from hone.heal.policy import Failure, Situation, decide, step_time_at
 from hone.heal.replan import Replanner
-from hone.heal.worker import ENV_MICRO_BATCH, micro_batch
+from hone.train.hooks import ENV_MICRO_BATCH, micro_batch
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import parse_preset
 from hone.plan.search import plan_record

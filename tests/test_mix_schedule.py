@@ -6,7 +6,7 @@ import json
 import pytest
 
 from hone.errors import HoneError
-from hone.mix.schedule import load_mixture, make_schedule
+from hone.train.mixture import load_mixture, make_schedule
 from hone.recipe import load_recipe, shipped_recipe
 
 
@@ -20,8 +20,8 @@ def write_mixture(path, schedule):
 
 
 def test_phases_from_the_recipe_and_the_mixture_file(tmp_path):
-    from hone.pipeline import mixture_phases
-    from hone.train.launch import total_steps
+    from hone.train.run import mixture_phases
+    from hone.train.run import total_steps
 
     n = total_steps(tiny().train)  # 60 steps
     assert mixture_phases(tiny()) == [(0, 0.5)]
@@ -34,7 +34,7 @@ def test_phases_from_the_recipe_and_the_mixture_file(tmp_path):
 
 
 def test_relative_mixture_path_is_read_beside_the_recipe(tmp_path, monkeypatch):
-    from hone.pipeline import mixture_phases
+    from hone.train.run import mixture_phases
 
     (tmp_path / "recipes").mkdir()
     write_mixture(tmp_path / "recipes" / "fitted.json", make_schedule(0.4, 0.0, None))
@@ -47,7 +47,7 @@ def test_relative_mixture_path_is_read_beside_the_recipe(tmp_path, monkeypatch):
 
 
 def test_loader_follows_the_mixture_file(tmp_path, token_dirs):
-    from hone.pipeline import build_loader
+    from hone.train.run import build_loader
 
     workdir = token_dirs["general"].parents[2]
     path = write_mixture(tmp_path / "m.json", make_schedule(0.25, 0.25, 1.0))
@@ -59,7 +59,7 @@ def test_loader_follows_the_mixture_file(tmp_path, token_dirs):
 def test_train_hash_keeps_old_runs_and_follows_the_file_content(tmp_path):
     import hashlib
 
-    from hone.pipeline import LAYOUT_FIELDS, train_hash
+    from hone.train.workdir import LAYOUT_FIELDS, train_hash
 
     r = tiny()
     # Fields added after the first runs (mixture, upsampling, nan_skip_batches) keep the old hash at their defaults.
@@ -88,7 +88,7 @@ def test_bad_mixture_files(tmp_path, content, match):
 
 
 def test_mix_section_is_validated_and_not_part_of_the_data_hash():
-    from hone.pipeline import recipe_hash
+    from hone.train.workdir import recipe_hash
 
     with pytest.raises(HoneError, match=r"mix.ratios.1: Input should be less than or equal to 1 \(got 1.5\)"):
         tiny(**{"mix.ratios": [0.1, 1.5]})

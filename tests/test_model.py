@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hone.errors import HoneError
-from hone.train.model import Llama, LlamaConfig
+from hone.model.llama import Llama, LlamaConfig
 
 transformers = pytest.importorskip("transformers")
 

@@ -59,7 +59,7 @@ def test_final_model_loads_in_transformers(tiny_run):
     transformers = pytest.importorskip("transformers")
     import torch
 
-    from hone.train.checkpoint_io import load_hf
+    from hone.model.hf import load_hf
 
     workdir, _, _ = tiny_run
     ours, tok = load_hf(workdir / "final")

@@ -26,7 +26,7 @@ def test_demo_trains_on_its_fitted_mixture():
     from pathlib import Path
 
     from hone.mix.laws import fit_mixture
-    from hone.mix.schedule import load_mixture
+    from hone.train.mixture import load_mixture
 
     recipe = load_recipe(shipped_recipe("demo-biomed"))
     assert Path(recipe.train.mixture).parent == RECIPES_DIR

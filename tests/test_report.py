@@ -26,7 +26,7 @@ def _points():
 @pytest.fixture(scope="module")
 def rundir(tmp_path_factory):
     from hone.mix.laws import fit_mixture
-    from hone.mix.schedule import make_schedule
+    from hone.train.mixture import make_schedule
 
     d = tmp_path_factory.mktemp("run")
     write_json(d / "recipe.json", {"hash": "x", "recipe": {"run": {"name": "synthetic"}, "train": {}}})

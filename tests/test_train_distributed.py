@@ -178,5 +178,5 @@ def test_multinode_prints_torchrun_and_writes_slurm(prepared, tmp_path):
     assert "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d" in proc.stdout
     script = (tmp_path / "mn" / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
-    assert "srun torchrun --nnodes 4" in script and "-m hone.train.launch" in script
+    assert "srun torchrun --nnodes 4" in script and "-m hone.train.worker" in script
     assert not (tmp_path / "mn" / "checkpoints").exists()

@@ -10,11 +10,43 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from hone.errors import HoneError
+
+
+# --- the names of a run directory's artifacts (README, "The run directory") ----------------
+RECIPE_STAMP = "recipe.json"             # the validated recipe and its data / train hashes
+POOL_DIR = "pool"                        # the mixed pool built from packaged corpora
+HELDOUT_DIR = "heldout"                  # held-out evaluation sets of the packaged data
+CORPUS_DIR = "corpus"                    # curated Parquet shards, manifest, dropped/, quarantine/
+TOKENS_DIR = "tokens"                    # token shards per domain
+TOKENIZER_FILE = "tokenizer.json"        # the BPE trained for a random model
+CHECKPOINTS_DIR = "checkpoints"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "train_summary.json"      # steps, tokens, wall time of the last training run
+TENSORBOARD_DIR = "tensorboard"
+LOGS_DIR = "logs"                        # a worker's traceback: logs/rankR.err
+EVENTS_FILE = "events.jsonl"             # failures, decisions, recoveries
+SAMPLES_FILE = "samples.jsonl"           # the sample ledger
+HEAL_DIR = "heal"                        # skips, heartbeats, failure reports, fired faults
+LAUNCH_DIR = "launch"                    # slurm.sbatch for multi-node runs
+MIX_DIR = "mix"                          # hone mix sweep
+MIXTURE_FILE = "mixture.json"            # hone mix fit
+PLAN_FILE = "plan.json"                  # hone plan --out
+EXPERTS_DIR = "experts"                  # hone branch
+EVAL_BEFORE_FILE = "eval_before.json"
+EVAL_AFTER_FILE = "eval_after.json"
+EVAL_FILE = "eval.json"
+FINAL_DIR = "final"                      # the trained model, HF format
+REPORT_FILE = "report.html"
+
+# What training writes; `hone train` without --resume removes these and keeps the data stages.
+TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,
+                      REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE)
 
 
 def _umask() -> int:
@@ -131,3 +163,41 @@ def is_done(path: Path) -> bool:
 
 def clear_done(path: Path) -> None:
     Path(str(path) + ".done").unlink(missing_ok=True)
+
+
+# --- events.jsonl: failures, decisions and recoveries of a run -----------------------------
+# Each line has ``time`` (Unix seconds), ``kind`` and the fields of that kind; small appends
+# of one line are atomic on a local file system, so two writers never interleave a line.
+
+def _json_safe(value):
+    """JSON has no NaN/inf: write them as strings so every line stays valid JSON."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def append_event(workdir: Path, kind: str, **fields) -> dict:
+    event = _json_safe({"time": round(time.time(), 3), "kind": kind, **fields})
+    path = Path(workdir) / EVENTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(event) + "\n")
+    return event
+
+
+def read_events(workdir: Path) -> list[dict]:
+    """The run's events in order; a torn last line (a crash mid-write) is ignored."""
+    path = Path(workdir) / EVENTS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return events

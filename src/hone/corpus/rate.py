@@ -111,7 +111,8 @@ class LocalJudge:
 
 def load_local_judge(path: str, excerpt_tokens: int = 256, batch_size: int = 4) -> LocalJudge:
     """``smollm2`` (the packaged GGUF), a ``.gguf`` file, or an HF model directory."""
-    from hone.train.checkpoint_io import load_gguf, load_hf, smollm2_gguf_path
+    from hone.model.gguf import load_gguf, smollm2_gguf_path
+    from hone.model.hf import load_hf
 
     if path == "smollm2":
         model, tok = load_gguf(smollm2_gguf_path())

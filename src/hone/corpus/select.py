@@ -81,7 +81,7 @@ def load_tokenizer(spec: str):
     from tokenizers import Tokenizer
 
     if spec == "smollm2":
-        from hone.train.checkpoint_io import smollm2_gguf_path, tokenizer_from_gguf
+        from hone.model.gguf import smollm2_gguf_path, tokenizer_from_gguf
 
         return tokenizer_from_gguf(smollm2_gguf_path())
     path = Path(spec)

@@ -42,7 +42,7 @@ def _hash(obj) -> str:
 
 def expert_recipe(recipe: Recipe, name: str, seed_dir: Path, *, max_tokens: int, ratio: float, lr: float) -> Recipe:
     """The recipe of one expert's run directory: the parent's, with the seed as its model and the
-    expert's own budget, mixture and learning rate. `python -m hone.train.launch --workdir`
+    expert's own budget, mixture and learning rate. `python -m hone.train.worker --workdir`
     trains it like any run."""
     data = json.loads(recipe.model_dump_json())
     data["run"]["name"] = f"{recipe.run.name}/{name}"
@@ -60,7 +60,7 @@ def _spec_of(recipe: Recipe, spec: ExpertDomain) -> dict:
 
 
 def _write_run_recipe(edir: Path, erecipe: Recipe, key: str) -> None:
-    from hone.pipeline import recipe_hash, train_hash
+    from hone.train.workdir import recipe_hash, train_hash
 
     write_json(edir / "recipe.json", {"hash": recipe_hash(erecipe), "train_hash": train_hash(erecipe),
                                       "expert_hash": key, "recipe": json.loads(erecipe.model_dump_json())})
@@ -68,13 +68,10 @@ def _write_run_recipe(edir: Path, erecipe: Recipe, key: str) -> None:
 
 def _train_run(erecipe: Recipe, edir: Path, resume: bool, max_steps: int | None, log: Log) -> dict | None:
     """Train one run directory in this process; export final/. None if stopped early."""
-    from hone.pipeline import forget_training, stage_base_model, stage_train
-    from hone.train.checkpoint_io import save_hf
-
     if not resume:
         forget_training(edir, log)
-    model, tok = stage_base_model(erecipe, edir, log)
-    summary = stage_train(erecipe, edir, model, max_steps, log)
+    model, tok = load_base_model(erecipe, edir, log)
+    summary = train_recipe(erecipe, edir, model, max_steps, log)
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']}; run again with --resume")
         return None
@@ -90,44 +87,16 @@ def _prefixed(log: Log, name: str) -> Log:
     return lambda msg: log(f"[{name}] {msg}")
 
 
-def cluster_commands(edir: Path, recipe_path: Path | None, workdir: Path, name: str) -> dict:
-    """How to run one expert as its own cluster job (its run directory holds everything)."""
-    run = f"torchrun --nnodes 1 --nproc-per-node $GPUS -m hone.train.launch --workdir {shlex.quote(str(edir))}"
-    finish = (f"hone branch {shlex.quote(str(recipe_path))} --workdir {shlex.quote(str(workdir))} --only {name} --resume"
-              if recipe_path else "")
-    slurm = f"""#!/bin/bash
-#SBATCH --job-name=hone-expert-{name}
-#SBATCH --nodes=1
-#SBATCH --gpus-per-node=8
-#SBATCH --exclusive
-# One Branch-Train-Merge expert: no communication with the other experts' jobs.
-# Prepared by `hone branch ... --prepare-only`; resumes from its newest checkpoint when resubmitted.
-set -euo pipefail
-GPUS=${{SLURM_GPUS_ON_NODE:-8}}
-srun {run}
-{'# then export final/ and compare: ' + finish if finish else ''}
-"""
-    return {"torchrun": run, "finish": finish, "slurm": slurm}
-
-
 class Brancher:
     """The state of one `hone branch` call: the recipe, the run directory, the base model."""
 
-    def __init__(self, recipe: Recipe, workdir: Path, recipe_path: Path | None, log: Log) -> None:
+    def __init__(self, recipe: Recipe, workdir: Path, recipe_path: Path | None, log: Log, base, tok,
+                 eval_sets: dict[str, Path]) -> None:
         self.recipe, self.workdir, self.recipe_path, self.log = recipe, Path(workdir), recipe_path, log
+        self.base, self.tok, self.eval_sets = base, tok, eval_sets
         self.cfg = recipe.experts
-        self.root = self.workdir / "experts"
+        self.root = ensure_dir(self.workdir / EXPERTS_DIR)
         self.specs = {s.name: s for s in self.cfg.domain}
-
-    # -- data stages and the base model, shared with `hone run` -------------------------------
-    def prepare(self):
-        from hone.pipeline import prepare_workdir, stage_base_model, stage_curate, stage_pool
-
-        prepare_workdir(self.recipe, self.workdir, False, self.log)
-        inputs, self.eval_sets = stage_pool(self.recipe, self.workdir, self.log)
-        stage_curate(self.recipe, self.workdir, inputs, self.log)
-        self.base, self.tok = stage_base_model(self.recipe, self.workdir, self.log)
-        ensure_dir(self.root)
 
     # -- per-expert data -----------------------------------------------------------------------
     def data(self, spec: ExpertDomain) -> dict:
@@ -157,7 +126,7 @@ class Brancher:
     def seed(self) -> Path:
         """``experts/seed/``: the recipe's model (or experts.seed), after the optional seed phase
         on the union of the domains. Built once: later domains branch from the same seed."""
-        from hone.train.checkpoint_io import load_hf, save_hf
+        from hone.model.hf import load_hf, save_hf
 
         sdir = self.root / SEED
         key = _hash({"seed": self.cfg.seed, "seed_tokens": self.cfg.seed_tokens,
@@ -185,7 +154,7 @@ class Brancher:
     # -- one expert ----------------------------------------------------------------------------
     def expert_key(self, spec: ExpertDomain, seed_dir: Path, data: dict) -> str:
         parents = {p: (read_done(self.root / p / DONE_FILE) or {}).get("hash") for p in spec.branch_from}
-        from hone.pipeline import train_hash
+        from hone.train.workdir import train_hash
 
         return _hash({"train": _spec_of(self.recipe, spec), "data": data["key"], "base_train": train_hash(self.recipe),
                       "seed": (read_done(seed_dir.parent / DONE_FILE) or {}).get("hash"),
@@ -219,11 +188,11 @@ class Brancher:
         erecipe = expert_recipe(self.recipe, spec.name, start, max_tokens=s["max_tokens"], ratio=s["ratio"], lr=s["lr"])
         existing = read_done(edir / "recipe.json")
         if existing and existing.get("expert_hash") != key:
-            from hone.pipeline import forget_training
+            from hone.train.workdir import forget_training
 
             forget_training(edir, self.log)  # checkpoints of another recipe must not be resumed
         _write_run_recipe(edir, erecipe, key)
-        cmds = cluster_commands(edir, self.recipe_path, self.workdir, spec.name)
+        cmds = expert_commands(str(edir), str(self.recipe_path) if self.recipe_path else None, str(self.workdir), spec.name)
         write_text(ensure_dir(edir / "launch") / "slurm.sbatch", cmds["slurm"])
         return edir, erecipe, key, False
 
@@ -248,9 +217,9 @@ class Brancher:
                    max_steps: int | None) -> dict | None:
         """Train ``start`` on ``tokens`` tokens of the domains' own training batches, interleaved
         in proportion to the experts' budgets (the joint model sees what the experts saw)."""
-        from hone.pipeline import build_loader
+        from hone.train.run import build_loader
         from hone.tokens import eos_id, tokenizer_hash
-        from hone.train.launch import total_steps
+        from hone.train.run import total_steps
 
         t = self.recipe.train
         budgets = {d: _spec_of(self.recipe, self.specs[d]) for d in domains}
@@ -272,7 +241,7 @@ class Brancher:
                      "data": {d: self.data(self.specs[d])["key"] for d in domains}})
         existing = read_done(rdir / "recipe.json")
         if existing and existing.get("expert_hash") != key:
-            from hone.pipeline import forget_training
+            from hone.train.workdir import forget_training
 
             forget_training(rdir, self.log)
         write_union_stream(rows, rdir / "tokens" / "train" / name, eos_id(self.tok), tokenizer_hash(self.tok))
@@ -283,8 +252,8 @@ class Brancher:
 
     def joint(self, seed_dir: Path, resume: bool, max_steps: int | None) -> bool:
         """One model on the union of the domains with the experts' total token budget."""
-        from hone.pipeline import train_hash
-        from hone.train.launch import total_steps
+        from hone.train.workdir import train_hash
+        from hone.train.run import total_steps
 
         t = self.recipe.train
         domains = list(self.specs)
@@ -308,18 +277,26 @@ class Brancher:
         return True
 
 
-def run_branch(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = None, only: list[str] | None = None,
-               resume: bool = False, with_joint: bool = False, max_steps: int | None = None,
-               evaluate: bool = True, prepare_only: bool = False, log: Log = print) -> dict:
-    """Branch, train (one expert after another), merge and compare; return experts/eval.json."""
+def check_branch(recipe: Recipe, only: list[str] | None, recipe_path: Path | None) -> None:
+    """The recipe has experts, and ``only`` names some of them."""
     if not recipe.experts.domain:
         raise HoneError(f"{recipe_path or 'recipe'}: no [[experts.domain]] tables: nothing to branch")
     unknown = [n for n in (only or []) if n not in {d.name for d in recipe.experts.domain}]
     if unknown:
         known = ", ".join(d.name for d in recipe.experts.domain)
         raise HoneError(f"--only {unknown[0]!r}: no such expert in [experts] (known: {known})")
-    b = Brancher(recipe, workdir, recipe_path, log)
-    b.prepare()
+
+
+def run_branch(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Path], *,
+               recipe_path: Path | None = None, only: list[str] | None = None, resume: bool = False,
+               with_joint: bool = False, max_steps: int | None = None, evaluate: bool = True,
+               prepare_only: bool = False, log: Log = print) -> dict:
+    """Branch, train (one expert after another), merge and compare; return experts/eval.json.
+
+    The data stages have run (the curated corpus is in ``workdir``); ``base`` and ``tok`` are
+    the recipe's model and tokenizer, ``eval_sets`` its evaluation sets."""
+    check_branch(recipe, only, recipe_path)
+    b = Brancher(recipe, workdir, recipe_path, log, base, tok, eval_sets)
     for spec in recipe.experts.domain:  # every domain's data, cheap: the seed phase and joint use them all
         b.data(spec)
     seed_dir = b.seed()
@@ -328,7 +305,7 @@ def run_branch(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = None
         for spec in todo:
             edir, _, _, finished = b.setup(spec, seed_dir)
             if not finished:
-                cmds = cluster_commands(edir, recipe_path, workdir, spec.name)
+                cmds = expert_commands(str(edir), str(recipe_path) if recipe_path else None, str(workdir), spec.name)
                 log(f"[{spec.name}] cluster job: {cmds['torchrun']}  (or sbatch {edir / 'launch' / 'slurm.sbatch'})")
                 if cmds["finish"]:
                     log(f"[{spec.name}] afterwards: {cmds['finish']}")

@@ -35,7 +35,7 @@ def compare_variants(b, seed_dir: Path, log: Log) -> dict:
     from hone.evaluate import read_texts
     from hone.experts.ensemble import load_model
     from hone.experts.merge import average, ensemble
-    from hone.pipeline import pick_device
+    from hone.model.load import pick_device
 
     root, cfg = b.root, b.cfg
     names = [s.name for s in cfg.domain if (root / s.name / "expert.json").exists()]

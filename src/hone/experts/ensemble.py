@@ -91,7 +91,7 @@ def load_ensemble(path: Path, dtype: torch.dtype | None = None):
     """(EnsembleLM, tokenizer) from a directory written by ``hone merge --method ensemble``."""
     from tokenizers import Tokenizer
 
-    from hone.train.checkpoint_io import load_hf
+    from hone.model.hf import load_hf
 
     path = Path(path)
     manifest = read_json(path / ENSEMBLE_FILE)
@@ -122,7 +122,7 @@ def load_ensemble(path: Path, dtype: torch.dtype | None = None):
 def load_model(path: Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) from an HF directory or an ensemble directory."""
     from hone.experts.merge import is_ensemble
-    from hone.train.checkpoint_io import load_hf
+    from hone.model.hf import load_hf
 
     return load_ensemble(path, dtype) if is_ensemble(Path(path)) else load_hf(Path(path), dtype)
 

@@ -100,9 +100,9 @@ def check_experts(paths: list[Path], same_shapes: bool) -> list[dict]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from hone.train.checkpoint_io import _read_safetensors
+    from hone.model.hf import read_safetensors
 
-    return _read_safetensors(Path(path))
+    return read_safetensors(Path(path))
 
 
 def average_state_dicts(states: list[dict[str, torch.Tensor]], weights: list[float],

@@ -1,4 +1,4 @@
-"""Sample accounting across restarts, from the ledger ``samples.jsonl`` (hone.heal.worker).
+"""Sample accounting across restarts, from the ledger ``samples.jsonl`` (hone.train.hooks).
 
 The ledger is append-only: one line per loader batch (its windows as ``stream:epoch:position``,
 ``trained`` with its optimizer step or ``skipped``) and a ``resume`` line at every (re)start.

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 # they say nothing about the worker that got them.
 TEARDOWN_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 EXIT_FATAL = 2      # HoneError in a worker: bad config or data, the same on every retry
-EXIT_NONFINITE = 3  # a worker saw a NaN/inf loss or gradient (see hone.heal.worker)
+EXIT_NONFINITE = 3  # a worker saw a NaN/inf loss or gradient (see hone.train.hooks)
 
 
 @dataclass(frozen=True)
@@ -149,24 +149,6 @@ def decide_grow(s: Situation, steps_since_checkpoint: int) -> Decision:
     grow = Option("grow", s.target_world, s.restart_s + (left + steps_since_checkpoint)
                   * step_time_at(s.step_s, s.target_world, s.modeled), f"restart on {s.target_world} from the newest checkpoint")
     return Decision(min((stay, grow), key=lambda o: o.cost_s), [stay, grow], steps_since_checkpoint)
-
-
-def young_daly_s(checkpoint_s: float, mtbf_s: float) -> float:
-    """Young/Daly checkpoint interval: tau = sqrt(2 * C * MTBF)."""
-    return math.sqrt(2.0 * max(checkpoint_s, 0.0) * mtbf_s)
-
-
-def interval_steps(checkpoint_s: float, mtbf_s: float, step_s: float, total_steps: int) -> int:
-    """Young/Daly's interval in whole steps, at least 1 and at most the run."""
-    tau = young_daly_s(checkpoint_s, mtbf_s)
-    return int(min(max(1, round(tau / max(step_s, 1e-9))), max(1, total_steps)))
-
-
-def job_mtbf_s(worker_mtbf_hours: float, world: int, observed_worker_s: float = 0.0, failures: int = 0) -> float:
-    """The job's MTBF: a worker's MTBF over the world size, the configured figure counted as one
-    prior failure and blended with what this run observed (worker-seconds run, failures seen)."""
-    per_worker = (worker_mtbf_hours * 3600.0 + observed_worker_s) / (1 + failures)
-    return per_worker / max(1, world)
 
 
 def hang_timeout_s(step_times: list[float], factor: float, floor_s: float) -> float:

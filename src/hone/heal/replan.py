@@ -84,7 +84,7 @@ class Replanner:
         return self._plans[world]
 
     def _plan(self, world: int) -> dict:
-        from hone.train.launch import plan_from_recipe
+        from hone.train.run import plan_from_recipe
 
         t = self.t
         base = {"world": world, "tp": t.tp, "dp": world // t.tp if world % t.tp == 0 else None,

@@ -24,7 +24,7 @@ from typing import Optional
 from hone.errors import HoneError
 from hone.heal.failures import Failure
 from hone.heal.jobs import Job, curve
-from hone.heal.policy import young_daly_s
+from hone.plan.reliability import young_daly_s
 from hone.heal.cluster_policies import POLICY_FUNCS, best_allocation
 
 BUCKETS = ("useful", "rollback", "restart", "checkpoint", "idle", "down")

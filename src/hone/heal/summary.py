@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hone.heal.events import read_events
+from hone.rundir import read_events
 
 
 def recovery_rows(events: list[dict]) -> list[dict]:

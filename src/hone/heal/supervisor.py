@@ -33,11 +33,12 @@ from pathlib import Path
 from typing import Callable
 
 from hone.errors import HoneError
-from hone.heal.events import append_event, read_events
-from hone.heal.policy import (Failure, Situation, classify, decide, decide_grow, hang_timeout_s, job_mtbf_s,
+from hone.rundir import append_event, read_events
+from hone.heal.policy import (Failure, Situation, classify, decide, decide_grow, hang_timeout_s,
                               stragglers)
 from hone.heal.replan import Replanner
-from hone.heal.worker import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
+from hone.plan.reliability import job_mtbf_s
+from hone.train.hooks import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
@@ -62,7 +63,7 @@ class Attempt:
 
 class Supervisor:
     def __init__(self, recipe, workdir: Path, nproc: int, max_steps: int | None, log: Callable[[str], None] = print):
-        from hone.train.launch import total_steps
+        from hone.train.run import total_steps
 
         self.recipe, self.heal, self.t = recipe, recipe.heal, recipe.train
         self.workdir, self.log = Path(workdir), log
@@ -110,7 +111,7 @@ class Supervisor:
 
     def _attempt(self) -> Attempt:
         from hone.train.checkpoint import checkpoint_step, latest_checkpoint
-        from hone.train.launch import torchrun_argv
+        from hone.train.run import torchrun_argv
 
         for stale in (self.dir / "heartbeat").glob("rank*.json"):
             stale.unlink()

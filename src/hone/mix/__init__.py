@@ -3,7 +3,7 @@ fitted to them, the chosen ratio and its schedule (``mixture.json``).
 
 Public entry points (imported lazily: scipy and torch stay out of the CLI's start-up):
 ``fit_mixture``, ``load_runs``, ``predict`` (:mod:`hone.mix.laws`), ``run_sweep``
-(:mod:`hone.mix.sweep`), ``load_mixture``, ``make_schedule`` (:mod:`hone.mix.schedule`).
+(:mod:`hone.mix.sweep`), ``load_mixture``, ``make_schedule`` (:mod:`hone.train.mixture`).
 """
 
 from __future__ import annotations

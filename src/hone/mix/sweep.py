@@ -187,26 +187,18 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
     return rows
 
 
-def prepare(recipe: Recipe, workdir: Path, log: Log):
-    """Run (or skip) the data stages; return (model, tokenizer, eval sets)."""
-    from hone.pipeline import prepare_workdir, stage_base_model, stage_curate, stage_pool, stage_tokenize
-
-    prepare_workdir(recipe, workdir, False, log)
-    inputs, eval_sets = stage_pool(recipe, workdir, log)
+def check_sets(recipe: Recipe, eval_sets: dict[str, Path]) -> None:
+    """mix.general_set and mix.domain_set must name evaluation sets of the run."""
     for key in ("general_set", "domain_set"):
         name = getattr(recipe.mix, key)
         if name not in eval_sets:
             raise HoneError(f"mix.{key}: no evaluation set named {name!r} (have: {', '.join(sorted(eval_sets))})")
-    stage_curate(recipe, workdir, inputs, log)
-    model, tok = stage_base_model(recipe, workdir, log)
-    stage_tokenize(recipe, workdir, tok, log)
-    return model, tok, eval_sets
 
 
-def run_sweep(recipe: Recipe, workdir: Path, log: Log = print) -> Path:
-    """Every (ratio, budget) of the recipe's [mix] section not yet in mix/runs.jsonl."""
+def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path], log: Log = print) -> Path:
+    """Every (ratio, budget) of the recipe's [mix] section not yet in mix/runs.jsonl, from the
+    prepared base ``model`` (the data stages have run: the corpus is tokenized with ``tok``)."""
     workdir = Path(workdir)
-    model, tok, eval_sets = prepare(recipe, workdir, log)
     mixdir = ensure_dir(workdir / "mix")
     out = mixdir / "runs.jsonl"
     done = _done_points(out)

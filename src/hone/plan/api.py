@@ -7,7 +7,7 @@ from typing import Optional
 from hone.errors import HoneError
 from hone.plan.config import Constants, parse_fix
 from hone.plan.hardware import load_cluster
-from hone.plan.launch import launch
+from hone.plan.commands import launch
 from hone.plan.search import evaluate_fixed, nothing_fits_message, search
 from hone.plan.shapes import load_model
 from hone.plan.trainer_profile import with_trainer

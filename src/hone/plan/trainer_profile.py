@@ -123,8 +123,8 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
     import torch
 
     from hone.plan.calibrate import time_call
-    from hone.train.losses import fused_linear_cross_entropy
-    from hone.train.model import DecoderLayer, LlamaConfig, _rope_tables, rope_inv_freq
+    from hone.model.loss import fused_linear_cross_entropy
+    from hone.model.llama import DecoderLayer, LlamaConfig, _rope_tables, rope_inv_freq
 
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

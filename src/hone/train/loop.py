@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hone.heal.events import append_event
-from hone.heal.worker import (CheckpointSchedule, Heartbeat, NonFiniteLoss, SampleLedger, check_finite, heal_dir,
+from hone.rundir import append_event
+from hone.train.hooks import (CheckpointSchedule, Heartbeat, NonFiniteLoss, SampleLedger, check_finite, heal_dir,
                               load_skips, micro_batch, record_skips, skip_window, write_model_info)
 from hone.recipe import TrainConfig
 from hone.rundir import append_jsonl, ensure_dir

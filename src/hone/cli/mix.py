@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from hone.cli_common import WORKDIR, load_recipe_and_workdir, log
+from hone.cli.common import WORKDIR, load_recipe_and_workdir, log
 
 mix_app = typer.Typer(no_args_is_help=True, help="Choose the domain mixture: proxy sweep, CMR / D-CPT law fits, predictions.")
 
@@ -39,7 +39,7 @@ def fit(runs: Path = typer.Argument(..., help="runs.jsonl from hone mix sweep (o
         upsample_ratio: Optional[float] = typer.Option(None, "--upsample-ratio", help="Ratio during upsampling (default: twice the chosen, at most 1).")):
     """Fit the mixture laws (robust loss, R^2, residuals), choose the ratio, write mixture.json with its schedule."""
     from hone.mix.laws import fit_mixture, load_runs
-    from hone.mix.schedule import make_schedule
+    from hone.train.mixture import make_schedule
     from hone.rundir import write_json
 
     result = fit_mixture(load_runs(runs), law=law, tolerance=tolerance, target_tokens=tokens, source=str(runs))

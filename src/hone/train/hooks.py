@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Callable
 
 from hone.errors import HoneError
-from hone.heal.events import append_event
-from hone.heal.policy import interval_steps, job_mtbf_s, young_daly_s
-from hone.rundir import append_jsonl, read_json, write_json
+from hone.plan.reliability import interval_steps, job_mtbf_s, young_daly_s
+from hone.rundir import HEAL_DIR, SAMPLES_FILE, append_event, append_jsonl, read_json, write_json
 
 ENV_SUPERVISED = "HONE_SUPERVISED"   # "1": write heartbeats
 ENV_JOB_MTBF = "HONE_JOB_MTBF_S"     # the supervisor's blended MTBF estimate for this job
 ENV_MICRO_BATCH = "HONE_MICRO_BATCH"  # the supervisor's re-plan changed the micro-batch for this world size
-SAMPLES_FILE = "samples.jsonl"
 MODEL_FILE = "model.json"            # under heal/: the model's shape and device, for the supervisor's re-plan
 
 
@@ -42,7 +40,7 @@ class NonFiniteLoss(HoneError):
 
 
 def heal_dir(workdir: Path) -> Path:
-    return Path(workdir) / "heal"
+    return Path(workdir) / HEAL_DIR
 
 
 def load_skips(workdir: Path) -> set[int]:

@@ -13,12 +13,12 @@ from typing import List, Optional
 
 import typer
 
-from hone.cli_common import WORKDIR, load_recipe_and_workdir as _load, log as _log
-from hone.corpus.cli import data_app
+from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
+from hone.cli.data import data_app
 from hone.errors import HoneError
-from hone.heal.cluster_cli import cluster_app
-from hone.mix.cli import mix_app
-from hone.plan.cli import plan_app
+from hone.cli.cluster import cluster_app
+from hone.cli.mix import mix_app
+from hone.cli.plan import plan_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a general LLM and a general corpus into a domain specialist.")
@@ -29,8 +29,8 @@ app.add_typer(data_app, name="data")
 app.add_typer(plan_app, name="plan")
 app.add_typer(mix_app, name="mix")
 app.add_typer(cluster_app, name="cluster")
-# Domain experts (Branch-Train-Merge): hone.experts.cli imports torch only when a command runs.
-from hone.experts.cli import branch as _branch, merge as _merge  # noqa: E402
+# Domain experts (Branch-Train-Merge): hone.cli.experts imports torch only when a command runs.
+from hone.cli.experts import branch as _branch, merge as _merge  # noqa: E402
 
 app.command("branch")(_branch)
 app.command("merge")(_merge)
@@ -77,7 +77,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
     from hone.pipeline import run_recipe
 
     r, wd = _load(recipe, workdir)
-    from hone.train.launch import plan_from_recipe
+    from hone.train.run import plan_from_recipe
 
     plan_from_recipe(r.train, nproc * nnodes)  # a bad tp fails now, before any data stage runs
     if fault is not None:
@@ -91,9 +91,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
         raise HoneError("--supervise runs the workers on this machine; with --nnodes > 1 run the printed torchrun line under your scheduler")
     if nnodes > 1:
         from hone.rundir import ensure_dir, write_text
-        from hone.train.launch import multinode_commands
+        from hone.plan.commands import multinode_commands
 
-        cmds = multinode_commands(recipe, wd, nnodes, nproc)
+        cmds = multinode_commands(str(recipe), str(wd), nnodes, nproc)
         script = ensure_dir(wd / "launch") / "slurm.sbatch"
         write_text(script, cmds["slurm"])
         _log(f"prepare the data once: hone tokenize {recipe} --workdir {wd}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 from hone.plan.hardware import Cluster
 from hone.plan.shapes import ModelShape
 
@@ -36,30 +38,68 @@ def hone_train_toml(settings: dict) -> str:
     return "[train]\n" + "".join(f"{k} = {val(v)}\n" for k, v in settings.items())
 
 
+WORKER_MODULE = "hone.train.worker"  # the torchrun entry point of a training worker
+
+
+def torchrun_line(nnodes: int, nproc: str | int, workdir: str, recipe: str | None = None) -> str:
+    """The torchrun line that starts ``nproc`` training workers on each of ``nnodes`` nodes.
+
+    Several nodes meet at ``$MASTER_ADDR:29500`` (c10d rendezvous, job id ``$JOB_ID``); the
+    recipe may be left out when the run directory already holds its validated ``recipe.json``.
+    """
+    rdzv = (f" --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID" if nnodes > 1 else "")
+    target = f"{shlex.quote(recipe)} " if recipe else ""
+    return (f"torchrun --nnodes {nnodes} --nproc-per-node {nproc}{rdzv} -m {WORKER_MODULE} "
+            f"{target}--workdir {shlex.quote(workdir)}")
+
+
+def slurm_script(nnodes: int, gpus_per_node: int, run: str, *, job: str = "hone", comments: list[str] = (),
+                 setup: list[str] = (), after: list[str] = ()) -> str:
+    """A Slurm batch script that runs ``run`` (a torchrun line) once per node with ``srun``."""
+    lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --nodes={nnodes}", "#SBATCH --ntasks-per-node=1",
+             f"#SBATCH --gpus-per-node={gpus_per_node}", "#SBATCH --exclusive", *[f"# {c}" for c in comments],
+             "set -euo pipefail"]
+    if nnodes > 1:
+        lines += ['export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                  "export JOB_ID=$SLURM_JOB_ID"]
+    return "\n".join(lines + list(setup) + [f"srun {run}"] + list(after)) + "\n"
+
+
+def multinode_commands(recipe: str, workdir: str, nnodes: int, nproc: int, job: str = "hone") -> dict:
+    """`hone train --nnodes N`: the torchrun line for every node and a Slurm script that runs it."""
+    run = torchrun_line(nnodes, nproc, workdir, recipe)
+    comments = [f"Run the data stages once before submitting: hone tokenize {recipe} --workdir {workdir}",
+                "The run directory must be on a file system every node sees (checkpoints are written by all ranks)."]
+    return {"torchrun": run, "slurm": slurm_script(nnodes, nproc, run, job=job, comments=comments)}
+
+
 def torchrun_command(cluster: Cluster, nodes: int, recipe: str = "recipe.toml", workdir: str = "run") -> str:
     """One node: ``hone train --nproc`` starts torchrun itself; several: the line to run on every node."""
     if nodes == 1:
         return f"hone train {recipe} --nproc {cluster.gpus_per_node}"
-    return (f"torchrun --nnodes {nodes} --nproc-per-node {cluster.gpus_per_node} --rdzv-backend c10d "
-            f"--rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID -m hone.train.launch {recipe} --workdir {workdir}")
+    return torchrun_line(nodes, cluster.gpus_per_node, workdir, recipe)
 
 
-def slurm_script(cluster: Cluster, nodes: int, rec: dict, recipe: str = "recipe.toml", job: str = "hone",
-                 workdir: str = "run") -> str:
-    return f"""#!/bin/bash
-#SBATCH --job-name={job}
-#SBATCH --nodes={nodes}
-#SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node={cluster.gpus_per_node}
-#SBATCH --exclusive
-# plan: {_label(rec)}  ({rec['tokens_per_s']:.0f} tokens/s, MFU {rec['mfu']:.1%}, {rec['memory_gib_per_gpu']:.1f} GiB/GPU predicted)
-# Run the data stages once before submitting: hone tokenize {recipe} --workdir {workdir}
-set -euo pipefail
-export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
-export JOB_ID=$SLURM_JOB_ID
-srun torchrun --nnodes $SLURM_NNODES --nproc-per-node {cluster.gpus_per_node} --rdzv-backend c10d \\
-  --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $SLURM_JOB_ID -m hone.train.launch {recipe} --workdir {workdir}
-"""
+def plan_slurm_script(cluster: Cluster, nodes: int, rec: dict, recipe: str = "recipe.toml", job: str = "hone",
+                      workdir: str = "run") -> str:
+    """The Slurm script for a plan: its predictions as comments."""
+    comments = [f"plan: {_label(rec)}  ({rec['tokens_per_s']:.0f} tokens/s, MFU {rec['mfu']:.1%}, "
+                f"{rec['memory_gib_per_gpu']:.1f} GiB/GPU predicted)",
+                f"Run the data stages once before submitting: hone tokenize {recipe} --workdir {workdir}"]
+    return slurm_script(nodes, cluster.gpus_per_node, torchrun_line(nodes, cluster.gpus_per_node, workdir, recipe),
+                        job=job, comments=comments)
+
+
+def expert_commands(edir: str, recipe_path: str | None, workdir: str, name: str) -> dict:
+    """How to run one Branch-Train-Merge expert as its own cluster job (its run directory holds everything)."""
+    run = torchrun_line(1, "$GPUS", edir)
+    finish = (f"hone branch {shlex.quote(recipe_path)} --workdir {shlex.quote(workdir)} --only {name} --resume"
+              if recipe_path else "")
+    comments = ["One Branch-Train-Merge expert: no communication with the other experts' jobs.",
+                "Prepared by `hone branch ... --prepare-only`; resumes from its newest checkpoint when resubmitted."]
+    slurm = slurm_script(1, 8, run, job=f"hone-expert-{name}", comments=comments, setup=["GPUS=${SLURM_GPUS_ON_NODE:-8}"],
+                         after=[f"# then export final/ and compare: {finish}"] if finish else [])
+    return {"torchrun": run, "finish": finish, "slurm": slurm}
 
 
 def megatron_args(m: ModelShape, rec: dict, seq: int, global_batch: int) -> str:
@@ -109,7 +149,7 @@ def launch(m: ModelShape, cluster: Cluster, rec: dict, seq: int, global_batch: i
     nodes = max(1, rec["gpus"] // cluster.gpus_per_node)
     settings = hone_train_settings(rec, seq, global_batch)
     return {"hone_train": settings, "hone_train_toml": hone_train_toml(settings), "hone_train_notes": hone_train_notes(rec),
-            "nodes": nodes, "torchrun": torchrun_command(cluster, nodes), "slurm": slurm_script(cluster, nodes, rec),
+            "nodes": nodes, "torchrun": torchrun_command(cluster, nodes), "slurm": plan_slurm_script(cluster, nodes, rec),
             "megatron_args": megatron_args(m, rec, seq, global_batch)}
 
 

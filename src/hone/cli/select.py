@@ -1,6 +1,6 @@
 """`hone data dsir / rate / select`: domain resampling, quality rating, selection under a budget.
 
-``hone.corpus.cli`` calls ``register(data_app)``. Each command reads jsonl / Parquet / the
+``hone.cli.data`` calls ``register(data_app)``. Each command reads jsonl / Parquet / the
 other input formats, writes ``OUTDIR/part-00000.parquet`` + ``manifest.json``. CPU examples::
 
     hone data dsir pool.jsonl --target examples.txt -o dsir/ --k 2000
@@ -24,13 +24,13 @@ SEED = typer.Option(0, "--seed", help="Random seed (sampling, pairs).")
 
 
 def _finish(name: str, manifest: dict, out: Path) -> None:
-    from hone.corpus.cli import _finish as finish
+    from hone.cli.data import _finish as finish
 
     finish(name, manifest, out)
 
 
 def _log(msg: str) -> None:
-    from hone.cli_common import log
+    from hone.cli.common import log
 
     log(msg)
 

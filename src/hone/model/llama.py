@@ -316,7 +316,7 @@ class Llama(nn.Module):
         the per-token losses summed times ``token_weight`` (default: their mean)."""
         if targets is None:
             return self.lm_head(self.model(input_ids))
-        from hone.train.losses import fused_linear_cross_entropy
+        from hone.model.loss import fused_linear_cross_entropy
 
         hidden = self.model(input_ids)
         weight = token_weight if token_weight is not None else 1.0 / targets.numel()

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from hone.cli_common import WORKDIR, load_recipe_and_workdir, log
+from hone.cli.common import WORKDIR, load_recipe_and_workdir, log
 from hone.errors import HoneError
 
 

@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from hone.cli_common import WORKDIR, load_recipe_and_workdir as _load, log as _log
+from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
 
 data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")
 
@@ -126,7 +126,7 @@ def _validated(model, **fields):
 
 # The selection engineer's commands (dsir, rate, select) register themselves when present.
 try:
-    from hone.corpus.cli_select import register as _register_select
+    from hone.cli.select import register as _register_select
 except ImportError:
     pass
 else:

@@ -1,0 +1,101 @@
+"""Hugging Face model directories (safetensors only, never pickles), in and out.
+
+    save_hf(model, tok, Path("runs/x/final"))          # loads with transformers' from_pretrained
+    model, tok = load_hf(Path("runs/x/final"))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from hone.errors import HoneError
+from hone.model.llama import Llama, LlamaConfig
+from hone.rundir import atomic_dir, write_json
+
+
+def save_hf(
+    model: Llama,
+    tokenizer: Tokenizer | None,
+    outdir: Path | str,
+    extra_files: dict[str, dict] | None = None,
+) -> Path:
+    """Write a directory ``transformers.from_pretrained`` loads; swapped in atomically.
+
+    ``extra_files`` adds JSON files (name -> content), e.g. the training state beside the weights.
+    """
+    outdir = Path(outdir)
+    cfg = model.config
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    tensors = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight")
+    }
+    with atomic_dir(outdir) as tmp:
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=dtype))
+        write_json(tmp / "generation_config.json", _generation_config(cfg))
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg))
+        for name, content in (extra_files or {}).items():
+            write_json(tmp / name, content)
+    return outdir
+
+
+def _generation_config(cfg: LlamaConfig) -> dict[str, Any]:
+    return {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
+
+
+def _tokenizer_config(tokenizer: Tokenizer, cfg: LlamaConfig) -> dict[str, Any]:
+    def text(token_id: int | list[int] | None) -> str | None:
+        if isinstance(token_id, list):
+            token_id = token_id[0] if token_id else None
+        return tokenizer.id_to_token(token_id) if token_id is not None else None
+
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": text(cfg.bos_token_id),
+        "eos_token": text(cfg.eos_token_id),
+        "model_max_length": cfg.max_position_embeddings,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
+def load_hf(path: Path | str, dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer | None]:
+    """An HF Llama / Mistral / Qwen2 directory (safetensors only) as our model and its tokenizer.
+
+    ``dtype`` None keeps the stored dtype. The tokenizer is None when there is no tokenizer.json.
+    """
+    path = Path(path)
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise HoneError(f"{config_path}: file not found (not a Hugging Face model directory?)")
+    cfg = LlamaConfig.from_hf_dict(json.loads(config_path.read_text(encoding="utf-8")))
+    tensors = read_safetensors(path)
+    if dtype is not None:
+        tensors = {k: v.to(dtype) for k, v in tensors.items()}
+    model = Llama.from_state_dict(cfg, tensors)
+    tok_path = path / "tokenizer.json"
+    return model, Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if single.is_file():
+        return load_file(str(single))
+    if not index.is_file():
+        raise HoneError(f"{single}: file not found (nor {index.name}; only safetensors weights are read)")
+    weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not (path / shard).is_file():
+            raise HoneError(f"{path / shard}: file not found (listed in {index.name})")
+        tensors.update(load_file(str(path / shard)))
+    return tensors

@@ -1,0 +1,128 @@
+"""A recipe's training: its step count, parallel plan and loader, and the run itself, in
+this process or in ``nproc`` torchrun workers on this machine (:mod:`hone.train.worker`).
+
+Either way the newest checkpoint's weights end up in the caller's ``model``, for evaluation
+and the HF export.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hone.errors import HoneError
+from hone.recipe import Recipe, TrainConfig
+from hone.rundir import CHECKPOINTS_DIR, TOKENS_DIR
+from hone.tokens import load_tokens
+from hone.train.checkpoint import latest_checkpoint, load_model_weights
+from hone.train.data import MixtureLoader, TokenStream, schedule_phases
+from hone.train.loop import train
+from hone.train.mixture import load_mixture
+from hone.train.parallelize import DistContext, ParallelPlan, parallelize
+
+Log = Callable[[str], None]
+
+
+def total_steps(t: TrainConfig) -> int:
+    return max(1, t.max_tokens // (t.seq_len * t.batch_size))
+
+
+def plan_from_recipe(t: TrainConfig, world_size: int) -> ParallelPlan:
+    """The parallel plan for ``world_size`` processes from the recipe's train section."""
+    if world_size % t.tp:
+        raise HoneError(f"train.tp ({t.tp}) does not divide the number of processes ({world_size})")
+    return ParallelPlan(dp=world_size // t.tp, tp=t.tp, data_parallel=t.data_parallel,
+                        activation_checkpointing=t.activation_checkpointing, compile=t.compile,
+                        mixed_precision=t.mixed_precision)
+
+
+def mixture_phases(recipe: Recipe) -> list[tuple[int, float]]:
+    """The run's domain-ratio phases: train.mixture's schedule (fitted ratio and upsampling)
+    or train.domain_ratio, with train.upsample_* overriding the upsampling phase."""
+    t = recipe.train
+    ratio, frac, up = t.domain_ratio, 0.0, None
+    if t.mixture:
+        s = load_mixture(Path(t.mixture))["schedule"]
+        ratio = s["ratio"]
+        if s.get("upsample"):
+            frac, up = s["upsample"]["fraction"], s["upsample"]["ratio"]
+    if t.upsample_fraction:
+        frac, up = t.upsample_fraction, t.upsample_ratio if t.upsample_ratio is not None else min(1.0, 2 * ratio)
+    return schedule_phases(ratio, total_steps(t), frac, up)
+
+
+def build_loader(recipe: Recipe, workdir: Path) -> MixtureLoader:
+    """The mixture loader over the run's token shards, following the recipe's schedule."""
+    domain, general = recipe.curate.domain.name, "general"
+    phases = mixture_phases(recipe)
+    ratio = phases[0][1]
+    streams = {}
+    for name, share in ((domain, max(r for _, r in phases)), (general, 1 - min(r for _, r in phases))):
+        if share <= 0:
+            continue
+        path = workdir / TOKENS_DIR / "train" / name
+        if not (path / "index.json").exists():
+            raise HoneError(f"train.domain_ratio is {ratio} but the corpus has no '{name}' documents")
+        streams[name] = TokenStream(load_tokens(path), recipe.train.seq_len)
+    return MixtureLoader(streams, domain=domain, general=general, batch_size=recipe.train.batch_size, ratio=ratio,
+                         schedule=phases if len(phases) > 1 else None)
+
+
+def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log) -> dict:
+    """Train ``model`` here; one process applies only activation checkpointing and compile,
+    both keep the parameter names, so evaluation and the HF export use the same object."""
+    t = recipe.train
+    loader = build_loader(recipe, workdir)
+    parallelize(model, plan_from_recipe(t, 1), DistContext(device=next(model.parameters()).device))
+    torch.manual_seed(recipe.run.seed)
+    try:
+        return train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps, log=log)
+    finally:
+        model.model.activation_checkpointing = False
+
+
+def read_back(recipe: Recipe, workdir: Path, model, log: Log) -> dict:
+    """The newest checkpoint's weights into ``model``, after workers trained."""
+    newest = latest_checkpoint(workdir / CHECKPOINTS_DIR, log)
+    if newest is None:
+        raise HoneError(f"{workdir / CHECKPOINTS_DIR}: the workers left no checkpoint")
+    state = load_model_weights(newest, model)
+    return {"steps": int(state["step"]), "total_steps": total_steps(recipe.train)}
+
+
+def train_recipe(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:
+    """Train in this process, or in ``nproc`` torchrun workers and read their weights back."""
+    if nproc == 1:
+        return train_in_process(recipe, workdir, model, max_steps, log)
+    plan_from_recipe(recipe.train, nproc)  # a bad tp fails here, before workers start
+    launch_local(workdir, nproc, max_steps, log)
+    return read_back(recipe, workdir, model, log)
+
+
+def torchrun_argv(workdir: Path, nproc: int, max_steps: int | None) -> list[str]:
+    # torchrun, through hone.train.worker's wrapper: a failed worker becomes one line, not a traceback.
+    argv = [sys.executable, "-m", "hone.train.worker", "--torchrun", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "hone.train.worker", "--workdir", str(workdir)]
+    if max_steps:
+        argv += ["--max-steps", str(max_steps)]
+    return argv
+
+
+def launch_local(workdir: Path, nproc: int, max_steps: int | None, log: Log = print) -> None:
+    """Run ``nproc`` workers on this machine under torchrun on the run directory's recipe;
+    raise HoneError if any fails."""
+    argv = torchrun_argv(workdir, nproc, max_steps)
+    log(f"launch: torchrun {shlex.join(argv[4:])}")
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(argv, env=env)
+    if proc.returncode != 0:
+        raise HoneError(f"torchrun with {nproc} processes exited with status {proc.returncode} "
+                        f"(see the worker output above); `hone train RECIPE --workdir {workdir} --resume` "
+                        f"continues from the newest checkpoint")
