@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hone.plan.calibrate import run_calibration  # noqa: E402
+from hone.train.calibrate import run_calibration  # noqa: E402
 from hone.plan.config import Constants  # noqa: E402
 from hone.plan.hardware import cluster_from_dict  # noqa: E402
 from hone.plan.search import evaluate_fixed  # noqa: E402

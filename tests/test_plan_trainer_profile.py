@@ -13,7 +13,8 @@ from hone.plan.hardware import cluster_from_dict, load_profile
 from hone.plan.memory import GIB, stage_params
 from hone.plan.search import plan_record
 from hone.plan.shapes import ModelShape
-from hone.plan.trainer_profile import head_time, layer_time, measure, shape_key
+from hone.plan.trainer_profile import head_time, layer_time, shape_key
+from hone.train.calibrate import measure
 
 TINY = ModelShape("tiny", 2, 64, 4, 2, 128, 256)
 

@@ -18,16 +18,28 @@ from tokenizers import Tokenizer
 from hone.corpus.pipeline import curate
 from hone.corpus.sources import build_demo_pool
 from hone.errors import HoneError
-from hone.experts.branch import check_branch, run_branch
 from hone.evaluate import compare, evaluate_sets, read_texts
+from hone.experts.branch import check_branch, run_branch
 from hone.heal.supervisor import supervise as supervise_run
 from hone.mix import sweep as mix_sweep
 from hone.model.hf import save_hf
 from hone.model.load import load_base_model
 from hone.recipe import Recipe
 from hone.report import write_report
-from hone.rundir import (CORPUS_DIR, EVAL_AFTER_FILE, EVAL_BEFORE_FILE, EVAL_FILE, FINAL_DIR, HELDOUT_DIR, POOL_DIR,
-                         TOKENS_DIR, is_done, mark_done, read_json, write_json)
+from hone.rundir import (
+    CORPUS_DIR,
+    EVAL_AFTER_FILE,
+    EVAL_BEFORE_FILE,
+    EVAL_FILE,
+    FINAL_DIR,
+    HELDOUT_DIR,
+    POOL_DIR,
+    TOKENS_DIR,
+    is_done,
+    mark_done,
+    read_json,
+    write_json,
+)
 from hone.tokens import tokenize_corpus
 from hone.train.run import plan_from_recipe, read_back, train_recipe
 from hone.train.workdir import forget_training, prepare_workdir
@@ -145,8 +157,11 @@ def branch_experts(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = 
     then Branch-Train-Merge (:func:`hone.experts.branch.run_branch`, which takes ``options``)."""
     check_branch(recipe, only, recipe_path)
     data = prepare(recipe, Path(workdir), log, tokenize=False)
-    return run_branch(recipe, Path(workdir), data.model, data.tokenizer, data.eval_sets, recipe_path=recipe_path,
-                      only=only, log=log, **options)
+    out = run_branch(recipe, Path(workdir), data.model, data.tokenizer, data.eval_sets, recipe_path=recipe_path,
+                     only=only, log=log, **options)
+    if out:
+        log(f"report: {write_report(Path(workdir))} (section 'Domain experts')")
+    return out
 
 
 def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = False,

@@ -17,7 +17,6 @@ from typing import Any, Iterator
 
 from hone.errors import HoneError
 
-
 # --- the names of a run directory's artifacts (README, "The run directory") ----------------
 RECIPE_STAMP = "recipe.json"             # the validated recipe and its data / train hashes
 POOL_DIR = "pool"                        # the mixed pool built from packaged corpora

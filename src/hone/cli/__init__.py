@@ -7,31 +7,40 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from hone.cli.cluster import cluster_app
 from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
 from hone.cli.data import data_app
-from hone.errors import HoneError
-from hone.cli.cluster import cluster_app
+from hone.cli.experts import branch as _branch, merge as _merge
 from hone.cli.mix import mix_app
 from hone.cli.plan import plan_app
+from hone.corpus.sources import fetch_debian_data
+from hone.errors import HoneError
+from hone.evaluate import compare, evaluate_sets, read_texts
+from hone.experts.ensemble import load_model
+from hone.pipeline import check_demo_targets, prepare, run_recipe
+from hone.plan.commands import multinode_commands
+from hone.recipe import describe_fields, load_recipe, shipped_recipe
+from hone.report import write_report
+from hone.rundir import LAUNCH_DIR, ensure_dir, write_json, write_text
+from hone.train.faults import parse as parse_faults
+from hone.train.run import plan_from_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Turn a general LLM and a general corpus into a domain specialist.")
 recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and list their fields.")
 app.add_typer(recipe_app, name="recipe")
-# Stage command groups live with their stage; they import their heavy parts lazily.
 app.add_typer(data_app, name="data")
 app.add_typer(plan_app, name="plan")
 app.add_typer(mix_app, name="mix")
 app.add_typer(cluster_app, name="cluster")
-# Domain experts (Branch-Train-Merge): hone.cli.experts imports torch only when a command runs.
-from hone.cli.experts import branch as _branch, merge as _merge  # noqa: E402
-
+# Domain experts (Branch-Train-Merge).
 app.command("branch")(_branch)
 app.command("merge")(_merge)
 
@@ -41,9 +50,6 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Run 
          fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
          max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop training after N steps (resume later).")):
     """Specialize SmolLM2-135M to biomedical text on this CPU: every stage, embedded default."""
-    from hone.pipeline import check_demo_targets, run_recipe
-    from hone.recipe import load_recipe, shipped_recipe
-
     recipe = load_recipe(shipped_recipe("demo-biomed"))
     table = run_recipe(recipe, workdir, fresh=fresh, max_steps=max_steps, log=_log)
     if table:
@@ -55,8 +61,6 @@ def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: O
         fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop training after N steps (resume later).")):
     """Run every stage of a recipe: pool, curate, tokenize, eval, train, eval, save, report."""
-    from hone.pipeline import run_recipe
-
     r, wd = _load(recipe, workdir)
     run_recipe(r, wd, fresh=fresh, max_steps=max_steps, log=_log)
 
@@ -74,27 +78,17 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
     Without --resume, training starts over (the data stages are kept); with it, training
     continues from the newest good checkpoint, on any number of processes.
     """
-    from hone.pipeline import run_recipe
-
     r, wd = _load(recipe, workdir)
-    from hone.train.run import plan_from_recipe
 
     plan_from_recipe(r.train, nproc * nnodes)  # a bad tp fails now, before any data stage runs
     if fault is not None:
-        import os
-
-        from hone.train.faults import parse
-
-        parse(fault)  # a bad spec is a one-line error now, not in every worker
+        parse_faults(fault)  # a bad spec is a one-line error now, not in every worker
         os.environ["HONE_FAULT"] = fault
     if supervise and nnodes > 1:
         raise HoneError("--supervise runs the workers on this machine; with --nnodes > 1 run the printed torchrun line under your scheduler")
     if nnodes > 1:
-        from hone.rundir import ensure_dir, write_text
-        from hone.plan.commands import multinode_commands
-
         cmds = multinode_commands(str(recipe), str(wd), nnodes, nproc)
-        script = ensure_dir(wd / "launch") / "slurm.sbatch"
+        script = ensure_dir(wd / LAUNCH_DIR) / "slurm.sbatch"
         write_text(script, cmds["slurm"])
         _log(f"prepare the data once: hone tokenize {recipe} --workdir {wd}")
         _log(f"then on every node: {cmds['torchrun']}")
@@ -106,22 +100,14 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
 @app.command("fetch-data")
 def fetch_data(dest: Optional[Path] = typer.Option(None, "--dest", help="Where to unpack (default: $HONE_DATA_DIR or ~/.cache/hone/data).")):
     """Download the Debian-packaged demo corpora (Gene Ontology, Jane Austen) and unpack them."""
-    from hone.corpus.sources import fetch_debian_data
-
     _log(f"demo data in {fetch_debian_data(dest)}")
 
 
 @app.command()
 def tokenize(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
     """Tokenize the curated corpus with the base model's tokenizer into token shards."""
-    from hone.pipeline import prepare_workdir, stage_base_model, stage_curate, stage_pool, stage_tokenize
-
     r, wd = _load(recipe, workdir)
-    prepare_workdir(r, wd, False, _log)
-    inputs, _ = stage_pool(r, wd, _log)
-    stage_curate(r, wd, inputs, _log)
-    _, tok = stage_base_model(r, wd, _log)
-    stage_tokenize(r, wd, tok, _log)
+    prepare(r, wd, _log)
 
 
 @app.command("eval")
@@ -132,10 +118,6 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model direct
              max_tokens: int = typer.Option(4000, "--max-tokens", help="Tokens scored per set."),
              seq_len: int = typer.Option(512, "--seq-len", help="Longest window scored at once.")):
     """Perplexity and bits per byte per dataset, and the change against a base model."""
-    from hone.evaluate import compare, evaluate_sets, read_texts
-    from hone.rundir import write_json
-    from hone.experts.ensemble import load_model
-
     sets = {}
     for item in data:
         name, sep, path = item.partition("=")
@@ -159,16 +141,12 @@ def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model direct
 @app.command()
 def report(rundir: Path = typer.Argument(..., help="Run directory.")):
     """Write RUNDIR/report.html (self-contained, plots embedded) from the run's artifacts."""
-    from hone.report import write_report
-
     _log(f"report: {write_report(rundir)}")
 
 
 @recipe_app.command("check")
 def recipe_check(recipe: Path = typer.Argument(..., help="Recipe TOML file.")):
     """Validate a recipe; prints the error naming the bad field, or 'ok'."""
-    from hone.recipe import load_recipe
-
     load_recipe(recipe)
     _log(f"{recipe}: ok")
 
@@ -176,8 +154,6 @@ def recipe_check(recipe: Path = typer.Argument(..., help="Recipe TOML file.")):
 @recipe_app.command("fields")
 def recipe_fields():
     """List every recipe field with its default and one-line doc."""
-    from hone.recipe import describe_fields
-
     for line in describe_fields():
         _log(line)
 

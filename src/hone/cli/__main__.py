@@ -1,4 +1,4 @@
-if __name__ == "__main__":
-    from hone.cli import main
+from hone.cli import main
 
+if __name__ == "__main__":
     main()

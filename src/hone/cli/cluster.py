@@ -13,6 +13,10 @@ from typing import List, Optional
 import typer
 
 from hone.errors import HoneError
+from hone.heal.cluster_report import format_text, write_outputs
+from hone.heal.failures import parse_mtbf
+from hone.heal.jobs import load_jobs
+from hone.heal.simulate import simulate as run
 
 cluster_app = typer.Typer(no_args_is_help=True, help="Simulate training jobs sharing a cluster that fails.")
 
@@ -35,11 +39,6 @@ def simulate(jobs: Path = typer.Option(..., "--jobs", help="JOBS.toml: [[job]] t
              repair: str = typer.Option("lognormal:4,1", "--repair", help="Hardware repair time in hours: const:H, exp:MEAN or lognormal:MEDIAN,SIGMA."),
              hardware_fraction: float = typer.Option(0.78, "--hardware-fraction", help="Share of generated failures that take a node down (Llama 3: ~78%); the rest restart in place.")):
     """Compare recovery policies: weighted FLOPs, lost GPU-hours by cause, reconfigurations, a plot."""
-    from hone.heal.cluster_report import format_text, write_outputs
-    from hone.heal.failures import parse_mtbf
-    from hone.heal.jobs import load_jobs
-    from hone.heal.simulate import simulate as run
-
     if trace is None and mtbf is None:
         raise HoneError("give --trace FILE or --mtbf HOURS (per-GPU MTBF in hours, or 'llama3')")
     if seeds < 1:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from hone.recipe import load_recipe
+
 WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")
 
 
@@ -15,7 +17,5 @@ def log(msg: str) -> None:
 
 
 def load_recipe_and_workdir(recipe: Path, workdir: Optional[Path]):
-    from hone.recipe import load_recipe
-
     r = load_recipe(recipe)
     return r, Path(workdir or r.run.workdir)

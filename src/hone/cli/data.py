@@ -6,8 +6,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from pydantic import ValidationError
 
 from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
+from hone.cli.select import register as register_select
+from hone.corpus.build_config import DedupStep, RetrieveStep, load_build, load_examples, run_build
+from hone.corpus.dedup import dedup_step
+from hone.corpus.executor import get_executor, retrieve_step, summary_line
+from hone.errors import HoneError
+from hone.pipeline import stage_curate, stage_pool
+from hone.recipe import _format_error
+from hone.train.workdir import prepare_workdir
 
 data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")
 
@@ -15,8 +24,6 @@ data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data poo
 @data_app.command("pool")
 def data_pool(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
     """Build the mixed pool and held-out sets from the packaged corpora (data.packaged)."""
-    from hone.pipeline import prepare_workdir, stage_pool
-
     r, wd = _load(recipe, workdir)
     prepare_workdir(r, wd, False, _log)
     inputs, sets = stage_pool(r, wd, _log)
@@ -26,8 +33,6 @@ def data_pool(recipe: Path = typer.Argument(..., help="Recipe TOML file."), work
 @data_app.command("curate")
 def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
     """Filter, deduplicate and find the domain documents; writes corpus/ and its manifest."""
-    from hone.pipeline import prepare_workdir, stage_curate, stage_pool
-
     r, wd = _load(recipe, workdir)
     prepare_workdir(r, wd, False, _log)
     inputs, _ = stage_pool(r, wd, _log)
@@ -45,8 +50,6 @@ WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all c
 
 def _finish(name: str, manifest: dict, out: Path) -> None:
     """Print the one-line summary; exit 1 only when nothing usable was read."""
-    from hone.corpus.executor import summary_line
-
     _log(summary_line(name, manifest, out))
     t = manifest["totals"]
     if t["docs_in"] == t["quarantined"]:
@@ -67,10 +70,6 @@ def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
                write_dropped: bool = typer.Option(False, "--write-dropped", help="Write removed docs to dropped/dropped.jsonl."),
                text_field: str = TEXT_FIELD, executor: str = EXECUTOR, workers: Optional[int] = WORKERS):
     """Remove near-duplicates: MinHash LSH, candidates verified on true shingle Jaccard, one survivor per cluster."""
-    from hone.corpus.build_config import DedupStep
-    from hone.corpus.dedup import dedup_step
-    from hone.corpus.executor import get_executor
-
     step = _validated(DedupStep, type="dedup", threshold=threshold, ngram=ngram, num_perm=num_perm, unit=unit,
                       bands=bands, rows=rows, cluster_column=cluster_column, mark_only=mark_only,
                       write_dropped=write_dropped)
@@ -90,9 +89,6 @@ def data_retrieve(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
                   keep_rest: bool = typer.Option(False, "--keep-rest", help="Keep the other documents as domain 'general'."),
                   text_field: str = TEXT_FIELD):
     """Find the domain: BM25 over the inputs from seed queries or example documents, with query expansion."""
-    from hone.corpus.build_config import RetrieveStep, load_examples
-    from hone.corpus.executor import retrieve_step
-
     _validated(RetrieveStep, type="retrieve", query=query or [], examples=str(examples) if examples else None,
                top_k=top_k, expand=expand, name=name, keep_rest=keep_rest)
     ex = load_examples(examples, text_field) if examples else []
@@ -104,8 +100,6 @@ def data_retrieve(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
 @data_app.command("build")
 def data_build(recipe: Path = typer.Argument(..., help="Build recipe TOML: [build] inputs/output and [[steps]].")):
     """Run a sequence of curation steps from a TOML recipe (filter, dedup, retrieve, dsir, rate, select)."""
-    from hone.corpus.build_config import load_build, run_build
-
     r = load_build(recipe)
     m = run_build(r, log=_log)
     _finish("build", m, Path(r.build.output))
@@ -113,10 +107,6 @@ def data_build(recipe: Path = typer.Argument(..., help="Build recipe TOML: [buil
 
 def _validated(model, **fields):
     """Build a step model from CLI options; a bad value is one line naming the option."""
-    from pydantic import ValidationError
-
-    from hone.errors import HoneError
-    from hone.recipe import _format_error
 
     try:
         return model(**fields)
@@ -124,10 +114,5 @@ def _validated(model, **fields):
         raise HoneError(_format_error("option", e).replace(f"option: {model.__name__}.", "option: ")) from None
 
 
-# The selection engineer's commands (dsir, rate, select) register themselves when present.
-try:
-    from hone.cli.select import register as _register_select
-except ImportError:
-    pass
-else:
-    _register_select(data_app)
+# The selection commands (dsir, rate, select).
+register_select(data_app)

@@ -1,4 +1,4 @@
-"""`hone branch` and `hone merge`: thin wrappers over hone.experts (heavy imports inside)."""
+"""`hone branch` and `hone merge`: thin wrappers over hone.experts."""
 
 from __future__ import annotations
 
@@ -9,6 +9,11 @@ import typer
 
 from hone.cli.common import WORKDIR, load_recipe_and_workdir, log
 from hone.errors import HoneError
+from hone.evaluate import read_texts
+from hone.experts.ensemble import cached_prior, load_ensemble
+from hone.experts.merge import ENSEMBLE_FILE, average, ensemble, parse_weights
+from hone.pipeline import branch_experts
+from hone.rundir import read_json, write_json
 
 
 def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories (e.g. runs/x/experts/bio/final)."),
@@ -19,8 +24,6 @@ def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories 
           smoothing: float = typer.Option(0.0, "--smoothing", help="Ensemble: share of the prior mixed into the posterior."),
           prior_data: Optional[List[Path]] = typer.Option(None, "--prior-data", help="Ensemble: JSON-lines sample of the target data; the prior becomes the experts' mean posterior on it (BTM's cached prior). Repeat.")):
     """Merge experts into one checkpoint (parameter average) or an ensemble `hone eval` can score."""
-    from hone.experts.merge import average, ensemble, parse_weights
-
     w = parse_weights(weights, len(experts))
     if method == "average":
         if prefix_cap is not None or smoothing:
@@ -29,8 +32,6 @@ def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories 
     elif method == "ensemble":
         if prior_data and weights is not None:
             raise HoneError("give --weights or --prior-data, not both")
-        from hone.evaluate import read_texts
-
         texts = [t for p in prior_data or [] for t in read_texts(p)]  # a missing file fails before writing
         ensemble(experts, out, w, prefix_cap=prefix_cap, smoothing=smoothing)
         if prior_data:
@@ -42,10 +43,6 @@ def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories 
 
 def _cache_prior(out: Path, texts: list[str], prior_data: List[Path]) -> list[float]:
     """Rewrite the ensemble's prior as its mean posterior on ``texts`` (read from ``prior_data``)."""
-    from hone.experts.ensemble import cached_prior, load_ensemble
-    from hone.experts.merge import ENSEMBLE_FILE
-    from hone.rundir import read_json, write_json
-
     model, tok = load_ensemble(out)
     prior = cached_prior(model, tok, texts)
     manifest = read_json(out / ENSEMBLE_FILE)
@@ -70,8 +67,6 @@ def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an exp
     own expert. Each expert's directory is a run directory the training engine can resume on
     a cluster: the torchrun and Slurm commands are printed.
     """
-    from hone.experts.branch import run_branch
-
     r, wd = load_recipe_and_workdir(recipe, workdir)
-    run_branch(r, wd, recipe_path=recipe, only=only or None, resume=resume, with_joint=with_joint,
+    branch_experts(r, wd, recipe_path=recipe, only=only or None, resume=resume, with_joint=with_joint,
                max_steps=max_steps, evaluate=not no_eval, prepare_only=prepare_only, log=log)

@@ -14,6 +14,11 @@ from typing import Optional
 import typer
 
 from hone.cli.common import WORKDIR, load_recipe_and_workdir, log
+from hone.errors import HoneError
+from hone.mix.laws import fit_mixture, load_runs, mean_r2, predict as predict_losses
+from hone.pipeline import sweep_mixture
+from hone.rundir import read_json, write_json
+from hone.train.mixture import make_schedule
 
 mix_app = typer.Typer(no_args_is_help=True, help="Choose the domain mixture: proxy sweep, CMR / D-CPT law fits, predictions.")
 
@@ -22,10 +27,8 @@ mix_app = typer.Typer(no_args_is_help=True, help="Choose the domain mixture: pro
 def sweep(recipe: Path = typer.Argument(..., help="Recipe TOML file (its [mix] section sets ratios and budgets)."),
           workdir: Optional[Path] = WORKDIR):
     """Short proxy continual-pretraining runs at several domain ratios and token budgets -> mix/runs.jsonl."""
-    from hone.mix.sweep import run_sweep
-
     r, wd = load_recipe_and_workdir(recipe, workdir)
-    out = run_sweep(r, wd, log=log)
+    out = sweep_mixture(r, wd, log=log)
     log(f"mix: runs in {out}; next: hone mix fit {out} -o {wd / 'mixture.json'}")
 
 
@@ -38,18 +41,12 @@ def fit(runs: Path = typer.Argument(..., help="runs.jsonl from hone mix sweep (o
         upsample_fraction: float = typer.Option(0.0, "--upsample-fraction", help="Domain upsampling over the last fraction of steps (0: off)."),
         upsample_ratio: Optional[float] = typer.Option(None, "--upsample-ratio", help="Ratio during upsampling (default: twice the chosen, at most 1).")):
     """Fit the mixture laws (robust loss, R^2, residuals), choose the ratio, write mixture.json with its schedule."""
-    from hone.mix.laws import fit_mixture, load_runs
-    from hone.train.mixture import make_schedule
-    from hone.rundir import write_json
-
     result = fit_mixture(load_runs(runs), law=law, tolerance=tolerance, target_tokens=tokens, source=str(runs))
     result["source"] = str(runs)
     result["schedule"] = make_schedule(result["chosen"]["ratio"], upsample_fraction, upsample_ratio)
     write_json(out, result)
     c = result["chosen"]
     for name, fitted in result["laws"].items():
-        from hone.mix.laws import mean_r2
-
         log(f"{name}: mean R^2 {mean_r2(fitted):.4f}; ratio {fitted['choice']['ratio']:.3f} "
             f"(general {fitted['choice']['general_loss']:.4f}, domain {fitted['choice']['domain_loss']:.4f})")
     note = "" if c["feasible"] else " (no ratio keeps general loss within the tolerance: least general loss)"
@@ -63,12 +60,7 @@ def predict(mixture: Path = typer.Argument(..., help="mixture.json from hone mix
             params: Optional[float] = typer.Option(None, "--params", help="Model parameters (D-CPT with several sizes)."),
             law: Optional[str] = typer.Option(None, "--law", help="cmr or dcpt (default: the one that chose the ratio).")):
     """Print {"general_loss", "domain_loss"} predicted by the fitted laws, as JSON."""
-    from hone.mix.laws import predict as predict_losses
-    from hone.rundir import read_json
-
     data = read_json(mixture)
     if not isinstance(data, dict) or "laws" not in data:
-        from hone.errors import HoneError
-
         raise HoneError(f"{mixture}: not a mixture file with fitted laws (write one with hone mix fit)")
     print(json.dumps(predict_losses(data, ratio, tokens, params, law)))

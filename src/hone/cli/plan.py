@@ -14,6 +14,9 @@ from typing import List, Optional
 import typer
 
 from hone.errors import HoneError
+from hone.plan.api import format_text, make_plan
+from hone.rundir import write_json
+from hone.train.calibrate import run_calibration
 
 plan_app = typer.Typer(no_args_is_help=True, invoke_without_command=True,
                        help="Plan a cluster run: parallel configuration, memory, step time.")
@@ -41,19 +44,14 @@ def plan(ctx: typer.Context,
         return
     if not model or not cluster or global_batch is None:
         raise HoneError("hone plan needs --model, --cluster and --global-batch (see hone plan --help)")
-    from hone.plan.api import make_plan
 
     result = make_plan(model, cluster, seq=seq, global_batch=global_batch, fix=fix, top=top, rank=rank,
                        tokens=tokens, price=price, placement=place, constants=_constants(const or []))
     if out:
-        from hone.rundir import write_json
-
         write_json(Path(out), result)
     if as_json:
         print(json.dumps(result["configs"], indent=2))
     else:
-        from hone.plan.api import format_text
-
         print(format_text(result))
         if out:
             print(f"wrote {out}")
@@ -79,10 +77,7 @@ def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--outp
               device: str = typer.Option("auto", "--device", help="auto (CUDA if visible), cuda or cpu."),
               quick: bool = typer.Option(False, "--quick", help="Small sizes, few repeats (seconds on a CPU).")):
     """Measure this machine (GEMM FLOP/s, memory bandwidth, device-to-device bandwidth) into a profile."""
-    from hone.plan.calibrate import run_calibration
-
     prof = run_calibration(model or "hone-1b", seq=seq, device=device, quick=quick)
-    from hone.rundir import write_json
 
     write_json(output, prof)
     c = prof["cluster"]

@@ -15,6 +15,11 @@ from typing import List, Optional
 
 import typer
 
+from hone.cli.common import log
+from hone.cli.data import _finish as finish
+from hone.corpus.dsir import dsir_step
+from hone.corpus.rate import rate_step
+from hone.corpus.select import select_step
 from hone.errors import HoneError
 
 INPUTS = typer.Argument(..., help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk dirs.")
@@ -24,14 +29,10 @@ SEED = typer.Option(0, "--seed", help="Random seed (sampling, pairs).")
 
 
 def _finish(name: str, manifest: dict, out: Path) -> None:
-    from hone.cli.data import _finish as finish
-
     finish(name, manifest, out)
 
 
 def _log(msg: str) -> None:
-    from hone.cli.common import log
-
     log(msg)
 
 
@@ -46,8 +47,6 @@ def dsir(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
          name: Optional[str] = typer.Option(None, "--name", help="Domain label written on kept documents."),
          seed: int = SEED, text_field: str = TEXT_FIELD):
     """Importance-resample the inputs toward target examples (DSIR: hashed n-grams, Gumbel top-k)."""
-    from hone.corpus.dsir import dsir_step
-
     m = dsir_step(inputs, output, text_field=text_field, target=str(target), k=k, buckets=buckets,
                   min_words=min_words, pseudo_count=pseudo_count, length_norm=length_norm, deterministic=deterministic, name=name, seed=seed)
     _finish("dsir", m, output)
@@ -64,8 +63,6 @@ def rate(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
          api_key_env: str = typer.Option("HONE_JUDGE_KEY", "--api-key-env", help="openai: environment variable holding the API key (else OPENAI_API_KEY)."),
          seed: int = SEED, text_field: str = TEXT_FIELD):
     """Rate quality (QuRating): pairwise judgments → Bradley–Terry → a fast rater scores every document."""
-    from hone.corpus.rate import rate_step
-
     m = rate_step(inputs, output, text_field=text_field, log=_log, judge=judge, criterion=criterion, pairs=pairs,
                   heldout=heldout, excerpt_tokens=excerpt_tokens, column=column, judge_model=judge_model,
                   api_key_env=api_key_env, seed=seed)
@@ -107,8 +104,6 @@ def select(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
            column: str = typer.Option("quality", "--column", help="quality: the score column to sample by."),
            seed: int = SEED, text_field: str = TEXT_FIELD):
     """Select documents under a token budget: ZIP diversity, quality-temperature sampling or random."""
-    from hone.corpus.select import select_step
-
     if budget_tokens is None and max_docs is None:
         raise HoneError("select needs --budget-tokens N (or --max-docs N)")
     m = select_step(inputs, output, text_field=text_field, method=method, budget_tokens=budget_tokens,

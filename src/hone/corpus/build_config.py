@@ -26,14 +26,21 @@ Steps run in order, each reading the previous step's Parquet output. ``dsir``, `
 from __future__ import annotations
 
 import glob
+import importlib
+import shutil
+import time
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from hone.corpus.dedup import dedup_step
+from hone.corpus.executor import filter_step, get_executor, retrieve_step, summary_line
+from hone.corpus.read import nonempty_parts, read_inputs
 from hone.errors import HoneError
 from hone.recipe import FilterConfig, _format_error
+from hone.rundir import ensure_dir, write_json
 
 
 class _Model(BaseModel):
@@ -136,8 +143,6 @@ def expand_globs(patterns: list[str]) -> list[Path]:
 def load_examples(path: str | Path, text_field: str = "text") -> list[str]:
     """Example documents: a .txt file holds one per paragraph (blank-line separated); any
     other supported input holds one per record."""
-    from hone.corpus.read import read_inputs
-
     path = Path(path)
     if not path.exists():
         raise HoneError(f"{path}: examples file not found")
@@ -152,10 +157,6 @@ def load_examples(path: str | Path, text_field: str = "text") -> list[str]:
 
 
 def _step_function(kind: str):
-    import importlib
-
-    from hone.corpus.dedup import dedup_step
-    from hone.corpus.executor import filter_step, retrieve_step
 
     local = {"filter": filter_step, "dedup": dedup_step, "retrieve": retrieve_step}
     if kind in local:
@@ -176,11 +177,6 @@ def _step_params(step, text_field: str) -> dict:
 
 def run_build(recipe: BuildRecipe, log=print) -> dict:
     """Run the steps in order (OUTPUT/NN-type each), then write OUTPUT/manifest.json."""
-    import time
-
-    from hone.corpus.executor import get_executor, summary_line
-    from hone.corpus.read import nonempty_parts
-    from hone.rundir import ensure_dir, write_json
 
     t0, b = time.perf_counter(), recipe.build
     out = ensure_dir(Path(b.output))
@@ -225,8 +221,6 @@ def run_build(recipe: BuildRecipe, log=print) -> dict:
 
 def _copy_quarantine(first_step: Path, out: Path) -> None:
     """The unreadable input lines (the first step read the inputs) at OUTPUT/quarantine too."""
-    import shutil
-
     src, dst = first_step / "quarantine" / "quarantine.jsonl", out / "quarantine" / "quarantine.jsonl"
     if src.exists():
         dst.parent.mkdir(parents=True, exist_ok=True)

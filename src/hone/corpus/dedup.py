@@ -9,7 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 import unicodedata
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
+from hone.corpus.minhash import MinHasher, UnionFind, band_keys, candidate_pairs, lsh_params, sorted_jaccard
+from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
+from hone.corpus.write import ShardWriter
+from hone.errors import HoneError
+from hone.rundir import is_done, mark_done, read_json, write_jsonl
 
 _PUNCT = re.compile(r"[^\w\s]|_")
 _SPACE = re.compile(r"\s+")
@@ -50,12 +62,6 @@ class ExactDedup:
 
 # --- MinHash LSH near-dedup over shards (``hone data dedup``) ------------------------------
 
-import time  # noqa: E402
-from dataclasses import asdict, dataclass  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
 BATCH = 1024  # documents hashed at once: memory per worker stays flat with corpus size
 VERIFY_CHUNK = 16384  # candidate pairs checked per batch of shingle sets held in memory
 
@@ -76,41 +82,28 @@ class NearDedupConfig:
     max_doc_bytes: int = 16 << 20
 
     def lsh(self) -> tuple[int, int]:
-        from hone.corpus.minhash import lsh_params
-
         if self.bands and self.rows:
             if self.bands * self.rows > self.num_perm:
-                from hone.errors import HoneError
-
                 raise HoneError(f"bands({self.bands}) * rows({self.rows}) = {self.bands * self.rows} > "
                                 f"num_perm {self.num_perm}")
             return self.bands, self.rows
         return lsh_params(self.threshold, self.num_perm)
 
     def hasher(self):
-        from hone.corpus.minhash import MinHasher
-
         return MinHasher(num_perm=self.num_perm, ngram=self.ngram, unit=self.unit)
 
 
 def _shard_docs(shard, text_field: str, quarantine, stats, max_doc_bytes: int):
-    from hone.corpus.read import read_shard
-
     return read_shard(shard, text_field, quarantine, stats, max_doc_bytes)
 
 
 def _silent():
-    from hone.corpus.read import Quarantine
-
     return Quarantine(None)  # second reads: the first pass already recorded the bad lines
 
 
 def signature_task(shard, text_field: str, cfg: NearDedupConfig, bands: int, rows: int, work: Path, i: int) -> dict:
     """Pass 1, one shard: band keys of every document, and its distinct shingles (sorted
     uint32, appended to ``sets-i.bin`` batch by batch) for the exact check of candidates."""
-    from hone.corpus.minhash import band_keys
-    from hone.corpus.read import Quarantine, StepStats, batched
-
     stats, q = StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
     hasher, keys, sizes = cfg.hasher(), [], []
     with open(work / f"sets-{i:05d}.bin", "wb") as sets_file:
@@ -147,10 +140,6 @@ class _ShingleSets:
 
 def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: Path, out: Path, i: int) -> dict:
     """Pass 3, one shard: write the survivors (all docs with ``mark_only``), count the rest."""
-    from hone.corpus.read import StepStats, batched
-    from hone.corpus.write import ShardWriter
-    from hone.rundir import write_jsonl
-
     clusters = np.load(work / "clusters.npz")
     # Sentinel past every index: lookups need no special case for an empty cluster list.
     members = np.append(clusters["members"], np.iinfo(np.int64).max)
@@ -182,8 +171,6 @@ def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: 
 
 
 def _verify(pairs: np.ndarray, sets: _ShingleSets, threshold: float) -> tuple[np.ndarray, np.ndarray]:
-    from hone.corpus.minhash import sorted_jaccard
-
     sims = np.empty(len(pairs), dtype=np.float64)
     for lo in range(0, len(pairs), VERIFY_CHUNK):  # pairs come sorted: a chunk touches few docs
         chunk = pairs[lo:lo + VERIFY_CHUNK]
@@ -194,9 +181,6 @@ def _verify(pairs: np.ndarray, sets: _ShingleSets, threshold: float) -> tuple[np
 
 def cluster_pass(shards, work: Path, cfg: NearDedupConfig, offsets: np.ndarray) -> dict:
     """Pass 2 (global): candidates from shared bands → exact Jaccard → union-find clusters."""
-    from hone.corpus.minhash import UnionFind, candidate_pairs
-    from hone.rundir import is_done, mark_done, read_json
-
     marker = work / "clusters"
     if is_done(marker):
         return read_json(Path(str(marker) + ".done"))
@@ -230,9 +214,6 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
     shingle Jaccard, union-find (one survivor per cluster: its first document in input
     order); (3) write the survivors. Inputs are read twice (passes 1 and 3), never held.
     """
-    from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
-    from hone.corpus.read import StepStats, expand_inputs
-
     t0 = time.perf_counter()
     executor = executor or get_executor()
     out_dir, shards = Path(out_dir), expand_inputs(inputs)

@@ -17,6 +17,7 @@ from three words is noise.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -24,6 +25,10 @@ import numpy as np
 import scipy.sparse as sp
 import xxhash
 
+from hone.corpus.build_config import load_examples
+from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
+from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
+from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
 
 _WORD = re.compile(r"\w+")
@@ -180,11 +185,6 @@ def dsir_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor
     (3) Gumbel top-k over all log w (in the main process), then each shard writes its kept
     documents. The selection is the one ``dsir_select`` makes on the pool in memory.
     """
-    import time
-
-    from hone.corpus.executor import (Task, finish_output, get_executor, prepare_output, run_key, run_tasks,
-                                      totals)
-    from hone.corpus.read import StepStats, expand_inputs
 
     if not target:
         raise HoneError("dsir: give target (a file of example documents: .txt paragraphs, jsonl or parquet)")
@@ -243,8 +243,6 @@ BATCH = 1024  # documents featurized at once
 
 def _eligible_batches(shard, text_field: str, cfg: DsirConfig, quarantine=None, stats=None):
     """Batches of (docs, n-gram features of the eligible ones, eligible mask)."""
-    from hone.corpus.read import batched, read_shard
-
     hasher = NgramHasher(cfg.buckets)
     for batch in batched(read_shard(shard, text_field, quarantine, stats), BATCH):
         ok = np.array([len(words(d["text"])) >= cfg.min_words for d in batch], dtype=bool)
@@ -253,8 +251,6 @@ def _eligible_batches(shard, text_field: str, cfg: DsirConfig, quarantine=None, 
 
 def _count_task(shard, text_field: str, cfg: DsirConfig, work: Path, i: int) -> dict:
     """Pass 1, one shard: raw bucket counts (eligible documents) and n-grams per document."""
-    from hone.corpus.read import Quarantine, StepStats
-
     stats, q = StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
     counts, ngrams = np.zeros(cfg.buckets), []
     for batch, x, ok in _eligible_batches(shard, text_field, cfg, q, stats):
@@ -271,8 +267,6 @@ def _count_task(shard, text_field: str, cfg: DsirConfig, work: Path, i: int) -> 
 
 def _logw_task(shard, text_field: str, cfg: DsirConfig, work: Path, i: int, median: float) -> dict:
     """Pass 2, one shard: log importance weight of every document (-inf: too short)."""
-    from hone.corpus.read import Quarantine
-
     log_ratio = np.load(work / "log_ratio.npy")
     out = []
     for batch, x, ok in _eligible_batches(shard, text_field, cfg, Quarantine(None)):
@@ -289,9 +283,6 @@ def _logw_task(shard, text_field: str, cfg: DsirConfig, work: Path, i: int, medi
 
 def _write_task(shard, text_field: str, cfg: DsirConfig, work: Path, out: Path, i: int, offset: int) -> dict:
     """Pass 3, one shard: the sampled documents with ``domain_score`` (and ``domain``)."""
-    from hone.corpus.read import Quarantine, StepStats, batched, read_shard
-    from hone.corpus.write import ShardWriter
-
     logw, keep = np.load(work / f"logw-{i:05d}.npy"), np.load(work / "keep.npy", mmap_mode="r")
     stats, writer, n = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet"), 0
     for batch in batched(read_shard(shard, text_field, Quarantine(None)), BATCH):
@@ -317,6 +308,5 @@ def _write_task(shard, text_field: str, cfg: DsirConfig, work: Path, out: Path, 
 def _load_targets(target, text_field: str) -> list[str]:
     if isinstance(target, (list, tuple)):
         return [str(t) for t in target]
-    from hone.corpus.build_config import load_examples
 
     return load_examples(target, text_field)

@@ -11,17 +11,27 @@ finished shards and returns the same results an uninterrupted run would.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing
 import os
+import shutil
 import sys
+import time
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from hone.corpus import filters
+from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
+from hone.corpus.retrieve import retrieve
+from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
-from hone.rundir import is_done, mark_done, read_json
+from hone.recipe import DomainConfig, FilterConfig
+from hone.rundir import atomic_path, ensure_dir, is_done, mark_done, read_json, write_json
 
 
 @dataclass(frozen=True)
@@ -137,9 +147,6 @@ WORK = ".work"  # per-shard intermediate files and markers; kept so a restart ca
 
 def run_key(shards: list, config: dict) -> str:
     """Hash of the config and every input shard's path, size and mtime."""
-    import hashlib
-    import json
-
     files = []
     for sh in shards:
         try:
@@ -157,9 +164,6 @@ def prepare_output(out_dir: Path, key: str) -> tuple[Path, dict | None]:
     Work from a run with another key (other inputs or config) is discarded; work from an
     interrupted run with the same key is kept, so its finished shards are skipped.
     """
-    import shutil
-
-    from hone.rundir import ensure_dir, write_json
 
     out_dir, work = Path(out_dir), Path(out_dir) / WORK
     ensure_dir(out_dir)
@@ -179,9 +183,6 @@ def prepare_output(out_dir: Path, key: str) -> tuple[Path, dict | None]:
 def finish_output(out_dir: Path, manifest: dict, parts: list[Path], quarantine_files: list[Path],
                   dropped_files: list[Path] | None = None) -> dict:
     """Gather per-shard audit files, remove stale shards, write manifest.json and its marker."""
-    import json
-
-    from hone.rundir import atomic_path, write_json
 
     out_dir = Path(out_dir)
     for name, files in (("quarantine/quarantine.jsonl", quarantine_files), ("dropped/dropped.jsonl", dropped_files or [])):
@@ -228,11 +229,6 @@ def summary_line(name: str, manifest: dict, out_dir: Path) -> str:
 # --- steps built from the curate stage's pieces (filters, BM25 retrieval) ------------------
 
 def _filter_task(shard, text_field: str, cfg_json: dict, work: Path, out: Path, i: int) -> dict:
-    from hone.corpus import filters
-    from hone.corpus.read import Quarantine, StepStats, batched, read_shard
-    from hone.corpus.write import ShardWriter
-    from hone.recipe import FilterConfig
-
     cfg = FilterConfig(**cfg_json)
     read, step, q = StepStats(), StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
     writer = ShardWriter(out / f"part-{i:05d}.parquet")
@@ -253,10 +249,6 @@ def _filter_task(shard, text_field: str, cfg_json: dict, work: Path, out: Path, 
 
 def filter_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, **params) -> dict:
     """Gopher / C4 heuristic filters (``hone.recipe.FilterConfig`` fields), shard by shard."""
-    import time
-
-    from hone.corpus.read import StepStats, expand_inputs
-    from hone.recipe import FilterConfig
 
     t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
     cfg = FilterConfig(**params).model_dump()
@@ -288,14 +280,11 @@ LLM_HELP = "needs an OpenAI-compatible endpoint: set HONE_LLM_URL (and HONE_LLM_
 def llm_queries(seeds: list[str], n: int = 10) -> list[str]:
     """Query-of-CC bootstrapping: ask an OpenAI-compatible chat endpoint for more search
     queries about the seeds. The key comes from the environment and is never logged."""
-    import json
-    import urllib.request
-
     url = os.environ.get("HONE_LLM_URL")
     if not url:
         raise HoneError(f"--expand llm {LLM_HELP}")
     key = os.environ.get("HONE_LLM_KEY") or os.environ.get("OPENAI_API_KEY") or ""
-    prompt = (f"Seed topics or questions:\n" + "\n".join(f"- {s[:500]}" for s in seeds) +
+    prompt = ("Seed topics or questions:\n" + "\n".join(f"- {s[:500]}" for s in seeds) +
               f"\n\nWrite {n} more short search queries (keywords or questions) that would find documents on "
               "the same subject. One per line, no numbering, nothing else.")
     body = json.dumps({"model": os.environ.get("HONE_LLM_MODEL", "gpt-4o-mini"),
@@ -320,12 +309,6 @@ def retrieve_step(inputs: list, out_dir: Path, *, text_field: str = "text", exec
     Not retrieved documents are dropped (``not_retrieved``), or with ``keep_rest`` kept with
     domain ``general``. BM25 needs the whole pool's statistics: this step holds the texts.
     """
-    import time
-
-    from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
-    from hone.corpus.retrieve import retrieve
-    from hone.corpus.write import ShardWriter
-    from hone.recipe import DomainConfig
 
     if expand not in ("none", "prf", "llm"):
         raise HoneError(f"expand must be none, prf or llm (got {expand!r})")

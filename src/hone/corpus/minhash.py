@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+import xxhash
 
 from hone.errors import HoneError
 
@@ -235,8 +236,6 @@ def word_hashes(data: np.ndarray, ws: np.ndarray, we: np.ndarray) -> np.ndarray:
         j += 1
         idx = idx[length[idx] > M64(8 * j)]
     if len(idx):
-        import xxhash
-
         long = [xxhash.xxh3_64_intdigest(data[s:e].tobytes()) for s, e in zip(ws[idx].tolist(), we[idx].tolist())]
         h[idx] = mix64(np.array(long, dtype=np.uint64) ^ GOLDEN)
     return h

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import urllib.error
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,7 +32,11 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from hone.corpus.dsir import NgramHasher, config_from
+from hone.corpus.select import whole_pool_step
 from hone.errors import HoneError
+from hone.model.gguf import load_gguf, smollm2_gguf_path
+from hone.model.hf import load_hf
 
 CRITERIA = {
     "writing_style": "Which text has a more polished and beautiful writing style?",
@@ -111,9 +117,6 @@ class LocalJudge:
 
 def load_local_judge(path: str, excerpt_tokens: int = 256, batch_size: int = 4) -> LocalJudge:
     """``smollm2`` (the packaged GGUF), a ``.gguf`` file, or an HF model directory."""
-    from hone.model.gguf import load_gguf, smollm2_gguf_path
-    from hone.model.hf import load_hf
-
     if path == "smollm2":
         model, tok = load_gguf(smollm2_gguf_path())
     elif path.endswith(".gguf"):
@@ -142,8 +145,6 @@ class OpenAIJudge:
         self.name = f"openai:{self.url} ({model})"
 
     def _post(self, body: dict) -> dict:
-        import urllib.request
-
         headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
         req = urllib.request.Request(self.url + "/chat/completions", data=json.dumps(body).encode(), headers=headers,
                                      method="POST")
@@ -151,8 +152,6 @@ class OpenAIJudge:
             return json.loads(resp.read())
 
     def ask(self, a: str, b: str, q: str) -> float:
-        import urllib.error
-
         body = {"model": self.model, "temperature": 0, "max_tokens": 1,
                 "messages": [{"role": "user", "content": prompt(a[:self.excerpt_chars], b[:self.excerpt_chars], q)}]}
         try:
@@ -277,8 +276,6 @@ class NgramRater:
     (solved in the dual: few rated documents, many buckets)."""
 
     def __init__(self, buckets: int = 1 << 18, alpha: float = 1.0):
-        from hone.corpus.dsir import NgramHasher
-
         self.hasher, self.alpha = NgramHasher(buckets), alpha
         self.w: np.ndarray | None = None
         self.bias = 0.0
@@ -395,9 +392,6 @@ def rate_docs(docs: list[dict], judge: Judge, cfg: RateConfig = RateConfig(),
 def rate_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, judge_obj: Judge | None = None,
               log: Callable[[str], None] | None = None, **params) -> dict:
     """The ``rate`` step of ``hone data build``: adds the ``quality`` column, drops nothing."""
-    from hone.corpus.dsir import config_from
-    from hone.corpus.select import whole_pool_step
-
     cfg = config_from(RateConfig, params, "rate")
 
     def decide(docs: list[dict]):

@@ -27,12 +27,18 @@ import io
 import json
 import os
 import re
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
 from hone.errors import HoneError
+from hone.rundir import write_jsonl
 
 RAW_KEEP = 2000  # characters of a quarantined line kept for the audit file
 MAX_DOC_BYTES = 16 << 20  # longer documents are quarantined (too_large): no tokenizer wants them
@@ -104,8 +110,6 @@ class Quarantine:
 
     def close(self) -> None:
         if self.path is not None:
-            from hone.rundir import write_jsonl
-
             write_jsonl(self.path, self.rows)
 
 
@@ -270,8 +274,6 @@ def nonempty_parts(paths: Iterable[Path]) -> list[Path]:
     """The Parquet shards of a hone output that hold rows. A step writes one shard per input
     shard, empty when nothing survived; read again, an empty one is no input (not a
     quarantined "empty file" that the next step's manifest would count as a document)."""
-    import pyarrow.parquet as pq
-
     out = []
     for p in map(Path, paths):
         try:
@@ -379,17 +381,12 @@ def _open_stream(path: Path) -> IO[bytes]:
     if name.endswith(".gz"):
         return gzip.open(path, "rb")
     if name.endswith(".zst"):
-        import zstandard
-
         return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
     return open(path, "rb")
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
     """What reading a damaged or unreadable file raises: the file's fault, not a bug here."""
-    import zlib
-
-    import zstandard
 
     return OSError, EOFError, ValueError, zlib.error, zstandard.ZstdError
 
@@ -452,9 +449,6 @@ def _read_txt_shard(r: _Reader) -> Iterator[dict]:
 
 
 def _table_batches(r: _Reader) -> Iterator["object"]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     path = r.shard.path
     if r.shard.kind == "parquet":
         yield from pq.ParquetFile(path).iter_batches(batch_size=1024)

@@ -13,6 +13,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 
+import bm25s
 import numpy as np
 
 from hone.recipe import DomainConfig
@@ -32,8 +33,6 @@ class Retrieval:
 
 def tokenize(texts: list[str]) -> list[list[str]]:
     """Lowercase word tokens without English stopwords (bm25s's tokenizer; no stemming)."""
-    import bm25s
-
     if not texts:
         return []
     return bm25s.tokenize(list(texts), stopwords="en", return_ids=False, show_progress=False)
@@ -55,8 +54,6 @@ class Index:
     """A BM25 index over the pool plus the document frequencies feedback needs."""
 
     def __init__(self, tokens: list[list[str]]):
-        import bm25s
-
         self.tokens = tokens
         self.df = Counter(t for toks in tokens for t in set(toks))
         self.bm25 = bm25s.BM25(k1=K1, b=B)

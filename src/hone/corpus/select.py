@@ -28,8 +28,14 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from tokenizers import Tokenizer
 
+from hone.corpus.dsir import config_from, gumbel_top_k
+from hone.corpus.executor import finish_output, prepare_output, run_key, totals
+from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
+from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
+from hone.model.gguf import smollm2_gguf_path, tokenizer_from_gguf
 
 METHODS = ("zip", "quality", "random")
 SEP = b"\n\n"  # between documents of a set, as they will sit in a training stream
@@ -78,11 +84,7 @@ def count_tokens(texts: list[str], tokenizer: str | None = None) -> np.ndarray:
 
 def load_tokenizer(spec: str):
     """``smollm2`` (the packaged GGUF's tokenizer) or a ``tokenizer.json`` file / its directory."""
-    from tokenizers import Tokenizer
-
     if spec == "smollm2":
-        from hone.model.gguf import smollm2_gguf_path, tokenizer_from_gguf
-
         return tokenizer_from_gguf(smollm2_gguf_path())
     path = Path(spec)
     path = path / "tokenizer.json" if path.is_dir() else path
@@ -144,8 +146,6 @@ def zip_order(texts: list[str], budget: "Budget | None" = None, k1: int = 10_000
 
 def quality_order(scores: np.ndarray, temperature: float, seed: int = 0) -> np.ndarray:
     """Gumbel top-k order with P ∝ exp(z / τ), z the standardized scores (NaN scores last)."""
-    from hone.corpus.dsir import gumbel_top_k
-
     s = np.asarray(scores, dtype=np.float64)
     ok = np.isfinite(s)
     z = np.full(len(s), -np.inf)
@@ -242,8 +242,6 @@ def select_docs(docs: list[dict], cfg: SelectConfig = SelectConfig()) -> tuple[l
 
 def select_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, **params) -> dict:
     """The ``select`` step of ``hone data build`` (``SelectConfig`` fields as keywords)."""
-    from hone.corpus.dsir import config_from
-
     cfg = config_from(SelectConfig, params, "select")
     return whole_pool_step("select", inputs, out_dir, text_field, asdict(cfg), lambda docs: select_docs(docs, cfg))
 
@@ -261,10 +259,6 @@ def whole_pool_step(name: str, inputs: list, out_dir: Path, text_field: str, con
     These steps need pool-wide statistics (p_raw, standardized scores, a global budget):
     they hold the texts of the pool in memory.
     """
-    from hone.corpus.executor import finish_output, prepare_output, run_key, totals
-    from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
-    from hone.corpus.write import ShardWriter
-
     t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
     config = {"step": name, **config, "text_field": text_field}
     work, done = prepare_output(out_dir, run_key(shards, config))

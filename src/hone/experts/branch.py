@@ -20,16 +20,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
 import shutil
 import time
 from pathlib import Path
 from typing import Callable
 
 from hone.errors import HoneError
+from hone.experts.compare import compare_variants
 from hone.experts.data import build_expert_data, interleave, read_done, training_rows, write_union_stream
+from hone.experts.merge import average
+from hone.model.hf import load_hf, save_hf
+from hone.model.load import load_base_model
+from hone.plan.commands import expert_commands
 from hone.recipe import ExpertDomain, Recipe
-from hone.rundir import ensure_dir, read_json, write_json, write_text
+from hone.rundir import EXPERTS_DIR, ensure_dir, read_json, write_json, write_text
+from hone.tokens import eos_id, tokenizer_hash
+from hone.train.run import build_loader, total_steps, train_recipe
+from hone.train.workdir import forget_training, recipe_hash, train_hash
 
 Log = Callable[[str], None]
 DONE_FILE = "expert.json"
@@ -60,8 +67,6 @@ def _spec_of(recipe: Recipe, spec: ExpertDomain) -> dict:
 
 
 def _write_run_recipe(edir: Path, erecipe: Recipe, key: str) -> None:
-    from hone.train.workdir import recipe_hash, train_hash
-
     write_json(edir / "recipe.json", {"hash": recipe_hash(erecipe), "train_hash": train_hash(erecipe),
                                       "expert_hash": key, "recipe": json.loads(erecipe.model_dump_json())})
 
@@ -101,8 +106,6 @@ class Brancher:
     # -- per-expert data -----------------------------------------------------------------------
     def data(self, spec: ExpertDomain) -> dict:
         """Build (once) the expert's tokens and held-out set; rebuilt if its selection changed."""
-        from hone.tokens import tokenizer_hash
-
         edir = self.root / spec.name
         key = _hash({"select": spec.model_dump(include={"sources", "keywords", "examples", "top_k", "domain_ratio",
                                                         "eval_set"}),
@@ -126,8 +129,6 @@ class Brancher:
     def seed(self) -> Path:
         """``experts/seed/``: the recipe's model (or experts.seed), after the optional seed phase
         on the union of the domains. Built once: later domains branch from the same seed."""
-        from hone.model.hf import load_hf, save_hf
-
         sdir = self.root / SEED
         key = _hash({"seed": self.cfg.seed, "seed_tokens": self.cfg.seed_tokens,
                      "model": read_json(self.workdir / "recipe.json")["hash"]})
@@ -154,7 +155,6 @@ class Brancher:
     # -- one expert ----------------------------------------------------------------------------
     def expert_key(self, spec: ExpertDomain, seed_dir: Path, data: dict) -> str:
         parents = {p: (read_done(self.root / p / DONE_FILE) or {}).get("hash") for p in spec.branch_from}
-        from hone.train.workdir import train_hash
 
         return _hash({"train": _spec_of(self.recipe, spec), "data": data["key"], "base_train": train_hash(self.recipe),
                       "seed": (read_done(seed_dir.parent / DONE_FILE) or {}).get("hash"),
@@ -164,7 +164,6 @@ class Brancher:
         """The seed, or the weighted average of earlier experts (BTM's later branching)."""
         if not spec.branch_from:
             return seed_dir
-        from hone.experts.merge import average
 
         for p in spec.branch_from:
             if not (self.root / p / DONE_FILE).exists():
@@ -188,8 +187,6 @@ class Brancher:
         erecipe = expert_recipe(self.recipe, spec.name, start, max_tokens=s["max_tokens"], ratio=s["ratio"], lr=s["lr"])
         existing = read_done(edir / "recipe.json")
         if existing and existing.get("expert_hash") != key:
-            from hone.train.workdir import forget_training
-
             forget_training(edir, self.log)  # checkpoints of another recipe must not be resumed
         _write_run_recipe(edir, erecipe, key)
         cmds = expert_commands(str(edir), str(self.recipe_path) if self.recipe_path else None, str(self.workdir), spec.name)
@@ -217,10 +214,6 @@ class Brancher:
                    max_steps: int | None) -> dict | None:
         """Train ``start`` on ``tokens`` tokens of the domains' own training batches, interleaved
         in proportion to the experts' budgets (the joint model sees what the experts saw)."""
-        from hone.train.run import build_loader
-        from hone.tokens import eos_id, tokenizer_hash
-        from hone.train.run import total_steps
-
         t = self.recipe.train
         budgets = {d: _spec_of(self.recipe, self.specs[d]) for d in domains}
         steps = {d: total_steps(t.model_copy(update={"max_tokens": b["max_tokens"]})) for d, b in budgets.items()}
@@ -241,8 +234,6 @@ class Brancher:
                      "data": {d: self.data(self.specs[d])["key"] for d in domains}})
         existing = read_done(rdir / "recipe.json")
         if existing and existing.get("expert_hash") != key:
-            from hone.train.workdir import forget_training
-
             forget_training(rdir, self.log)
         write_union_stream(rows, rdir / "tokens" / "train" / name, eos_id(self.tok), tokenizer_hash(self.tok))
         _write_run_recipe(rdir, urecipe, key)
@@ -252,9 +243,6 @@ class Brancher:
 
     def joint(self, seed_dir: Path, resume: bool, max_steps: int | None) -> bool:
         """One model on the union of the domains with the experts' total token budget."""
-        from hone.train.workdir import train_hash
-        from hone.train.run import total_steps
-
         t = self.recipe.train
         domains = list(self.specs)
         tokens = sum(total_steps(t.model_copy(update={"max_tokens": _spec_of(self.recipe, self.specs[d])["max_tokens"]}))
@@ -319,9 +307,5 @@ def run_branch(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pa
         complete &= b.joint(seed_dir, resume, max_steps)
     if not complete or not evaluate:
         return {}
-    from hone.experts.compare import compare_variants
-    from hone.report import write_report
 
-    out = compare_variants(b, seed_dir, log)
-    log(f"report: {write_report(b.workdir)} (section 'Domain experts')")
-    return out
+    return compare_variants(b, seed_dir, log)

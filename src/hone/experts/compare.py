@@ -13,7 +13,11 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from hone.evaluate import evaluate_sets, read_texts
 from hone.experts.data import heldout_path, read_done
+from hone.experts.ensemble import load_model
+from hone.experts.merge import average, ensemble
+from hone.model.load import pick_device
 from hone.rundir import write_json
 
 Log = Callable[[str], None]
@@ -21,8 +25,6 @@ EVAL_FILE = "eval.json"
 
 
 def _score(model, tok, sets: dict[str, list[str]], recipe) -> tuple[dict, float]:
-    from hone.evaluate import evaluate_sets
-
     e = recipe.eval
     t0 = time.perf_counter()
     res = evaluate_sets(model, tok, sets, max_tokens=e.max_tokens_per_set, seq_len=e.seq_len,
@@ -32,11 +34,6 @@ def _score(model, tok, sets: dict[str, list[str]], recipe) -> tuple[dict, float]
 
 def compare_variants(b, seed_dir: Path, log: Log) -> dict:
     """Merge the finished experts, score every variant on every domain, write experts/eval.json."""
-    from hone.evaluate import read_texts
-    from hone.experts.ensemble import load_model
-    from hone.experts.merge import average, ensemble
-    from hone.model.load import pick_device
-
     root, cfg = b.root, b.cfg
     names = [s.name for s in cfg.domain if (root / s.name / "expert.json").exists()]
     if not names:

@@ -16,9 +16,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import xxhash
 
+from hone.corpus.retrieve import retrieve
 from hone.errors import HoneError
 from hone.recipe import DomainConfig, ExpertDomain, ExpertsConfig
 from hone.rundir import atomic_path, read_json, write_json, write_jsonl
+from hone.tokens import write_shard
 
 GENERAL = "general"  # the loader's name for the stream of everything else
 
@@ -43,8 +45,6 @@ def select(docs: list[dict], spec: ExpertDomain) -> np.ndarray:
     """Mask of the documents that belong to the expert: its sources, plus its retrieval top_k."""
     mask = np.array([d["source"] in spec.sources for d in docs], dtype=bool)
     if spec.keywords or spec.examples:
-        from hone.corpus.retrieve import retrieve
-
         cfg = DomainConfig(name=spec.name, keywords=spec.keywords, examples=spec.examples, top_k=spec.top_k)
         mask |= retrieve([d["text"] for d in docs], cfg).selected
     if not mask.any():
@@ -55,8 +55,6 @@ def select(docs: list[dict], spec: ExpertDomain) -> np.ndarray:
 
 def build_expert_data(workdir: Path, edir: Path, spec: ExpertDomain, cfg: ExpertsConfig, tokenizer, seed: int) -> dict:
     """Write ``edir/heldout.jsonl`` and ``edir/tokens/train/{NAME,general}/``; return counts."""
-    from hone.tokens import write_shard
-
     docs = read_curated(workdir)
     mask = select(docs, spec)
     held = np.array([is_heldout(d["id"], cfg.heldout_fraction) for d in docs], dtype=bool)

@@ -20,10 +20,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from torch import nn
 
 from hone.errors import HoneError
-from hone.experts.merge import ENSEMBLE_FILE, ENSEMBLE_FORMAT, normalize_weights
+from hone.evaluate import encode_docs
+from hone.experts.merge import ENSEMBLE_FILE, ENSEMBLE_FORMAT, is_ensemble, normalize_weights
+from hone.model.hf import load_hf
 from hone.rundir import read_json
 
 
@@ -74,8 +77,6 @@ def cached_prior(model: EnsembleLM, tokenizer, texts: list[str], max_tokens: int
     """BTM's "cached prior": the experts' posterior at the end of each document of a sample of
     the data the ensemble will see, averaged over the documents. A skewed test mixture
     then starts every document with its skew instead of a uniform prior."""
-    from hone.evaluate import encode_docs
-
     docs = encode_docs(texts, tokenizer, max_tokens, seq_len)
     if not docs:
         raise HoneError("--prior-data: no text to estimate the prior from")
@@ -89,9 +90,6 @@ def cached_prior(model: EnsembleLM, tokenizer, texts: list[str], max_tokens: int
 
 def load_ensemble(path: Path, dtype: torch.dtype | None = None):
     """(EnsembleLM, tokenizer) from a directory written by ``hone merge --method ensemble``."""
-    from tokenizers import Tokenizer
-
-    from hone.model.hf import load_hf
 
     path = Path(path)
     manifest = read_json(path / ENSEMBLE_FILE)
@@ -121,8 +119,5 @@ def load_ensemble(path: Path, dtype: torch.dtype | None = None):
 
 def load_model(path: Path, dtype: torch.dtype | None = None):
     """(model, tokenizer) from an HF directory or an ensemble directory."""
-    from hone.experts.merge import is_ensemble
-    from hone.model.hf import load_hf
-
     return load_ensemble(path, dtype) if is_ensemble(Path(path)) else load_hf(Path(path), dtype)
 

@@ -16,8 +16,10 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from hone.errors import HoneError
+from hone.model.hf import read_safetensors
 from hone.rundir import atomic_dir, read_json, write_json
 
 ENSEMBLE_FILE = "ensemble.json"
@@ -100,8 +102,6 @@ def check_experts(paths: list[Path], same_shapes: bool) -> list[dict]:
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    from hone.model.hf import read_safetensors
-
     return read_safetensors(Path(path))
 
 
@@ -138,8 +138,6 @@ def _copy_side_files(src: Path, dst: Path) -> None:
 
 def average(paths: list[Path], out: Path, weights: list[float] | None = None) -> Path:
     """Write the (weighted, normalized) parameter average of ``paths`` as an HF directory."""
-    from safetensors.torch import save_file
-
     paths = [Path(p) for p in paths]
     weights = normalize_weights(list(weights), len(paths)) if weights is not None else [1 / len(paths)] * len(paths)
     configs = check_experts(paths, same_shapes=True)

@@ -18,7 +18,10 @@ stops and restarts (``Simulation.apply``).
 from __future__ import annotations
 
 import math
+from itertools import product
 from typing import Callable
+
+import numpy as np
 
 POLICIES = ("checkpoint-restart", "naive-elastic", "cost-aware")
 
@@ -28,8 +31,6 @@ def best_allocation(values: list[dict[int, float]], capacity: int, current: list
     maximizing sum values[j][n_j]. Ties go to the allocation that keeps more jobs at ``current``
     (a move costs something the values may not see). O(jobs * capacity * choices), vectorized
     over capacity so that a 2048-node cluster re-plans in milliseconds."""
-    import numpy as np
-
     best = np.zeros(capacity + 1)  # best[c]: value with at most c nodes used by the jobs so far
     kept = np.zeros(capacity + 1, dtype=np.int64)  # jobs left at their current count (tie-break)
     picks = []
@@ -68,8 +69,6 @@ def _undominated(vals: dict[int, float], keep: int) -> list[tuple[int, float]]:
 
 def brute_force(values: list[dict[int, float]], capacity: int) -> tuple[float, list[int]]:
     """Every combination: the reference the DP is tested against (small cases only)."""
-    from itertools import product
-
     best = (-math.inf, [])
     for combo in product(*[[0] + sorted(v) for v in values]):
         if sum(combo) <= capacity:

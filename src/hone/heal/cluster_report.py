@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hone.heal.simulate import BUCKETS
+from hone.rundir import atomic_path, ensure_dir, write_json
 
 COLORS = {"checkpoint-restart": "#C44E52", "naive-elastic": "#DD8452", "cost-aware": "#55A868"}
 BUCKET_COLORS = {"rollback": "#C44E52", "restart": "#DD8452", "checkpoint": "#8172B2", "idle": "#937860", "down": "#8C8C8C"}
@@ -37,8 +38,6 @@ def format_text(res: dict) -> str:
 
 def write_outputs(res: dict, out: Path) -> dict:
     """simulation.json (everything), summary.json, cluster_sim.png; each written then renamed."""
-    from hone.rundir import ensure_dir, write_json
-
     ensure_dir(out)
     paths = {"simulation": out / "simulation.json", "summary": out / "summary.json", "plot": out / "cluster_sim.png"}
     write_json(paths["simulation"], res)
@@ -54,7 +53,6 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hone.rundir import atomic_path
 
     pols = list(res["summary"])
     fig = plt.figure(figsize=(11, 3.2 + 1.8 * len(pols)))

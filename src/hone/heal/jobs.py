@@ -30,6 +30,9 @@ from pathlib import Path
 from typing import Optional
 
 from hone.errors import HoneError
+from hone.plan.hardware import parse_preset
+from hone.plan.search import search
+from hone.plan.shapes import load_model
 
 JOB_FIELDS = {"name", "model", "seq", "global_batch", "weight", "tokens", "hours", "min_gpus", "max_gpus",
               "checkpoint_s", "restart_s", "checkpoint_interval_s"}
@@ -124,8 +127,6 @@ def _job(j: dict, i: int, where: str, base: Path, defaults: dict) -> Job:
 
 
 def _model(spec, field: str, base: Path):
-    from hone.plan.shapes import load_model
-
     if isinstance(spec, dict):
         spec = ",".join(f"{k}={v}" for k, v in spec.items())
     if not isinstance(spec, str):
@@ -170,9 +171,6 @@ def node_counts(max_nodes: int) -> list[int]:
 @lru_cache(maxsize=4096)
 def best_tokens_per_s(model, seq: int, global_batch: int, gpu: str, gpus_per_node: int, nodes: int) -> float:
     """Tokens/s of the planner's fastest fitting configuration on ``nodes`` whole nodes, 0 if none."""
-    from hone.plan.hardware import parse_preset
-    from hone.plan.search import search
-
     cluster = parse_preset(f"{nodes}x{gpus_per_node}x{gpu}")
     res = search(model, cluster, seq, global_batch, top=1)
     return float(res.plans[0]["tokens_per_s"]) if res.plans else 0.0

@@ -25,6 +25,7 @@ from hone.plan.config import Config, Constants
 from hone.plan.hardware import GPUS, Cluster, gpu_for_device_name, load_cluster
 from hone.plan.search import plan_record
 from hone.plan.shapes import ModelShape
+from hone.train.run import plan_from_recipe
 
 
 def shape_of(info: dict) -> ModelShape:
@@ -84,8 +85,6 @@ class Replanner:
         return self._plans[world]
 
     def _plan(self, world: int) -> dict:
-        from hone.train.run import plan_from_recipe
-
         t = self.t
         base = {"world": world, "tp": t.tp, "dp": world // t.tp if world % t.tp == 0 else None,
                 "global_batch": t.batch_size}

@@ -22,10 +22,18 @@ from pathlib import Path
 from typing import Optional
 
 from hone.errors import HoneError
-from hone.heal.failures import Failure
+from hone.heal.cluster_policies import POLICY_FUNCS, best_allocation
+from hone.heal.failures import (
+    DEFAULT_REPAIR,
+    LLAMA3_HARDWARE_FRACTION,
+    Failure,
+    RepairTime,
+    estimated_gpu_mtbf_h,
+    generate,
+    load_trace,
+)
 from hone.heal.jobs import Job, curve
 from hone.plan.reliability import young_daly_s
-from hone.heal.cluster_policies import POLICY_FUNCS, best_allocation
 
 BUCKETS = ("useful", "rollback", "restart", "checkpoint", "idle", "down")
 
@@ -326,9 +334,6 @@ def simulate(jobs: list[Job], *, n_gpus: int, days: float, policies: list[str], 
              trace: Optional[Path] = None, repair: str = "", hardware_fraction: Optional[float] = None,
              where: str = "jobs") -> dict:
     """Every policy on the same failures for each seed; per-run results and a summary."""
-    from hone.heal.failures import (DEFAULT_REPAIR, LLAMA3_HARDWARE_FRACTION, RepairTime, estimated_gpu_mtbf_h,
-                                    generate, load_trace)
-
     check_args(n_gpus, gpus_per_node, days, policies, seeds, mtbf_h, trace)
     n_nodes, end_s = n_gpus // gpus_per_node, days * 86400
     rep = RepairTime(repair or DEFAULT_REPAIR)

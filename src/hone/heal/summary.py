@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hone.rundir import read_events
+from hone.heal.accounting import audit
+from hone.rundir import read_events, read_json
 
 
 def recovery_rows(events: list[dict]) -> list[dict]:
@@ -60,12 +61,8 @@ def heal_context(workdir: Path) -> dict | None:
            "intervals": [e for e in events if e["kind"] == "checkpoint_interval"],
            "finished": next((e for e in reversed(events) if e["kind"] == "finished"), None)}
     if (Path(workdir) / "samples.jsonl").exists():
-        from hone.heal.accounting import audit
-
         seq_len = None
         recipe = Path(workdir) / "recipe.json"
-        from hone.rundir import read_json
-
         if recipe.exists():
             seq_len = read_json(recipe).get("recipe", {}).get("train", {}).get("seq_len")
         if seq_len:

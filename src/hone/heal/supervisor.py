@@ -33,12 +33,13 @@ from pathlib import Path
 from typing import Callable
 
 from hone.errors import HoneError
-from hone.rundir import append_event, read_events
-from hone.heal.policy import (Failure, Situation, classify, decide, decide_grow, hang_timeout_s,
-                              stragglers)
+from hone.heal.policy import Failure, Situation, classify, decide, decide_grow, hang_timeout_s, stragglers
 from hone.heal.replan import Replanner
 from hone.plan.reliability import job_mtbf_s
+from hone.rundir import append_event, read_events
+from hone.train.checkpoint import checkpoint_step, latest_checkpoint
 from hone.train.hooks import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
+from hone.train.run import torchrun_argv, total_steps
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
@@ -63,8 +64,6 @@ class Attempt:
 
 class Supervisor:
     def __init__(self, recipe, workdir: Path, nproc: int, max_steps: int | None, log: Callable[[str], None] = print):
-        from hone.train.run import total_steps
-
         self.recipe, self.heal, self.t = recipe, recipe.heal, recipe.train
         self.workdir, self.log = Path(workdir), log
         self.max_steps = max_steps
@@ -110,9 +109,6 @@ class Supervisor:
             self._recover(failure, attempt)
 
     def _attempt(self) -> Attempt:
-        from hone.train.checkpoint import checkpoint_step, latest_checkpoint
-        from hone.train.run import torchrun_argv
-
         for stale in (self.dir / "heartbeat").glob("rank*.json"):
             stale.unlink()
         report = self.dir / "failures.json"
@@ -260,8 +256,6 @@ class Supervisor:
         return f
 
     def _situation(self, a: Attempt) -> Situation:
-        from hone.train.checkpoint import checkpoint_step, latest_checkpoint
-
         now = time.time()
         down = [t for t in self.repair_at if t > now]
         measured = {w: statistics.median(v[-50:]) for w, v in self.step_s.items() if v}
@@ -311,8 +305,6 @@ class Supervisor:
 
     def _should_grow(self, a: Attempt) -> bool:
         """Back to the full world once the repair is done and a new checkpoint bounds the loss."""
-        from hone.train.checkpoint import checkpoint_step, latest_checkpoint
-
         if a.world >= self.target or any(t > time.time() for t in self.repair_at) or a.first_beat is None:
             return False
         ckpt = checkpoint_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None))

@@ -40,8 +40,13 @@ import numpy as np
 import torch
 
 from hone.errors import HoneError
+from hone.evaluate import evaluate_sets, read_texts
 from hone.recipe import Recipe
 from hone.rundir import append_jsonl, atomic_path, ensure_dir, is_done, mark_done, read_jsonl
+from hone.tokens import load_tokens
+from hone.train.checkpoint import checkpoint_step, checkpoints_newest_first
+from hone.train.data import MixtureLoader, TokenStream
+from hone.train.loop import train
 
 Log = Callable[[str], None]
 
@@ -96,8 +101,6 @@ def _proxy_train_config(recipe: Recipe, total_tokens: int):
 
 
 def _eval_losses(recipe: Recipe, model, tok, eval_sets: dict[str, Path]) -> dict[str, float]:
-    from hone.evaluate import evaluate_sets, read_texts
-
     names = {"general_loss": recipe.mix.general_set, "domain_loss": recipe.mix.domain_set}
     texts = {key: read_texts(eval_sets[name]) for key, name in names.items()}
     scores = evaluate_sets(model, tok, texts, max_tokens=recipe.eval.max_tokens_per_set, seq_len=recipe.eval.seq_len,
@@ -106,9 +109,6 @@ def _eval_losses(recipe: Recipe, model, tok, eval_sets: dict[str, Path]) -> dict
 
 
 def _loader(recipe: Recipe, workdir: Path, ratio: float, seq_len: int, offset_seed: int | None = None):
-    from hone.tokens import load_tokens
-    from hone.train.data import MixtureLoader, TokenStream
-
     domain = recipe.curate.domain.name
     streams = {}
     for name, share in ((domain, ratio), ("general", 1 - ratio)):
@@ -135,7 +135,6 @@ def _base_model(recipe: Recipe, workdir: Path, model, log: Log):
     if is_done(base_dir):
         model.load_state_dict(torch.load(weights, map_location=next(model.parameters()).device, weights_only=True))
         return model
-    from hone.train.loop import train
 
     cfg = recipe.train.model_copy(update={"max_tokens": n, "checkpoint_every": 0, "log_every": 10**9,
                                           "mixture": None, "upsample_fraction": 0.0})
@@ -155,9 +154,6 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
               on_point: Callable[[dict], None] = lambda row: None, log: Log = print) -> list[dict]:
     """Train a copy of ``base`` at ``ratio`` up to the largest budget, evaluating at each;
     budgets in ``skip`` are trained through but not evaluated again."""
-    from hone.train.checkpoint import checkpoint_step, checkpoints_newest_first
-    from hone.train.loop import train
-
     seq, batch = recipe.train.seq_len, recipe.train.batch_size
     per_step = seq * batch
     steps = _budget_steps(token_budgets, per_step)

@@ -11,17 +11,17 @@ the model config carries the bos / eos ids, and ``special_ids`` lists the specia
 from __future__ import annotations
 
 import importlib.util
-import json
 import warnings
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import dequantize
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from hone.errors import HoneError
-from hone.rundir import atomic_dir, write_json
 from hone.model.llama import Llama, LlamaConfig
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -69,8 +69,6 @@ def smollm2_gguf_path() -> Path:
 
 
 def _reader(path_or_reader: Any):
-    import gguf
-
     if isinstance(path_or_reader, gguf.GGUFReader):
         return path_or_reader
     path = Path(path_or_reader)
@@ -144,8 +142,6 @@ def _unpermute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    from gguf.quants import dequantize
-
     tensors = {}
     for t in reader.tensors:
         name = _hf_name(t.name)

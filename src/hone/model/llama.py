@@ -18,11 +18,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from hone.errors import HoneError
+from hone.model.loss import fused_linear_cross_entropy
 
 # Positions precomputed at init; longer inputs grow the cache on demand.
 _ROPE_CACHE_LEN = 4096
@@ -178,7 +179,7 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def _rope_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     positions = torch.arange(length, device=inv_freq.device).float()
     freqs = positions[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
@@ -270,19 +271,19 @@ class LlamaModel(nn.Module):
         # Recompute each layer's activations in the backward pass (set by parallelize());
         # done here rather than by wrapping the layers so parameter names stay HF's.
         self.activation_checkpointing = False
-        cos, sin = _rope_tables(rope_inv_freq(cfg), min(cfg.max_position_embeddings, _ROPE_CACHE_LEN))
+        cos, sin = rope_tables(rope_inv_freq(cfg), min(cfg.max_position_embeddings, _ROPE_CACHE_LEN))
         # Non-persistent: derived from the config, so never part of a checkpoint.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     def reset_rope(self, device: torch.device | str = "cpu") -> None:
         """Recompute the cos/sin tables (after building on the meta device)."""
-        cos, sin = _rope_tables(rope_inv_freq(self.config).to(device), self.rope_cos.shape[0])
+        cos, sin = rope_tables(rope_inv_freq(self.config).to(device), self.rope_cos.shape[0])
         self.rope_cos, self.rope_sin = cos, sin
 
     def rope(self, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if t > self.rope_cos.shape[0]:
-            cos, sin = _rope_tables(rope_inv_freq(self.config).to(self.rope_cos.device), t)
+            cos, sin = rope_tables(rope_inv_freq(self.config).to(self.rope_cos.device), t)
             self.rope_cos = cos.to(self.rope_cos.device, self.rope_cos.dtype)
             self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
         return self.rope_cos[:t].to(dtype), self.rope_sin[:t].to(dtype)
@@ -316,7 +317,6 @@ class Llama(nn.Module):
         the per-token losses summed times ``token_weight`` (default: their mean)."""
         if targets is None:
             return self.lm_head(self.model(input_ids))
-        from hone.model.loss import fused_linear_cross_entropy
 
         hidden = self.model(input_ids)
         weight = token_weight if token_weight is not None else 1.0 / targets.numel()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 from hone.errors import HoneError
+from hone.plan.commands import launch
 from hone.plan.config import Constants, parse_fix
 from hone.plan.hardware import load_cluster
-from hone.plan.commands import launch
+from hone.plan.placement import place
 from hone.plan.search import evaluate_fixed, nothing_fits_message, search
 from hone.plan.shapes import load_model
 from hone.plan.trainer_profile import with_trainer
@@ -67,8 +68,6 @@ def make_plan(model: str, cluster: str, *, seq: int, global_batch: int, fix: Opt
 
 
 def _placement(cl, rec: dict) -> dict:
-    from hone.plan.placement import place
-
     if cl.matrix is None and not cl.node_inter_gbps:
         raise HoneError("--placement needs a cluster file with a link matrix or per-node bandwidths")
     return place(cl, rec)

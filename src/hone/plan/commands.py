@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import shlex
 
+from hone.plan.config import Config
 from hone.plan.hardware import Cluster
+from hone.plan.memory import stage_layout
 from hone.plan.shapes import ModelShape
 
 
@@ -47,7 +49,7 @@ def torchrun_line(nnodes: int, nproc: str | int, workdir: str, recipe: str | Non
     Several nodes meet at ``$MASTER_ADDR:29500`` (c10d rendezvous, job id ``$JOB_ID``); the
     recipe may be left out when the run directory already holds its validated ``recipe.json``.
     """
-    rdzv = (f" --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID" if nnodes > 1 else "")
+    rdzv = (" --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID" if nnodes > 1 else "")
     target = f"{shlex.quote(recipe)} " if recipe else ""
     return (f"torchrun --nnodes {nnodes} --nproc-per-node {nproc}{rdzv} -m {WORKER_MODULE} "
             f"{target}--workdir {shlex.quote(workdir)}")
@@ -132,8 +134,6 @@ def pipeline_split_args(m: ModelShape, pp: int, vpp: int) -> list[str]:
     """Megatron-LM flags for the layer split ``hone.plan.memory.stage_layout`` assumes."""
     if pp == 1:
         return []
-    from hone.plan.config import Config
-    from hone.plan.memory import stage_layout
 
     chunks = pp * vpp
     if m.layers % chunks == 0:

