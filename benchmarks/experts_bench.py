@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from hone.experts.branch import run_branch
+from hone.pipeline import branch_experts
 from hone.recipe import load_recipe, shipped_recipe
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     if workdir.exists() and not args.keep:
         shutil.rmtree(workdir)
     t0 = time.perf_counter()
-    out = run_branch(recipe, workdir, recipe_path=path, with_joint=True, log=lambda m: print(m, flush=True))
+    out = branch_experts(recipe, workdir, recipe_path=path, with_joint=True, log=lambda m: print(m, flush=True))
     wall = time.perf_counter() - t0
     table = {m: {s: round(r["ppl"], 3) for s, r in scores.items()} for m, scores in out["models"].items()}
     bpb = {m: {s: round(r["bpb"], 4) for s, r in scores.items()} for m, scores in out["models"].items()}

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from hone.mix.laws import fit_mixture, load_runs, mean_r2, predict
-from hone.mix.sweep import _base_model, order_seed, prepare, proxy_run, run_sweep
+from hone.mix.sweep import _base_model, order_seed, proxy_run
+from hone.pipeline import prepare, sweep_mixture
 from hone.recipe import load_recipe, shipped_recipe
 
 OVERRIDES = {"mix.ratios": [0.0, 0.25, 0.5, 0.75, 1.0], "mix.tokens": [10240, 20480, 40960],
@@ -49,13 +50,14 @@ def main() -> None:
     recipe = load_recipe(shipped_recipe("tiny-cpu"), overrides)
     quiet = lambda m: None  # noqa: E731
     t0 = time.perf_counter()
-    runs = run_sweep(recipe, workdir, log=print)
+    runs = sweep_mixture(recipe, workdir, log=print)
     t_sweep = time.perf_counter() - t0
     points = load_runs(runs)
     target = max(recipe.mix.tokens)
     mixture = fit_mixture(points, law="both", tolerance=args.tolerance, target_tokens=target, source=str(runs))
     chosen = mixture["chosen"]
-    model, tok, eval_sets = prepare(recipe, workdir, quiet)
+    data = prepare(recipe, workdir, quiet)
+    model, tok, eval_sets = data.model, data.tokenizer, data.eval_sets
     base = _base_model(recipe, workdir, model, quiet)
     t1 = time.perf_counter()
     confirm_seeds = [CONFIRM_SEED + i for i in range(args.seeds)]

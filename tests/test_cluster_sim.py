@@ -63,14 +63,14 @@ def test_dp_keeps_current_allocation_on_ties():
 def test_curve_has_only_valid_parallel_shapes():
     from hone.plan.hardware import parse_preset
     from hone.plan.search import search
-    from hone.plan.shapes import load_model
+    from hone.plan.shapes import load_shape
 
     # 4 heads, 2 layers, batch 4: 3 or 5 GPUs admit no tp (heads), pp (layers) or dp (batch) split.
     job = jobs_from_dict({"job": [{"name": "t", "model": TINY, "seq": 128, "global_batch": 4}]}, "x")[0]
     c = curve(job, "H100", 1, 8)
     assert sorted(c) == [1, 2, 4, 8]
     for n in c:
-        best = search(load_model(TINY), parse_preset(f"{n}x1xH100"), 128, 4, top=1).plans[0]
+        best = search(load_shape(TINY), parse_preset(f"{n}x1xH100"), 128, 4, top=1).plans[0]
         assert best["tp"] * best["pp"] * best["dp"] == n and best["fits"]
 
 

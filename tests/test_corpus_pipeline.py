@@ -6,7 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from hone.corpus import curate
+from hone.corpus.pipeline import curate
 from hone.corpus.write import read_corpus_table, write_corpus
 from hone.errors import HoneError
 from hone.recipe import CurateConfig, DomainConfig

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from hone.corpus import curate
+from hone.corpus.pipeline import curate
 from hone.corpus.dedup import normalize
 from hone.corpus.sources import (build_demo_pool, cut_text, data_dir, gene_ontology_docs, license_docs,
                                  stdlib_docs, wikipedia_docs)

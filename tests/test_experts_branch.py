@@ -89,7 +89,7 @@ def _digests(root: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def branched(tmp_path_factory):
-    from hone.experts.branch import run_branch
+    from hone.pipeline import branch_experts as run_branch
 
     tmp = tmp_path_factory.mktemp("branch")
     recipe, path = _recipe(tmp, RECIPE)
@@ -134,7 +134,7 @@ def test_held_out_documents_are_in_no_training_stream(branched):
 
 
 def test_adding_a_domain_trains_only_the_new_expert(branched):
-    from hone.experts.branch import run_branch
+    from hone.pipeline import branch_experts as run_branch
 
     root = branched["run"] / "experts"
     before = {n: _digests(root / n) for n in ("legal", "code", "seed")}
@@ -162,7 +162,7 @@ def test_adding_a_domain_trains_only_the_new_expert(branched):
 
 
 def test_an_expert_stops_and_resumes_on_its_own(tmp_path):
-    from hone.experts.branch import run_branch
+    from hone.pipeline import branch_experts as run_branch
 
     recipe, path = _recipe(tmp_path, RECIPE.replace("seed_tokens = 128", "seed_tokens = 0"))
     logs: list[str] = []
@@ -182,7 +182,7 @@ def test_an_expert_stops_and_resumes_on_its_own(tmp_path):
 
 
 def test_bad_branch_input_is_one_line(tmp_path):
-    from hone.experts.branch import run_branch
+    from hone.pipeline import branch_experts as run_branch
     from hone.recipe import load_recipe
 
     recipe, path = _recipe(tmp_path, RECIPE)

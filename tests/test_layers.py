@@ -85,13 +85,8 @@ def test_no_import_from_a_higher_layer():
     assert not bad, "\n".join(bad)
 
 
-def test_no_cycle_between_packages():
-    edges: dict[str, set[str]] = {}
-    for _, module, imports in _all_imports():
-        for target, _, _ in imports:
-            if target.startswith("hone.") and _part(target) != _part(module):
-                edges.setdefault(_part(module), set()).add(_part(target))
-    # Depth-first search for a back edge.
+def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the directed graph ``edges`` (depth-first search for a back edge), or None."""
     state: dict[str, int] = {}
 
     def visit(node: str, trail: list[str]) -> list[str] | None:
@@ -105,9 +100,31 @@ def test_no_cycle_between_packages():
         return None
 
     for node in sorted(edges):
-        if node not in state:
-            cycle = visit(node, [])
-            assert cycle is None, f"import cycle between packages: {' -> '.join(cycle)}"
+        if node not in state and (cycle := visit(node, [])):
+            return cycle
+    return None
+
+
+def test_no_cycle_between_packages():
+    edges: dict[str, set[str]] = {}
+    for _, module, imports in _all_imports():
+        for target, _, _ in imports:
+            if target.startswith("hone.") and _part(target) != _part(module):
+                edges.setdefault(_part(module), set()).add(_part(target))
+    cycle = _cycle(edges)
+    assert cycle is None, f"import cycle between packages: {' -> '.join(cycle)}"
+
+
+def test_no_cycle_between_modules():
+    modules = {m for _, m, _ in _all_imports()}
+    edges: dict[str, set[str]] = {}
+    for _, module, imports in _all_imports():
+        for target, _, _ in imports:
+            # ``from hone.corpus.read import x`` depends on hone.corpus.read (not on hone.corpus)
+            if target in modules and target != module and not module.startswith(target + "."):
+                edges.setdefault(module, set()).add(target)
+    cycle = _cycle(edges)
+    assert cycle is None, f"import cycle between modules: {' -> '.join(cycle)}"
 
 
 def test_imports_sit_at_module_top():

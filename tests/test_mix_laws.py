@@ -202,7 +202,7 @@ def test_cli_fit_predict_round_trip(tmp_path):
     got = json.loads(r.stdout)
     assert got["general_loss"] == pytest.approx(m["chosen"]["general_loss"], abs=1e-6)
     assert got["domain_loss"] == pytest.approx(m["chosen"]["domain_loss"], abs=1e-6)
-    from hone.mix import load_mixture
+    from hone.train.mixture import load_mixture
 
     assert load_mixture(out)["schedule"]["ratio"] == m["chosen"]["ratio"]
 

@@ -28,13 +28,12 @@ def one_thread():
 def _sweep(monkeypatch, workdir, orders, logs=None):
     import hone.mix.sweep as sweep
 
-    monkeypatch.setattr(sweep, "prepare", lambda recipe, wd, log: (tiny_llama(), None, {}))
     # A stand-in for the held-out losses: a checksum of the weights, so runs that saw other data differ.
     monkeypatch.setattr(sweep, "_eval_losses", lambda recipe, model, tok, sets: {
         "general_loss": float(sum(p.detach().double().sum() for p in model.parameters())),
         "domain_loss": float(sum(p.detach().double().abs().sum() for p in model.parameters()))})
     recipe = load_recipe(shipped_recipe("tiny-cpu"), {**SMALL, "mix.orders": orders})
-    return sweep.run_sweep(recipe, workdir, log=(logs.append if logs is not None else lambda m: None))
+    return sweep.run_sweep(recipe, workdir, tiny_llama(), None, {}, log=(logs.append if logs is not None else lambda m: None))
 
 
 def _rows(path):

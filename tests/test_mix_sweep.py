@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from hone.corpus import data_dir
+from hone.corpus.sources import data_dir
 from hone.recipe import load_recipe, shipped_recipe
 
 pytestmark = pytest.mark.skipif(
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_sweep_writes_runs_and_resumes(tmp_path):
-    from hone.mix.sweep import run_sweep
+    from hone.pipeline import sweep_mixture as run_sweep
 
     recipe = load_recipe(shipped_recipe("tiny-cpu"), {"mix.ratios": [0.0, 0.5, 1.0], "mix.tokens": [1024, 2048],
                                                      "mix.base_tokens": 1024, "eval.max_tokens_per_set": 300,
@@ -42,7 +42,7 @@ def test_sweep_writes_runs_and_resumes(tmp_path):
 
 def test_sweep_bad_eval_set_name(tmp_path):
     from hone.errors import HoneError
-    from hone.mix.sweep import run_sweep
+    from hone.pipeline import sweep_mixture as run_sweep
 
     recipe = load_recipe(shipped_recipe("tiny-cpu"), {"mix.domain_set": "nope"})
     with pytest.raises(HoneError, match="mix.domain_set: no evaluation set named 'nope'"):

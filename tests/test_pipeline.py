@@ -8,7 +8,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from hone.corpus import data_dir
+from hone.corpus.sources import data_dir
 from hone.recipe import load_recipe, shipped_recipe
 
 needs_data = pytest.mark.skipif(

@@ -15,7 +15,7 @@ from hone.plan.memory import (GIB, chunk_layout, held_layers, inflight, layer_ac
                               op_recompute_flops, stage_layout)
 from hone.plan.placement import place_matrix
 from hone.plan.search import search, structural_reason
-from hone.plan.shapes import PRESETS, ModelShape, load_model
+from hone.plan.shapes import PRESETS, ModelShape, load_shape
 from hone.plan.timing import step_time
 
 
@@ -35,18 +35,18 @@ def test_flops_per_token_equals_megatron_formula_for_gpt():
 
 
 def test_inline_and_hf_config(tmp_path):
-    m = load_model("layers=2,hidden=32,heads=4,kv_heads=2,ffn=64,vocab=256")
+    m = load_shape("layers=2,hidden=32,heads=4,kv_heads=2,ffn=64,vocab=256")
     assert (m.layers, m.kv_heads, m.arch) == (2, 2, "llama")
     cfg = {"num_hidden_layers": 32, "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
            "intermediate_size": 14336, "vocab_size": 128256}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    assert load_model(str(tmp_path)).params() == PRESETS["llama3-8b"].params()
+    assert load_shape(str(tmp_path)).params() == PRESETS["llama3-8b"].params()
     with pytest.raises(HoneError, match="unknown model 'nope'"):
-        load_model("nope")
+        load_shape("nope")
     with pytest.raises(HoneError, match="hidden 30 is not divisible by heads 4"):
-        load_model("layers=2,hidden=30,heads=4,vocab=10")
+        load_shape("layers=2,hidden=30,heads=4,vocab=10")
     with pytest.raises(HoneError, match="bad field"):
-        load_model("layers=2,hiden=32,heads=4,vocab=10")
+        load_shape("layers=2,hiden=32,heads=4,vocab=10")
 
 
 GPT = PRESETS["gpt-22b"]  # h=6144, a=64, ffn=4h: the Korthikanti et al. formulas apply exactly

@@ -80,11 +80,123 @@ class DomainConfig(_Section):
         return self
 
 
+# --- curation steps: one config per step, shared by the recipe's [[curate.steps]] and the
+# build file's [[steps]] of `hone data build` (hone.corpus.build_config) --------------------
+
+class FilterStep(FilterConfig):
+    type: Literal["filter"] = Field(description="Gopher / C4 heuristic filters.")
+
+
+class ExactDedupStep(_Section):
+    type: Literal["exact_dedup"] = Field(description="Exact dedup on a hash of the normalized text; ids kept unique.")
+    by_text: bool = Field(True, description="Drop copies of a normalized text (false: only keep ids unique).")
+
+
+class DedupStep(_Section):
+    type: Literal["dedup"] = Field(description="MinHash LSH near-dedup with exact Jaccard verification.")
+    threshold: float = Field(0.8, gt=0, lt=1, description="Shingle Jaccard at or above which docs are duplicates.")
+    ngram: int = Field(5, ge=1, description="Shingle length (words or bytes).")
+    num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")
+    unit: Literal["word", "char"] = Field("word", description="Word or character (byte) shingles.")
+    bands: int | None = Field(None, ge=1, description="LSH bands (with rows; default: chosen from threshold).")
+    rows: int | None = Field(None, ge=1, description="LSH rows per band (with bands).")
+    cluster_column: bool = Field(False, description="Add a dup_cluster column.")
+    mark_only: bool = Field(False, description="Keep every document; only add dup_cluster.")
+    write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
+
+    @model_validator(mode="after")
+    def _bands_rows(self) -> "DedupStep":
+        if (self.bands is None) != (self.rows is None):
+            raise ValueError("give both bands and rows, or neither")
+        if self.bands and self.bands * self.rows > self.num_perm:
+            raise ValueError(f"bands({self.bands}) * rows({self.rows}) = {self.bands * self.rows} > num_perm({self.num_perm})")
+        return self
+
+
+class RetrieveStep(_Section):
+    type: Literal["retrieve"] = Field(description="BM25 domain retrieval with query expansion.")
+    query: list[str] = Field(default_factory=list, description="Seed keywords or questions.")
+    examples: str | None = Field(None, description="File of example documents (jsonl/parquet/txt).")
+    top_k: int = Field(1000, ge=1, description="Documents to retrieve.")
+    expand: Literal["none", "prf", "llm"] = Field("prf", description="Query expansion.")
+    name: str = Field("domain", description="Domain label of the retrieved documents.")
+    keep_rest: bool = Field(False, description="Keep the other documents as domain 'general'.")
+    prf_docs: int = Field(10, ge=0, description="Pseudo-relevance feedback: top documents read for expansion.")
+    prf_terms: int = Field(30, ge=0, description="Pseudo-relevance feedback: expansion terms added to the query.")
+
+    @model_validator(mode="after")
+    def _seeds(self) -> "RetrieveStep":
+        if not self.query and not self.examples:
+            raise ValueError("give query or examples")
+        return self
+
+
+class DsirStep(_Section):
+    type: Literal["dsir"] = Field(description="DSIR importance resampling toward target examples.")
+    target: str | list[str] = Field(..., description="File of target example documents, or the examples themselves.")
+    k: int = Field(1000, ge=1, description="Documents to keep.")
+    buckets: int = Field(10_000, ge=1, description="Hashed n-gram buckets.")
+    pseudo_count: float = Field(0.1, gt=0, description="Added to every bucket's count before normalizing.")
+    min_words: int = Field(5, ge=0, description="Shorter documents are dropped (too_short).")
+    length_norm: bool = Field(True, description="log w per n-gram times the median length (false: plain sum).")
+    deterministic: bool = Field(False, description="Plain top-k instead of Gumbel top-k.")
+    seed: int = Field(0, description="Seed of the Gumbel noise.")
+    name: str | None = Field(None, description="Domain label written on kept documents (none: leave as is).")
+
+
+class RateStep(_Section):
+    type: Literal["rate"] = Field(description="QuRating: pairwise judge, Bradley-Terry, a rater scoring every doc.")
+    judge: str = Field("local:smollm2", description="local:smollm2, local:PATH or openai:URL.")
+    criterion: str = Field("educational_value", description="A named criterion or a question of your own.")
+    pairs: int = Field(200, ge=2, description="Pairs judged (each in both orders), training + held-out.")
+    heldout: float = Field(0.2, gt=0, lt=1, description="Share of rated documents kept apart to measure agreement.")
+    margin: float = Field(0.25, gt=0, le=0.5, description="Confident pairs: p <= margin or p >= 1 - margin.")
+    excerpt_tokens: int = Field(256, ge=1, description="The judge reads this many tokens of each document.")
+    chunk_words: int = Field(256, ge=1, description="The rater scores chunks of this many words.")
+    batch_size: int = Field(4, ge=1, description="Local judge: prompts per forward pass.")
+    ridge_alpha: float = Field(1.0, ge=0, description="Ridge regularization of the rater.")
+    column: str = Field("quality", description="The score column written.")
+    judge_model: str | None = Field(None, description="openai judge: model name (default HONE_JUDGE_MODEL).")
+    api_key_env: str = Field("HONE_JUDGE_KEY", description="openai judge: environment variable holding the key.")
+    seed: int = Field(0, description="Seed of the pair sampling.")
+
+
+class SelectStep(_Section):
+    type: Literal["select"] = Field(description="Selection under a token budget: zip, quality or random.")
+    method: Literal["zip", "quality", "random"] = Field("zip", description="Selection order.")
+    budget_tokens: int | None = Field(None, ge=1, description="Stop when the selected documents hold this many tokens.")
+    max_docs: int | None = Field(None, ge=1, description="And/or this many documents.")
+    temperature: float = Field(1.0, ge=0, description="quality: temperature of exp(z / t); 0 is top-k.")
+    k1: int = Field(10_000, ge=1, description="zip: candidates by their own compression ratio.")
+    k2: int = Field(200, ge=1, description="zip: candidates by ratio with the selected set.")
+    k3: int = Field(100, ge=1, description="zip: documents added per round.")
+    quotas: dict[str, float] = Field(default_factory=dict, description="Domain -> share of the budget.")
+    tokenizer: str | None = Field(None, description="None: whitespace words; 'smollm2' or a tokenizer.json path.")
+    quality_column: str = Field("quality", description="quality: the score column read.")
+    seed: int = Field(0, description="Seed of the sampling order.")
+
+    @model_validator(mode="after")
+    def _ks(self) -> "SelectStep":
+        if not self.k1 >= self.k2 >= self.k3:
+            raise ValueError(f"need k1 >= k2 >= k3 (got {self.k1}, {self.k2}, {self.k3})")
+        if any(not 0 < v <= 1 for v in self.quotas.values()) or sum(self.quotas.values()) > 1 + 1e-9:
+            raise ValueError(f"quotas: shares must be in (0, 1] and sum to at most 1 (got {self.quotas})")
+        return self
+
+
+CurateStep = Annotated[FilterStep | ExactDedupStep | DedupStep | RetrieveStep | DsirStep | RateStep | SelectStep,
+                       Field(discriminator="type")]
+STEP_TYPES = ("filter", "exact_dedup", "dedup", "retrieve", "dsir", "rate", "select")
+
+
 class CurateConfig(_Section):
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Heuristic quality filters.")
     exact_dedup: bool = Field(True, description="Remove exact duplicates (normalized text hash).")
-    domain: DomainConfig = Field(..., description="How to find the domain documents in the pool.")
+    domain: DomainConfig = Field(..., description="How to find the domain documents in the pool (with curate.steps "
+                                                  "only its name is used: the domain training reads).")
     write_dropped: bool = Field(True, description="Write dropped documents to corpus/dropped/ for audit.")
+    steps: list[CurateStep] = Field(default_factory=list, description="Explicit curation steps, run in order "
+                                    "(as the [[steps]] of `hone data build`); empty: filters, exact_dedup, domain.")
 
 
 class RandomModel(_Section):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from hone.corpus.executor import summary_line
 from hone.recipe import load_recipe
 
 WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")
@@ -19,3 +20,12 @@ def log(msg: str) -> None:
 def load_recipe_and_workdir(recipe: Path, workdir: Optional[Path]):
     r = load_recipe(recipe)
     return r, Path(workdir or r.run.workdir)
+
+
+def finish_step(name: str, manifest: dict, out: Path) -> None:
+    """Print the one-line summary; exit 1 only when nothing usable was read."""
+    log(summary_line(name, manifest, out))
+    t = manifest["totals"]
+    if t["docs_in"] == t["quarantined"]:
+        log(f"error: no usable document in the inputs (see {out / 'quarantine' / 'quarantine.jsonl'})")
+        raise typer.Exit(1)

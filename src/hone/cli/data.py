@@ -8,11 +8,11 @@ from typing import List, Optional
 import typer
 from pydantic import ValidationError
 
-from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
+from hone.cli.common import WORKDIR, finish_step, load_recipe_and_workdir as _load, log as _log
 from hone.cli.select import register as register_select
 from hone.corpus.build_config import DedupStep, RetrieveStep, load_build, load_examples, run_build
 from hone.corpus.dedup import dedup_step
-from hone.corpus.executor import get_executor, retrieve_step, summary_line
+from hone.corpus.executor import get_executor, retrieve_step
 from hone.errors import HoneError
 from hone.pipeline import stage_curate, stage_pool
 from hone.recipe import _format_error
@@ -48,15 +48,6 @@ EXECUTOR = typer.Option("local", "--executor", help="Where shard tasks run: loca
 WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
 
 
-def _finish(name: str, manifest: dict, out: Path) -> None:
-    """Print the one-line summary; exit 1 only when nothing usable was read."""
-    _log(summary_line(name, manifest, out))
-    t = manifest["totals"]
-    if t["docs_in"] == t["quarantined"]:
-        _log(f"error: no usable document in the inputs (see {out / 'quarantine' / 'quarantine.jsonl'})")
-        raise typer.Exit(1)
-
-
 @data_app.command("dedup")
 def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
                threshold: float = typer.Option(0.8, "--threshold", help="Shingle Jaccard at or above which docs are duplicates."),
@@ -76,7 +67,7 @@ def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
     params = step.model_dump()
     params.pop("type")
     m = dedup_step(inputs, output, text_field=text_field, executor=get_executor(executor, workers), **params)
-    _finish("dedup", m, output)
+    finish_step("dedup", m, output)
 
 
 @data_app.command("retrieve")
@@ -94,7 +85,7 @@ def data_retrieve(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
     ex = load_examples(examples, text_field) if examples else []
     m = retrieve_step(inputs, output, text_field=text_field, query=query or [], examples=ex, top_k=top_k,
                       expand=expand, name=name, keep_rest=keep_rest)
-    _finish("retrieve", m, output)
+    finish_step("retrieve", m, output)
 
 
 @data_app.command("build")
@@ -102,7 +93,7 @@ def data_build(recipe: Path = typer.Argument(..., help="Build recipe TOML: [buil
     """Run a sequence of curation steps from a TOML recipe (filter, dedup, retrieve, dsir, rate, select)."""
     r = load_build(recipe)
     m = run_build(r, log=_log)
-    _finish("build", m, Path(r.build.output))
+    finish_step("build", m, Path(r.build.output))
 
 
 def _validated(model, **fields):

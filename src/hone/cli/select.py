@@ -15,8 +15,7 @@ from typing import List, Optional
 
 import typer
 
-from hone.cli.common import log
-from hone.cli.data import _finish as finish
+from hone.cli.common import finish_step, log
 from hone.corpus.dsir import dsir_step
 from hone.corpus.rate import rate_step
 from hone.corpus.select import select_step
@@ -26,10 +25,6 @@ INPUTS = typer.Argument(..., help="Input files or directories: .jsonl[.gz|.zst],
 OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-00000.parquet + manifest.json.")
 TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 SEED = typer.Option(0, "--seed", help="Random seed (sampling, pairs).")
-
-
-def _finish(name: str, manifest: dict, out: Path) -> None:
-    finish(name, manifest, out)
 
 
 def _log(msg: str) -> None:
@@ -49,7 +44,7 @@ def dsir(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
     """Importance-resample the inputs toward target examples (DSIR: hashed n-grams, Gumbel top-k)."""
     m = dsir_step(inputs, output, text_field=text_field, target=str(target), k=k, buckets=buckets,
                   min_words=min_words, pseudo_count=pseudo_count, length_norm=length_norm, deterministic=deterministic, name=name, seed=seed)
-    _finish("dsir", m, output)
+    finish_step("dsir", m, output)
 
 
 def rate(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
@@ -71,7 +66,7 @@ def rate(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
         _log(f"rate: {info['pairs_confident']['train']}/{info['pairs_judged']['train']} confident training pairs; "
              f"rater agreement on held-out pairs {_pct(info['rater_heldout_accuracy'])} "
              f"({info['pairs_confident']['heldout']} pairs)")
-    _finish("rate", m, output)
+    finish_step("rate", m, output)
 
 
 def _pct(x: float | None) -> str:
@@ -113,7 +108,7 @@ def select(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
     if info:
         _log(f"select: {info['tokens_selected']} of {info['tokens_in']} tokens selected"
              + (f", compression ratio {info['compression_ratio_selected']}" if "compression_ratio_selected" in info else ""))
-    _finish("select", m, output)
+    finish_step("select", m, output)
 
 
 def register(data_app: typer.Typer) -> None:

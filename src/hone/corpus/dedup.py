@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
+from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks
 from hone.corpus.minhash import MinHasher, UnionFind, band_keys, candidate_pairs, lsh_params, sorted_jaccard
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
+from hone.corpus.runner import keep_or_drop, run_decide, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
 from hone.rundir import is_done, mark_done, read_json, write_jsonl
@@ -144,30 +145,30 @@ def write_task(shard, text_field: str, cfg: NearDedupConfig, offset: int, work: 
     # Sentinel past every index: lookups need no special case for an empty cluster list.
     members = np.append(clusters["members"], np.iinfo(np.int64).max)
     roots = np.append(clusters["roots"], -1)
-    stats, writer, dropped = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet"), []
+    stats, writer = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet")
+    dropped = [] if cfg.write_dropped else None
     n = offset
     for batch in batched(_shard_docs(shard, text_field, _silent(), None, cfg.max_doc_bytes), BATCH):
         g = np.arange(n, n + len(batch))
         where = np.searchsorted(members, g)
         root = np.where(members[where] == g, roots[where], -1)
-        keep = []
+        verdicts = []
         for doc, gi, r in zip(batch, g, root):
-            nbytes = len(doc["text"].encode("utf-8"))
             if cfg.cluster_column or cfg.mark_only:
                 doc["dup_cluster"] = int(r)
-            if r >= 0 and r != gi and not cfg.mark_only:
-                stats.drop("near_duplicate", nbytes)
-                if cfg.write_dropped:
-                    dropped.append({"id": doc["id"], "src_file": doc["src_file"], "src_row": doc["src_row"],
-                                    "reason": "near_duplicate", "dup_cluster": int(r), "text": doc["text"]})
-                continue
-            stats.keep(nbytes)
-            keep.append(doc)
-        writer.write(keep)
+            dup = r >= 0 and r != gi and not cfg.mark_only
+            verdicts.append(("near_duplicate", {"dup_cluster": int(r)}) if dup else None)
+        writer.write(list(keep_or_drop(batch, verdicts, stats, dropped, _dropped_record)))
         n += len(batch)
     writer.close()
-    write_jsonl(work / f"dropped-{i:05d}.jsonl", dropped)
+    write_jsonl(work / f"dropped-{i:05d}.jsonl", dropped or [])
     return {"dedup": stats.as_dict()}
+
+
+def _dropped_record(doc: dict, reason: str, detail: dict) -> dict:
+    """The audit record of a near duplicate (no meta: the survivor's cluster says why)."""
+    return {"id": doc["id"], "src_file": doc["src_file"], "src_row": doc["src_row"],
+            "reason": reason, **detail, "text": doc["text"]}
 
 
 def _verify(pairs: np.ndarray, sets: _ShingleSets, threshold: float) -> tuple[np.ndarray, np.ndarray]:
@@ -234,16 +235,9 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
         read.merge(r["read"])
     for r in out:
         dedup.merge(r["dedup"])
-    steps = {"read": read.as_dict(), "dedup": dedup.as_dict()}
-    manifest = {
-        "command": "dedup", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
-        "totals": totals(steps["read"], {"dedup": steps["dedup"]}),
-        "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
-        "lsh": {"bands": bands, "rows": rows, **lsh},
-        "shards": [f"part-{i:05d}.parquet" for i in range(len(shards))],
-        "config": {**asdict(cfg), "text_field": text_field}, "executor": executor.name,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    manifest = step_manifest("dedup", shards, read, dedup, {**asdict(cfg), "text_field": text_field},
+                             [f"part-{i:05d}.parquet" for i in range(len(shards))], t0,
+                             after_config={"executor": executor.name}, lsh={"bands": bands, "rows": rows, **lsh})
     parts = [out_dir / p for p in manifest["shards"]]
     return finish_output(out_dir, manifest, parts, [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))],
                          [work / f"dropped-{i:05d}.jsonl" for i in range(len(shards))])
@@ -252,3 +246,25 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
 def dedup_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, **params) -> dict:
     """The ``dedup`` step of ``hone data build``: ``NearDedupConfig`` fields as keywords."""
     return near_dedup(inputs, out_dir, NearDedupConfig(**params), text_field, executor)
+
+
+def exact_dedup_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None,
+                     by_text: bool = True) -> dict:
+    """The ``exact_dedup`` step: ``ExactDedup`` over every shard in input order (one process:
+    the first copy anywhere wins), one output shard per input shard."""
+    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
+    config = {"step": "exact_dedup", "by_text": by_text, "text_field": text_field}
+    work, done = prepare_output(out_dir, run_key(shards, config))
+    if done is not None:
+        return done
+    work.mkdir(parents=True, exist_ok=True)
+    read, step, q = StepStats(), StepStats(), Quarantine(work / "quarantine-00000.jsonl")
+    decide, parts = ExactDedup(by_text=by_text), []
+    for i, sh in enumerate(shards):
+        writer = ShardWriter(out_dir / f"part-{i:05d}.parquet")
+        for batch in batched(read_shard(sh, text_field, q, read), BATCH):
+            writer.write(list(run_decide(batch, decide, step)))
+        parts.append(writer.close().name)
+    q.close()
+    manifest = step_manifest("exact_dedup", shards, read, step, config, parts, t0)
+    return finish_output(out_dir, manifest, [out_dir / p for p in parts], [work / "quarantine-00000.jsonl"])

@@ -25,9 +25,9 @@ import numpy as np
 import scipy.sparse as sp
 import xxhash
 
-from hone.corpus.build_config import load_examples
-from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks, totals
-from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
+from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks
+from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, load_examples, read_shard
+from hone.corpus.runner import keep_or_drop, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
 
@@ -226,14 +226,10 @@ def dsir_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor
         read.merge(r["read"])
     for r in written:
         step.merge(r["dsir"])
-    steps = {"read": read.as_dict(), "dsir": step.as_dict()}
     parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
     info = {"target_docs": len(targets), "eligible": int(ok.sum()),
             "log_w": _summary(logw[ok]) if ok.any() else {}}
-    manifest = {"command": "dsir", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
-                "totals": totals(steps["read"], {"dsir": steps["dsir"]}),
-                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
-                "dsir": info, "shards": parts, "config": config, "seconds": round(time.perf_counter() - t0, 3)}
+    manifest = step_manifest("dsir", shards, read, step, config, parts, t0, dsir=info)
     return finish_output(out_dir, manifest, [out_dir / p for p in parts],
                          [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))])
 
@@ -286,21 +282,19 @@ def _write_task(shard, text_field: str, cfg: DsirConfig, work: Path, out: Path, 
     logw, keep = np.load(work / f"logw-{i:05d}.npy"), np.load(work / "keep.npy", mmap_mode="r")
     stats, writer, n = StepStats(), ShardWriter(out / f"part-{i:05d}.parquet"), 0
     for batch in batched(read_shard(shard, text_field, Quarantine(None)), BATCH):
-        kept = []
+        verdicts = []
         for d in batch:
-            nbytes = len(d["text"].encode("utf-8"))
             if not np.isfinite(logw[n]):
-                stats.drop("too_short", nbytes)
+                verdicts.append("too_short")
             elif keep[offset + n]:
                 d["domain_score"] = float(logw[n])
                 if cfg.name:
                     d["domain"] = cfg.name
-                stats.keep(nbytes)
-                kept.append(d)
+                verdicts.append(None)
             else:
-                stats.drop("not_sampled", nbytes)
+                verdicts.append("not_sampled")
             n += 1
-        writer.write(kept)
+        writer.write(list(keep_or_drop(batch, verdicts, stats)))
     writer.close()
     return {"dsir": stats.as_dict()}
 

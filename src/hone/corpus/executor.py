@@ -28,6 +28,7 @@ from typing import Any, Callable
 from hone.corpus import filters
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
 from hone.corpus.retrieve import retrieve
+from hone.corpus.runner import keep_or_drop, run_decide, step_manifest, totals  # noqa: F401
 from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
 from hone.recipe import DomainConfig, FilterConfig
@@ -203,17 +204,6 @@ def finish_output(out_dir: Path, manifest: dict, parts: list[Path], quarantine_f
     return manifest
 
 
-def totals(read: dict, steps: dict[str, dict]) -> dict:
-    """Docs in (every input line / row / file), kept, dropped by the steps, quarantined."""
-    quarantined = sum(d["docs"] for d in read.get("quarantined", {}).values())
-    dropped = sum(d["docs"] for s in steps.values() for d in s["dropped"].values())
-    dropped += sum(d["docs"] for d in read["dropped"].values())
-    last = list(steps.values())[-1] if steps else read
-    bytes_in = read["bytes_in"]
-    return {"docs_in": read["docs_in"], "kept": last["docs_out"], "dropped": dropped, "quarantined": quarantined,
-            "bytes_in": bytes_in, "bytes_out": last["bytes_out"]}
-
-
 def summary_line(name: str, manifest: dict, out_dir: Path) -> str:
     t = manifest["totals"]
     reasons = {}
@@ -233,15 +223,7 @@ def _filter_task(shard, text_field: str, cfg_json: dict, work: Path, out: Path, 
     read, step, q = StepStats(), StepStats(), Quarantine(work / f"quarantine-{i:05d}.jsonl")
     writer = ShardWriter(out / f"part-{i:05d}.parquet")
     for batch in batched(read_shard(shard, text_field, q, read), 4096):
-        keep = []
-        for doc in batch:
-            nbytes = len(doc["text"].encode("utf-8"))
-            if (reason := filters.check(doc["text"], cfg)) is None:
-                step.keep(nbytes)
-                keep.append(doc)
-            else:
-                step.drop(reason, nbytes)
-        writer.write(keep)
+        writer.write(list(run_decide(batch, lambda d: filters.check(d["text"], cfg), step)))
     writer.close()
     q.close()
     return {"read": read.as_dict(), "filter": step.as_dict()}
@@ -263,13 +245,8 @@ def filter_step(inputs: list, out_dir: Path, *, text_field: str = "text", execut
     for r in res:
         read.merge(r["read"])
         step.merge(r["filter"])
-    steps = {"read": read.as_dict(), "filter": step.as_dict()}
     parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
-    manifest = {"command": "filter", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
-                "totals": totals(steps["read"], {"filter": steps["filter"]}),
-                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
-                "shards": parts, "config": {**cfg, "text_field": text_field},
-                "seconds": round(time.perf_counter() - t0, 3)}
+    manifest = step_manifest("filter", shards, read, step, {**cfg, "text_field": text_field}, parts, t0)
     return finish_output(out_dir, manifest, [out_dir / p for p in parts],
                          [work / f"quarantine-{i:05d}.jsonl" for i in range(len(shards))])
 
@@ -330,23 +307,15 @@ def retrieve_step(inputs: list, out_dir: Path, *, text_field: str = "text", exec
     cfg = DomainConfig(name=name, keywords=query + extra, examples=examples, top_k=top_k,
                        prf_docs=prf_docs if expand != "none" else 0, prf_terms=prf_terms)
     result = retrieve([d["text"] for d in docs], cfg)
-    writer = ShardWriter(out_dir / "part-00000.parquet")
-    keep = []
+    verdicts = []
     for doc, score, picked in zip(docs, result.scores, result.selected):
-        nbytes = len(doc["text"].encode("utf-8"))
         if picked or keep_rest:
             doc["domain"], doc["domain_score"] = (name if picked else "general"), float(score)
-            step.keep(nbytes)
-            keep.append(doc)
-        else:
-            step.drop("not_retrieved", nbytes)
-    writer.write(keep)
+        verdicts.append(None if picked or keep_rest else "not_retrieved")
+    writer = ShardWriter(out_dir / "part-00000.parquet")
+    writer.write(list(keep_or_drop(docs, verdicts, step)))
     writer.close()
-    steps = {"read": read.as_dict(), "retrieve": step.as_dict()}
-    manifest = {"command": "retrieve", "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
-                "totals": totals(steps["read"], {"retrieve": steps["retrieve"]}),
-                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
-                "query": {"seed_terms": result.query, "expansion_terms": result.expansion, "llm_queries": extra},
-                "shards": ["part-00000.parquet"], "config": config,
-                "seconds": round(time.perf_counter() - t0, 3)}
+    manifest = step_manifest("retrieve", shards, read, step, config, ["part-00000.parquet"], t0,
+                             query={"seed_terms": result.query, "expansion_terms": result.expansion,
+                                    "llm_queries": extra})
     return finish_output(out_dir, manifest, [out_dir / "part-00000.parquet"], [work / "quarantine-00000.jsonl"])

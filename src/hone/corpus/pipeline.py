@@ -7,7 +7,7 @@ nothing: documents it does not retrieve stay as ``general`` (the replay pool).
 
 Example (CPU, seconds)::
 
-    from hone.corpus import curate
+    from hone.corpus.pipeline import curate
     manifest = curate(recipe.curate, [Path("runs/demo/pool/pool.jsonl")], Path("runs/demo"))
 """
 
@@ -20,9 +20,12 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from hone.corpus import filters
+from hone.corpus.build_config import check_steps, copy_quarantine, run_steps, steps_manifest
 from hone.corpus.dedup import ExactDedup
-from hone.corpus.read import Quarantine, StepStats, read_jsonl
+from hone.corpus.executor import get_executor
+from hone.corpus.read import Quarantine, StepStats, read_input_jsonl, read_inputs
 from hone.corpus.retrieve import retrieve
+from hone.corpus.runner import run_decide
 from hone.corpus.write import write_corpus
 from hone.errors import HoneError
 from hone.recipe import CurateConfig, DomainConfig
@@ -36,18 +39,7 @@ Decide = Callable[[dict], "str | tuple[str, dict] | None"]
 
 def run_step(docs: Iterable[dict], decide: Decide, stats: StepStats, dropped: list[dict] | None) -> Iterator[dict]:
     """Yield the documents ``decide`` keeps; count (and optionally keep for audit) the rest."""
-    for doc in docs:
-        nbytes = len(doc["text"].encode("utf-8"))
-        verdict = decide(doc)
-        if verdict is None:
-            stats.keep(nbytes)
-            yield doc
-            continue
-        reason, detail = verdict if isinstance(verdict, tuple) else (verdict, {})
-        stats.drop(reason, nbytes)
-        if dropped is not None:
-            dropped.append({"id": doc["id"], "source": doc["source"], "reason": reason, **detail,
-                            "text": doc["text"], "meta": doc["meta"]})
+    return run_decide(docs, decide, stats, dropped)
 
 
 def _ticks(docs: Iterable[dict], step: str, progress: Progress | None, every: int = 1000) -> Iterator[dict]:
@@ -88,6 +80,11 @@ def retrieval_quality(docs: list[dict], name: str) -> dict | None:
             "label_positives": truth, "retrieved": picked, "true_positives": tp}
 
 
+def config_json(cfg: CurateConfig) -> dict:
+    """The config as the manifest records it (no ``steps`` key when the default steps ran)."""
+    return cfg.model_dump(mode="json", exclude=None if cfg.steps else {"steps"})
+
+
 def input_key(cfg: CurateConfig, inputs: list[Path], text_field: str) -> str:
     """Hash of the config and the inputs' paths, sizes and mtimes: the rerun-skip key."""
     files = []
@@ -96,7 +93,7 @@ def input_key(cfg: CurateConfig, inputs: list[Path], text_field: str) -> str:
             raise HoneError(f"{p}: input file not found")
         st = p.stat()
         files.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
-    blob = json.dumps([cfg.model_dump(mode="json"), files, text_field], sort_keys=True)
+    blob = json.dumps([config_json(cfg), files, text_field], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -122,11 +119,15 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
     if (manifest := _finished(corpus_dir, key)) is not None:
         return manifest
     clear_done(corpus_dir)
+    if cfg.steps:
+        manifest = curate_steps(cfg, inputs, corpus_dir, text_field, progress)
+        mark_done(corpus_dir, {"key": key})
+        return manifest
     t0 = time.perf_counter()
     stats = {step: StepStats() for step in STEPS}
     dropped: dict[str, list[dict]] = {"filter": [], "dedup": []}
     quarantine = Quarantine(corpus_dir / "quarantine" / "quarantine.jsonl")
-    docs = _ticks(read_jsonl(inputs, text_field, quarantine, stats["read"]), "read", progress)
+    docs = _ticks(read_input_jsonl(inputs, text_field, quarantine, stats["read"]), "read", progress)
     docs = run_step(docs, lambda d: filters.check(d["text"], cfg.filters), stats["filter"], dropped["filter"])
     docs = list(run_step(docs, ExactDedup(by_text=cfg.exact_dedup), stats["dedup"], dropped["dedup"]))
     query = assign_domain(docs, cfg.domain, stats["domain"])
@@ -138,6 +139,40 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
     manifest = _manifest(cfg, inputs, stats, docs, query, shards, quarantine, time.perf_counter() - t0)
     write_json(corpus_dir / "manifest.json", manifest)
     mark_done(corpus_dir, {"key": key})
+    return manifest
+
+
+def curate_steps(cfg: CurateConfig, inputs: list[Path], corpus_dir: Path, text_field: str = "text",
+                 progress: Progress | None = None) -> dict:
+    """``curate.steps`` through the runner of ``hone data build`` (OUT/corpus/steps/NN-type),
+    then the last step's documents as the corpus (``write_corpus``, which the tokenizer reads).
+    A document no step gave a domain is ``general``."""
+    t0 = time.perf_counter()
+    check_steps(cfg.steps, "curate.steps")
+    steps = run_steps(cfg.steps, inputs, corpus_dir / "steps", text_field, get_executor("local"),
+                      log=(lambda m: progress("steps", 0, None)) if progress else (lambda m: None))
+    summary = steps_manifest(steps, cfg.steps)
+    docs = list(read_inputs([Path(p) for p in summary["final_shards"]])) if summary["final_shards"] else []
+    domains: dict[str, int] = {}
+    for d in docs:
+        d["domain"] = d.get("domain") or REPLAY
+        domains[d["domain"]] = domains.get(d["domain"], 0) + 1
+    shards = write_corpus(docs, corpus_dir)
+    copy_quarantine(Path(steps[0]["dir"]), corpus_dir)
+    dropped_dir = corpus_dir / "dropped"
+    _write_dropped(dropped_dir, {})
+    for s in steps if cfg.write_dropped else []:
+        audit = Path(s["dir"]) / "dropped" / "dropped.jsonl"
+        if audit.exists():
+            dropped_dir.mkdir(parents=True, exist_ok=True)
+            (dropped_dir / f"{s['name']}.jsonl").write_bytes(audit.read_bytes())
+    manifest = {"inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in inputs], **summary,
+                "domains": domains, "retrieval": retrieval_quality(docs, cfg.domain.name),
+                "quarantined": {r: d["docs"] for r, d in summary["steps"][f"{steps[0]['name']}/read"]
+                                .get("quarantined", {}).items()},
+                "shards": [p.name for p in shards], "config": config_json(cfg),
+                "seconds": round(time.perf_counter() - t0, 3)}
+    write_json(corpus_dir / "manifest.json", manifest)
     return manifest
 
 
@@ -162,6 +197,6 @@ def _manifest(cfg: CurateConfig, inputs: list[Path], stats: dict[str, StepStats]
         "query": query,
         "quarantined": dict(quarantine.counts),
         "shards": [p.name for p in shards],
-        "config": cfg.model_dump(mode="json"),
+        "config": config_json(cfg),
         "seconds": round(seconds, 3),
     }

@@ -4,7 +4,7 @@ A record is ``{"id": str, "text": str, "source": str, "meta": dict}``. A line th
 become a record (bad UTF-8, bad JSON, not an object, no string text field) is never
 silently lost: it goes to the quarantine with its file, line number and reason.
 
-``read_jsonl`` is the curate stage's reader (JSON lines only). ``expand_inputs`` +
+``read_input_jsonl`` is the curate stage's reader (JSON lines only). ``expand_inputs`` +
 ``read_shard`` read every supported format, streaming, one input shard at a time:
 
 - JSON lines: ``.jsonl``/``.json``/``.ndjson``, optionally ``.gz`` or ``.zst`` compressed;
@@ -173,7 +173,7 @@ def to_record(obj: dict, text_field: str, stem: str, lineno: int) -> dict:
             "meta": {**meta, **rest}}
 
 
-def read_jsonl(paths: Iterable[Path], text_field: str = "text", quarantine: Quarantine | None = None,
+def read_input_jsonl(paths: Iterable[Path], text_field: str = "text", quarantine: Quarantine | None = None,
                stats: StepStats | None = None) -> Iterator[dict]:
     """Stream records from JSON-lines files (``.jsonl`` or ``.jsonl.gz``), in file and line order.
 
@@ -486,7 +486,7 @@ def _row_record(row: dict, r: _Reader, n: int) -> dict:
 
 
 def _read_table_shard(r: _Reader) -> Iterator[dict]:
-    path, n, seen = r.shard.path, 0, False
+    n, seen = 0, False
     try:
         for batch in _table_batches(r):
             if r.text_field not in batch.schema.names:
@@ -539,3 +539,19 @@ def batched(docs: Iterable[dict], size: int) -> Iterator[list[dict]]:
             batch = []
     if batch:
         yield batch
+
+
+def load_examples(path: str | Path, text_field: str = "text") -> list[str]:
+    """Example documents: a .txt file holds one per paragraph (blank-line separated); any
+    other supported input holds one per record."""
+    path = Path(path)
+    if not path.exists():
+        raise HoneError(f"{path}: examples file not found")
+    if path.suffix == ".txt":
+        paras = [p.strip() for p in path.read_text(encoding="utf-8", errors="replace").split("\n\n")]
+        out = [p for p in paras if p]
+    else:
+        out = [d["text"] for d in read_inputs([path], text_field)]
+    if not out:
+        raise HoneError(f"{path}: no example documents in this file")
+    return out

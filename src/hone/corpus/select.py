@@ -31,8 +31,9 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from hone.corpus.dsir import config_from, gumbel_top_k
-from hone.corpus.executor import finish_output, prepare_output, run_key, totals
+from hone.corpus.executor import finish_output, prepare_output, run_key
 from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
+from hone.corpus.runner import keep_or_drop, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
 from hone.model.gguf import smollm2_gguf_path, tokenizer_from_gguf
@@ -269,20 +270,8 @@ def whole_pool_step(name: str, inputs: list, out_dir: Path, text_field: str, con
     docs = [d for sh in shards for d in read_shard(sh, text_field, q, read)]
     q.close()
     verdicts, info = decide(docs) if docs else ([], {})
-    writer, keep = ShardWriter(out_dir / "part-00000.parquet"), []
-    for doc, verdict in zip(docs, verdicts):
-        nbytes = len(doc["text"].encode("utf-8"))
-        if verdict is None:
-            step.keep(nbytes)
-            keep.append(doc)
-        else:
-            step.drop(verdict, nbytes)
-    writer.write(keep)
+    writer = ShardWriter(out_dir / "part-00000.parquet")
+    writer.write(list(keep_or_drop(docs, verdicts, step)))
     writer.close()
-    steps = {"read": read.as_dict(), name: step.as_dict()}
-    manifest = {"command": name, "inputs": list(dict.fromkeys(str(s.path) for s in shards)), "steps": steps,
-                "totals": totals(steps["read"], {name: steps[name]}),
-                "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
-                name: info, "shards": ["part-00000.parquet"], "config": config,
-                "seconds": round(time.perf_counter() - t0, 3)}
+    manifest = step_manifest(name, shards, read, step, config, ["part-00000.parquet"], t0, **{name: info})
     return finish_output(out_dir, manifest, [out_dir / "part-00000.parquet"], [work / "quarantine-00000.jsonl"])

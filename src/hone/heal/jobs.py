@@ -32,7 +32,7 @@ from typing import Optional
 from hone.errors import HoneError
 from hone.plan.hardware import parse_preset
 from hone.plan.search import search
-from hone.plan.shapes import load_model
+from hone.plan.shapes import flops_per_token, load_shape
 
 JOB_FIELDS = {"name", "model", "seq", "global_batch", "weight", "tokens", "hours", "min_gpus", "max_gpus",
               "checkpoint_s", "restart_s", "checkpoint_interval_s"}
@@ -57,7 +57,7 @@ class Job:
 
     @property
     def flops_per_token(self) -> float:
-        return self.model.flops_per_token(self.seq)
+        return flops_per_token(self.model, self.seq)
 
 
 def load_jobs(path: Path) -> list[Job]:
@@ -134,7 +134,7 @@ def _model(spec, field: str, base: Path):
     if spec.endswith(".json") and not Path(spec).is_absolute():
         spec = str(base / spec)
     try:
-        return load_model(spec)
+        return load_shape(spec)
     except HoneError as e:
         raise HoneError(f"{field}: {e}") from None
 

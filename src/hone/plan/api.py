@@ -10,17 +10,16 @@ from hone.plan.config import Constants, parse_fix
 from hone.plan.hardware import load_cluster
 from hone.plan.placement import place
 from hone.plan.search import evaluate_fixed, nothing_fits_message, search
-from hone.plan.shapes import load_model
+from hone.plan.shapes import FLOPS_CONVENTION, flops_per_token, load_shape
 from hone.plan.trainer_profile import with_trainer
 
 EXACT = {"tp", "pp", "micro_batch", "recompute", "zero"}
-FLOPS_CONVENTION = "6*(N_nonembedding + V*h) + 12*l*h*s per token (Megatron/PaLM model FLOPs, no recompute)"
 
 
 def make_plan(model: str, cluster: str, *, seq: int, global_batch: int, fix: Optional[str] = None, top: int = 10,
               rank: str = "throughput", tokens: Optional[float] = None, price: float = 2.0, placement: bool = False,
               constants: Optional[dict] = None) -> dict:
-    m, cl = load_model(model), load_cluster(cluster)
+    m, cl = load_shape(model), load_cluster(cluster)
     k = with_trainer(Constants().with_(**(constants or {})), cl, m)
     fixed = parse_fix(fix) if fix else {}
     if rank not in ("throughput", "cost"):
@@ -28,7 +27,7 @@ def make_plan(model: str, cluster: str, *, seq: int, global_batch: int, fix: Opt
     if rank == "cost" and not tokens:
         raise HoneError("--rank cost needs --tokens (the run's token budget)")
     result = {"model": m.summary(), "cluster": cl.to_json(), "seq": seq, "global_batch": global_batch,
-              "flops_per_token": m.flops_per_token(seq), "flops_convention": FLOPS_CONVENTION, "fixed": fixed}
+              "flops_per_token": flops_per_token(m, seq), "flops_convention": FLOPS_CONVENTION, "fixed": fixed}
     if EXACT <= fixed.keys():
         configs = [evaluate_fixed(m, cl, seq, global_batch, fixed, k)]
         result.update(mode="fixed", evaluated=1, rejected={})

@@ -1,7 +1,7 @@
 """Search every valid (tp, pp, dp, micro-batch, recompute, zero, vpp); reject the rest with a reason.
 
     from hone.plan.search import search
-    result = search(load_model("llama3-70b"), load_cluster("4x8xH100"), seq=8192, global_batch=512)
+    result = search(load_shape("llama3-70b"), load_cluster("4x8xH100"), seq=8192, global_batch=512)
     result.plans[0]          # the fastest configuration that fits, a dict (see ``plan_record``)
 """
 

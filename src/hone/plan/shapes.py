@@ -33,10 +33,15 @@ class ModelShape:
     arch: str = "llama"
     tied_embeddings: bool = False
     max_seq: int = 2048  # learned position table size for 'gpt'
+    head_size: int = 0  # per-head width when it is not hidden // heads (0: hidden // heads)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * self.head_dim
 
     @property
     def kv_dim(self) -> int:
@@ -44,8 +49,8 @@ class ModelShape:
 
     @lru_cache(maxsize=256)  # noqa: B019 (frozen, hashable; the search calls it ~1e5 times)
     def layer_params(self) -> int:
-        h, f, kv = self.hidden, self.ffn, self.kv_dim
-        attn = h * h + 2 * h * kv + h * h
+        h, f, kv, q = self.hidden, self.ffn, self.kv_dim, self.q_dim
+        attn = h * q + 2 * h * kv + q * h
         if self.arch == "gpt":
             return attn + (h + 2 * kv + h) + 2 * h * f + f + h + 4 * h  # + biases, 2 LayerNorms
         return attn + 3 * h * f + 2 * h  # SwiGLU, 2 RMSNorms
@@ -66,14 +71,31 @@ class ModelShape:
         return self.layers * self.layer_params()
 
     def flops_per_token(self, seq: int) -> float:
-        """Training model FLOPs per token (forward + backward), the convention above."""
-        return 6.0 * (self.nonembedding_params() + self.vocab * self.hidden) + 12.0 * self.layers * self.hidden * seq
+        """Training model FLOPs per token (forward + backward): :func:`flops_per_token`."""
+        return flops_per_token(self, seq)
 
     def summary(self) -> dict:
         return {"name": self.name, "arch": self.arch, "layers": self.layers, "hidden": self.hidden,
                 "heads": self.heads, "kv_heads": self.kv_heads, "ffn": self.ffn, "vocab": self.vocab,
                 "tied_embeddings": self.tied_embeddings, "params": self.params(),
                 "nonembedding_params": self.nonembedding_params()}
+
+
+FLOPS_CONVENTION = "6*(N_nonembedding + V*h) + 12*l*h*s per token (Megatron/PaLM model FLOPs, no recompute)"
+
+
+def flops_per_token(shape: ModelShape, seq: int) -> float:
+    """Training model FLOPs per token (forward + backward) at sequence length ``seq``:
+    ``6 * (N_nonembedding + V*h) + 12 * l * h * s`` (``h`` in the attention term is the
+    query width, heads x head_dim, which is the hidden size unless the shape says otherwise).
+
+    Causal attention is counted in full (``QK^T`` and ``AV`` over all ``s`` keys, not halved
+    for the mask), as PaLM (Chowdhery et al. 2022, appendix B), Megatron-LM and torchtitan
+    count it, so an MFU computed with it is comparable to theirs. The one FLOPs count of
+    Hone: the planner's timing and MFU, the trainer's logged MFU and the benchmarks use it.
+    """
+    return (6.0 * (shape.nonembedding_params() + shape.vocab * shape.hidden)
+            + 12.0 * shape.layers * shape.q_dim * seq)
 
 
 def _llama(name, l, h, a, kv, f, v, tied=False):
@@ -162,7 +184,7 @@ def validate(shape: ModelShape, where: str) -> ModelShape:
     return shape
 
 
-def load_model(spec: str) -> ModelShape:
+def load_shape(spec: str) -> ModelShape:
     """A preset name, a path to an HF ``config.json`` (or its directory), or an inline spec."""
     if spec in PRESETS:
         return PRESETS[spec]
@@ -177,6 +199,10 @@ def load_model(spec: str) -> ModelShape:
         return from_hf_config(p)
     raise HoneError(f"unknown model {spec!r}: use a preset ({', '.join(sorted(PRESETS))}), "
                     "a config.json path, or layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..")
+
+
+# The old name, until hone.cli.plan imports load_shape (it collided with hone.experts.ensemble.load_model).
+load_model = load_shape
 
 
 def with_name(shape: ModelShape, name: str) -> ModelShape:

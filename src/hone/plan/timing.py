@@ -14,7 +14,7 @@ from hone.plan import trainer_profile
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import Cluster
 from hone.plan.memory import op_recompute_flops, stage_layout, stage_params
-from hone.plan.shapes import ModelShape
+from hone.plan.shapes import ModelShape, flops_per_token
 
 
 @dataclass
@@ -64,7 +64,7 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
     # of what it recomputes: everything (full), the attention core (selective), every second matmul (op;
     # also the attention core when it is not a flash kernel, whose output op keeps).
     matmul = 6.0 * (2 * m.hidden * (m.hidden + m.kv_dim) + (3 if m.arch == "llama" else 2) * m.hidden * m.ffn)
-    attn = 12.0 * m.hidden * seq
+    attn = 12.0 * m.q_dim * seq
     if c.recompute == "full":
         layer_flops = (matmul + attn) * 8 / 6
     elif c.recompute == "selective":
@@ -125,7 +125,7 @@ def step_time(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: Cl
     step = pipeline + (dp_exposed if c.zero < 3 else 0.0) + optimizer
 
     tokens = global_batch * seq
-    model_flops = tokens * m.flops_per_token(seq)
+    model_flops = tokens * flops_per_token(m, seq)
     n_gpu = t * p * d
     tflops = model_flops / step / n_gpu / 1e12
     return Timing(step, compute_mb * mbs, tp_mb * mbs, pp_mb * mbs, dp_comm, dp_exposed, bubble, optimizer, eff,

@@ -15,10 +15,11 @@ import time
 
 import torch
 
-from hone.model.llama import DecoderLayer, LlamaConfig, rope_inv_freq, rope_tables
+from hone.model.llama import DecoderLayer, rope_inv_freq, rope_tables
 from hone.model.loss import fused_linear_cross_entropy
+from hone.model.shape import config_of
 from hone.plan.hardware import GPUS, gpu_for_device_name
-from hone.plan.shapes import ModelShape, load_model
+from hone.plan.shapes import ModelShape, load_shape
 from hone.plan.trainer_profile import STACK, refit, shape_key
 
 
@@ -33,7 +34,7 @@ def time_call(fn, sync, repeats: int) -> float:
 
 
 def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False) -> dict:
-    m = load_model(model)
+    m = load_shape(model)
     cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -91,9 +92,7 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
     repeats = 1 if quick else 2 if not cuda else 5
     seqs = (32, 64) if quick else (512, 2048)
     points = [(1, seqs[1]), (4, seqs[1]), (4, seqs[0])] + ([] if quick else [(1, seqs[0]), (8, seqs[1]), (16, seqs[1])])
-    cfg = LlamaConfig(vocab_size=m.vocab, hidden_size=m.hidden, intermediate_size=m.ffn, num_hidden_layers=STACK,
-                      num_attention_heads=m.heads, num_key_value_heads=m.kv_heads,
-                      max_position_embeddings=max(seqs))
+    cfg = config_of(m, num_hidden_layers=STACK, max_position_embeddings=max(seqs))
     with torch.device(device):
         layer = DecoderLayer(cfg)
         head = torch.nn.Linear(m.hidden, m.vocab, bias=False)

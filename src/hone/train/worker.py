@@ -52,7 +52,9 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // local_world))
     plan = plan_from_recipe(t, world)
     ctx = init_distributed(plan, t.device)
-    quiet = (lambda m: None)
+    def quiet(msg: str) -> None:
+        pass
+
     log = print if ctx.is_main else quiet
     try:
         model, _ = load_base_model(recipe, workdir, quiet)
