@@ -31,12 +31,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from hone.train.calibrate import run_calibration  # noqa: E402
+from hone.model.llama import Llama  # noqa: E402
+from hone.model.shape import config_of  # noqa: E402
 from hone.plan.config import Constants  # noqa: E402
 from hone.plan.hardware import cluster_from_dict  # noqa: E402
 from hone.plan.search import evaluate_fixed  # noqa: E402
 from hone.plan.shapes import ModelShape  # noqa: E402
-from hone.model.llama import Llama, LlamaConfig  # noqa: E402
+from hone.train.calibrate import run_calibration  # noqa: E402
 from hone.train.parallelize import apply_activation_checkpointing  # noqa: E402
 
 SHAPES = {  # (layers, hidden, heads, kv_heads, ffn, vocab)
@@ -72,9 +73,7 @@ def hone_constants(shape: ModelShape, micro_batch: int, seq: int) -> Constants:
 
 
 def build(shape: ModelShape, seq: int, recompute: str, device: torch.device):
-    cfg = LlamaConfig(vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.ffn,
-                      num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                      num_key_value_heads=shape.kv_heads, max_position_embeddings=seq)
+    cfg = config_of(shape, max_position_embeddings=seq)
     with device:
         model = Llama(cfg).init_weights(seed=0)
     if recompute == "full":

@@ -2,13 +2,14 @@
 
 Same shapes, same tokens per step, bf16 autocast over fp32 master weights, fused AdamW,
 SDPA attention, in one process, eager and torch.compile'd. Prints one JSON object:
-tokens/s, MFU against the dense bf16 peak (989 TFLOP/s, H100 SXM) and peak memory per
-variant, and the ratios the training issue asks for.
+tokens/s, MFU against the device's dense bf16 peak (the planner's GPU table, as the trainer's
+MFU) with Hone's FLOPs count (``hone.plan.shapes.flops_per_token``, causal attention in full),
+peak memory per variant, and the ratios the training issue asks for.
 
     python benchmarks/train_throughput.py                 # on a GPU: 125M and 1B shapes
     python benchmarks/train_throughput.py --dry-run       # tiny shape on the CPU (a smoke test)
 
-Only ``hone.model.llama`` / ``hone.model.loss`` are imported, so ``PYTHONPATH=src``
+Only ``hone.model`` and the pure ``hone.plan`` modules are imported, so ``PYTHONPATH=src``
 without installing Hone's other dependencies is enough.
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,6 +27,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from hone.model.llama import Llama, LlamaConfig  # noqa: E402
+from hone.model.shape import shape_of  # noqa: E402
+from hone.plan.hardware import gpu_for_device_name  # noqa: E402
+from hone.plan.shapes import flops_per_token as shape_flops  # noqa: E402
 
 SHAPES = {
     "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12,
@@ -38,15 +41,15 @@ SHAPES = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=172, vocab_size=1000),
 }
-PEAK = 989e12
-
-
 def flops_per_token(c: dict, seq: int) -> float:
-    """6 x (non-embedding matmul params + head) + causal attention, as hone.train.loop."""
-    h, L, q = c["hidden_size"], c["num_hidden_layers"], c["hidden_size"]
-    kv = c["num_key_value_heads"] * (h // c["num_attention_heads"])
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * c["intermediate_size"]
-    return 6 * (L * per_layer + h * c["vocab_size"]) + 6 * L * seq * q
+    """Model FLOPs per token, Hone's one convention (causal attention counted in full)."""
+    return shape_flops(shape_of(LlamaConfig(**c)), seq)
+
+
+def peak_flops(device) -> float | None:
+    """The device's dense bf16 peak from the planner's GPU table (what the trainer's MFU uses)."""
+    gpu = gpu_for_device_name(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    return gpu.peak_tflops * 1e12 if gpu else None
 
 
 def hone_model(c: dict, seq: int, compile_mode: str | None, device):
@@ -105,7 +108,7 @@ def measure(build, c, seq, mb, compile_mode, steps, warmup, device) -> dict:
         t = times[len(times) // 2]
         tps = mb * seq / t
         out = {"step_s": t, "tokens_per_s": tps, "loss": float(loss),
-               "mfu": tps * flops_per_token(c, seq) / PEAK if device.type == "cuda" else None,
+               "mfu": tps * flops_per_token(c, seq) / peak if (peak := peak_flops(device)) else None,
                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     except torch.OutOfMemoryError:
         out = {"oom": True}

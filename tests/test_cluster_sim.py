@@ -10,9 +10,9 @@ import sys
 import pytest
 
 from hone.errors import HoneError
-from hone.heal.failures import Failure, RepairTime, generate, load_trace
-from hone.heal.jobs import Job, curve, jobs_from_dict, load_jobs
 from hone.heal.cluster_policies import best_allocation, brute_force
+from hone.heal.failures import FailureEvent, RepairTime, generate, load_trace
+from hone.heal.jobs import Job, curve, jobs_from_dict, load_jobs
 from hone.heal.simulate import BUCKETS, run_policy, simulate
 from hone.plan.shapes import PRESETS
 
@@ -106,7 +106,7 @@ def test_no_failures_every_policy_reaches_the_ideal(tmp_path):
 def test_checkpoint_restart_matches_the_exact_accounting_of_one_failure():
     tau, C, R = 3600.0, 60.0, 600.0
     job = _job("a", checkpoint_s=C, restart_s=R, checkpoint_interval_s=tau)
-    fail = [Failure(2.5 * 3600, node=0, kind="hardware", repair_s=3600.0)]
+    fail = [FailureEvent(2.5 * 3600, node=0, kind="hardware", repair_s=3600.0)]
     r = _run("checkpoint-restart", [job], [{2: 100.0}], [2], fail, nodes=2, end_h=12)
     # Fails 9000 s in: two full cycles (2 * 3660 s) done, 1680 s lost; waits 1 h for the repair
     # (the other node idle), restarts (600 s), then 30000 s = 8 cycles + 720 s of training.
@@ -136,7 +136,7 @@ def test_checkpoint_restart_rollback_matches_expected_half_interval():
 
 def test_young_daly_interval_from_the_mtbf():
     job = _job("a", checkpoint_s=60.0, restart_s=0.0)
-    fail = [Failure(10.0, node=0, kind="transient", repair_s=0.0)]
+    fail = [FailureEvent(10.0, node=0, kind="transient", repair_s=0.0)]
     r = _run("checkpoint-restart", [job], [{4: 1.0}], [4], fail, nodes=4, end_h=1, mtbf_h=1000.0)
     # tau = sqrt(2 * C * MTBF_job), MTBF_job = 1000 h / 4 GPUs.
     tau = math.sqrt(2 * 60.0 * 1000 * 3600 / 4)
@@ -148,7 +148,7 @@ def test_young_daly_interval_from_the_mtbf():
 def test_cost_aware_moves_a_node_to_the_heavy_job_and_naive_shrinks():
     jobs = [_job("heavy", 10.0, restart_s=60.0), _job("light", 1.0, restart_s=60.0)]
     curves = [{1: 10.0, 2: 20.0}, {1: 10.0, 2: 20.0}]
-    fail = [Failure(3600.0, node=0, kind="hardware", repair_s=10 * 3600.0)]
+    fail = [FailureEvent(3600.0, node=0, kind="hardware", repair_s=10 * 3600.0)]
     res = {p: _run(p, jobs, curves, [2, 2], fail, nodes=4, end_h=24, mtbf_h=1e6) for p in ALL}
     at = lambda p: [row for row in res[p]["timeline"] if row[0] == 1.0][-1][1:]  # noqa: E731
     assert at("checkpoint-restart") == [0, 2]  # heavy waits for the repair

@@ -11,8 +11,16 @@ from hone.errors import HoneError
 from hone.plan.api import make_plan
 from hone.plan.config import Config, Constants, parse_fix
 from hone.plan.hardware import load_cluster, parse_preset
-from hone.plan.memory import (GIB, chunk_layout, held_layers, inflight, layer_activation_bytes, memory, op_kept_bytes,
-                              op_recompute_flops, stage_layout)
+from hone.plan.memory import (
+    chunk_layout,
+    held_layers,
+    inflight,
+    layer_activation_bytes,
+    memory,
+    op_kept_bytes,
+    op_recompute_flops,
+    stage_layout,
+)
 from hone.plan.placement import place_matrix
 from hone.plan.search import search, structural_reason
 from hone.plan.shapes import PRESETS, ModelShape, load_shape

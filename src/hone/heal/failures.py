@@ -32,7 +32,7 @@ DEFAULT_REPAIR = "lognormal:4,1"  # hours: median 4 h, sigma 1 (mean ~6.6 h); an
 
 
 @dataclass(frozen=True)
-class Failure:
+class FailureEvent:
     time_s: float
     node: int
     kind: str  # "hardware" (node down for repair_s) or "transient" (restart in place)
@@ -87,7 +87,7 @@ class RepairTime:
 
 
 def generate(n_gpus: int, gpus_per_node: int, days: float, gpu_mtbf_h: float, seed: int, repair: RepairTime,
-             hardware_fraction: float = LLAMA3_HARDWARE_FRACTION) -> list[Failure]:
+             hardware_fraction: float = LLAMA3_HARDWARE_FRACTION) -> list[FailureEvent]:
     """Poisson failures at n_gpus / gpu_mtbf_h per hour over the whole cluster, each on a uniform
     GPU. The list does not depend on the policy (same failures for every policy of a seed); a
     failure that lands on a node already down is dropped by the simulator."""
@@ -101,10 +101,10 @@ def generate(n_gpus: int, gpus_per_node: int, days: float, gpu_mtbf_h: float, se
         gpu = rng.randrange(n_gpus)
         hw = rng.random() < hardware_fraction
         rep = repair.draw_s(rng) if hw else 0.0
-        out.append(Failure(t, gpu // gpus_per_node, "hardware" if hw else "transient", rep, gpu))
+        out.append(FailureEvent(t, gpu // gpus_per_node, "hardware" if hw else "transient", rep, gpu))
 
 
-def load_trace(path: Path, n_gpus: int, gpus_per_node: int, days: float, repair: RepairTime, seed: int) -> list[Failure]:
+def load_trace(path: Path, n_gpus: int, gpus_per_node: int, days: float, repair: RepairTime, seed: int) -> list[FailureEvent]:
     """Failures from a CSV / JSON-lines trace; a row without repair_h draws one (seeded)."""
     path = Path(path)
     if not path.exists():
@@ -150,7 +150,7 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
 TRACE_FIELDS = {"time_h", "time_s", "node", "gpu", "kind", "repair_h"}
 
 
-def _failure(row: dict, at: str, n_gpus: int, gpn: int, repair: RepairTime, rng: random.Random) -> Failure:
+def _failure(row: dict, at: str, n_gpus: int, gpn: int, repair: RepairTime, rng: random.Random) -> FailureEvent:
     extra = set(row) - TRACE_FIELDS
     if extra:
         raise HoneError(f"{at}: {sorted(extra)[0]}: unknown field (fields: {', '.join(sorted(TRACE_FIELDS))})")
@@ -181,7 +181,7 @@ def _failure(row: dict, at: str, n_gpus: int, gpn: int, repair: RepairTime, rng:
         rep = _num(row["repair_h"], at, "repair_h") * 3600
     else:
         rep = repair.draw_s(rng)
-    return Failure(t, node, kind, rep, gpu)
+    return FailureEvent(t, node, kind, rep, gpu)
 
 
 def _num(v, at: str, field: str, integer: bool = False) -> float:
@@ -195,6 +195,6 @@ def _num(v, at: str, field: str, integer: bool = False) -> float:
     return x
 
 
-def estimated_gpu_mtbf_h(failures: list[Failure], n_gpus: int, days: float) -> float:
+def estimated_gpu_mtbf_h(failures: list[FailureEvent], n_gpus: int, days: float) -> float:
     """Per-GPU MTBF a trace implies (GPU-hours per failure); inf for an empty trace."""
     return n_gpus * days * 24 / len(failures) if failures else math.inf

@@ -23,14 +23,10 @@ import dataclasses
 from hone.errors import HoneError
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import GPUS, Cluster, gpu_for_device_name, load_cluster
+from hone.plan.layout import fixed_fields
 from hone.plan.search import plan_record
-from hone.plan.shapes import ModelShape
+from hone.plan.shapes import shape_from_dict
 from hone.train.run import plan_from_recipe
-
-
-def shape_of(info: dict) -> ModelShape:
-    return ModelShape("trained model", info["layers"], info["hidden"], info["heads"], info["kv_heads"], info["ffn"],
-                      info["vocab"], "llama", info.get("tied_embeddings", False))
 
 
 def hardware_for(spec: str, info: dict | None, devices: int) -> Cluster:
@@ -68,7 +64,7 @@ class Replanner:
     def __init__(self, train, hardware: str, info: dict | None, devices: int):
         self.t = train
         self.info = info
-        self.shape = shape_of(info) if info else None
+        self.shape = shape_from_dict(info) if info else None
         self.cluster = hardware_for(hardware, info, devices)
         self.k = Constants()
         self._plans: dict[int, dict] = {}
@@ -107,11 +103,10 @@ class Replanner:
         # That micro-batch if it fits the device, else the largest divisor of the rank's rows that does.
         candidates = [wanted] + [b for b in range(min(wanted, rows) - 1, 0, -1) if rows % b == 0]
         cluster = _subset(self.cluster, world)
-        recompute = "full" if t.activation_checkpointing else "none"
-        zero = 3 if t.data_parallel == "fsdp" and p.dp > 1 else 0
+        fixed = fixed_fields(p)
         rec = None
         for b in candidates:
-            c = Config(tp=t.tp, pp=1, dp=p.dp, micro_batch=b, recompute=recompute, zero=zero, sequence_parallel=False)
+            c = Config(**fixed, micro_batch=b)
             rec = plan_record(self.shape, c, t.seq_len, t.batch_size, cluster, self.k)
             if rec["fits"]:
                 break

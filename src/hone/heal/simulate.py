@@ -26,7 +26,7 @@ from hone.heal.cluster_policies import POLICY_FUNCS, best_allocation
 from hone.heal.failures import (
     DEFAULT_REPAIR,
     LLAMA3_HARDWARE_FRACTION,
-    Failure,
+    FailureEvent,
     RepairTime,
     estimated_gpu_mtbf_h,
     generate,
@@ -84,7 +84,7 @@ class JobRun:
 
 
 class Simulation:
-    def __init__(self, runs: list[JobRun], *, n_nodes: int, gpus_per_node: int, failures: list[Failure],
+    def __init__(self, runs: list[JobRun], *, n_nodes: int, gpus_per_node: int, failures: list[FailureEvent],
                  policy: str, end_s: float, gpu_mtbf_h: float):
         self.runs, self.n_nodes, self.gpn = runs, n_nodes, gpus_per_node
         self.policy_name, self.decide = policy, POLICY_FUNCS[policy]
@@ -245,7 +245,7 @@ class Simulation:
                 self.returned[owner] = self.returned.get(owner, 0) + 1
             self.log(t, "repair", None, node=node)
             return True
-        f: Failure = ev[1]
+        f: FailureEvent = ev[1]
         self.counts["failures"] += 1
         if self.down[f.node]:
             self.counts["masked"] += 1  # the node is already out: this failure changes nothing
@@ -322,7 +322,7 @@ def ideal_weighted_flops(jobs, curves, initial, budgets, end_s) -> float:
 
 
 def run_policy(jobs, curves, initial, budgets, *, policy: str, n_nodes: int, gpus_per_node: int,
-               failures: list[Failure], end_s: float, gpu_mtbf_h: float) -> dict:
+               failures: list[FailureEvent], end_s: float, gpu_mtbf_h: float) -> dict:
     runs = [JobRun(i, job, curves[i], size=initial[i], budget=budgets[i]) for i, job in enumerate(jobs)]
     sim = Simulation(runs, n_nodes=n_nodes, gpus_per_node=gpus_per_node, failures=failures, policy=policy,
                      end_s=end_s, gpu_mtbf_h=gpu_mtbf_h)

@@ -6,15 +6,14 @@ import shlex
 
 from hone.plan.config import Config
 from hone.plan.hardware import Cluster
+from hone.plan.layout import train_fields
 from hone.plan.memory import stage_layout
 from hone.plan.shapes import ModelShape
 
 
 def hone_train_settings(rec: dict, seq: int, global_batch: int) -> dict:
     """The recipe's ``[train]`` fields for this plan (names as ``hone.recipe.TrainConfig``)."""
-    return {"seq_len": seq, "batch_size": global_batch, "micro_batch": rec["micro_batch"], "tp": rec["tp"],
-            "data_parallel": "fsdp" if rec["zero"] >= 3 else "ddp", "activation_checkpointing": rec["recompute"] != "none",
-            "mixed_precision": "bf16"}
+    return {"seq_len": seq, "batch_size": global_batch, **train_fields(rec), "mixed_precision": "bf16"}
 
 
 def hone_train_notes(rec: dict) -> list[str]:

@@ -34,12 +34,14 @@ GPUS: dict[str, GPU] = {g.name: g for g in [
     GPU("A100-80GB", 312.0, 80, 2039, 300, 25),   # DGX A100: 8x200 Gb/s HDR per node
     GPU("A100-40GB", 312.0, 40, 1555, 300, 25),
     GPU("L40S", 362.0, 48, 864, 32, 12.5),
+    GPU("A10G", 125.0, 24, 600, 32, 12.5),        # PCIe cards: the trainer's MFU knew them before the planner
+    GPU("RTX 4090", 165.0, 24, 1008, 32, 12.5),
     GPU("MI300X", 1307.0, 192, 5300, 448, 50),
     GPU("V100", 125.0, 32, 900, 150, 12.5),
     GPU("cpu", 1.0, 16, 20, 10, 1),
 ]}
 _ALIASES = {"H100-SXM": "H100", "H100-80GB": "H100", "A100": "A100-80GB", "A100-SXM": "A100-80GB",
-            "H200-SXM": "H200", "V100-32GB": "V100"}
+            "H200-SXM": "H200", "V100-32GB": "V100", "4090": "RTX 4090"}
 
 
 def get_gpu(name: str) -> GPU:
@@ -51,7 +53,8 @@ def get_gpu(name: str) -> GPU:
 
 
 def gpu_for_device_name(name: str) -> Optional[GPU]:
-    """The planner's entry for a device name as CUDA reports it ("NVIDIA H100 80GB HBM3"), or None."""
+    """The planner's entry for a device name as CUDA reports it ("NVIDIA H100 80GB HBM3"), or None.
+    The one peak-FLOPs table of Hone: the planner and the trainer's MFU both read it."""
     return next((g for g in GPUS.values() if g.name != "cpu" and g.name.split("-")[0] in name), None)
 
 

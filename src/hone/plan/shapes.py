@@ -11,7 +11,7 @@ Recomputation is never counted here (that is hardware FLOPs, see ``timing``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -173,6 +173,13 @@ def from_hf_config(path: Path) -> ModelShape:
     return validate(shape, str(path))
 
 
+def shape_from_dict(d: dict, name: str = "trained model") -> ModelShape:
+    """A shape from its fields (``dataclasses.asdict`` of one, as ``heal/model.json`` holds them
+    next to the device); keys that are not fields are ignored, absent optional ones take defaults."""
+    known = {f.name for f in fields(ModelShape)}
+    return ModelShape(**{"name": name, **{k: v for k, v in d.items() if k in known}})
+
+
 def validate(shape: ModelShape, where: str) -> ModelShape:
     for f in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab"):
         if getattr(shape, f) <= 0:
@@ -199,10 +206,6 @@ def load_shape(spec: str) -> ModelShape:
         return from_hf_config(p)
     raise HoneError(f"unknown model {spec!r}: use a preset ({', '.join(sorted(PRESETS))}), "
                     "a config.json path, or layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..")
-
-
-# The old name, until hone.cli.plan imports load_shape (it collided with hone.experts.ensemble.load_model).
-load_model = load_shape
 
 
 def with_name(shape: ModelShape, name: str) -> ModelShape:

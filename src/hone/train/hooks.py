@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from typing import Callable
 
 from hone.errors import HoneError
 from hone.plan.reliability import interval_steps, job_mtbf_s, young_daly_s
+from hone.plan.shapes import ModelShape
 from hone.rundir import HEAL_DIR, SAMPLES_FILE, append_event, append_jsonl, read_json, write_json
 
 ENV_SUPERVISED = "HONE_SUPERVISED"   # "1": write heartbeats
@@ -74,14 +76,12 @@ def micro_batch(cfg, rows: int) -> int:
     return int(override) if override else (cfg.micro_batch or rows)
 
 
-def write_model_info(heal_dir: Path, config, device) -> None:
-    """Rank 0 of a supervised run: the shape the planner needs and the device it runs on."""
+def write_model_info(heal_dir: Path, shape: ModelShape, device) -> None:
+    """Rank 0 of a supervised run: the planner's shape of the model (its fields, read back by
+    :func:`hone.plan.shapes.shape_from_dict`) and the device it runs on."""
     import torch
 
-    info = {"layers": config.num_hidden_layers, "hidden": config.hidden_size, "heads": config.num_attention_heads,
-            "kv_heads": getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            "ffn": config.intermediate_size, "vocab": config.vocab_size,
-            "tied_embeddings": bool(getattr(config, "tie_word_embeddings", False)), "device": device.type}
+    info = {**dataclasses.asdict(shape), "device": device.type}
     if device.type == "cuda":
         info["device_name"] = torch.cuda.get_device_name(device)
     write_json(heal_dir / MODEL_FILE, info)

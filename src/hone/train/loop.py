@@ -27,6 +27,10 @@ import torch
 import torch.distributed as dist
 
 from hone.errors import HoneError
+from hone.model.llama import LlamaConfig
+from hone.model.shape import shape_of
+from hone.plan.hardware import gpu_for_device_name
+from hone.plan.shapes import flops_per_token
 from hone.recipe import TrainConfig
 from hone.rundir import append_event, append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
@@ -99,29 +103,15 @@ def _gather_rows(per_seq: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return torch.cat(parts[::tp])
 
 
-# Dense bf16 peak FLOP/s by device name (MFU's denominator, as the industry quotes it).
-PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-
-
 def peak_flops(device: torch.device) -> float | None:
-    """Per-device peak for MFU: ``HONE_PEAK_FLOPS`` if set, else the table for known GPUs."""
+    """Per-device dense bf16 peak for MFU: ``HONE_PEAK_FLOPS`` if set, else the planner's GPU
+    table (:func:`hone.plan.hardware.gpu_for_device_name`); None on a CPU or an unknown GPU."""
     if os.environ.get("HONE_PEAK_FLOPS"):
         return float(os.environ["HONE_PEAK_FLOPS"])
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return next((v for k, v in PEAK_BF16.items() if k in name), None)
+        gpu = gpu_for_device_name(torch.cuda.get_device_name(device))
+        return gpu.peak_tflops * 1e12 if gpu else None
     return None
-
-
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x (non-embedding params + head) + causal attention
-    (6 * layers * seq * hidden: QK^T and AV, half of the square, x3 for backward)."""
-    h, layers = cfg.hidden_size, cfg.num_hidden_layers
-    q = cfg.num_attention_heads * cfg.head_dim
-    kv = cfg.num_key_value_heads * cfg.head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    dense = layers * per_layer + h * cfg.vocab_size
-    return 6 * dense + 6 * layers * seq_len * q
 
 
 def memory_gib(device: torch.device) -> float:
@@ -247,10 +237,12 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     if ctx.distributed:  # sharded parameters count their global size
         n_params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
     inner = getattr(model, "module", model)
-    fpt = flops_per_token(inner.config, seq_len) if hasattr(inner, "config") else None
+    shape = shape_of(inner.config) if isinstance(getattr(inner, "config", None), LlamaConfig) else None
+    # Model FLOPs per token, the planner's convention (causal attention counted in full).
+    fpt = flops_per_token(shape, seq_len) if shape is not None else None
     peak = peak_flops(ctx.device)
-    if heartbeat.enabled and ctx.is_main and hasattr(inner, "config"):
-        write_model_info(fault_dir, inner.config, ctx.device)  # what the supervisor's re-planning needs
+    if heartbeat.enabled and ctx.is_main and shape is not None:
+        write_model_info(fault_dir, shape, ctx.device)  # what the supervisor's re-planning needs
     say(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step ({dp} dp x {rows // micro} "
         f"micro-batches x {micro} seqs x {seq_len}) | {total_steps} steps = {total_steps * tokens_per_step:,} tokens | "
         f"domain ratio {loader.ratio:.2f} | lr {cfg.lr:g} | world {ctx.world_size} | {ctx.device} | "

@@ -2,39 +2,20 @@
 tensor parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP).
 
 The model never reads the plan (STYLE.md rule 1); the plan is a pure value validated on
-the CPU with the numbers in its error.
+the CPU with the numbers in its error (:class:`hone.plan.layout.ParallelPlan`, where it meets
+the planner's configuration).
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from hone.errors import HoneError
-
-
-@dataclass(frozen=True, kw_only=True)
-class ParallelPlan:
-    dp: int = 1                                  # data-parallel degree
-    tp: int = 1                                  # tensor-parallel degree
-    data_parallel: Literal["fsdp", "ddp"] = "fsdp"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    mixed_precision: Literal["fp32", "bf16"] = "fp32"
-
-    def validate(self, world_size: int, *, heads: int, kv_heads: int, ffn: int, batch_size: int) -> None:
-        if self.dp * self.tp != world_size:
-            raise HoneError(f"dp({self.dp}) * tp({self.tp}) = {self.dp * self.tp} != world_size {world_size}")
-        for what, n in (("attention heads", heads), ("key/value heads", kv_heads), ("FFN size", ffn)):
-            if n % self.tp:
-                raise HoneError(f"tp={self.tp} does not divide {n} {what}")
-        if batch_size % self.dp:
-            raise HoneError(f"train.batch_size ({batch_size}) is not divisible by dp ({self.dp})")
+from hone.plan.layout import ParallelPlan
 
 
 @dataclass(frozen=True)
