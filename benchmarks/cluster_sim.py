@@ -35,11 +35,13 @@ def main() -> None:
     ap.add_argument("--days", type=float, default=54.0)
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--rates", default="1,10,30,100", help="multiples of the Llama 3 per-GPU failure rate")
-    ap.add_argument("--out", default="", help="also write simulation.json / summary.json / cluster_sim.png per rate here")
+    ap.add_argument("--out", default="",
+                    help="also write simulation.json / summary.json / cluster_sim.png per rate here")
     a = ap.parse_args()
     jobs = load_jobs(JOBS)
     out = {"command": "python benchmarks/cluster_sim.py " + " ".join(f"--{k} {v}" for k, v in vars(a).items() if v),
-           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+           "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, Python "
+                      f"{platform.python_version()}",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "cluster": "16 x 8 x H100", "jobs_file": str(JOBS.name), "days": a.days, "seeds": a.seeds, "rates": {}}
     for x in (float(r) for r in a.rates.split(",")):

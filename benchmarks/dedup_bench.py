@@ -111,6 +111,7 @@ def run_datatrove(inputs: Path, work: Path) -> tuple[float, set[str]] | None:
 
 def datatrove_main(inputs: str, work: str) -> None:
     """DataTrove's MinHash pipeline (its documented 4-stage example) with hone's shingles."""
+    import xxhash
     from datatrove.executor import LocalPipelineExecutor
     from datatrove.pipeline.dedup import MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature
     from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupBuckets
@@ -119,8 +120,6 @@ def datatrove_main(inputs: str, work: str) -> None:
     from datatrove.utils.hashes import xxhash as dt_xxhash
     from datatrove.utils.text import TextNormConfig
     from datatrove.utils.word_tokenizers import WordTokenizer
-
-    import xxhash
 
     # DataTrove 0.10 hands str to xxhash, which xxhash 4 refuses: encode first (UTF-8).
     dt_xxhash.xxhash64 = lambda data: xxhash.xxh64_intdigest(data.encode("utf-8") if isinstance(data, str) else data)
@@ -157,7 +156,8 @@ def quality(docs: list[dict], truth: dict[str, str], kept: set[str], sets: dict[
     for lo, hi in BANDS:
         pairs = [(c, o) for c, o in truth.items() if lo <= _j(sets[c], sets[o]) < hi]
         found = sum(not (c in kept and o in kept) for c, o in pairs)
-        recall[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = {"pairs": len(pairs), "recall": round(found / len(pairs), 4) if pairs else None}
+        recall[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = {"pairs": len(pairs),
+                                                  "recall": round(found / len(pairs), 4) if pairs else None}
     high = [(c, o) for c, o in truth.items() if _j(sets[c], sets[o]) >= 0.85]
     index = defaultdict(list)
     for d in docs:

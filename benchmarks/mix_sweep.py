@@ -65,13 +65,15 @@ def main() -> None:
     observed = []
     for seed in range(args.seeds):
         rows = proxy_run(recipe, workdir, base, tok, eval_sets, chosen["ratio"], [target],
-                         workdir / "mix" / "confirm" / f"r{chosen['ratio']:.4f}-s{seed}", offset_seed=confirm_seeds[seed], log=print)
+                         workdir / "mix" / "confirm" / f"r{chosen['ratio']:.4f}-s{seed}",
+                         offset_seed=confirm_seeds[seed], log=print)
         if not rows:  # finished before: read it back
             rows = [json.loads((workdir / "mix" / "confirm" / f"seed{seed}.json").read_text())]
         (workdir / "mix" / "confirm" / f"seed{seed}.json").write_text(json.dumps(rows[-1]))
         observed.append(rows[-1])
     t_confirm = time.perf_counter() - t1
-    result = {"bench": "mix_sweep", "overrides": overrides, "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
+    result = {"bench": "mix_sweep", "overrides": overrides,
+              "machine": f"{platform.machine()} {torch.get_num_threads()} threads",
               "points": len(points), "sweep_s": round(t_sweep, 1), "confirm_s": round(t_confirm, 1),
               "target_tokens": target, "tolerance": args.tolerance, "orders": recipe.mix.orders,
               "confirm_offset_seeds": confirm_seeds,

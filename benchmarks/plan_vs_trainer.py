@@ -55,7 +55,8 @@ CE_CHUNK = 4096  # tokens per chunk of hone.model.loss.fused_linear_cross_entrop
 # Hone's single-GPU accounting: fp32 weights + their bf16 autocast copies held for the backward (6 B),
 # fp32 gradients (4 B), fused AdamW m and v (8 B); max_memory_allocated has no CUDA context and no
 # allocator slack, so no overhead or fragmentation.
-HONE_SINGLE_GPU = {"weight_bytes": 6.0, "grad_bytes": 4.0, "optim_bytes": 8.0, "overhead_gib": 0.0, "fragmentation": 0.0}
+HONE_SINGLE_GPU = {"weight_bytes": 6.0, "grad_bytes": 4.0, "optim_bytes": 8.0, "overhead_gib": 0.0,
+                   "fragmentation": 0.0}
 
 
 def model_shape(name: str) -> ModelShape:
@@ -160,7 +161,8 @@ def run_calibration_for(shape: ModelShape, tokens: int, device, quick: bool) -> 
 
 def compare(meas: dict, pred: dict) -> dict:
     out = {"predicted_step_s": pred.get("step_time_s"), "predicted_mem_gib": pred.get("memory_gib_per_gpu"),
-           "predicted_memory_breakdown": pred.get("memory_breakdown"), "predicted_time_breakdown": pred.get("time_breakdown")}
+           "predicted_memory_breakdown": pred.get("memory_breakdown"),
+           "predicted_time_breakdown": pred.get("time_breakdown")}
     if meas.get("step_s") and pred.get("step_time_s"):
         out["step_error"] = round(pred["step_time_s"] / meas["step_s"] - 1, 4)
         tb = pred["time_breakdown"]
@@ -192,22 +194,27 @@ def main() -> None:
         shape = model_shape(name)
         cluster = profile_for(shape, args, device, cache)
         if shape.name in cache:
-            result["profiles"][shape.name] = {"efficiency": cluster["efficiency"], "peak_tflops": cluster["gpu"]["peak_tflops"],
-                                              **{k: cache[shape.name]["measured"][k] for k in ("gemm_tflops", "memory_gbps")},
+            result["profiles"][shape.name] = {"efficiency": cluster["efficiency"],
+                                              "peak_tflops": cluster["gpu"]["peak_tflops"],
+                                              **{k: cache[shape.name]["measured"][k] for k in ("gemm_tflops",
+                                                                                               "memory_gbps")},
                                               "trainer": cluster.get("trainer")}
         meas = measure(shape, mb, seq, rc, steps, warmup, device)
         pred = predict(shape, mb, seq, rc, cluster)
         row = {"model": name, "params": shape.params(), "micro_batch": mb, "seq": seq, "recompute": rc,
                "measured": meas, **compare(meas, pred)}
         result["configs"].append(row)
-        print(json.dumps({k: row.get(k) for k in ("model", "micro_batch", "seq", "recompute", "step_error", "mem_error")}
+        print(json.dumps({k: row.get(k) for k in ("model", "micro_batch", "seq", "recompute", "step_error",
+                                                  "mem_error")}
                          | {"measured_step_s": meas.get("step_s"), "measured_mem_gib": meas.get("peak_mem_gib"),
                             "oom": meas.get("oom", False)}), file=sys.stderr, flush=True)
     errs = lambda key: [abs(r[key]) for r in result["configs"] if r.get(key) is not None]  # noqa: E731
     result["summary"] = {
-        f"{key}_mean_abs": round(sum(errs(key)) / len(errs(key)), 4) if errs(key) else None for key in ("step_error", "mem_error")
+        f"{key}_mean_abs": round(sum(errs(key)) / len(errs(key)),
+                                 4) if errs(key) else None for key in ("step_error", "mem_error")
     } | {f"{key}_max_abs": round(max(errs(key)), 4) if errs(key) else None for key in ("step_error", "mem_error")} \
-      | {"within_10pct_step": sum(e <= 0.10 for e in errs("step_error")), "within_10pct_mem": sum(e <= 0.10 for e in errs("mem_error")),
+      | {"within_10pct_step": sum(e <= 0.10 for e in errs("step_error")),
+         "within_10pct_mem": sum(e <= 0.10 for e in errs("mem_error")),
          "configs": len(result["configs"]), "oom": sum(bool(r["measured"].get("oom")) for r in result["configs"]),
          "wall_s": round(time.perf_counter() - t_start, 1)}
     text = json.dumps(result, indent=1)

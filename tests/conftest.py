@@ -38,7 +38,9 @@ def token_dirs(tmp_path):
         toks = (lo + (np.arange(5000) * 7) % 37 + rng.integers(0, 2, size=5000)).astype("<u2")
         toks[::50] = 0
         toks.tofile(d / "shard-00000.bin")
-        write_json(d / "index.json", {"dtype": "<u2", "shards": [{"file": "shard-00000.bin", "tokens": 5000, "docs": 100}],
-                                      "tokens": 5000, "docs": 100, "doc_offsets": [], "eos_id": 0, "tokenizer_hash": "x"})
+        write_json(d / "index.json",
+                   {"dtype": "<u2", "shards": [{"file": "shard-00000.bin", "tokens": 5000, "docs": 100}],
+                                      "tokens": 5000, "docs": 100, "doc_offsets": [], "eos_id": 0,
+                                      "tokenizer_hash": "x"})
         dirs[name] = d
     return dirs

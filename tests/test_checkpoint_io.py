@@ -32,7 +32,8 @@ TEXTS = [
 ENGLISH = (
     "The mitochondrion is an organelle found in the cells of most eukaryotes, such as animals, plants and fungi. "
     "Mitochondria have a double membrane structure and use aerobic respiration to generate adenosine triphosphate, "
-    "which is used throughout the cell as a source of chemical energy. They were discovered by Albert von Kolliker in 1857."
+    "which is used throughout the cell as a source of chemical energy. They were discovered by Albert von Kolliker in "
+    "1857."
 )
 
 
@@ -63,7 +64,8 @@ def _tiny_model(tied: bool, bias: bool = False) -> Llama:
     return Llama(cfg).init_weights(seed=0).eval()
 
 
-@pytest.mark.parametrize("tied,bias", [(True, False), (False, False), (False, True)], ids=["tied", "untied", "qkv-bias"])
+@pytest.mark.parametrize("tied,bias", [(True,
+                                        False), (False, False), (False, True)], ids=["tied", "untied", "qkv-bias"])
 def test_save_load_round_trip_is_bit_identical(tmp_path: Path, tied: bool, bias: bool) -> None:
     model = _tiny_model(tied, bias)
     out = save_hf(model, _tiny_tokenizer(), tmp_path / "ckpt", extra_files={"train_state.json": {"step": 7}})

@@ -20,7 +20,8 @@ def test_subcommands_are_the_documented_ones():
 
     group = typer.main.get_command(app)
     assert sorted(group.commands) == sorted(DOCUMENTED)
-    assert sorted(group.commands["data"].commands) == ["build", "curate", "dedup", "dsir", "pool", "rate", "retrieve", "select"]
+    assert sorted(group.commands["data"].commands) == ["build", "curate", "dedup", "dsir", "pool", "rate", "retrieve",
+                                                       "select"]
     assert sorted(group.commands["plan"].commands) == ["calibrate"]
     assert sorted(group.commands["recipe"].commands) == ["check", "fields"]
 

@@ -182,7 +182,8 @@ def _jobs_file(tmp_path):
 
 
 def test_trace_csv_and_jsonl_reproduce(tmp_path):
-    (tmp_path / "t.csv").write_text("time_h,node,kind,repair_h\n# a comment\n5,1,hardware,3\n9.5,6,transient,\n30,2,hardware,\n")
+    (tmp_path / "t.csv").write_text("time_h,node,kind,repair_h\n# a "
+                                    "comment\n5,1,hardware,3\n9.5,6,transient,\n30,2,hardware,\n")
     (tmp_path / "t.jsonl").write_text('{"time_h": 5, "node": 1, "kind": "hardware", "repair_h": 3}\n'
                                       '{"time_h": 9.5, "node": 6, "kind": "transient"}\n{"time_h": 30, "node": 2}\n')
     jobs = load_jobs(_jobs_file(tmp_path))

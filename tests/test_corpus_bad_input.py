@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from hone.cli import app
 
-GOOD = [f"Document {i} is about rivers, proteins and the history of the cell membrane, in plain words." for i in range(12)]
+GOOD = [f"Document {i} is about rivers, proteins and the history of the cell membrane, in plain words."
+        for i in range(12)]
 # reason -> (file, line) of every bad input written by _bad_dir
 EXPECTED = {
     ("a.jsonl", 3): "bad_json", ("a.jsonl", 4): "not_an_object", ("a.jsonl", 5): "missing_text",
@@ -130,7 +131,8 @@ max_docs = 3
     assert m["steps"]["02-dedup/dedup"]["docs_in"] == 12 and m["steps"]["03-dsir/dsir"]["docs_in"] == 12
     # another command on a step's output directory skips its empty shards too
     r = _run("data", "dedup", tmp / "built" / "01-filter", "-o", tmp / "again", "--workers", "1")
-    assert r.exit_code == 0 and r.output.strip().splitlines()[-1].startswith("dedup: 12 in, 12 kept, 0 dropped, 0 quarantined")
+    assert r.exit_code == 0 and r.output.strip().splitlines()[-1].startswith("dedup: 12 in, 12 kept, 0 dropped, 0 "
+                                                                             "quarantined")
 
 
 @pytest.mark.parametrize("cmd", [["dedup"], ["retrieve", "--query", "x"], ["dsir", "--target", "{target}", "--k", "2"],
@@ -150,5 +152,5 @@ def test_nothing_usable_is_exit_1_without_traceback(tmp_path, cmd):
         r = _run("data", cmd[0], d, "-o", out, *[a.format(target=tmp_path / "t.txt") for a in cmd[1:]])
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert "Traceback" not in r.output and "no usable document" in r.output
-    assert f"3 in, 0 kept, 0 dropped, 3 quarantined" in r.output
+    assert "3 in, 0 kept, 0 dropped, 3 quarantined" in r.output
     assert (out / "quarantine" / "quarantine.jsonl").exists()

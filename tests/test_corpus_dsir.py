@@ -95,7 +95,8 @@ def test_dsir_command_writes_parquet_and_manifest(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     t = m["totals"]
     assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"]
-    assert m["steps"]["dsir"]["dropped"] == {"not_sampled": {"docs": 5, "bytes": m["steps"]["dsir"]["dropped"]["not_sampled"]["bytes"]},
+    not_sampled_bytes = m["steps"]["dsir"]["dropped"]["not_sampled"]["bytes"]
+    assert m["steps"]["dsir"]["dropped"] == {"not_sampled": {"docs": 5, "bytes": not_sampled_bytes},
                                              "too_short": {"docs": 1, "bytes": 9}}
     rows = pq.read_table(out / "part-00000.parquet").to_pylist()
     assert {json.loads(x["meta"])["topic"] for x in rows} == {"bio"} and {x["domain"] for x in rows} == {"bio"}

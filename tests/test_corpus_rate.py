@@ -10,10 +10,21 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from hone.corpus import rate as rate_mod
 from hone.cli.select import register
-from hone.corpus.rate import (LocalJudge, OpenAIJudge, RateConfig, confident, fit_bradley_terry, judge_both_orders,
-                              p_b_from_response, pairwise_accuracy, question, rate_docs, sample_pairs)
+from hone.corpus import rate as rate_mod
+from hone.corpus.rate import (
+    LocalJudge,
+    OpenAIJudge,
+    RateConfig,
+    confident,
+    fit_bradley_terry,
+    judge_both_orders,
+    p_b_from_response,
+    pairwise_accuracy,
+    question,
+    rate_docs,
+    sample_pairs,
+)
 from hone.errors import HoneError
 
 RICH = ["photosynthesis", "mitochondria", "thermodynamics", "electromagnetism", "chromosome", "equilibrium",
@@ -179,7 +190,6 @@ def test_openai_judge_against_a_local_endpoint(monkeypatch):
 
 def test_local_judge_on_a_tiny_random_model():
     from conftest import tiny_llama
-
     from hone.tokens import train_bpe
 
     texts = [d["text"] for d in make_docs(20)] + ["Text A B Question: Answer with a single letter, A or B."]

@@ -75,7 +75,8 @@ def test_quality_temperature():
 def test_quotas_split_the_budget_by_domain():
     docs = [{"text": "x y", "domain": "bio" if i < 10 else "general"} for i in range(20)]
     docs.append({"text": "x y", "domain": "law"})
-    verdicts, info = select_docs(docs, SelectConfig(method="random", budget_tokens=20, quotas={"bio": 0.7, "general": 0.3}))
+    verdicts, info = select_docs(docs,
+                                 SelectConfig(method="random", budget_tokens=20, quotas={"bio": 0.7, "general": 0.3}))
     kept = [d["domain"] for d, v in zip(docs, verdicts) if v is None]
     assert kept.count("bio") == 7 and kept.count("general") == 3 and verdicts[-1] == "not_in_quota"
     assert info["groups"]["bio"]["budget_tokens"] == 14

@@ -9,10 +9,17 @@ import time
 
 import pytest
 
-from hone.corpus.pipeline import curate
 from hone.corpus.dedup import normalize
-from hone.corpus.sources import (build_demo_pool, cut_text, data_dir, gene_ontology_docs, license_docs,
-                                 stdlib_docs, wikipedia_docs)
+from hone.corpus.pipeline import curate
+from hone.corpus.sources import (
+    build_demo_pool,
+    cut_text,
+    data_dir,
+    gene_ontology_docs,
+    license_docs,
+    stdlib_docs,
+    wikipedia_docs,
+)
 from hone.errors import HoneError
 from hone.recipe import CurateConfig, DomainConfig, PackagedData
 
@@ -23,7 +30,8 @@ KEYWORDS = ["gene", "protein", "cell", "enzyme", "catalysis", "biosynthetic proc
 
 
 def _jsonl(path):
-    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").split("\n") if ln]  # not splitlines: U+2028 is text
+    # not splitlines: U+2028 is text
+    return [json.loads(ln) for ln in path.read_text(encoding="utf-8").split("\n") if ln]
 
 
 def test_cut_text_at_whitespace():

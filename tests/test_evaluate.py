@@ -89,7 +89,6 @@ def test_eval_cli_scores_each_set_and_the_change_against_a_base(tok, tmp_path):
     import sys
 
     from conftest import tiny_llama
-
     from hone.model.hf import save_hf
 
     save_hf(tiny_llama(vocab=tok.get_vocab_size(), seed=0), tok, tmp_path / "base")
@@ -97,7 +96,8 @@ def test_eval_cli_scores_each_set_and_the_change_against_a_base(tok, tmp_path):
     for name, texts in (("bio", TEXTS[:1] * 3), ("web", TEXTS[1:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     out = tmp_path / "eval.json"
-    args = [sys.executable, "-m", "hone.cli", "eval", str(tmp_path / "tuned"), "--data", f"bio={tmp_path / 'bio.jsonl'}",
+    args = [sys.executable, "-m", "hone.cli", "eval", str(tmp_path / "tuned"), "--data",
+            f"bio={tmp_path / 'bio.jsonl'}",
             "--data", f"web={tmp_path / 'web.jsonl'}", "--base", str(tmp_path / "base"), "-o", str(out)]
     r = subprocess.run(args, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

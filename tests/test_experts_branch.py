@@ -169,9 +169,10 @@ def test_an_expert_stops_and_resumes_on_its_own(tmp_path):
     run_branch(recipe, tmp_path / "run", recipe_path=path, only=["legal"], prepare_only=True, log=logs.append)
     legal = tmp_path / "run" / "experts" / "legal"
     assert any(f"-m hone.train.worker --workdir {legal}" in line for line in logs)
-    assert any(f"--only legal --resume" in line for line in logs)
+    assert any("--only legal --resume" in line for line in logs)
     assert (legal / "recipe.json").exists() and not (legal / "checkpoints").exists()
-    run_branch(recipe, tmp_path / "run", recipe_path=path, only=["code"], max_steps=1, evaluate=False, log=lambda m: None)
+    run_branch(recipe, tmp_path / "run", recipe_path=path, only=["code"], max_steps=1, evaluate=False,
+               log=lambda m: None)
     code = tmp_path / "run" / "experts" / "code"
     assert (code / "checkpoints").exists() and not (code / "expert.json").exists()
     assert not (legal / "checkpoints").exists() and not (legal / "expert.json").exists()  # --only code: legal untouched
@@ -194,7 +195,8 @@ def test_bad_branch_input_is_one_line(tmp_path):
     for extra, msg in [('[[experts.domain]]\nname = "x"\n', "give sources, keywords or examples"),
                        ('[[experts.domain]]\nname = "legal"\nsources = ["a"]\n', "appears twice"),
                        ('[[experts.domain]]\nname = "joint"\nsources = ["a"]\n', "is reserved"),
-                       ('[[experts.domain]]\nname = "x"\nsources = ["a"]\nbranch_from = ["y"]\n', "not an expert listed before it")]:
+                       ('[[experts.domain]]\nname = "x"\nsources = ["a"]\nbranch_from = ["y"]\n',
+                        "not an expert listed before it")]:
         bad.write_text(RECIPE + extra)
         with pytest.raises(HoneError, match=msg) as e:
             load_recipe(bad)

@@ -52,8 +52,8 @@ def separated(tmp_path_factory):
     """Two tiny experts with one tokenizer: 'a' trained on words, 'b' on digits and symbols;
     held-out sets of each domain as JSON lines."""
     from conftest import tiny_llama
-    from hone.tokens import eos_id, train_bpe
     from hone.model.hf import save_hf
+    from hone.tokens import eos_id, train_bpe
 
     root = tmp_path_factory.mktemp("experts")
     texts = {"a": _texts(WORDS_A, 60, 0), "b": _texts(WORDS_B, 60, 1)}
@@ -207,7 +207,8 @@ def test_bad_input_is_one_line(separated, tmp_path, capsys):
     from conftest import tiny_llama
     from hone.model.hf import save_hf
 
-    other = save_hf(tiny_llama(vocab=separated["tok"].get_vocab_size(), seed=0).float(), separated["tok"], tmp_path / "o")
+    other = save_hf(tiny_llama(vocab=separated["tok"].get_vocab_size(),
+                               seed=0).float(), separated["tok"], tmp_path / "o")
     cfg = json.loads((other / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (other / "config.json").write_text(json.dumps(cfg))
@@ -222,13 +223,16 @@ def test_bad_input_is_one_line(separated, tmp_path, capsys):
     with pytest.raises(HoneError, match=">= 0"):
         parse_weights("1,-1", 2)
     cases = [
-        (["merge", str(separated["a"]), str(tmp_path / "nope"), "-o", str(tmp_path / "x")], "expert directory not found"),
-        (["merge", str(separated["a"]), str(separated["b"]), "-o", str(tmp_path / "x"), "--weights", "1"], "--weights: 1 weights for 2 experts"),
+        (["merge", str(separated["a"]), str(tmp_path / "nope"), "-o",
+          str(tmp_path / "x")], "expert directory not found"),
+        (["merge", str(separated["a"]), str(separated["b"]), "-o", str(tmp_path / "x"), "--weights",
+          "1"], "--weights: 1 weights for 2 experts"),
         (["merge", str(separated["a"]), str(other), "-o", str(tmp_path / "x")], "experts must share one architecture"),
         (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "vote"], "--method 'vote'"),
         (["eval", str(tmp_path / "nope"), "--data", f"a={separated['a_heldout']}"], "file not found"),
         (["merge", str(separated["a"]), str(separated["b"]), "-o", str(separated["a"])], "would replace the expert"),
-        (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "ensemble", "--prior-data", str(tmp_path / "no.jsonl")], "evaluation set not found"),
+        (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "ensemble", "--prior-data",
+          str(tmp_path / "no.jsonl")], "evaluation set not found"),
     ]
     for args, msg in cases:
         code, err = hone(capsys, *args)

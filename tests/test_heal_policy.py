@@ -17,9 +17,9 @@ from hone.heal.accounting import audit
 from hone.heal.policy import Failure, Situation, classify, decide, decide_grow
 from hone.heal.replan import Replanner
 from hone.plan import reliability
-from hone.train.hooks import CheckpointSchedule, NonFiniteLoss, load_skips, skip_window
 from hone.recipe import TrainConfig, parse_recipe
 from hone.train import faults
+from hone.train.hooks import CheckpointSchedule, NonFiniteLoss, load_skips, skip_window
 
 KILLED, TERM = -9, -15
 
@@ -124,7 +124,8 @@ def test_hang_timeout_and_stragglers():
 def test_fault_specs():
     got = faults.parse("kill:step=7:rank=1; hang:step=3 ;nan:step=5:rank=0;slow:step=2:rank=1:ms=200;kill:ckpt=8")
     assert [(f["kind"], f.get("step"), f.get("ckpt"), f["rank"]) for f in got] == [
-        ("kill", 7, None, 1), ("hang", 3, None, None), ("nan", 5, None, 0), ("slow", 2, None, 1), ("kill", None, 8, None)]
+        ("kill", 7, None,
+         1), ("hang", 3, None, None), ("nan", 5, None, 0), ("slow", 2, None, 1), ("kill", None, 8, None)]
     for bad, msg in [("boom:step=1", "unknown fault 'boom'"), ("hang:ckpt=2", "only kill can fire at ckpt"),
                      ("slow:step=2", "slow needs ms=M"), ("nan:rank=1", "neither step=N nor ckpt=N"),
                      ("kill:step=x", "bad field 'step=x'")]:
@@ -151,9 +152,12 @@ def test_recipe_fields_are_validated_in_one_line():
     base = {"data": {"inputs": ["x.jsonl"]}, "curate": {"domain": {"keywords": ["gene"]}}}
     r = parse_recipe({**base, "train": {"checkpoint_every": "auto", "worker_mtbf_hours": 100}}, "r.toml")
     assert r.train.checkpoint_every == "auto" and r.heal.repair_s == 600
-    for train, heal, msg in [({"checkpoint_every": "often"}, {}, 'r.toml: train.checkpoint_every: Value error, must be a whole number of steps >= 0 or "auto"'),
+    for train, heal, msg in [({"checkpoint_every": "often"}, {},
+                              'r.toml: train.checkpoint_every: Value error, must be a whole number of steps >= 0 or '
+                              '"auto"'),
                              ({"checkpoint_every": -2}, {}, "r.toml: train.checkpoint_every: Value error"),
-                             ({"worker_mtbf_hours": 0}, {}, "r.toml: train.worker_mtbf_hours: Input should be greater than 0"),
+                             ({"worker_mtbf_hours": 0}, {},
+                              "r.toml: train.worker_mtbf_hours: Input should be greater than 0"),
                              ({}, {"hang_factor": 0.5}, "r.toml: heal.hang_factor: Input should be greater than 1"),
                              ({}, {"repair": 3}, "r.toml: heal.repair: unknown field")]:
         with pytest.raises(HoneError) as e:
@@ -208,8 +212,8 @@ def test_audit_resolves_roll_backs_and_finds_repeats(tmp_path):
 
 
 def _run(token_dirs, workdir, *, resume=False, steps=10):
-    from hone.train.data import MixtureLoader, TokenStream
     from hone.tokens import load_tokens
+    from hone.train.data import MixtureLoader, TokenStream
     from hone.train.loop import train
 
     cfg = TrainConfig(seq_len=16, batch_size=4, lr=3e-3, warmup_steps=2, checkpoint_every=3, log_every=100)
@@ -249,7 +253,8 @@ def test_nan_rolls_back_in_place_skips_the_batch_and_is_reproducible(token_dirs,
 def test_nan_before_any_checkpoint_stops_then_resume_skips(token_dirs, tmp_path, monkeypatch):
     wd = tmp_path / "early"
     monkeypatch.setenv("HONE_FAULT", "nan:step=2")
-    with pytest.raises(NonFiniteLoss, match="non-finite loss at step 2 .*before any checkpoint: loader batches \\[1\\]"):
+    with pytest.raises(NonFiniteLoss,
+                       match="non-finite loss at step 2 .*before any checkpoint: loader batches \\[1\\]"):
         _run(token_dirs, wd, steps=4)
     _run(token_dirs, wd, steps=4, resume=True)  # no checkpoint: from the start, without batch 1
     a = audit(wd / "samples.jsonl", seq_len=16)

@@ -9,12 +9,12 @@ import pytest
 from hone.errors import HoneError
 from hone.heal.policy import Failure, Situation, decide, step_time_at
 from hone.heal.replan import Replanner
-from hone.train.hooks import ENV_MICRO_BATCH, micro_batch
 from hone.plan.config import Config, Constants
 from hone.plan.hardware import parse_preset
 from hone.plan.search import plan_record
 from hone.plan.shapes import ModelShape
 from hone.recipe import TrainConfig
+from hone.train.hooks import ENV_MICRO_BATCH, micro_batch
 
 LLAMA_1B = {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "ffn": 8192, "vocab": 128256,
             "tied_embeddings": False, "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}
@@ -34,7 +34,8 @@ def test_plans_follow_the_planner_and_anchor_on_measurement():
     p = planner()
     assert p.valid_worlds(8) == [8, 4, 2, 1]  # dp must divide the global batch of 16
     shape = ModelShape("trained model", 16, 2048, 32, 8, 8192, 128256)
-    want = plan_record(shape, Config(tp=1, pp=1, dp=4, micro_batch=4, recompute="none", zero=3, sequence_parallel=False),
+    want = plan_record(shape,
+                       Config(tp=1, pp=1, dp=4, micro_batch=4, recompute="none", zero=3, sequence_parallel=False),
                        4096, 16, parse_preset("4xH100"), Constants())
     got = p.plan(4)
     assert got["source"].startswith("hone.plan on 8xH100")

@@ -9,8 +9,16 @@ import numpy as np
 import pytest
 
 from hone.errors import HoneError
-from hone.mix.laws import (dcpt_value, fit_dcpt, fit_mixture, fit_ratio_curve, fit_token_curve, power_curve,
-                           predict, validate_points)
+from hone.mix.laws import (
+    dcpt_value,
+    fit_dcpt,
+    fit_mixture,
+    fit_ratio_curve,
+    fit_token_curve,
+    power_curve,
+    predict,
+    validate_points,
+)
 
 RATIOS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
 BUDGETS = [1e5, 2e5, 4e5, 1e6]
@@ -62,7 +70,8 @@ def test_dcpt_recovers_parameters(sizes):
     y = dcpt_value(truth, n, d, r) + rng.normal(0, 0.002, len(n))
     fit = fit_dcpt(n, d, r, y)
     assert fit["r2"] > 0.99
-    for key in ("alpha", "B", "eta", "beta", "C", "gamma", "epsilon") if len(sizes) > 1 else ("B", "eta", "beta", "C", "gamma", "epsilon"):
+    for key in ("alpha", "B", "eta", "beta", "C", "gamma",
+                "epsilon") if len(sizes) > 1 else ("B", "eta", "beta", "C", "gamma", "epsilon"):
         assert fit["params"][key] == pytest.approx(truth[key], rel=0.2), key
     assert fit["params"]["E"] == pytest.approx(truth["E"], abs=0.1)
     assert (fit["params"]["A"] is None) == (len(sizes) == 1)
@@ -129,11 +138,13 @@ def test_dcpt_choice_matches_the_generating_law():
 
     rows = dcpt_points()
     before = 2.6
-    rows += [{"model_params": 1e8, "ratio": r, "tokens": 0, "general_loss": before, "domain_loss": None} for r in RATIOS]
+    rows += [{"model_params": 1e8, "ratio": r, "tokens": 0, "general_loss": before,
+              "domain_loss": None} for r in RATIOS]
     m = fit_mixture(rows, law="dcpt", tolerance=0.05)
     assert m["laws"]["dcpt"]["general_loss"]["r2"] > 0.99 and m["laws"]["dcpt"]["domain_loss"]["r2"] > 0.99
     g, d = dict(DCPT_G, A=None), dict(DCPT_D, A=None)
-    truth = choose_ratio(lambda r, t: {"general_loss": dcpt_value(g, 1e8, t, 1 - r), "domain_loss": dcpt_value(d, 1e8, t, r)},
+    truth = choose_ratio(lambda r,
+                         t: {"general_loss": dcpt_value(g, 1e8, t, 1 - r), "domain_loss": dcpt_value(d, 1e8, t, r)},
                          1e6, 0.05, before)
     assert m["chosen"]["law"] == "dcpt"
     assert m["chosen"]["ratio"] == pytest.approx(truth["ratio"], abs=0.03)
@@ -160,7 +171,8 @@ def test_nulls_are_allowed_each_fit_uses_its_points():
 
 @pytest.mark.parametrize("row,match", [
     ({"ratio": 1.5, "tokens": 10, "general_loss": 1.0, "domain_loss": 1.0}, r"runs:1: ratio 1.5 is outside \[0, 1\]"),
-    ({"ratio": 0.5, "tokens": 10, "general_loss": float("nan"), "domain_loss": 1.0}, "general_loss must be a finite number"),
+    ({"ratio": 0.5, "tokens": 10, "general_loss": float("nan"),
+      "domain_loss": 1.0}, "general_loss must be a finite number"),
     ({"ratio": 0.5, "tokens": -1, "general_loss": 1.0, "domain_loss": 1.0}, "tokens -1 is negative"),
     ({"ratio": "a", "tokens": 1}, "ratio must be a finite number"),
 ])
@@ -170,8 +182,10 @@ def test_bad_points(row, match):
 
 
 def test_too_few_points():
-    rows = [{"model_params": 1, "ratio": r, "tokens": 100, "general_loss": 2.0, "domain_loss": 2.0} for r in (0.1, 0.5, 0.9)]
-    with pytest.raises(HoneError, match="too few points to fit the CMR law for general_loss: need >= 4 distinct ratios"):
+    rows = [{"model_params": 1, "ratio": r, "tokens": 100, "general_loss": 2.0,
+             "domain_loss": 2.0} for r in (0.1, 0.5, 0.9)]
+    with pytest.raises(HoneError,
+                       match="too few points to fit the CMR law for general_loss: need >= 4 distinct ratios"):
         fit_mixture(rows, law="cmr")
     with pytest.raises(HoneError, match="too few points to fit the D-CPT law"):
         fit_mixture(rows, law="dcpt")
@@ -244,7 +258,8 @@ def test_choice_stays_inside_the_measured_ratios_and_needs_positive_losses():
     # A law that extrapolates to a negative domain loss below its lowest measured ratio.
     def predict(r, t):
         r = np.asarray(r, dtype=float)
-        return {"general_loss": np.full_like(r, 2.5), "domain_loss": 2.0 + 8.0 * (r - 0.25) ** 2 - 0.5 / (r + 0.01) ** 0.2 * (r < 0.2)}
+        return {"general_loss": np.full_like(r, 2.5),
+                "domain_loss": 2.0 + 8.0 * (r - 0.25) ** 2 - 0.5 / (r + 0.01) ** 0.2 * (r < 0.2)}
 
     unbounded = choose_ratio(predict, 1e4, 0.05, 2.5)
     assert unbounded["ratio"] < 0.25

@@ -33,7 +33,8 @@ def _sweep(monkeypatch, workdir, orders, logs=None):
         "general_loss": float(sum(p.detach().double().sum() for p in model.parameters())),
         "domain_loss": float(sum(p.detach().double().abs().sum() for p in model.parameters()))})
     recipe = load_recipe(shipped_recipe("tiny-cpu"), {**SMALL, "mix.orders": orders})
-    return sweep.run_sweep(recipe, workdir, tiny_llama(), None, {}, log=(logs.append if logs is not None else lambda m: None))
+    return sweep.run_sweep(recipe, workdir, tiny_llama(), None, {},
+                           log=(logs.append if logs is not None else lambda m: None))
 
 
 def _rows(path):

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from hone.errors import HoneError
-from hone.train.mixture import load_mixture, make_schedule
 from hone.recipe import load_recipe, shipped_recipe
+from hone.train.mixture import load_mixture, make_schedule
 
 
 def tiny(**overrides):
@@ -20,8 +20,7 @@ def write_mixture(path, schedule):
 
 
 def test_phases_from_the_recipe_and_the_mixture_file(tmp_path):
-    from hone.train.run import mixture_phases
-    from hone.train.run import total_steps
+    from hone.train.run import mixture_phases, total_steps
 
     n = total_steps(tiny().train)  # 60 steps
     assert mixture_phases(tiny()) == [(0, 0.5)]
@@ -51,7 +50,8 @@ def test_loader_follows_the_mixture_file(tmp_path, token_dirs):
 
     workdir = token_dirs["general"].parents[2]
     path = write_mixture(tmp_path / "m.json", make_schedule(0.25, 0.25, 1.0))
-    loader = build_loader(tiny(**{"train.mixture": path, "train.seq_len": 16, "train.max_tokens": 60 * 8 * 16}), workdir)
+    loader = build_loader(tiny(**{"train.mixture": path, "train.seq_len": 16,
+                                  "train.max_tokens": 60 * 8 * 16}), workdir)
     counts = [loader.next_batch()[2].count("biomedical") for _ in range(60)]
     assert counts == [2] * 45 + [8] * 15  # batch 8: 25% then all domain over the last quarter
 

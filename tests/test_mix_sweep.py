@@ -31,7 +31,8 @@ def test_sweep_writes_runs_and_resumes(tmp_path):
     text = out.read_text()
     run_sweep(recipe, tmp_path, log=lambda m: None)
     assert out.read_text() == text  # nothing re-run
-    lost = [line for line in text.splitlines() if json.loads(line)["ratio"] == 0.5 and json.loads(line)["tokens"] == 1024]
+    lost = [line for line in text.splitlines()
+            if json.loads(line)["ratio"] == 0.5 and json.loads(line)["tokens"] == 1024]
     out.write_text("".join(line + "\n" for line in text.splitlines() if line not in lost))
     run_sweep(recipe, tmp_path, log=lambda m: None)
     again = [json.loads(line) for line in out.read_text().splitlines()]

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from hone.plan.api import make_plan
-from hone.plan.config import Config, Constants
 from hone.plan.commands import pipeline_split_args
+from hone.plan.config import Config, Constants
 from hone.plan.memory import inflight, memory, stage_layout
 from hone.plan.search import structural_reason
 from hone.plan.shapes import PRESETS
@@ -73,7 +73,8 @@ def test_cli_inline_spec_hf_config_and_toml_cluster(tmp_path):
         assert p.returncode == 0, p.stderr
         rows = json.loads(p.stdout)
         assert len(rows) == 2 and rows[0]["gpus"] == 4 and rows[0]["fits"]
-        assert set(rows[0]["memory_breakdown"]) >= {"weights", "grads", "optimizer", "activations", "logits", "overhead"}
+        assert set(rows[0]["memory_breakdown"]) >= {"weights", "grads", "optimizer", "activations", "logits",
+                                                    "overhead"}
 
 
 def test_cli_plan_file_has_launch_material(tmp_path):
@@ -84,7 +85,8 @@ def test_cli_plan_file_has_launch_material(tmp_path):
     assert "hone train settings:" in p.stdout and "Megatron-LM:" in p.stdout
     L = json.loads(out.read_text())["launch"]
     assert L["hone_train_toml"].startswith("[train]\nseq_len = 8192\nbatch_size = 64\n")
-    assert L["torchrun"].startswith("torchrun --nnodes 4 --nproc-per-node 8") and "-m hone.train.worker" in L["torchrun"]
+    assert (L["torchrun"].startswith("torchrun --nnodes 4 --nproc-per-node 8")
+            and "-m hone.train.worker" in L["torchrun"])
     assert "#SBATCH --nodes=4" in L["slurm"] and "srun torchrun" in L["slurm"]
     assert "--num-query-groups 8" in L["megatron_args"]
     one = make_plan("hone-125m", "1xH100", seq=2048, global_batch=16, top=1)["launch"]
@@ -92,7 +94,8 @@ def test_cli_plan_file_has_launch_material(tmp_path):
 
 
 def test_cli_nothing_fits_is_one_line_with_the_way_out():
-    p = _hone("plan", "--model", "llama3.1-405b", "--cluster", "8xH100", "--seq", "8192", "--global-batch", "64", "--out", "")
+    p = _hone("plan", "--model", "llama3.1-405b", "--cluster", "8xH100", "--seq", "8192", "--global-batch", "64",
+              "--out", "")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "nothing fits in 80 GiB" in p.stderr and "GPUs with >=" in p.stderr and "H100 GPUs (" in p.stderr
 
@@ -111,7 +114,8 @@ def test_calibrate_profile_feeds_the_planner(tmp_path):
     q = _hone("plan", "--model", "layers=2,hidden=64,heads=4,vocab=256", "--cluster", str(prof), "--seq", "64",
               "--global-batch", "4", "--json", "--top", "1", "--out", "")
     assert q.returncode == 0, q.stderr
-    assert json.loads(q.stdout)[0]["time_breakdown"]["gemm_efficiency"] == pytest.approx(data["cluster"]["efficiency"], abs=1e-4)
+    assert json.loads(q.stdout)[0]["time_breakdown"]["gemm_efficiency"] == pytest.approx(data["cluster"]["efficiency"],
+                                                                                         abs=1e-4)
 
 
 def test_plan_vs_trainer_predicts_every_grid_config():

@@ -67,8 +67,10 @@ def _sbh():
 
 @pytest.mark.parametrize("cfg,expected", [
     (Config(1, 1, 1, B, "none", sequence_parallel=False), lambda: _sbh() * (34 + 5 * GPT.heads * S / GPT.hidden)),
-    (Config(8, 1, 1, B, "none", sequence_parallel=False), lambda: _sbh() * (10 + 24 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
-    (Config(8, 1, 1, B, "none", sequence_parallel=True), lambda: _sbh() * (34 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
+    (Config(8, 1, 1, B, "none",
+            sequence_parallel=False), lambda: _sbh() * (10 + 24 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
+    (Config(8, 1, 1, B, "none",
+            sequence_parallel=True), lambda: _sbh() * (34 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
     (Config(8, 1, 1, B, "selective", sequence_parallel=True), lambda: _sbh() * 34 / 8),
     (Config(8, 1, 1, B, "full", sequence_parallel=True), lambda: _sbh() * 2 / 8),
     (Config(1, 1, 1, B, "full", sequence_parallel=False), lambda: _sbh() * 2),
@@ -96,13 +98,17 @@ def test_op_recompute_bytes_by_hand():
 
 def test_recompute_ordering():
     m, s, b = PRESETS["llama3-8b"], 8192, 2
-    by = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b, rc), flash=True) for rc in ("none", "selective", "op", "full")}
-    assert by["none"] == by["selective"] > by["op"] > by["full"]  # flash already drops what Megatron's selective recomputes
-    nf = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b, rc), flash=False) for rc in ("none", "selective", "op", "full")}
+    by = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b,
+                                                     rc), flash=True) for rc in ("none", "selective", "op", "full")}
+    # flash already drops what Megatron's selective recomputes
+    assert by["none"] == by["selective"] > by["op"] > by["full"]
+    nf = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b,
+                                                     rc), flash=False) for rc in ("none", "selective", "op", "full")}
     assert nf["none"] > nf["selective"] > nf["op"] > nf["full"]
     # Under TP the kept w2 output is a full-width partial sum on every rank: for 405B at tp=8, op keeps more than none.
     big = PRESETS["llama3.1-405b"]
-    assert layer_activation_bytes(big, s, 1, Config(8, 1, 1, 1, "op"), True) > layer_activation_bytes(big, s, 1, Config(8, 1, 1, 1, "none"), True)
+    op = layer_activation_bytes(big, s, 1, Config(8, 1, 1, 1, "op"), True)
+    assert op > layer_activation_bytes(big, s, 1, Config(8, 1, 1, 1, "none"), True)
 
 
 def test_step_time_charges_op_recompute():
@@ -129,7 +135,8 @@ def test_op_recompute_matches_torch_selective_checkpointing():
         with live:
             y = x
             for blk in blocks:
-                y = checkpoint(blk, y, use_reentrant=False, **({"context_fn": _op_policy(torch)} if mode == "op" else {}))
+                y = checkpoint(blk, y, use_reentrant=False,
+                               **({"context_fn": _op_policy(torch)} if mode == "op" else {}))
             kept = live.bytes  # the checkpoints keep their inputs and the saved ops; the last output replaces x
             y.float().sum().backward()
         assert kept / len(blocks) == expected, mode
@@ -341,21 +348,26 @@ JSON_FIELDS = {"tp", "pp", "dp", "micro_batch", "recompute", "zero", "fits", "me
 
 def test_cli_json_fields_and_plan_file(tmp_path):
     out = tmp_path / "plan.json"
-    p = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100", "--seq", "4096",
-                        "--global-batch", "64", "--top", "3", "--json", "--out", str(out)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100",
+                        "--seq", "4096",
+                        "--global-batch", "64", "--top", "3", "--json", "--out",
+                        str(out)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
     assert len(rows) == 3 and all(JSON_FIELDS <= r.keys() for r in rows)
     plan = json.loads(out.read_text())
     assert plan["configs"] == rows and "torchrun" in plan["launch"] and "#SBATCH --nodes=1" in plan["launch"]["slurm"]
     assert "--tensor-model-parallel-size" in plan["launch"]["megatron_args"]
-    fail = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100", "--global-batch",
-                           "8", "--fix", "tp=3,pp=1,mb=1,recompute=none,zero=0", "--json", "--out", ""], capture_output=True, text=True)
+    fail = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100",
+                           "--global-batch",
+                           "8", "--fix", "tp=3,pp=1,mb=1,recompute=none,zero=0", "--json", "--out",
+                           ""], capture_output=True, text=True)
     assert fail.returncode == 0 and json.loads(fail.stdout)[0]["reason"] == "tp=3 does not divide 32 heads"
 
 
 def test_cli_fix_recompute_op():
-    base = ["plan", "--model", "llama3-8b", "--cluster", "8xH100", "--seq", "8192", "--global-batch", "16", "--json", "--out", ""]
+    base = ["plan", "--model", "llama3-8b", "--cluster", "8xH100", "--seq", "8192", "--global-batch", "16", "--json",
+            "--out", ""]
     rows = {}
     for rc in ("selective", "op"):
         p = subprocess.run([sys.executable, "-m", "hone.cli", *base, "--fix", f"tp=1,pp=1,mb=2,recompute={rc},zero=3"],
@@ -366,7 +378,8 @@ def test_cli_fix_recompute_op():
     assert op["recompute"] == "op" and JSON_FIELDS <= op.keys()
     assert op["memory_breakdown"]["activations"] < 0.5 * sel["memory_breakdown"]["activations"]
     assert op["step_time_s"] > 0 and op["fits"] is True
-    res = search(PRESETS["llama3-8b"], parse_preset("8xH100"), 8192, 16, fixed={"tp": 1, "pp": 1, "micro_batch": 2, "zero": 3})
+    res = search(PRESETS["llama3-8b"], parse_preset("8xH100"), 8192, 16,
+                 fixed={"tp": 1, "pp": 1, "micro_batch": 2, "zero": 3})
     assert "op" in {p["recompute"] for p in res.plans}  # the search tries it too
 
 
@@ -374,7 +387,8 @@ def test_cli_fix_recompute_op():
     (["--model", "nope", "--cluster", "8xH100", "--global-batch", "8"], "error: unknown model 'nope'"),
     (["--model", "llama3-8b", "--cluster", "8xQ100", "--global-batch", "8"], "error: unknown GPU 'Q100'"),
     (["--model", "llama3-8b", "--cluster", "lots", "--global-batch", "8"], "error: cluster 'lots'"),
-    (["--model", "llama3-8b", "--cluster", "8xH100", "--global-batch", "8", "--fix", "tp=x"], "error: --fix: tp must be an integer"),
+    (["--model", "llama3-8b", "--cluster", "8xH100", "--global-batch", "8", "--fix",
+      "tp=x"], "error: --fix: tp must be an integer"),
     (["--model", "llama3-8b", "--cluster", "8xH100"], "needs --model, --cluster and --global-batch"),
 ])
 def test_bad_input_one_line(args, msg):
@@ -392,7 +406,8 @@ def test_parse_fix():
 
 def test_cluster_toml_with_matrix_and_slow_node(tmp_path):
     f = tmp_path / "c.toml"
-    f.write_text('gpu = "A100-80GB"\nnodes = 2\ngpus_per_node = 2\nintra_gbps = 300\ninter_gbps = 25\nnode_inter_gbps = [25, 5]\n')
+    f.write_text('gpu = "A100-80GB"\nnodes = 2\ngpus_per_node = 2\nintra_gbps = 300\ninter_gbps = 25\nnode_inter_gbps '
+                 '= [25, 5]\n')
     cl = load_cluster(str(f))
     assert cl.link_gbps(0, 1) == 300 and cl.link_gbps(0, 2) == 5
     assert cl.group_link(2, 2)[0] == 5  # the DP ring across nodes is bounded by the slow node

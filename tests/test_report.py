@@ -17,7 +17,8 @@ def _points():
     rows = []
     for t in (1e4, 2e4, 4e4):
         for r in (0.0, 0.25, 0.5, 0.75, 1.0):
-            rows.append({"model_params": 1000, "ratio": r, "tokens": t, "general_loss": 4.0 + 0.3 * r ** 1.5 + 1e4 / t * 0.1,
+            rows.append({"model_params": 1000, "ratio": r, "tokens": t,
+                         "general_loss": 4.0 + 0.3 * r ** 1.5 + 1e4 / t * 0.1,
                          "domain_loss": 4.5 - 0.8 * r ** 0.5 + 1e4 / t * 0.1})
     return rows + [{"model_params": 1000, "ratio": r, "tokens": 0, "general_loss": 4.1, "domain_loss": 5.0}
                    for r in (0.0, 0.5)]
@@ -31,7 +32,8 @@ def rundir(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
     write_json(d / "recipe.json", {"hash": "x", "recipe": {"run": {"name": "synthetic"}, "train": {}}})
     write_json(d / "corpus" / "manifest.json", {
-        "steps": {"filters": {"docs_in": 100, "docs_out": 90, "dropped": {"too_few_words": {"docs": 7}, "symbols": {"docs": 3}}},
+        "steps": {"filters": {"docs_in": 100, "docs_out": 90,
+                              "dropped": {"too_few_words": {"docs": 7}, "symbols": {"docs": 3}}},
                   "exact_dedup": {"docs_in": 90, "docs_out": 88, "dropped": {"duplicate": {"docs": 2}}}},
         "domains": {"biomedical": {"docs": 40}, "general": {"docs": 48}},
         "retrieval": {"precision": 0.8, "recall": 0.9, "f1": 0.85}})
@@ -46,8 +48,10 @@ def rundir(tmp_path_factory):
     write_json(d / "mixture.json", mixture)
     write_json(d / "plan.json", {"model": {"name": "smollm2-135m"}, "cluster": {"name": "8xH100"}, "seq": 2048,
                                  "global_batch": 64, "configs": [
-                                     {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 1, "recompute": "none", "zero": 3, "vpp": 1,
-                                      "memory_gib_per_gpu": 4.46, "step_time_s": 0.04, "tokens_per_s": 3.28e6, "mfu": 0.51},
+                                     {"tp": 1, "pp": 1, "dp": 8, "micro_batch": 1, "recompute": "none", "zero": 3,
+                                      "vpp": 1,
+                                      "memory_gib_per_gpu": 4.46, "step_time_s": 0.04, "tokens_per_s": 3.28e6,
+                                      "mfu": 0.51},
                                      {"tp": 2, "pp": 1, "dp": 4, "micro_batch": 2, "recompute": "none", "zero": 1}]})
     write_report(d)
     return d, mixture
@@ -87,7 +91,8 @@ def test_renders_in_headless_chromium(rundir, tmp_path):
     if browser is None:
         pytest.skip("chromium not installed (apt-get install chromium)")
     d, mixture = rundir
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking",
              "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}"]
     dom = subprocess.run(flags + ["--dump-dom", (d / "report.html").as_uri()], capture_output=True, text=True,
                          timeout=120, check=True).stdout

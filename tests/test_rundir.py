@@ -39,7 +39,7 @@ def test_artifacts_get_ordinary_permissions(tmp_path):
     write_json(tmp_path / "x.json", {})
     mode = stat.S_IMODE((tmp_path / "x.json").stat().st_mode)
     assert mode & 0o044 == 0o044  # readable by group and others under the usual umask 022
-    with atomic_dir(tmp_path / "d") as tmp:
+    with atomic_dir(tmp_path / "d"):
         pass
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) & 0o055 == 0o055
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hone.model.loss import fused_linear_cross_entropy
 from hone.model.llama import Llama, LlamaConfig
+from hone.model.loss import fused_linear_cross_entropy
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 50, 4096])

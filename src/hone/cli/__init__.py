@@ -48,7 +48,8 @@ app.command("merge")(_merge)
 @app.command()
 def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Run directory."),
          fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
-         max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop training after N steps (resume later).")):
+         max_steps: Optional[int] = typer.Option(None, "--max-steps",
+                                                 help="Stop training after N steps (resume later).")):
     """Specialize SmolLM2-135M to biomedical text on this CPU: every stage, embedded default."""
     recipe = load_recipe(shipped_recipe("demo-biomed"))
     table = run_recipe(recipe, workdir, fresh=fresh, max_steps=max_steps, log=_log)
@@ -59,7 +60,8 @@ def demo(workdir: Path = typer.Option(Path("runs/demo"), "--workdir", help="Run 
 @app.command()
 def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR,
         fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
-        max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop training after N steps (resume later).")):
+        max_steps: Optional[int] = typer.Option(None, "--max-steps",
+                                                help="Stop training after N steps (resume later).")):
     """Run every stage of a recipe: pool, curate, tokenize, eval, train, eval, save, report."""
     r, wd = _load(recipe, workdir)
     run_recipe(r, wd, fresh=fresh, max_steps=max_steps, log=_log)
@@ -69,10 +71,16 @@ def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: O
 def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR,
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
           resume: bool = typer.Option(False, "--resume", help="Resume from the newest good checkpoint."),
-          nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (torchrun; GPUs or CPU/gloo)."),
-          nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes: > 1 prints the torchrun line and writes a Slurm script."),
-          supervise: bool = typer.Option(False, "--supervise", help="Self-healing: detect crashes, hangs, NaN losses and stragglers, recover by the cheapest plan (events.jsonl)."),
-          fault: Optional[str] = typer.Option(None, "--fault", help="Inject faults (as HONE_FAULT): kill|hang|nan:step=N[:rank=R], kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
+          nproc: int = typer.Option(1, "--nproc", min=1,
+                                    help="Processes on this machine (torchrun; GPUs or CPU/gloo)."),
+          nnodes: int = typer.Option(1, "--nnodes", min=1,
+                                     help="Nodes: > 1 prints the torchrun line and writes a Slurm script."),
+          supervise: bool = typer.Option(False, "--supervise",
+                                         help="Self-healing: detect crashes, hangs, NaN losses and stragglers, recover "
+                                              "by the cheapest plan (events.jsonl)."),
+          fault: Optional[str] = typer.Option(None, "--fault",
+                                              help="Inject faults (as HONE_FAULT): kill|hang|nan:step=N[:rank=R], "
+                                                   "kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
     """Train as the recipe says (runs the data stages first if their artifacts are missing).
 
     Without --resume, training starts over (the data stages are kept); with it, training
@@ -85,7 +93,8 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
         parse_faults(fault)  # a bad spec is a one-line error now, not in every worker
         os.environ["HONE_FAULT"] = fault
     if supervise and nnodes > 1:
-        raise HoneError("--supervise runs the workers on this machine; with --nnodes > 1 run the printed torchrun line under your scheduler")
+        raise HoneError("--supervise runs the workers on this machine; with --nnodes > 1 run the printed torchrun line "
+                        "under your scheduler")
     if nnodes > 1:
         cmds = multinode_commands(str(recipe), str(wd), nnodes, nproc)
         script = ensure_dir(wd / LAUNCH_DIR) / "slurm.sbatch"
@@ -98,7 +107,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
 
 
 @app.command("fetch-data")
-def fetch_data(dest: Optional[Path] = typer.Option(None, "--dest", help="Where to unpack (default: $HONE_DATA_DIR or ~/.cache/hone/data).")):
+def fetch_data(dest: Optional[Path] = typer.Option(None, "--dest",
+                                                   help="Where to unpack (default: $HONE_DATA_DIR or "
+                                                        "~/.cache/hone/data).")):
     """Download the Debian-packaged demo corpora (Gene Ontology, Jane Austen) and unpack them."""
     _log(f"demo data in {fetch_debian_data(dest)}")
 
@@ -111,9 +122,12 @@ def tokenize(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workd
 
 
 @app.command("eval")
-def eval_cmd(checkpoint: Path = typer.Argument(..., help="HF-format model directory (e.g. runs/demo/final) or an ensemble directory (hone merge --method ensemble)."),
+def eval_cmd(checkpoint: Path = typer.Argument(...,
+                                               help="HF-format model directory (e.g. runs/demo/final) or an ensemble "
+                                                    "directory (hone merge --method ensemble)."),
              data: List[str] = typer.Option(..., "--data", help="NAME=PATH of a JSON-lines set; repeat."),
-             base: Optional[Path] = typer.Option(None, "--base", help="Base model directory to compare with (forgetting)."),
+             base: Optional[Path] = typer.Option(None, "--base",
+                                                 help="Base model directory to compare with (forgetting)."),
              out: Path = typer.Option(Path("eval.json"), "-o", "--out", help="Where to write the results."),
              max_tokens: int = typer.Option(4000, "--max-tokens", help="Tokens scored per set."),
              seq_len: int = typer.Option(512, "--seq-len", help="Longest window scored at once.")):

@@ -41,7 +41,9 @@ def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), wo
 
 # --- the curation steps one by one ---------------------------------------------------------
 
-INPUTS = typer.Argument(..., help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk dirs.")
+INPUTS = typer.Argument(...,
+                        help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk "
+                             "dirs.")
 OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-*.parquet + manifest.json.")
 TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 EXECUTOR = typer.Option("local", "--executor", help="Where shard tasks run: local (processes) or ray.")
@@ -50,15 +52,18 @@ WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all c
 
 @data_app.command("dedup")
 def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
-               threshold: float = typer.Option(0.8, "--threshold", help="Shingle Jaccard at or above which docs are duplicates."),
+               threshold: float = typer.Option(0.8, "--threshold",
+                                               help="Shingle Jaccard at or above which docs are duplicates."),
                ngram: int = typer.Option(5, "--ngram", help="Shingle length in words (or bytes with --unit char)."),
                num_perm: int = typer.Option(128, "--num-perm", help="MinHash permutations."),
                unit: str = typer.Option("word", "--unit", help="Shingles of words or chars (bytes)."),
-               bands: Optional[int] = typer.Option(None, "--bands", help="LSH bands (with --rows; default: from --threshold)."),
+               bands: Optional[int] = typer.Option(None, "--bands",
+                                                   help="LSH bands (with --rows; default: from --threshold)."),
                rows: Optional[int] = typer.Option(None, "--rows", help="LSH rows per band (with --bands)."),
                cluster_column: bool = typer.Option(False, "--cluster-column", help="Add a dup_cluster column."),
                mark_only: bool = typer.Option(False, "--mark-only", help="Keep every document, only add dup_cluster."),
-               write_dropped: bool = typer.Option(False, "--write-dropped", help="Write removed docs to dropped/dropped.jsonl."),
+               write_dropped: bool = typer.Option(False, "--write-dropped",
+                                                  help="Write removed docs to dropped/dropped.jsonl."),
                text_field: str = TEXT_FIELD, executor: str = EXECUTOR, workers: Optional[int] = WORKERS):
     """Remove near-duplicates: MinHash LSH, candidates verified on true shingle Jaccard, one survivor per cluster."""
     step = _validated(DedupStep, type="dedup", threshold=threshold, ngram=ngram, num_perm=num_perm, unit=unit,
@@ -72,12 +77,18 @@ def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
 
 @data_app.command("retrieve")
 def data_retrieve(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
-                  query: Optional[List[str]] = typer.Option(None, "--query", help="Seed keywords or a question (repeatable)."),
-                  examples: Optional[Path] = typer.Option(None, "--examples", help="Example documents (.txt: one per paragraph; or jsonl/parquet)."),
+                  query: Optional[List[str]] = typer.Option(None, "--query",
+                                                            help="Seed keywords or a question (repeatable)."),
+                  examples: Optional[Path] = typer.Option(None, "--examples",
+                                                          help="Example documents (.txt: one per paragraph; or "
+                                                               "jsonl/parquet)."),
                   top_k: int = typer.Option(1000, "--top-k", help="Documents to retrieve."),
-                  expand: str = typer.Option("prf", "--expand", help="Query expansion: none, prf (pseudo-relevance feedback) or llm (HONE_LLM_URL)."),
+                  expand: str = typer.Option("prf", "--expand",
+                                             help="Query expansion: none, prf (pseudo-relevance feedback) or llm "
+                                                  "(HONE_LLM_URL)."),
                   name: str = typer.Option("domain", "--name", help="Domain label of the retrieved documents."),
-                  keep_rest: bool = typer.Option(False, "--keep-rest", help="Keep the other documents as domain 'general'."),
+                  keep_rest: bool = typer.Option(False, "--keep-rest",
+                                                 help="Keep the other documents as domain 'general'."),
                   text_field: str = TEXT_FIELD):
     """Find the domain: BM25 over the inputs from seed queries or example documents, with query expansion."""
     _validated(RetrieveStep, type="retrieve", query=query or [], examples=str(examples) if examples else None,

@@ -18,11 +18,20 @@ from hone.rundir import read_json, write_json
 
 def merge(experts: List[Path] = typer.Argument(..., help="Expert HF directories (e.g. runs/x/experts/bio/final)."),
           out: Path = typer.Option(..., "-o", "--out", help="Output directory."),
-          weights: Optional[str] = typer.Option(None, "--weights", help="w1,w2,... one per expert, normalized (default: uniform). The prior for an ensemble."),
-          method: str = typer.Option("average", "--method", help="average: one HF checkpoint of averaged parameters; ensemble: mix the experts' predictions by domain posterior."),
-          prefix_cap: Optional[int] = typer.Option(None, "--prefix-cap", help="Ensemble: posterior from the last N context tokens only."),
-          smoothing: float = typer.Option(0.0, "--smoothing", help="Ensemble: share of the prior mixed into the posterior."),
-          prior_data: Optional[List[Path]] = typer.Option(None, "--prior-data", help="Ensemble: JSON-lines sample of the target data; the prior becomes the experts' mean posterior on it (BTM's cached prior). Repeat.")):
+          weights: Optional[str] = typer.Option(None, "--weights",
+                                                help="w1,w2,... one per expert, normalized (default: uniform). The "
+                                                     "prior for an ensemble."),
+          method: str = typer.Option("average", "--method",
+                                     help="average: one HF checkpoint of averaged parameters; ensemble: mix the "
+                                          "experts' predictions by domain posterior."),
+          prefix_cap: Optional[int] = typer.Option(None, "--prefix-cap",
+                                                   help="Ensemble: posterior from the last N context tokens only."),
+          smoothing: float = typer.Option(0.0, "--smoothing",
+                                          help="Ensemble: share of the prior mixed into the posterior."),
+          prior_data: Optional[List[Path]] = typer.Option(None, "--prior-data",
+                                                          help="Ensemble: JSON-lines sample of the target data; the "
+                                                               "prior becomes the experts' mean posterior on it (BTM's "
+                                                               "cached prior). Repeat.")):
     """Merge experts into one checkpoint (parameter average) or an ensemble `hone eval` can score."""
     w = parse_weights(weights, len(experts))
     if method == "average":
@@ -55,12 +64,21 @@ def _cache_prior(out: Path, texts: list[str], prior_data: List[Path]) -> list[fl
 
 def branch(recipe: Path = typer.Argument(..., help="Recipe TOML file with an experts section (experts.domain tables)."),
            workdir: Optional[Path] = WORKDIR,
-           only: Optional[List[str]] = typer.Option(None, "--only", help="Train only this expert (repeat); others are left as they are."),
-           resume: bool = typer.Option(False, "--resume", help="Continue unfinished experts from their newest checkpoint (default: start them over)."),
-           with_joint: bool = typer.Option(False, "--with-joint", help="Also train one model on the union of the domains with the experts' total token budget."),
-           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop each expert after N steps (resume later)."),
+           only: Optional[List[str]] = typer.Option(None, "--only",
+                                                    help="Train only this expert (repeat); others are left as they "
+                                                         "are."),
+           resume: bool = typer.Option(False, "--resume",
+                                       help="Continue unfinished experts from their newest checkpoint (default: start "
+                                            "them over)."),
+           with_joint: bool = typer.Option(False, "--with-joint",
+                                           help="Also train one model on the union of the domains with the experts' "
+                                                "total token budget."),
+           max_steps: Optional[int] = typer.Option(None, "--max-steps",
+                                                   help="Stop each expert after N steps (resume later)."),
            no_eval: bool = typer.Option(False, "--no-eval", help="Skip merging and the per-domain comparison."),
-           prepare_only: bool = typer.Option(False, "--prepare-only", help="Build the seed and each expert's run directory, print the torchrun / Slurm command per expert, train nothing.")):
+           prepare_only: bool = typer.Option(False, "--prepare-only",
+                                             help="Build the seed and each expert's run directory, print the torchrun "
+                                                  "/ Slurm command per expert, train nothing.")):
     """Branch-Train-Merge: one expert per experts.domain table of the recipe, each an independent, resumable job.
 
     Finished experts are never retrained; a domain added to the recipe later trains only its

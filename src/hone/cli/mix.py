@@ -20,7 +20,8 @@ from hone.pipeline import sweep_mixture
 from hone.rundir import read_json, write_json
 from hone.train.mixture import make_schedule
 
-mix_app = typer.Typer(no_args_is_help=True, help="Choose the domain mixture: proxy sweep, CMR / D-CPT law fits, predictions.")
+mix_app = typer.Typer(no_args_is_help=True,
+                      help="Choose the domain mixture: proxy sweep, CMR / D-CPT law fits, predictions.")
 
 
 @mix_app.command("sweep")
@@ -37,9 +38,13 @@ def fit(runs: Path = typer.Argument(..., help="runs.jsonl from hone mix sweep (o
         out: Path = typer.Option(Path("mixture.json"), "-o", "--out", help="Where to write the fitted mixture."),
         law: str = typer.Option("both", "--law", help="cmr, dcpt, or both (the better-fitting one chooses)."),
         tolerance: float = typer.Option(0.05, "--tolerance", help="Allowed rise of general loss in nats (CMR: 0.05)."),
-        tokens: Optional[float] = typer.Option(None, "--tokens", help="Planned token budget (default: the largest in the runs)."),
-        upsample_fraction: float = typer.Option(0.0, "--upsample-fraction", help="Domain upsampling over the last fraction of steps (0: off)."),
-        upsample_ratio: Optional[float] = typer.Option(None, "--upsample-ratio", help="Ratio during upsampling (default: twice the chosen, at most 1).")):
+        tokens: Optional[float] = typer.Option(None, "--tokens",
+                                               help="Planned token budget (default: the largest in the runs)."),
+        upsample_fraction: float = typer.Option(0.0, "--upsample-fraction",
+                                                help="Domain upsampling over the last fraction of steps (0: off)."),
+        upsample_ratio: Optional[float] = typer.Option(None, "--upsample-ratio",
+                                                       help="Ratio during upsampling (default: twice the chosen, at "
+                                                            "most 1).")):
     """Fit the mixture laws (robust loss, R^2, residuals), choose the ratio, write mixture.json with its schedule."""
     result = fit_mixture(load_runs(runs), law=law, tolerance=tolerance, target_tokens=tokens, source=str(runs))
     result["source"] = str(runs)
@@ -56,9 +61,12 @@ def fit(runs: Path = typer.Argument(..., help="runs.jsonl from hone mix sweep (o
 @mix_app.command("predict")
 def predict(mixture: Path = typer.Argument(..., help="mixture.json from hone mix fit."),
             ratio: float = typer.Option(..., "--ratio", help="Domain ratio in [0, 1]."),
-            tokens: Optional[float] = typer.Option(None, "--tokens", help="Continual-pretraining tokens (default: the fit's target)."),
-            params: Optional[float] = typer.Option(None, "--params", help="Model parameters (D-CPT with several sizes)."),
-            law: Optional[str] = typer.Option(None, "--law", help="cmr or dcpt (default: the one that chose the ratio).")):
+            tokens: Optional[float] = typer.Option(None, "--tokens",
+                                                   help="Continual-pretraining tokens (default: the fit's target)."),
+            params: Optional[float] = typer.Option(None, "--params",
+                                                   help="Model parameters (D-CPT with several sizes)."),
+            law: Optional[str] = typer.Option(None, "--law",
+                                              help="cmr or dcpt (default: the one that chose the ratio).")):
     """Print {"general_loss", "domain_loss"} predicted by the fitted laws, as JSON."""
     data = read_json(mixture)
     if not isinstance(data, dict) or "laws" not in data:

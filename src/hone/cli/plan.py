@@ -1,8 +1,10 @@
 """`hone plan`: choose a parallel configuration for a model on a cluster.
 
     hone plan --model llama3-70b --cluster 4x8xH100 --seq 8192 --global-batch 512
-    hone plan --model llama3-8b --cluster 8xH100 --seq 8192 --global-batch 32 --fix tp=1,pp=1,mb=1,recompute=none,zero=3 --json
-    hone plan calibrate -o profile.json && hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
+    hone plan --model llama3-8b --cluster 8xH100 --seq 8192 --global-batch 32 \
+        --fix tp=1,pp=1,mb=1,recompute=none,zero=3 --json
+    hone plan calibrate -o profile.json
+    hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
 """
 
 from __future__ import annotations
@@ -26,18 +28,33 @@ CONSTANT_HELP = "Override a planner constant, e.g. --const eff_max=0.6 (see hone
 
 @plan_app.callback()
 def plan(ctx: typer.Context,
-         model: Optional[str] = typer.Option(None, "--model", help="Preset (llama3-8b, llama3-70b, llama3.1-405b, gpt3-175b, smollm2-135m, hone-125m, hone-1b, ...), an HF config.json, or layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..[,arch=gpt|llama]."),
-         cluster: Optional[str] = typer.Option(None, "--cluster", help="Preset GPUSxTYPE or NODESxGPUSxTYPE (8xH100, 4x8xA100-80GB), a cluster .toml, or a profile .json from `hone plan calibrate`."),
+         model: Optional[str] = typer.Option(None, "--model",
+                                             help="Preset (llama3-8b, llama3-70b, llama3.1-405b, gpt3-175b, "
+                                                  "smollm2-135m, hone-125m, hone-1b, ...), an HF config.json, or "
+                                                  "layers=..,hidden=..,heads=..,kv_heads=..,ffn=..,vocab=..[,arch=gpt|llama]."),
+         cluster: Optional[str] = typer.Option(None, "--cluster",
+                                               help="Preset GPUSxTYPE or NODESxGPUSxTYPE (8xH100, 4x8xA100-80GB), a "
+                                                    "cluster .toml, or a profile .json from `hone plan calibrate`."),
          seq: int = typer.Option(2048, "--seq", help="Sequence length in tokens."),
          global_batch: int = typer.Option(None, "--global-batch", help="Global batch in sequences."),
-         fix: Optional[str] = typer.Option(None, "--fix", help="Fix fields: tp=8,pp=8,dp=4,mb=1,recompute=none|selective|op|full,zero=0..3,vpp=V. recompute: none; selective = Megatron's (attention core); op = torchtitan's per-op (keeps every second matmul output, recomputes the rest); full = whole layers. All of tp,pp,mb,recompute,zero given: evaluate exactly that configuration."),
+         fix: Optional[str] = typer.Option(None, "--fix",
+                                           help="Fix fields: "
+                                                "tp=8,pp=8,dp=4,mb=1,recompute=none|selective|op|full,zero=0..3,vpp=V. "
+                                                "recompute: none; selective = Megatron's (attention core); op = "
+                                                "torchtitan's per-op (keeps every second matmul output, recomputes the "
+                                                "rest); full = whole layers. All of tp,pp,mb,recompute,zero given: "
+                                                "evaluate exactly that configuration."),
          top: int = typer.Option(10, "--top", help="How many configurations to print and keep."),
          as_json: bool = typer.Option(False, "--json", help="Print the configurations as a JSON list."),
-         out: str = typer.Option("plan.json", "--out", help="Write the plan here (ranked configs, launch commands); '' writes nothing."),
-         rank: str = typer.Option("throughput", "--rank", help="throughput, or cost (also tries fewer nodes; needs --tokens)."),
-         tokens: Optional[float] = typer.Option(None, "--tokens", help="Token budget of the run: adds days, GPU-hours and cost."),
+         out: str = typer.Option("plan.json", "--out",
+                                 help="Write the plan here (ranked configs, launch commands); '' writes nothing."),
+         rank: str = typer.Option("throughput", "--rank",
+                                  help="throughput, or cost (also tries fewer nodes; needs --tokens)."),
+         tokens: Optional[float] = typer.Option(None, "--tokens",
+                                                help="Token budget of the run: adds days, GPU-hours and cost."),
          price: float = typer.Option(2.0, "--price", help="Price per GPU-hour for --tokens."),
-         place: bool = typer.Option(False, "--placement", help="Also assign ranks to GPUs from the cluster's link matrix."),
+         place: bool = typer.Option(False, "--placement",
+                                    help="Also assign ranks to GPUs from the cluster's link matrix."),
          const: Optional[List[str]] = typer.Option(None, "--const", help=CONSTANT_HELP)):
     """Search every valid tp / pp / dp / micro-batch / recompute / ZeRO / vpp; print the best."""
     if ctx.invoked_subcommand is not None:
@@ -72,7 +89,8 @@ def _constants(items: list[str]) -> dict:
 
 @plan_app.command()
 def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--output", help="Hardware profile to write."),
-              model: Optional[str] = typer.Option(None, "--model", help="Measure GEMMs at this model's shapes (default hone-1b)."),
+              model: Optional[str] = typer.Option(None, "--model",
+                                                  help="Measure GEMMs at this model's shapes (default hone-1b)."),
               seq: int = typer.Option(2048, "--seq", help="Tokens per GEMM row block (micro-batch x sequence)."),
               device: str = typer.Option("auto", "--device", help="auto (CUDA if visible), cuda or cpu."),
               quick: bool = typer.Option(False, "--quick", help="Small sizes, few repeats (seconds on a CPU).")):
@@ -82,10 +100,12 @@ def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--outp
     write_json(output, prof)
     c = prof["cluster"]
     print(f"{c['gpus_per_node']} x {c['gpu']['name']}: GEMM {prof['measured']['gemm_tflops']:.2f} TFLOP/s "
-          f"(efficiency {c['efficiency']:.2f} of {c['gpu']['peak_tflops']:g}), memory {prof['measured']['memory_gbps']:.1f} GB/s, "
+          f"(efficiency {c['efficiency']:.2f} of {c['gpu']['peak_tflops']:g}), memory "
+          f"{prof['measured']['memory_gbps']:.1f} GB/s, "
           f"links {c['intra_gbps']:.1f} GB/s")
     if (t := c.get("trainer")) is not None:
         (b, s), ms = t["points"][1], 1e3 * t["measured"]["layer_fwd_bwd_s"][1]
         print(f"Hone's layer at this shape: {ms:.2f} ms forward + backward for {b} x {s} tokens; keeps "
-              f"{t['act_bytes_per_token']:.0f} B per token ({t['ckpt_bytes_per_token']:.0f} B with activation checkpointing)")
+              f"{t['act_bytes_per_token']:.0f} B per token ({t['ckpt_bytes_per_token']:.0f} B with activation "
+              "checkpointing)")
     print(f"wrote {output}  (use: hone plan --cluster {output} ...)")

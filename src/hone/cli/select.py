@@ -21,7 +21,9 @@ from hone.corpus.rate import rate_step
 from hone.corpus.select import select_step
 from hone.errors import HoneError
 
-INPUTS = typer.Argument(..., help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk dirs.")
+INPUTS = typer.Argument(...,
+                        help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk "
+                             "dirs.")
 OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-00000.parquet + manifest.json.")
 TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 SEED = typer.Option(0, "--seed", help="Random seed (sampling, pairs).")
@@ -32,30 +34,44 @@ def _log(msg: str) -> None:
 
 
 def dsir(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
-         target: Path = typer.Option(..., "--target", help="Example documents of the domain (.txt: one per paragraph; or jsonl/parquet)."),
+         target: Path = typer.Option(..., "--target",
+                                     help="Example documents of the domain (.txt: one per paragraph; or "
+                                          "jsonl/parquet)."),
          k: int = typer.Option(..., "--k", help="Documents to keep."),
          buckets: int = typer.Option(10_000, "--buckets", help="Hashed uni+bigram buckets."),
          min_words: int = typer.Option(5, "--min-words", help="Drop documents with fewer words (too_short)."),
          pseudo_count: float = typer.Option(0.1, "--pseudo-count", help="Added to every bucket's count (smoothing)."),
-         length_norm: bool = typer.Option(True, "--length-norm/--sum", help="log w per n-gram × median length (default), or the paper's plain sum (favours long documents)."),
+         length_norm: bool = typer.Option(True, "--length-norm/--sum",
+                                          help="log w per n-gram × median length (default), or the paper's plain sum "
+                                               "(favours long documents)."),
          deterministic: bool = typer.Option(False, "--deterministic", help="Top-k instead of Gumbel top-k sampling."),
          name: Optional[str] = typer.Option(None, "--name", help="Domain label written on kept documents."),
          seed: int = SEED, text_field: str = TEXT_FIELD):
     """Importance-resample the inputs toward target examples (DSIR: hashed n-grams, Gumbel top-k)."""
     m = dsir_step(inputs, output, text_field=text_field, target=str(target), k=k, buckets=buckets,
-                  min_words=min_words, pseudo_count=pseudo_count, length_norm=length_norm, deterministic=deterministic, name=name, seed=seed)
+                  min_words=min_words, pseudo_count=pseudo_count, length_norm=length_norm, deterministic=deterministic,
+                  name=name, seed=seed)
     finish_step("dsir", m, output)
 
 
 def rate(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
-         judge: str = typer.Option(..., "--judge", help="local:smollm2, local:PATH (GGUF file or HF dir) or openai:URL (e.g. openai:http://localhost:8000/v1)."),
-         criterion: str = typer.Option("educational_value", "--criterion", help="writing_style, required_expertise, facts_and_trivia, educational_value, or your own question."),
-         pairs: int = typer.Option(200, "--pairs", help="Pairs judged (both orders each); a share is held out to measure the rater."),
+         judge: str = typer.Option(..., "--judge",
+                                   help="local:smollm2, local:PATH (GGUF file or HF dir) or openai:URL (e.g. "
+                                        "openai:http://localhost:8000/v1)."),
+         criterion: str = typer.Option("educational_value", "--criterion",
+                                       help="writing_style, required_expertise, facts_and_trivia, educational_value, "
+                                            "or your own question."),
+         pairs: int = typer.Option(200, "--pairs",
+                                   help="Pairs judged (both orders each); a share is held out to measure the rater."),
          heldout: float = typer.Option(0.2, "--heldout", help="Share of rated documents and pairs held out."),
          excerpt_tokens: int = typer.Option(256, "--excerpt-tokens", help="Tokens of each document the judge reads."),
          column: str = typer.Option("quality", "--column", help="Name of the score column written."),
-         judge_model: Optional[str] = typer.Option(None, "--judge-model", help="openai: model name (default $HONE_JUDGE_MODEL or gpt-4o-mini)."),
-         api_key_env: str = typer.Option("HONE_JUDGE_KEY", "--api-key-env", help="openai: environment variable holding the API key (else OPENAI_API_KEY)."),
+         judge_model: Optional[str] = typer.Option(None, "--judge-model",
+                                                   help="openai: model name (default $HONE_JUDGE_MODEL or "
+                                                        "gpt-4o-mini)."),
+         api_key_env: str = typer.Option("HONE_JUDGE_KEY", "--api-key-env",
+                                         help="openai: environment variable holding the API key (else "
+                                              "OPENAI_API_KEY)."),
          seed: int = SEED, text_field: str = TEXT_FIELD):
     """Rate quality (QuRating): pairwise judgments → Bradley–Terry → a fast rater scores every document."""
     m = rate_step(inputs, output, text_field=text_field, log=_log, judge=judge, criterion=criterion, pairs=pairs,
@@ -87,12 +103,19 @@ def _quotas(items: list[str]) -> dict[str, float]:
 
 
 def select(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
-           method: str = typer.Option("zip", "--method", help="zip (compression-ratio diversity), quality (needs a quality column) or random."),
+           method: str = typer.Option("zip", "--method",
+                                      help="zip (compression-ratio diversity), quality (needs a quality column) or "
+                                           "random."),
            budget_tokens: Optional[int] = typer.Option(None, "--budget-tokens", help="Token budget of the selection."),
-           max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Document budget (with or instead of --budget-tokens)."),
+           max_docs: Optional[int] = typer.Option(None, "--max-docs",
+                                                  help="Document budget (with or instead of --budget-tokens)."),
            temperature: float = typer.Option(1.0, "--temperature", help="quality: τ of P ∝ exp(z/τ); 0 = top-k."),
-           quota: Optional[List[str]] = typer.Option(None, "--quota", help="DOMAIN=SHARE of the budget (repeatable); other domains are dropped."),
-           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Count tokens with smollm2 or a tokenizer.json (default: whitespace words)."),
+           quota: Optional[List[str]] = typer.Option(None, "--quota",
+                                                     help="DOMAIN=SHARE of the budget (repeatable); other domains are "
+                                                          "dropped."),
+           tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
+                                                   help="Count tokens with smollm2 or a tokenizer.json (default: "
+                                                        "whitespace words)."),
            k1: int = typer.Option(10_000, "--k1", help="zip: candidates by own compression ratio."),
            k2: int = typer.Option(200, "--k2", help="zip: candidates by ratio with the selected set."),
            k3: int = typer.Option(100, "--k3", help="zip: documents added per round."),
@@ -107,7 +130,8 @@ def select(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
     info = m.get("select", {})
     if info:
         _log(f"select: {info['tokens_selected']} of {info['tokens_in']} tokens selected"
-             + (f", compression ratio {info['compression_ratio_selected']}" if "compression_ratio_selected" in info else ""))
+             + (f", compression ratio {info['compression_ratio_selected']}"
+                if "compression_ratio_selected" in info else ""))
     finish_step("select", m, output)
 
 

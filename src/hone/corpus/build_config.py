@@ -110,7 +110,8 @@ def _step_function(kind: str):
     try:  # dsir, rate, select: imported when used (rate pulls in the model code)
         return getattr(importlib.import_module(f"hone.corpus.{kind}"), f"{kind}_step")
     except (ImportError, AttributeError):
-        raise HoneError(f"step '{kind}' needs hone.corpus.{kind}.{kind}_step, which this install does not have") from None
+        raise HoneError(f"step '{kind}' needs hone.corpus.{kind}.{kind}_step, "
+                        "which this install does not have") from None
 
 
 def _step_params(step, text_field: str) -> dict:

@@ -145,7 +145,8 @@ class OpenAIJudge:
         self.name = f"openai:{self.url} ({model})"
 
     def _post(self, body: dict) -> dict:
-        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
+        headers = {"Content-Type": "application/json",
+                   **({"Authorization": f"Bearer {self._key}"} if self._key else {})}
         req = urllib.request.Request(self.url + "/chat/completions", data=json.dumps(body).encode(), headers=headers,
                                      method="POST")
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
@@ -302,7 +303,8 @@ class NgramRater:
                 weight.append(max(n, 1))
         s = self.predict(pieces) if pieces else np.zeros(0)
         owner_a, weight_a = np.array(owner, dtype=np.int64), np.array(weight, dtype=np.float64)
-        return np.bincount(owner_a, s * weight_a, len(texts)) / np.maximum(np.bincount(owner_a, weight_a, len(texts)), 1e-12)
+        return np.bincount(owner_a, s * weight_a,
+                           len(texts)) / np.maximum(np.bincount(owner_a, weight_a, len(texts)), 1e-12)
 
 
 def _features(hasher, texts: list[str]):

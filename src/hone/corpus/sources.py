@@ -70,7 +70,8 @@ def _fetch_one(name: str, dest: Path) -> None:
              "run `sudo apt-get update` then `hone fetch-data`")
         deb = next(tmp.glob(f"{name}_*.deb"), None)
         if deb is None:
-            raise HoneError(f"`apt-get download {name}` wrote no .deb; run `sudo apt-get update` then `hone fetch-data`")
+            raise HoneError(f"`apt-get download {name}` wrote no .deb; "
+                            "run `sudo apt-get update` then `hone fetch-data`")
         # Unpack beside the target and rename: an interrupted fetch leaves no half tree.
         _run(["dpkg-deb", "-x", str(deb), str(tmp / "x")], tmp, f"`dpkg-deb -x {deb.name}` failed",
              "delete it and run `hone fetch-data` again")

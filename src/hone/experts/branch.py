@@ -189,7 +189,8 @@ class Brancher:
         if existing and existing.get("expert_hash") != key:
             forget_training(edir, self.log)  # checkpoints of another recipe must not be resumed
         _write_run_recipe(edir, erecipe, key)
-        cmds = expert_commands(str(edir), str(self.recipe_path) if self.recipe_path else None, str(self.workdir), spec.name)
+        cmds = expert_commands(str(edir), str(self.recipe_path) if self.recipe_path else None, str(self.workdir),
+                               spec.name)
         write_text(ensure_dir(edir / "launch") / "slurm.sbatch", cmds["slurm"])
         return edir, erecipe, key, False
 
@@ -237,7 +238,8 @@ class Brancher:
             forget_training(rdir, self.log)
         write_union_stream(rows, rdir / "tokens" / "train" / name, eos_id(self.tok), tokenizer_hash(self.tok))
         _write_run_recipe(rdir, urecipe, key)
-        self.log(f"[{name}] {n_tokens:,} tokens interleaved from " + ", ".join(f"{d} {c} batches" for d, c in counts.items()))
+        self.log(f"[{name}] {n_tokens:,} tokens interleaved from " + ", ".join(f"{d} {c} batches" for d,
+                                                                               c in counts.items()))
         result = _train_run(urecipe, rdir, resume, max_steps, _prefixed(self.log, name))
         return None if result is None else {**result, "hash": key, "domains": counts}
 
@@ -245,7 +247,8 @@ class Brancher:
         """One model on the union of the domains with the experts' total token budget."""
         t = self.recipe.train
         domains = list(self.specs)
-        tokens = sum(total_steps(t.model_copy(update={"max_tokens": _spec_of(self.recipe, self.specs[d])["max_tokens"]}))
+        tokens = sum(total_steps(t.model_copy(update={"max_tokens": _spec_of(self.recipe,
+                                                                             self.specs[d])["max_tokens"]}))
                      for d in domains) * t.batch_size * t.seq_len
         jdir = self.root / JOINT
         done = read_done(jdir / DONE_FILE)
@@ -261,7 +264,8 @@ class Brancher:
         result = self._union_run(JOINT, seed_dir, tokens, domains, resume, max_steps)
         if result is None:
             return False
-        write_json(jdir / DONE_FILE, {"name": JOINT, "want": want, **result, "wall_s": round(time.perf_counter() - t0, 3)})
+        write_json(jdir / DONE_FILE,
+                   {"name": JOINT, "want": want, **result, "wall_s": round(time.perf_counter() - t0, 3)})
         return True
 
 

@@ -110,7 +110,8 @@ def write_union_stream(rows: list[np.ndarray], out_dir: Path, eos: int, tokenize
     with atomic_path(out_dir / "shard-00000.bin") as tmp:
         flat.astype(dtype).tofile(tmp)
     index = {"dtype": dtype.str, "shards": [{"file": "shard-00000.bin", "tokens": int(len(flat)), "docs": 0}],
-             "tokens": int(len(flat)), "docs": 0, "doc_offsets": [], "eos_id": int(eos), "tokenizer_hash": tokenizer_hash}
+             "tokens": int(len(flat)), "docs": 0, "doc_offsets": [], "eos_id": int(eos),
+             "tokenizer_hash": tokenizer_hash}
     write_json(out_dir / "index.json", index)
     return index
 

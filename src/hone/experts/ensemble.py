@@ -73,7 +73,8 @@ class EnsembleLM(nn.Module):
 
 
 @torch.no_grad()
-def cached_prior(model: EnsembleLM, tokenizer, texts: list[str], max_tokens: int = 4000, seq_len: int = 512) -> list[float]:
+def cached_prior(model: EnsembleLM, tokenizer, texts: list[str], max_tokens: int = 4000,
+                 seq_len: int = 512) -> list[float]:
     """BTM's "cached prior": the experts' posterior at the end of each document of a sample of
     the data the ensemble will see, averaged over the documents. A skewed test mixture
     then starts every document with its skew instead of a uniform prior."""

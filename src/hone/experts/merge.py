@@ -117,7 +117,8 @@ def average_state_dicts(states: list[dict[str, torch.Tensor]], weights: list[flo
             raise HoneError(f"{name}: weight names differ from {names[0]}'s (e.g. {extra!r})")
         for key, t in sd.items():
             if t.shape != ref[key].shape:
-                raise HoneError(f"{name}: weight {key!r} has shape {tuple(t.shape)}, {names[0]}'s is {tuple(ref[key].shape)}")
+                raise HoneError(f"{name}: weight {key!r} has shape {tuple(t.shape)}, {names[0]}'s is "
+                                f"{tuple(ref[key].shape)}")
     out = {}
     for key, t in ref.items():
         if not t.is_floating_point():  # integer buffers (none in Llama) cannot be averaged

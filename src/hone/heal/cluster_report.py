@@ -8,7 +8,8 @@ from hone.heal.simulate import BUCKETS
 from hone.rundir import atomic_path, ensure_dir, write_json
 
 COLORS = {"checkpoint-restart": "#C44E52", "naive-elastic": "#DD8452", "cost-aware": "#55A868"}
-BUCKET_COLORS = {"rollback": "#C44E52", "restart": "#DD8452", "checkpoint": "#8172B2", "idle": "#937860", "down": "#8C8C8C"}
+BUCKET_COLORS = {"rollback": "#C44E52", "restart": "#DD8452", "checkpoint": "#8172B2", "idle": "#937860",
+                 "down": "#8C8C8C"}
 
 
 def format_text(res: dict) -> str:
@@ -24,11 +25,13 @@ def format_text(res: dict) -> str:
              + " ".join(f"{b:>10}" for b in (*BUCKETS[1:], "lost")) + "   (lost GPU-hours, mean)"]
     for p, s in res["summary"].items():
         g, lost = s["goodput"], s["lost_gpu_hours"]
-        lines.append(f"{p:<19} {g['mean']:>8.2%} {g['min']:>7.2%} {g['max']:>7.2%} {s['weighted_flops']['mean'] / 1e15:>12,.0f} "
+        lines.append(f"{p:<19} {g['mean']:>8.2%} {g['min']:>7.2%} {g['max']:>7.2%} "
+                     f"{s['weighted_flops']['mean'] / 1e15:>12,.0f} "
                      f"{s['failures']:>8.1f} {s['reconfigurations']:>6.1f} "
                      + " ".join(f"{lost[b]:>10,.1f}" for b in (*BUCKETS[1:], "lost")))
     lines.append("useful tokens (mean, billions): " + "; ".join(
-        f"{p} " + ", ".join(f"{n} {v / 1e9:,.1f}" for n, v in s["useful_tokens"].items()) for p, s in res["summary"].items()))
+        f"{p} " + ", ".join(f"{n} {v / 1e9:,.1f}" for n,
+                            v in s["useful_tokens"].items()) for p, s in res["summary"].items()))
     for p, s in res["summary"].items():
         if "cost_aware_ratio" in s:
             r = s["cost_aware_ratio"]
@@ -75,7 +78,8 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("Lost GPU-hours")
     ax.legend(fontsize=8)
     # Show the seed whose failures hit jobs most often: the first seed may have none.
-    seed = max(res["config"]["seeds"], key=lambda sd: (sum(r["failures"]["hit_jobs"] for r in res["runs"] if r["seed"] == sd), -sd))
+    seed = max(res["config"]["seeds"],
+               key=lambda sd: (sum(r["failures"]["hit_jobs"] for r in res["runs"] if r["seed"] == sd), -sd))
     names = [j["name"] for j in res["jobs"]]
     for i, p in enumerate(pols):
         ax = fig.add_subplot(grid[1 + i, :])

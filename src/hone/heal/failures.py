@@ -104,7 +104,8 @@ def generate(n_gpus: int, gpus_per_node: int, days: float, gpu_mtbf_h: float, se
         out.append(FailureEvent(t, gpu // gpus_per_node, "hardware" if hw else "transient", rep, gpu))
 
 
-def load_trace(path: Path, n_gpus: int, gpus_per_node: int, days: float, repair: RepairTime, seed: int) -> list[FailureEvent]:
+def load_trace(path: Path, n_gpus: int, gpus_per_node: int, days: float, repair: RepairTime,
+               seed: int) -> list[FailureEvent]:
     """Failures from a CSV / JSON-lines trace; a row without repair_h draws one (seeded)."""
     path = Path(path)
     if not path.exists():
@@ -143,7 +144,8 @@ def _read_rows(path: Path) -> list[tuple[int, dict]]:
     if not reader.fieldnames:
         return []
     # reader.line_num counts the kept lines read so far: map it back to the file's line number.
-    return [(kept[reader.line_num - 1][0], {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k})
+    return [(kept[reader.line_num - 1][0],
+             {k.strip(): (v.strip() if isinstance(v, str) else v) for k, v in r.items() if k})
             for r in reader]
 
 

@@ -54,7 +54,8 @@ class Segment:
         restart = min(dur, self.delay)
         e = dur - restart
         if math.isinf(self.tau):  # no failures expected: never checkpoints (0 * inf would be nan)
-            return {"restart": restart, "useful": 0.0 if failed else e, "checkpoint": 0.0, "rollback": e if failed else 0.0}
+            return {"restart": restart, "useful": 0.0 if failed else e, "checkpoint": 0.0,
+                    "rollback": e if failed else 0.0}
         k = int(e // (self.tau + self.ckpt))
         phase = e - k * (self.tau + self.ckpt)
         if failed:  # the partial cycle (and a checkpoint being written) is lost
@@ -299,7 +300,8 @@ def prepare(jobs: list[Job], *, n_nodes: int, gpus_per_node: int, gpu: str, end_
     for i, job in enumerate(jobs):
         c = curve(job, gpu, gpus_per_node, n_nodes)
         if not c:
-            limits = f" within min_gpus {job.min_gpus} / max_gpus {job.max_gpus}" if job.min_gpus or job.max_gpus else ""
+            limits = (f" within min_gpus {job.min_gpus} / max_gpus {job.max_gpus}"
+                      if job.min_gpus or job.max_gpus else "")
             raise HoneError(f"{where}: job[{i}] ({job.name}): no valid parallel shape of {job.model.name} fits on "
                             f"1..{n_nodes} nodes of {gpus_per_node} x {gpu}{limits} (see hone plan --model "
                             f"{job.model.name} --cluster {n_nodes}x{gpus_per_node}x{gpu} --seq {job.seq} "
@@ -340,7 +342,8 @@ def simulate(jobs: list[Job], *, n_gpus: int, days: float, policies: list[str], 
     hw = LLAMA3_HARDWARE_FRACTION if hardware_fraction is None else hardware_fraction
     if not 0 <= hw <= 1:
         raise HoneError(f"--hardware-fraction must be in [0, 1] (got {hw})")
-    curves, initial, budgets = prepare(jobs, n_nodes=n_nodes, gpus_per_node=gpus_per_node, gpu=gpu, end_s=end_s, where=where)
+    curves, initial, budgets = prepare(jobs, n_nodes=n_nodes, gpus_per_node=gpus_per_node, gpu=gpu, end_s=end_s,
+                                       where=where)
     ideal = ideal_weighted_flops(jobs, curves, initial, budgets, end_s)
     runs = []
     for seed in seeds:

@@ -27,18 +27,21 @@ def recovery_rows(events: list[dict]) -> list[dict]:
             rows.append({**blank, "t": round(e["time"] - t0, 1), "failure": e["failure"], "rank": e.get("rank"),
                          "step": e.get("step"), "detail": e.get("detail", ""), "world": e.get("world")})
         elif e["kind"] == "decision" and e.get("failure") == "repaired":
-            rows.append({**blank, "t": round(e["time"] - t0, 1), "failure": "repaired", "rank": None, "step": e.get("step"),
+            rows.append({**blank, "t": round(e["time"] - t0,
+                                             1), "failure": "repaired", "rank": None, "step": e.get("step"),
                          "detail": "lost device back", "world": None, **_decision(e)})
         elif e["kind"] == "decision" and rows:
             rows[-1].update(_decision(e))
         elif e["kind"] == "recovered" and rows:
-            rows[-1].update(recovery_s=e.get("recovery_s"), recovered_step=e.get("step"), lost_steps=e.get("lost_steps"))
+            rows[-1].update(recovery_s=e.get("recovery_s"), recovered_step=e.get("step"),
+                            lost_steps=e.get("lost_steps"))
     return rows
 
 
 def _decision(e: dict) -> dict:
     options = " / ".join(f"{o['action']} on {o['world']}: {o['cost_s']:.1f} s" for o in e.get("options", []))
-    return {"action": e.get("action"), "new_world": e.get("world"), "options": options, "plan": plan_text(e.get("plan"))}
+    return {"action": e.get("action"), "new_world": e.get("world"), "options": options,
+            "plan": plan_text(e.get("plan"))}
 
 
 def plan_text(plan: dict | None) -> str:

@@ -261,7 +261,8 @@ class Supervisor:
         measured = {w: statistics.median(v[-50:]) for w, v in self.step_s.items() if v}
         worlds = self.replanner().valid_worlds(self.target)
         return Situation(world=a.world, target_world=self.target, step=a.last_step,
-                         checkpoint_step=checkpoint_step(latest_checkpoint(self.workdir / "checkpoints", lambda m: None)),
+                         checkpoint_step=checkpoint_step(latest_checkpoint(self.workdir / "checkpoints",
+                                                                           lambda m: None)),
                          total_steps=self.total, step_s=measured or {a.world: 1.0},
                          restart_s=statistics.median(self.restart_s) if self.restart_s else 10.0,
                          worlds=worlds, modeled=self.replanner().modeled(worlds), down=len(down),

@@ -150,7 +150,8 @@ def _base_model(recipe: Recipe, workdir: Path, model, log: Log):
 
 
 def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Path], ratio: float,
-              token_budgets: list[int], run_dir: Path, *, skip: set[float] = frozenset(), offset_seed: int | None = None,
+              token_budgets: list[int], run_dir: Path, *, skip: set[float] = frozenset(),
+              offset_seed: int | None = None,
               on_point: Callable[[dict], None] = lambda row: None, log: Log = print) -> list[dict]:
     """Train a copy of ``base`` at ``ratio`` up to the largest budget, evaluating at each;
     budgets in ``skip`` are trained through but not evaluated again."""
@@ -162,7 +163,8 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
     cfg = _proxy_train_config(recipe, steps[-1] * per_step)
     first = min(s for s in steps if s * per_step not in skip)
     saved = checkpoints_newest_first(run_dir / "checkpoints")  # complete ones only (tmp dirs start with a dot)
-    if saved and checkpoint_step(saved[0]) > first:  # a budget to evaluate lies behind the saved run: redo it from the base
+    # A budget to evaluate lies behind the saved run: redo it from the base.
+    if saved and checkpoint_step(saved[0]) > first:
         shutil.rmtree(run_dir)
     model = copy.deepcopy(base)
     loader = _loader(recipe, workdir, ratio, seq, offset_seed)
@@ -172,10 +174,12 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
     for s in steps:
         tokens = s * per_step
         t0 = time.perf_counter()
-        train(model, loader, cfg, ensure_dir(run_dir), total_steps=steps[-1], resume=True, max_steps=s, log=lambda m: None)
+        train(model, loader, cfg, ensure_dir(run_dir), total_steps=steps[-1], resume=True, max_steps=s,
+              log=lambda m: None)
         if tokens in skip:
             continue
-        row = {"model_params": n_params, "ratio": ratio, "tokens": tokens, **_eval_losses(recipe, model, tok, eval_sets)}
+        row = {"model_params": n_params, "ratio": ratio, "tokens": tokens,
+               **_eval_losses(recipe, model, tok, eval_sets)}
         on_point(row)
         rows.append(row)
         log(f"mix: ratio {ratio:.3f} tokens {tokens:>9,} general {row['general_loss']:.4f} domain "
@@ -213,7 +217,8 @@ def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Pa
             append_jsonl(out, {"model_params": n_params, "ratio": ratio, "tokens": 0, **before})
         skip = {t for r, t in done if r == round(ratio, 6)}
         if recipe.mix.orders == 1:
-            proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, mixdir / "runs" / _run_name(ratio, 0),
+            proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets,
+                      mixdir / "runs" / _run_name(ratio, 0),
                       skip=skip, on_point=lambda row: append_jsonl(out, row), log=log)
         else:
             _ratio_over_orders(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, skip, out, log)
@@ -239,7 +244,8 @@ def _ratio_over_orders(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict
 
     for k in range(recipe.mix.orders):
         skip = set(finished) | {t for r, t, o in measured if r == key and o == k}
-        proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, out.parent / "runs" / _run_name(ratio, k),
+        proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets,
+                  out.parent / "runs" / _run_name(ratio, k),
                   skip=skip, offset_seed=order_seed(k), on_point=lambda row, k=k: record(row, k),
                   log=lambda m, k=k: log(f"{m} [order {k}]"))
     for t in wanted:

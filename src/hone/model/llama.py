@@ -339,10 +339,12 @@ class Llama(nn.Module):
         missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         if missing or unexpected:
             what = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
-            raise HoneError(f"weights do not fit the config: {what} ({len(missing)} missing, {len(unexpected)} unexpected)")
+            raise HoneError(f"weights do not fit the config: {what} ({len(missing)} missing, {len(unexpected)} "
+                            "unexpected)")
         for name, param in model.state_dict().items():
             if name in tensors and tensors[name].shape != param.shape:
-                raise HoneError(f"weight {name!r} has shape {tuple(tensors[name].shape)}, config wants {tuple(param.shape)}")
+                raise HoneError(f"weight {name!r} has shape {tuple(tensors[name].shape)}, config wants "
+                                f"{tuple(param.shape)}")
         model.load_state_dict(tensors, strict=False, assign=True)
         if cfg.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight

@@ -68,4 +68,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else hidden.dtype
     with torch.autocast(hidden.device.type, enabled=False):
-        return _FusedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, float(token_weight), int(chunk))
+        return _FusedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, float(token_weight),
+                                              int(chunk))

@@ -74,21 +74,25 @@ def _placement(cl, rec: dict) -> dict:
 
 def format_text(r: dict) -> str:
     m, c = r["model"], r["cluster"]
-    lines = [f"model {m['name']}: {m['params'] / 1e9:.3f}B params ({m['nonembedding_params'] / 1e9:.3f}B non-embedding), "
+    lines = [f"model {m['name']}: {m['params'] / 1e9:.3f}B params ({m['nonembedding_params'] / 1e9:.3f}B "
+             "non-embedding), "
              f"{r['flops_per_token'] / 1e9:.1f} GFLOP/token at seq {r['seq']} [{r['flops_convention']}]",
              f"cluster {c['name']}: {c['nodes']} x {c['gpus_per_node']} {c['gpu']} ({c['memory_gib']:g} GiB, "
              f"{c['peak_tflops']:g} TFLOP/s dense bf16); global batch {r['global_batch']} x {r['seq']} tokens"]
     if r["mode"] == "search":
         lines.append(f"{r['evaluated']} configurations evaluated")
     cost = any("cost" in x for x in r["configs"])
-    head = f"{'#':>3} {'gpus':>5} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'vpp':>3} {'recompute':>9} {'zero':>4} {'GiB/GPU':>8} {'step s':>8} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}"
+    head = (f"{'#':>3} {'gpus':>5} {'tp':>3} {'pp':>3} {'dp':>5} {'mb':>3} {'vpp':>3} {'recompute':>9} {'zero':>4} "
+            f"{'GiB/GPU':>8} {'step s':>8} {'tokens/s':>11} {'TFLOP/s':>8} {'MFU':>6}")
     lines += ["", head + ("  {:>8} {:>10}".format("days", "cost") if cost else "")]
     for i, x in enumerate(r["configs"], 1):
         if x["memory_gib_per_gpu"] is None:
-            lines.append(f"{i:>3} {x['gpus']:>5} {x['tp']:>3} {x['pp']:>3} {x['dp']:>5} {x['micro_batch']:>3} {x['vpp']:>3} "
+            lines.append(f"{i:>3} {x['gpus']:>5} {x['tp']:>3} {x['pp']:>3} {x['dp']:>5} {x['micro_batch']:>3} "
+                         f"{x['vpp']:>3} "
                          f"{x['recompute']:>9} {x['zero']:>4}  invalid: {x['reason']}")
             continue
-        row = (f"{i:>3} {x['gpus']:>5} {x['tp']:>3} {x['pp']:>3} {x['dp']:>5} {x['micro_batch']:>3} {x['vpp']:>3} {x['recompute']:>9} "
+        row = (f"{i:>3} {x['gpus']:>5} {x['tp']:>3} {x['pp']:>3} {x['dp']:>5} {x['micro_batch']:>3} {x['vpp']:>3} "
+               f"{x['recompute']:>9} "
                f"{x['zero']:>4} {x['memory_gib_per_gpu']:>8.1f} {x['step_time_s']:>8.3f} {x['tokens_per_s']:>11,.0f} "
                f"{x['tflops_per_gpu']:>8.1f} {x['mfu']:>6.1%}")
         if cost and "cost" in x:
@@ -99,12 +103,18 @@ def format_text(r: dict) -> str:
     best = r["configs"][0]
     if best["memory_breakdown"]:
         mb = best["memory_breakdown"]
-        lines += ["", f"memory of #1 per GPU ({mb['stage']} pipeline stage, {mb['inflight_microbatches']:g} micro-batches in flight), GiB: "
-                  + ", ".join(f"{k} {mb[k]:.2f}" for k in ("weights", "grads", "optimizer", "activations", "logits", "zero3_buffers", "overhead"))
+        lines += ["",
+                  f"memory of #1 per GPU ({mb['stage']} pipeline stage, {mb['inflight_microbatches']:g} micro-batches "
+                  "in flight), GiB: "
+                  + ", ".join(f"{k} {mb[k]:.2f}" for k in ("weights", "grads", "optimizer", "activations", "logits",
+                                                           "zero3_buffers", "overhead"))
                   + f" = {best['memory_gib_per_gpu']:.2f}"]
         tb = best["time_breakdown"]
-        lines.append("step of #1, s: " + ", ".join(f"{k[:-2]} {tb[k]:.4f}" for k in ("compute_s", "tp_comm_s", "pp_comm_s", "bubble_s", "dp_exposed_s", "optimizer_s"))
-                     + f" (DP reduce {tb['dp_comm_s']:.4f} s, partly hidden; GEMM efficiency {tb['gemm_efficiency']:.2f})")
+        lines.append("step of #1, s: " + ", ".join(f"{k[:-2]} {tb[k]:.4f}" for k in ("compute_s", "tp_comm_s",
+                                                                                     "pp_comm_s", "bubble_s",
+                                                                                     "dp_exposed_s", "optimizer_s"))
+                     + f" (DP reduce {tb['dp_comm_s']:.4f} s, partly hidden; GEMM efficiency "
+                       f"{tb['gemm_efficiency']:.2f})")
     if r.get("rejected"):
         lines += ["", "rejected: " + "; ".join(f"{k} ({v})" for k, v in list(r["rejected"].items())[:6])]
     if "launch" in r:
@@ -115,6 +125,9 @@ def format_text(r: dict) -> str:
                   "Megatron-LM: " + L["megatron_args"], "(Slurm script in the plan file)"]
     if "placement" in r:
         p = r["placement"]
-        lines += ["", f"placement: predicted communication {p['comm_time_s']:.4f} s/step vs {p['rank_order_comm_time_s']:.4f} s in rank order "
-                  f"({p['gain']:+.1%}); rank -> GPU: {p['rank_to_gpu'][:16]}{' ...' if len(p['rank_to_gpu']) > 16 else ''}"]
+        lines += ["",
+                  f"placement: predicted communication {p['comm_time_s']:.4f} s/step vs "
+                  f"{p['rank_order_comm_time_s']:.4f} s in rank order "
+                  f"({p['gain']:+.1%}); rank -> GPU: "
+                  f"{p['rank_to_gpu'][:16]}{' ...' if len(p['rank_to_gpu']) > 16 else ''}"]
     return "\n".join(lines)

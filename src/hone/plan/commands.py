@@ -20,15 +20,18 @@ def hone_train_notes(rec: dict) -> list[str]:
     """Where the plan asks for more than `hone train` does (it has DDP / FSDP2, TP and full recompute)."""
     notes = []
     if rec["pp"] > 1 or rec["vpp"] > 1:
-        notes.append(f"hone train has no pipeline parallelism: pp={rec['pp']} vpp={rec['vpp']} needs Megatron-LM (arguments below)")
+        notes.append(f"hone train has no pipeline parallelism: pp={rec['pp']} vpp={rec['vpp']} needs Megatron-LM "
+                     "(arguments below)")
     if rec["zero"] in (1, 2):
         notes.append(f"zero={rec['zero']} has no hone train equivalent: data_parallel=ddp keeps the optimizer state "
                      "unsharded, fsdp shards everything (zero=3)")
     if rec["recompute"] == "selective":
         notes.append("hone train recomputes whole layers (activation_checkpointing); selective recompute is Megatron's")
     if rec["recompute"] == "op":
-        notes.append("hone train recomputes whole layers (activation_checkpointing); recompute=op is torchtitan's per-op "
-                     "selective checkpointing (--activation_checkpoint.mode selective --activation_checkpoint.selective_ac_option op)")
+        notes.append("hone train recomputes whole layers (activation_checkpointing); recompute=op is torchtitan's "
+                     "per-op "
+                     "selective checkpointing (--activation_checkpoint.mode selective "
+                     "--activation_checkpoint.selective_ac_option op)")
     if rec["sequence_parallel"]:
         notes.append("hone train's tensor parallelism has no sequence parallelism: activations are larger than planned")
     return notes
@@ -98,7 +101,8 @@ def expert_commands(edir: str, recipe_path: str | None, workdir: str, name: str)
               if recipe_path else "")
     comments = ["One Branch-Train-Merge expert: no communication with the other experts' jobs.",
                 "Prepared by `hone branch ... --prepare-only`; resumes from its newest checkpoint when resubmitted."]
-    slurm = slurm_script(1, 8, run, job=f"hone-expert-{name}", comments=comments, setup=["GPUS=${SLURM_GPUS_ON_NODE:-8}"],
+    slurm = slurm_script(1, 8, run, job=f"hone-expert-{name}", comments=comments,
+                         setup=["GPUS=${SLURM_GPUS_ON_NODE:-8}"],
                          after=[f"# then export final/ and compare: {finish}"] if finish else [])
     return {"torchrun": run, "finish": finish, "slurm": slurm}
 
@@ -141,16 +145,20 @@ def pipeline_split_args(m: ModelShape, pp: int, vpp: int) -> list[str]:
     if (m.layers + 2) % chunks == 0:  # embedding and loss each take one layer's slot (Llama 3 405B)
         return ["--account-for-embedding-in-pipeline-split", "--account-for-loss-in-pipeline-split"] + vstages
     layout = stage_layout(m, Config(1, pp, 1, 1, vpp=vpp))
-    return [f"--decoder-first-pipeline-num-layers {layout[0]}", f"--decoder-last-pipeline-num-layers {layout[-1]}"] + vstages
+    return [f"--decoder-first-pipeline-num-layers {layout[0]}",
+            f"--decoder-last-pipeline-num-layers {layout[-1]}"] + vstages
 
 
 def launch(m: ModelShape, cluster: Cluster, rec: dict, seq: int, global_batch: int) -> dict:
     nodes = max(1, rec["gpus"] // cluster.gpus_per_node)
     settings = hone_train_settings(rec, seq, global_batch)
-    return {"hone_train": settings, "hone_train_toml": hone_train_toml(settings), "hone_train_notes": hone_train_notes(rec),
-            "nodes": nodes, "torchrun": torchrun_command(cluster, nodes), "slurm": plan_slurm_script(cluster, nodes, rec),
+    return {"hone_train": settings, "hone_train_toml": hone_train_toml(settings),
+            "hone_train_notes": hone_train_notes(rec),
+            "nodes": nodes, "torchrun": torchrun_command(cluster,
+                                                         nodes), "slurm": plan_slurm_script(cluster, nodes, rec),
             "megatron_args": megatron_args(m, rec, seq, global_batch)}
 
 
 def _label(rec: dict) -> str:
-    return f"tp={rec['tp']} pp={rec['pp']} dp={rec['dp']} mb={rec['micro_batch']} recompute={rec['recompute']} zero={rec['zero']} vpp={rec['vpp']}"
+    return (f"tp={rec['tp']} pp={rec['pp']} dp={rec['dp']} mb={rec['micro_batch']} recompute={rec['recompute']} "
+            f"zero={rec['zero']} vpp={rec['vpp']}")

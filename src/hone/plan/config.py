@@ -24,7 +24,8 @@ class Config:
 
     def label(self) -> str:
         v = f",vpp={self.vpp}" if self.vpp > 1 else ""
-        return f"tp={self.tp},pp={self.pp},dp={self.dp},mb={self.micro_batch},recompute={self.recompute},zero={self.zero}{v}"
+        return (f"tp={self.tp},pp={self.pp},dp={self.dp},mb={self.micro_batch},recompute={self.recompute},"
+                f"zero={self.zero}{v}")
 
     def as_dict(self) -> dict:
         return asdict(self)

@@ -6,7 +6,8 @@ parallelism; with TP ``s b h (10 + 24/t + 5 a s/(h t))``; with sequence parallel
 divided by t; flash attention or selective recompute removes the ``a s^2`` term; full recompute
 keeps the ``2 s b h`` layer input; ``op``, torchtitan's per-op selective checkpointing, keeps the
 outputs of every second matmul and of the attention kernel (``op_kept_bytes``). The terms are
-written per tensor so that Llama layers (SwiGLU, GQA, no dropout) are counted by the same rule. Under 1F1B the first stage holds
+written per tensor so that Llama layers (SwiGLU, GQA, no dropout) are counted by the same rule. Under 1F1B the
+first stage holds
 ``min(m, p)`` micro-batches of its ``l/p`` layers; interleaving with v chunks multiplies that by
 ``1 + (p-1)/(p v)``. Each stage's count runs Megatron's schedule chunk by chunk (``held_layers``), so
 that stages with an empty embedding or loss chunk, and the m == p all-forwards-first case, come out
@@ -70,7 +71,8 @@ def op_kept_bytes(m: ModelShape, s: int, b: int, t: int, sp: bool, flash: bool) 
     with no recompute). GPT (fused QKV): the kept matmuls are qkv and fc1. Without flash attention
     the attention core is plain bmm / softmax, none of them on the save list: recomputed."""
     per_token = 2.0 * m.hidden / (t if sp else 1)
-    per_token += sum(2.0 * (out if row else out / t) for i, (_, _, out, row) in enumerate(layer_matmuls(m)) if i % 2 == 0)
+    per_token += sum(2.0 * (out if row else out / t) for i,
+                     (_, _, out, row) in enumerate(layer_matmuls(m)) if i % 2 == 0)
     if flash:
         per_token += (2.0 * m.hidden + 4.0 * m.heads) / t
     if sp:
@@ -216,13 +218,15 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.logits + self.zero3_buffers + self.overhead
+        return (self.weights + self.grads + self.optimizer + self.activations + self.logits + self.zero3_buffers
+                + self.overhead)
 
     def breakdown(self) -> dict:
         r = lambda x: round(x / GIB, 3)  # noqa: E731
         return {"weights": r(self.weights), "grads": r(self.grads), "optimizer": r(self.optimizer),
                 "activations": r(self.activations), "logits": r(self.logits), "zero3_buffers": r(self.zero3_buffers),
-                "overhead": r(self.overhead), "stage": self.stage, "inflight_microbatches": round(self.inflight_microbatches, 3)}
+                "overhead": r(self.overhead), "stage": self.stage,
+                "inflight_microbatches": round(self.inflight_microbatches, 3)}
 
 
 def memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Constants) -> Memory:
@@ -270,7 +274,8 @@ def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Cons
         acts += full
     elif c.recompute == "op" and layers:  # ... and under op, what it recomputes on top of what it kept
         acts += max(0.0, full - kept)
-    z3 = 2 * (k.weight_bytes + 2) * m.layer_params() / c.tp if c.zero >= 3 and d > 1 else 0.0  # 2 gathered layers + grads
+    # 2 gathered layers + grads
+    z3 = 2 * (k.weight_bytes + 2) * m.layer_params() / c.tp if c.zero >= 3 and d > 1 else 0.0
     overhead = k.overhead_gib * GIB + k.fragmentation * (acts + logits + z3)
     stage = "first" if i == 0 else "last" if last else f"stage {i}"
     return Memory(weights, grads, optim, acts, logits, z3, overhead, stage, held)

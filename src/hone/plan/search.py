@@ -61,7 +61,8 @@ def plan_record(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: 
     """Everything about one configuration: the JSON row of ``hone plan --json``."""
     rec = {"tp": c.tp, "pp": c.pp, "dp": c.dp, "micro_batch": c.micro_batch, "recompute": c.recompute, "zero": c.zero,
            "vpp": c.vpp, "sequence_parallel": c.sequence_parallel and c.tp > 1, "gpus": c.tp * c.pp * c.dp,
-           "micro_batches": global_batch // (c.dp * c.micro_batch) if global_batch % (c.dp * c.micro_batch) == 0 else None,
+           "micro_batches": (global_batch // (c.dp * c.micro_batch)
+                             if global_batch % (c.dp * c.micro_batch) == 0 else None),
            "fits": False, "memory_gib_per_gpu": None, "memory_breakdown": None, "step_time_s": None,
            "tokens_per_s": None, "tflops_per_gpu": None, "mfu": None, "time_breakdown": None}
     k = with_trainer(k, cluster, m)
@@ -73,7 +74,8 @@ def plan_record(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: 
     mem = memory(m, c, seq, global_batch, k)
     tim = step_time(m, c, seq, global_batch, cluster, k)
     total = mem.total / GIB
-    rec.update(memory_gib_per_gpu=round(total, 3), memory_breakdown=mem.breakdown(), step_time_s=round(tim.step_time_s, 6),
+    rec.update(memory_gib_per_gpu=round(total,
+                                        3), memory_breakdown=mem.breakdown(), step_time_s=round(tim.step_time_s, 6),
                tokens_per_s=round(tim.tokens_per_s, 3), tflops_per_gpu=round(tim.tflops_per_gpu, 3),
                mfu=round(tim.mfu, 4), time_breakdown=tim.breakdown())
     cap = cluster.gpu.memory_gib
@@ -97,7 +99,8 @@ def candidates(m: ModelShape, seq: int, global_batch: int, n_gpus: int, fixed: d
         return [fixed[name]] if name in fixed else values
 
     for tp in opts("tp", divisors(n_gpus)):
-        why = structural_reason(m, Config(tp, 1, n_gpus // tp, 1, sequence_parallel=fixed.get("sequence_parallel", True)),
+        why = structural_reason(m,
+                                Config(tp, 1, n_gpus // tp, 1, sequence_parallel=fixed.get("sequence_parallel", True)),
                                 seq, 1, n_gpus) if n_gpus % tp == 0 else None
         if why and "tp=" in why:
             rejected[why] += 1
@@ -119,7 +122,8 @@ def candidates(m: ModelShape, seq: int, global_batch: int, n_gpus: int, fixed: d
             mbs_opts = [x for x in divisors(per_replica) if x <= MAX_MICRO_BATCH]
             for mb in opts("micro_batch", mbs_opts):
                 mcount = per_replica // mb if per_replica % mb == 0 else 0
-                vpps = [1] + [v for v in range(2, MAX_VPP + 1) if pp > 1 and pp * v <= m.layers + 2 and mcount and mcount % pp == 0]
+                vpps = [1] + [v for v in range(2, MAX_VPP + 1)
+                              if pp > 1 and pp * v <= m.layers + 2 and mcount and mcount % pp == 0]
                 for vpp in opts("vpp", vpps):
                     for rc in opts("recompute", list(RECOMPUTE)):
                         for z in opts("zero", [0, 1, 2, 3] if dp > 1 else [0]):
@@ -178,7 +182,8 @@ def nothing_fits_message(m: ModelShape, cluster: Cluster, seq: int, global_batch
            f"({_label(s)}) needs {need:.1f} GiB; it fits on GPUs with >= {math.ceil(need)} GiB")
     gpus = smallest_gpu_count(m, cluster, seq, global_batch, k, fixed)
     if gpus:
-        msg += f", or on {gpus} {cluster.gpu.name} GPUs ({gpus // cluster.gpus_per_node} nodes of {cluster.gpus_per_node})"
+        msg += (f", or on {gpus} {cluster.gpu.name} GPUs "
+                f"({gpus // cluster.gpus_per_node} nodes of {cluster.gpus_per_node})")
     return msg
 
 
@@ -193,7 +198,8 @@ def smallest_gpu_count(m: ModelShape, cluster: Cluster, seq: int, global_batch: 
         n = nodes * cluster.gpus_per_node
         cap = cluster.gpu.memory_gib * GIB
         for c in candidates(m, seq, global_batch, n, fixed, Counter()):
-            if structural_reason(m, c, seq, global_batch, n) is None and memory(m, c, seq, global_batch, k).total <= cap:
+            if structural_reason(m, c, seq, global_batch,
+                                 n) is None and memory(m, c, seq, global_batch, k).total <= cap:
                 return True
         return False
 
@@ -224,6 +230,7 @@ def evaluate_fixed(m: ModelShape, cluster: Cluster, seq: int, global_batch: int,
     n = cluster.n_gpus
     tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
     dp = fixed.get("dp", max(1, n // (tp * pp)))
-    c = Config(tp, pp, dp, fixed.get("micro_batch", 1), fixed.get("recompute", "selective"), fixed.get("zero", 1 if dp > 1 else 0),
+    c = Config(tp, pp, dp, fixed.get("micro_batch",
+                                     1), fixed.get("recompute", "selective"), fixed.get("zero", 1 if dp > 1 else 0),
                fixed.get("vpp", 1), fixed.get("sequence_parallel", True))
     return plan_record(m, c, seq, global_batch, cluster, k)

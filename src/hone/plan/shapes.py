@@ -148,7 +148,8 @@ def parse_inline(spec: str) -> ModelShape:
     except ValueError:
         raise HoneError(f"model spec {spec!r}: layers, hidden, heads, kv_heads, ffn, vocab must be integers") from None
     h = nums["hidden"]
-    shape = ModelShape(fields.get("name", "custom"), nums["layers"], h, nums["heads"], nums.get("kv_heads", nums["heads"]),
+    shape = ModelShape(fields.get("name",
+                                  "custom"), nums["layers"], h, nums["heads"], nums.get("kv_heads", nums["heads"]),
                        nums.get("ffn", 4 * h), nums["vocab"], arch, fields.get("tied", "0") in ("1", "true", "yes"))
     return validate(shape, f"model spec {spec!r}")
 
@@ -162,7 +163,8 @@ def from_hf_config(path: Path) -> ModelShape:
         if "n_layer" in cfg or "n_embd" in cfg:  # GPT-2 style
             h = cfg["n_embd"]
             shape = ModelShape(Path(path).parent.name or "hf", cfg["n_layer"], h, cfg["n_head"], cfg["n_head"],
-                               cfg.get("n_inner") or 4 * h, cfg["vocab_size"], "gpt", True, cfg.get("n_positions", 2048))
+                               cfg.get("n_inner") or 4 * h, cfg["vocab_size"], "gpt", True,
+                               cfg.get("n_positions", 2048))
         else:
             a = cfg["num_attention_heads"]
             shape = ModelShape(Path(path).parent.name or "hf", cfg["num_hidden_layers"], cfg["hidden_size"], a,

@@ -121,7 +121,8 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
                 f = cmr[key]
                 ax.plot(grid, f["a"] * grid ** f["s"] + f["b"], color=c, lw=1.4)
             if "dcpt" in laws:
-                ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t, mixture.get("model_params"))[key], color=c, lw=1, ls="--")
+                ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t,
+                                           mixture.get("model_params"))[key], color=c, lw=1, ls="--")
         before = (mixture or {}).get("loss_before", {}).get(key)
         if before is None:
             before = next((p[key] for p in points if p["tokens"] == 0 and p[key] is not None), None)
@@ -132,7 +133,8 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
             if ref is not None:
                 ax.axhline(ref + mixture["tolerance"], color="#C44E52", lw=0.8, ls="-.", label="tolerance")
         if mixture and mixture.get("chosen"):
-            ax.axvline(mixture["chosen"]["ratio"], color="#C44E52", lw=1.2, label=f"chosen {mixture['chosen']['ratio']:.3f}")
+            ax.axvline(mixture["chosen"]["ratio"], color="#C44E52", lw=1.2,
+                       label=f"chosen {mixture['chosen']['ratio']:.3f}")
         ax.set_xlabel("domain ratio")
         ax.set_ylabel("validation loss (nats/token)")
         ax.set_title(title + (" (solid: CMR, dashed: D-CPT)" if laws and key == "general_loss" else ""), fontsize=10)

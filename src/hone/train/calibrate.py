@@ -3,7 +3,8 @@
 GEMM FLOP/s at the model's shapes (QKV, MLP up, MLP down for b*s tokens), memory bandwidth
 (a large copy), device-to-device copy bandwidth between every pair of visible GPUs (the
 link matrix), and Hone's own training layer, loss and optimizer at the model's shape
-(:func:`measure`, the table :mod:`hone.plan.trainer_profile` reads: what makes the planner's step time and memory those of
+(:func:`measure`, the table :mod:`hone.plan.trainer_profile` reads: what makes the planner's step time and
+memory those of
 `hone train`). Without a GPU it measures the CPU, so the command never needs one.
 """
 
@@ -63,7 +64,8 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
         for j in range(n):
             if i != j:
                 src = torch.empty(nbytes // 4, device=f"cuda:{i}")
-                matrix[i][j] = nbytes / time_call(lambda: src.to(f"cuda:{j}"), lambda: [torch.cuda.synchronize(d) for d in (i, j)], 3) / 1e9
+                matrix[i][j] = nbytes / time_call(lambda: src.to(f"cuda:{j}"),
+                                                  lambda: [torch.cuda.synchronize(d) for d in (i, j)], 3) / 1e9
     if cuda:
         name = torch.cuda.get_device_name(0)
         known = gpu_for_device_name(name)
