@@ -9,9 +9,12 @@ modules), and the planner must stay free of torch.
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "hone"
 
@@ -141,3 +144,13 @@ def test_the_planner_does_not_import_torch():
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", f"importing {', '.join(modules)} imported torch"
+
+
+def test_the_linter_is_clean():
+    """ruff, as configured in pyproject.toml (imports sorted, unused names, line length 120)."""
+    ruff = shutil.which("ruff") or (Path(sys.executable).parent / "ruff")
+    if not Path(ruff).exists():
+        pytest.skip("ruff is not installed (pip install -e '.[test]')")
+    root = SRC.parents[1]
+    out = subprocess.run([str(ruff), "check", "src", "tests", "benchmarks"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-3000:]
