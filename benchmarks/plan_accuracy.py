@@ -102,8 +102,8 @@ def memory_errors(k: Constants) -> list:
     rows = []
     for name, preset, cluster, gb, s, fixed, pub in MEMORY_CASES:
         for label, rc, over in MEMORY_VARIANTS:
-            r = evaluate_fixed(PRESETS[preset], parse_preset(cluster), s, gb, dict(fixed,
-                                                                                   recompute=rc), k.with_(**over))
+            r = evaluate_fixed(PRESETS[preset], parse_preset(cluster), s, gb, dict(fixed, recompute=rc),
+                               k.with_(**over))
             rows.append({"case": name, "variant": label, "published_gib": pub, "predicted_gib": r["memory_gib_per_gpu"],
                          "error": round(r["memory_gib_per_gpu"] / pub - 1, 4), "breakdown": r["memory_breakdown"]})
     return rows
@@ -152,8 +152,8 @@ def speed() -> dict:
     cl = parse_preset("384x8xA100-80GB")
     t0, c0 = time.perf_counter(), time.process_time()  # wall and CPU: the machine is shared, wall varies with load
     res = search(PRESETS["gpt-1t"], cl, 2048, 3072, Constants(), top=10)  # as `hone plan` (--top 10)
-    return {"search_1t_3072gpus_s": round(time.perf_counter() - t0,
-                                          3), "search_cpu_s": round(time.process_time() - c0, 3),
+    return {"search_1t_3072gpus_s": round(time.perf_counter() - t0, 3),
+            "search_cpu_s": round(time.process_time() - c0, 3),
             "evaluated": res.evaluated,
             "best": res.plans[0]["tflops_per_gpu"], "best_config": _cfg(res.plans[0])}
 
@@ -172,8 +172,8 @@ def main() -> None:
               "|")
     held = [abs(r["error"]) for r in fitted if r["case"] not in FIT]
     summary = {"eff_max": k.eff_max, "eff_half_width": k.eff_half_width,
-               "held_out_mean_abs_error": round(sum(held) / len(held),
-                                                4), "held_out_max_abs_error": round(max(held), 4),
+               "held_out_mean_abs_error": round(sum(held) / len(held), 4),
+               "held_out_max_abs_error": round(max(held), 4),
                "default_mean_abs_error": round(sum(abs(r["error"]) for r in default) / len(default), 4), **speed()}
     print(json.dumps(summary))
     print("| memory case | variant | published GiB | predicted GiB | error | predicted breakdown (GiB) |")

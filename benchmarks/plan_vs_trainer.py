@@ -210,8 +210,8 @@ def main() -> None:
                             "oom": meas.get("oom", False)}), file=sys.stderr, flush=True)
     errs = lambda key: [abs(r[key]) for r in result["configs"] if r.get(key) is not None]  # noqa: E731
     result["summary"] = {
-        f"{key}_mean_abs": round(sum(errs(key)) / len(errs(key)),
-                                 4) if errs(key) else None for key in ("step_error", "mem_error")
+        f"{key}_mean_abs": round(sum(errs(key)) / len(errs(key)), 4) if errs(key) else None for key in ("step_error",
+                                                                                                        "mem_error")
     } | {f"{key}_max_abs": round(max(errs(key)), 4) if errs(key) else None for key in ("step_error", "mem_error")} \
       | {"within_10pct_step": sum(e <= 0.10 for e in errs("step_error")),
          "within_10pct_mem": sum(e <= 0.10 for e in errs("mem_error")),

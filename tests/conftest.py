@@ -41,6 +41,6 @@ def token_dirs(tmp_path):
         write_json(d / "index.json",
                    {"dtype": "<u2", "shards": [{"file": "shard-00000.bin", "tokens": 5000, "docs": 100}],
                                       "tokens": 5000, "docs": 100, "doc_offsets": [], "eos_id": 0,
-                                      "tokenizer_hash": "x"})
+                    "tokenizer_hash": "x"})
         dirs[name] = d
     return dirs

@@ -64,8 +64,8 @@ def _tiny_model(tied: bool, bias: bool = False) -> Llama:
     return Llama(cfg).init_weights(seed=0).eval()
 
 
-@pytest.mark.parametrize("tied,bias", [(True,
-                                        False), (False, False), (False, True)], ids=["tied", "untied", "qkv-bias"])
+@pytest.mark.parametrize("tied,bias", [(True, False), (False, False), (False, True)],
+                         ids=["tied", "untied", "qkv-bias"])
 def test_save_load_round_trip_is_bit_identical(tmp_path: Path, tied: bool, bias: bool) -> None:
     model = _tiny_model(tied, bias)
     out = save_hf(model, _tiny_tokenizer(), tmp_path / "ckpt", extra_files={"train_state.json": {"step": 7}})

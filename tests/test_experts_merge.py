@@ -207,8 +207,8 @@ def test_bad_input_is_one_line(separated, tmp_path, capsys):
     from conftest import tiny_llama
     from hone.model.hf import save_hf
 
-    other = save_hf(tiny_llama(vocab=separated["tok"].get_vocab_size(),
-                               seed=0).float(), separated["tok"], tmp_path / "o")
+    other = save_hf(tiny_llama(vocab=separated["tok"].get_vocab_size(), seed=0).float(), separated["tok"],
+                    tmp_path / "o")
     cfg = json.loads((other / "config.json").read_text())
     cfg["intermediate_size"] = 96
     (other / "config.json").write_text(json.dumps(cfg))
@@ -223,10 +223,10 @@ def test_bad_input_is_one_line(separated, tmp_path, capsys):
     with pytest.raises(HoneError, match=">= 0"):
         parse_weights("1,-1", 2)
     cases = [
-        (["merge", str(separated["a"]), str(tmp_path / "nope"), "-o",
-          str(tmp_path / "x")], "expert directory not found"),
-        (["merge", str(separated["a"]), str(separated["b"]), "-o", str(tmp_path / "x"), "--weights",
-          "1"], "--weights: 1 weights for 2 experts"),
+        (["merge", str(separated["a"]), str(tmp_path / "nope"), "-o", str(tmp_path / "x")],
+         "expert directory not found"),
+        (["merge", str(separated["a"]), str(separated["b"]), "-o", str(tmp_path / "x"), "--weights", "1"],
+         "--weights: 1 weights for 2 experts"),
         (["merge", str(separated["a"]), str(other), "-o", str(tmp_path / "x")], "experts must share one architecture"),
         (["merge", str(separated["a"]), "-o", str(tmp_path / "x"), "--method", "vote"], "--method 'vote'"),
         (["eval", str(tmp_path / "nope"), "--data", f"a={separated['a_heldout']}"], "file not found"),

@@ -124,8 +124,8 @@ def test_hang_timeout_and_stragglers():
 def test_fault_specs():
     got = faults.parse("kill:step=7:rank=1; hang:step=3 ;nan:step=5:rank=0;slow:step=2:rank=1:ms=200;kill:ckpt=8")
     assert [(f["kind"], f.get("step"), f.get("ckpt"), f["rank"]) for f in got] == [
-        ("kill", 7, None,
-         1), ("hang", 3, None, None), ("nan", 5, None, 0), ("slow", 2, None, 1), ("kill", None, 8, None)]
+        ("kill", 7, None, 1), ("hang", 3, None, None), ("nan", 5, None, 0), ("slow", 2, None, 1),
+        ("kill", None, 8, None)]
     for bad, msg in [("boom:step=1", "unknown fault 'boom'"), ("hang:ckpt=2", "only kill can fire at ckpt"),
                      ("slow:step=2", "slow needs ms=M"), ("nan:rank=1", "neither step=N nor ckpt=N"),
                      ("kill:step=x", "bad field 'step=x'")]:

@@ -70,8 +70,8 @@ def test_dcpt_recovers_parameters(sizes):
     y = dcpt_value(truth, n, d, r) + rng.normal(0, 0.002, len(n))
     fit = fit_dcpt(n, d, r, y)
     assert fit["r2"] > 0.99
-    for key in ("alpha", "B", "eta", "beta", "C", "gamma",
-                "epsilon") if len(sizes) > 1 else ("B", "eta", "beta", "C", "gamma", "epsilon"):
+    for key in ("alpha", "B", "eta", "beta", "C", "gamma", "epsilon") if len(sizes) > 1 else ("B", "eta", "beta", "C",
+                                                                                              "gamma", "epsilon"):
         assert fit["params"][key] == pytest.approx(truth[key], rel=0.2), key
     assert fit["params"]["E"] == pytest.approx(truth["E"], abs=0.1)
     assert (fit["params"]["A"] is None) == (len(sizes) == 1)
@@ -171,8 +171,8 @@ def test_nulls_are_allowed_each_fit_uses_its_points():
 
 @pytest.mark.parametrize("row,match", [
     ({"ratio": 1.5, "tokens": 10, "general_loss": 1.0, "domain_loss": 1.0}, r"runs:1: ratio 1.5 is outside \[0, 1\]"),
-    ({"ratio": 0.5, "tokens": 10, "general_loss": float("nan"),
-      "domain_loss": 1.0}, "general_loss must be a finite number"),
+    ({"ratio": 0.5, "tokens": 10, "general_loss": float("nan"), "domain_loss": 1.0},
+     "general_loss must be a finite number"),
     ({"ratio": 0.5, "tokens": -1, "general_loss": 1.0, "domain_loss": 1.0}, "tokens -1 is negative"),
     ({"ratio": "a", "tokens": 1}, "ratio must be a finite number"),
 ])
@@ -182,8 +182,8 @@ def test_bad_points(row, match):
 
 
 def test_too_few_points():
-    rows = [{"model_params": 1, "ratio": r, "tokens": 100, "general_loss": 2.0,
-             "domain_loss": 2.0} for r in (0.1, 0.5, 0.9)]
+    rows = [{"model_params": 1, "ratio": r, "tokens": 100, "general_loss": 2.0, "domain_loss": 2.0} for r in (0.1, 0.5,
+                                                                                                              0.9)]
     with pytest.raises(HoneError,
                        match="too few points to fit the CMR law for general_loss: need >= 4 distinct ratios"):
         fit_mixture(rows, law="cmr")

@@ -50,8 +50,8 @@ def test_loader_follows_the_mixture_file(tmp_path, token_dirs):
 
     workdir = token_dirs["general"].parents[2]
     path = write_mixture(tmp_path / "m.json", make_schedule(0.25, 0.25, 1.0))
-    loader = build_loader(tiny(**{"train.mixture": path, "train.seq_len": 16,
-                                  "train.max_tokens": 60 * 8 * 16}), workdir)
+    loader = build_loader(tiny(**{"train.mixture": path, "train.seq_len": 16, "train.max_tokens": 60 * 8 * 16}),
+                          workdir)
     counts = [loader.next_batch()[2].count("biomedical") for _ in range(60)]
     assert counts == [2] * 45 + [8] * 15  # batch 8: 25% then all domain over the last quarter
 

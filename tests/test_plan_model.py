@@ -67,10 +67,10 @@ def _sbh():
 
 @pytest.mark.parametrize("cfg,expected", [
     (Config(1, 1, 1, B, "none", sequence_parallel=False), lambda: _sbh() * (34 + 5 * GPT.heads * S / GPT.hidden)),
-    (Config(8, 1, 1, B, "none",
-            sequence_parallel=False), lambda: _sbh() * (10 + 24 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
-    (Config(8, 1, 1, B, "none",
-            sequence_parallel=True), lambda: _sbh() * (34 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
+    (Config(8, 1, 1, B, "none", sequence_parallel=False),
+     lambda: _sbh() * (10 + 24 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
+    (Config(8, 1, 1, B, "none", sequence_parallel=True),
+     lambda: _sbh() * (34 / 8 + 5 * GPT.heads * S / (GPT.hidden * 8))),
     (Config(8, 1, 1, B, "selective", sequence_parallel=True), lambda: _sbh() * 34 / 8),
     (Config(8, 1, 1, B, "full", sequence_parallel=True), lambda: _sbh() * 2 / 8),
     (Config(1, 1, 1, B, "full", sequence_parallel=False), lambda: _sbh() * 2),
@@ -98,12 +98,12 @@ def test_op_recompute_bytes_by_hand():
 
 def test_recompute_ordering():
     m, s, b = PRESETS["llama3-8b"], 8192, 2
-    by = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b,
-                                                     rc), flash=True) for rc in ("none", "selective", "op", "full")}
+    by = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b, rc), flash=True) for rc in ("none", "selective", "op",
+                                                                                             "full")}
     # flash already drops what Megatron's selective recomputes
     assert by["none"] == by["selective"] > by["op"] > by["full"]
-    nf = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b,
-                                                     rc), flash=False) for rc in ("none", "selective", "op", "full")}
+    nf = {rc: layer_activation_bytes(m, s, b, Config(1, 1, 1, b, rc), flash=False) for rc in ("none", "selective", "op",
+                                                                                              "full")}
     assert nf["none"] > nf["selective"] > nf["op"] > nf["full"]
     # Under TP the kept w2 output is a full-width partial sum on every rank: for 405B at tp=8, op keeps more than none.
     big = PRESETS["llama3.1-405b"]
@@ -350,8 +350,8 @@ def test_cli_json_fields_and_plan_file(tmp_path):
     out = tmp_path / "plan.json"
     p = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100",
                         "--seq", "4096",
-                        "--global-batch", "64", "--top", "3", "--json", "--out",
-                        str(out)], capture_output=True, text=True)
+                        "--global-batch", "64", "--top", "3", "--json", "--out", str(out)], capture_output=True,
+                       text=True)
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
     assert len(rows) == 3 and all(JSON_FIELDS <= r.keys() for r in rows)
@@ -360,8 +360,8 @@ def test_cli_json_fields_and_plan_file(tmp_path):
     assert "--tensor-model-parallel-size" in plan["launch"]["megatron_args"]
     fail = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100",
                            "--global-batch",
-                           "8", "--fix", "tp=3,pp=1,mb=1,recompute=none,zero=0", "--json", "--out",
-                           ""], capture_output=True, text=True)
+                           "8", "--fix", "tp=3,pp=1,mb=1,recompute=none,zero=0", "--json", "--out", ""],
+                          capture_output=True, text=True)
     assert fail.returncode == 0 and json.loads(fail.stdout)[0]["reason"] == "tp=3 does not divide 32 heads"
 
 
@@ -387,8 +387,8 @@ def test_cli_fix_recompute_op():
     (["--model", "nope", "--cluster", "8xH100", "--global-batch", "8"], "error: unknown model 'nope'"),
     (["--model", "llama3-8b", "--cluster", "8xQ100", "--global-batch", "8"], "error: unknown GPU 'Q100'"),
     (["--model", "llama3-8b", "--cluster", "lots", "--global-batch", "8"], "error: cluster 'lots'"),
-    (["--model", "llama3-8b", "--cluster", "8xH100", "--global-batch", "8", "--fix",
-      "tp=x"], "error: --fix: tp must be an integer"),
+    (["--model", "llama3-8b", "--cluster", "8xH100", "--global-batch", "8", "--fix", "tp=x"],
+     "error: --fix: tp must be an integer"),
     (["--model", "llama3-8b", "--cluster", "8xH100"], "needs --model, --cluster and --global-batch"),
 ])
 def test_bad_input_one_line(args, msg):

@@ -90,8 +90,8 @@ def stage_tokenize(recipe: Recipe, workdir: Path, tok: Tokenizer, log: Log) -> d
     return summary
 
 
-def stage_eval(recipe: Recipe, model, tok: Tokenizer, eval_sets: dict[str,
-                                                                      Path], out: Path, label: str, log: Log) -> dict:
+def stage_eval(recipe: Recipe, model, tok: Tokenizer, eval_sets: dict[str, Path], out: Path, label: str,
+               log: Log) -> dict:
     if out.exists():
         return read_json(out)
     log(f"eval ({label}):")

@@ -269,14 +269,14 @@ class TrainConfig(_Section):
                                   description="On a NaN/inf loss or gradient: roll back to the newest checkpoint and "
                                               "skip this many loader batches ending at the offending one.")
     threads: int = Field(0, ge=0, description="CPU threads for torch (0: all cores).")
-    device: Literal["auto", "cpu",
-                    "cuda"] = Field("auto", description="Where to train and evaluate (auto: cuda when available).")
-    mixed_precision: Literal["fp32",
-                             "bf16"] = Field("fp32",
-                                             description="bf16: autocast (FSDP: bf16 params, fp32 reduction); fp32: "
-                                                         "exact.")
-    data_parallel: Literal["fsdp",
-                           "ddp"] = Field("fsdp", description="How data-parallel ranks hold the model under torchrun.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto",
+                                                   description="Where to train and evaluate (auto: cuda when "
+                                                               "available).")
+    mixed_precision: Literal["fp32", "bf16"] = Field("fp32",
+                                                     description="bf16: autocast (FSDP: bf16 params, fp32 reduction); "
+                                                                 "fp32: exact.")
+    data_parallel: Literal["fsdp", "ddp"] = Field("fsdp",
+                                                  description="How data-parallel ranks hold the model under torchrun.")
     tp: int = Field(1, ge=1, description="Tensor-parallel degree under torchrun (dp = nproc / tp).")
     activation_checkpointing: bool = Field(False,
                                            description="Recompute each layer's activations in the backward pass.")
@@ -304,11 +304,11 @@ class TrainConfig(_Section):
 class MixConfig(_Section):
     """`hone mix sweep` proxy runs; `hone run` ignores this section."""
 
-    ratios: list[Annotated[float, Field(ge=0, le=1)]] = Field(
-        [0.0, 0.25, 0.5, 0.75, 1.0], min_length=1, description="Domain ratios of the proxy runs.")
+    ratios: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
+                                                              description="Domain ratios of the proxy runs.")
     tokens: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list,
-                                                 description="Token budgets evaluated in each proxy run (default: 1/4, "
-                                                             "1/2, 1 x train.max_tokens).")
+                                                      description="Token budgets evaluated in each proxy run (default: "
+                                                                  "1/4, 1/2, 1 x train.max_tokens).")
     base_tokens: int = Field(0, ge=0,
                              description="General-only training of the base before the sweep (for a random model, "
                                          "which has nothing to forget).")
@@ -326,9 +326,8 @@ class EvalConfig(_Section):
                                     description="Tokens scored per evaluation set (documents taken in order).")
     seq_len: int = Field(512, ge=8, description="Longest window scored at once; longer documents are cut.")
     batch_size: int = Field(4, ge=1, description="Documents per forward pass.")
-    sets: dict[str,
-               str] = Field(default_factory=dict,
-                            description="Extra evaluation sets: name = path of a JSON-lines file.")
+    sets: dict[str, str] = Field(default_factory=dict,
+                                 description="Extra evaluation sets: name = path of a JSON-lines file.")
 
 
 EXPERT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -514,8 +513,8 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[s
     lines = []
     for name, field in model.model_fields.items():
         ann = field.annotation
-        nested = next((a for a in getattr(ann, "__args__",
-                                          (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        nested = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)),
+                      None)
         if nested is not None:
             lines.append(f"[{prefix}{name}]  # {field.description or nested.__doc__ or ''}".rstrip())
             lines.extend(describe_fields(nested, f"{prefix}{name}."))

@@ -186,8 +186,8 @@ def finish_output(out_dir: Path, manifest: dict, parts: list[Path], quarantine_f
     """Gather per-shard audit files, remove stale shards, write manifest.json and its marker."""
 
     out_dir = Path(out_dir)
-    for name, files in (("quarantine/quarantine.jsonl",
-                         quarantine_files), ("dropped/dropped.jsonl", dropped_files or [])):
+    for name, files in (("quarantine/quarantine.jsonl", quarantine_files),
+                        ("dropped/dropped.jsonl", dropped_files or [])):
         target = out_dir / name
         present = [f for f in files if f.exists() and f.stat().st_size]
         if not present:

@@ -39,9 +39,8 @@ SEED = 0x5EED
 
 def _is_word_byte() -> np.ndarray:
     table = np.ones(256, dtype=bool)
-    for c in b" \t\n\r\x0b\x0c" + bytes(range(33,
-                                              48)) + bytes(range(58,
-                                                                 65)) + bytes(range(91, 97)) + bytes(range(123, 127)):
+    separators = b" \t\n\r\x0b\x0c" + bytes(range(33, 48)) + bytes(range(58, 65)) + bytes(range(91, 97))
+    for c in separators + bytes(range(123, 127)):
         table[c] = False
     return table
 

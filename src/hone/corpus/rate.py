@@ -303,8 +303,8 @@ class NgramRater:
                 weight.append(max(n, 1))
         s = self.predict(pieces) if pieces else np.zeros(0)
         owner_a, weight_a = np.array(owner, dtype=np.int64), np.array(weight, dtype=np.float64)
-        return np.bincount(owner_a, s * weight_a,
-                           len(texts)) / np.maximum(np.bincount(owner_a, weight_a, len(texts)), 1e-12)
+        return np.bincount(owner_a, s * weight_a, len(texts)) / np.maximum(np.bincount(owner_a, weight_a, len(texts)),
+                                                                           1e-12)
 
 
 def _features(hasher, texts: list[str]):

@@ -29,8 +29,8 @@ def _score(model, tok, sets: dict[str, list[str]], recipe) -> tuple[dict, float]
     t0 = time.perf_counter()
     res = evaluate_sets(model, tok, sets, max_tokens=e.max_tokens_per_set, seq_len=e.seq_len,
                         batch_size=e.batch_size, log=lambda m: None)
-    return {k: {f: v[f] for f in ("ppl", "bpb", "nll", "tokens",
-                                  "docs")} for k, v in res.items()}, time.perf_counter() - t0
+    return {k: {f: v[f] for f in ("ppl", "bpb", "nll", "tokens", "docs")} for k,
+            v in res.items()}, time.perf_counter() - t0
 
 
 def compare_variants(b, seed_dir: Path, log: Log) -> dict:

@@ -30,8 +30,8 @@ def format_text(res: dict) -> str:
                      f"{s['failures']:>8.1f} {s['reconfigurations']:>6.1f} "
                      + " ".join(f"{lost[b]:>10,.1f}" for b in (*BUCKETS[1:], "lost")))
     lines.append("useful tokens (mean, billions): " + "; ".join(
-        f"{p} " + ", ".join(f"{n} {v / 1e9:,.1f}" for n,
-                            v in s["useful_tokens"].items()) for p, s in res["summary"].items()))
+        f"{p} " + ", ".join(f"{n} {v / 1e9:,.1f}" for n, v in s["useful_tokens"].items()) for p,
+        s in res["summary"].items()))
     for p, s in res["summary"].items():
         if "cost_aware_ratio" in s:
             r = s["cost_aware_ratio"]

@@ -121,8 +121,8 @@ def _job(j: dict, i: int, where: str, base: Path, defaults: dict) -> Job:
                weight=_number(j.get("weight", 1.0), f"{at}.weight", minimum=0.0, strict=True),
                tokens=opt("tokens", minimum=0.0, strict=True), hours=opt("hours", minimum=0.0, strict=True),
                min_gpus=min_g, max_gpus=max_g,
-               checkpoint_s=_number(j.get("checkpoint_s",
-                                          defaults["checkpoint_s"]), f"{at}.checkpoint_s", minimum=0.0, strict=True),
+               checkpoint_s=_number(j.get("checkpoint_s", defaults["checkpoint_s"]), f"{at}.checkpoint_s", minimum=0.0,
+                                    strict=True),
                restart_s=_number(j.get("restart_s", defaults["restart_s"]), f"{at}.restart_s", minimum=0.0),
                checkpoint_interval_s=opt("checkpoint_interval_s", minimum=0.0, strict=True))
 

@@ -145,11 +145,11 @@ def decide_grow(s: Situation, steps_since_checkpoint: int) -> Decision:
     """Running shrunk and the device is back: restart on the full world now (losing the steps
     since the checkpoint and one restart) or stay shrunk to the end."""
     left = s.total_steps - s.step
-    stay = Option("stay", s.world, left * step_time_at(s.step_s, s.world,
-                                                       s.modeled), "keep the smaller world to the end")
+    stay = Option("stay", s.world, left * step_time_at(s.step_s, s.world, s.modeled),
+                  "keep the smaller world to the end")
     grow = Option("grow", s.target_world, s.restart_s + (left + steps_since_checkpoint)
-                  * step_time_at(s.step_s, s.target_world,
-                                 s.modeled), f"restart on {s.target_world} from the newest checkpoint")
+                  * step_time_at(s.step_s, s.target_world, s.modeled),
+                  f"restart on {s.target_world} from the newest checkpoint")
     return Decision(min((stay, grow), key=lambda o: o.cost_s), [stay, grow], steps_since_checkpoint)
 
 

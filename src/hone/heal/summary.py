@@ -27,8 +27,8 @@ def recovery_rows(events: list[dict]) -> list[dict]:
             rows.append({**blank, "t": round(e["time"] - t0, 1), "failure": e["failure"], "rank": e.get("rank"),
                          "step": e.get("step"), "detail": e.get("detail", ""), "world": e.get("world")})
         elif e["kind"] == "decision" and e.get("failure") == "repaired":
-            rows.append({**blank, "t": round(e["time"] - t0,
-                                             1), "failure": "repaired", "rank": None, "step": e.get("step"),
+            rows.append({**blank, "t": round(e["time"] - t0, 1), "failure": "repaired", "rank": None,
+                         "step": e.get("step"),
                          "detail": "lost device back", "world": None, **_decision(e)})
         elif e["kind"] == "decision" and rows:
             rows[-1].update(_decision(e))

@@ -131,10 +131,10 @@ def fit_token_curve(tokens, values) -> dict:
     t, y = np.asarray(tokens, float), np.asarray(values, float)
     t0 = float(t.max())
     x = t / t0
-    starts = [np.array([float(y[np.argmin(t)] - y[np.argmax(t)]) or 1e-3, s,
-                        float(y.min())]) for s in (-1.0, -0.3, 0.5)]
-    p = _robust(lambda q: q[0] * np.power(x,
-                                          q[1]) + q[2] - y, starts, ([-np.inf, -5.0, -np.inf], [np.inf, 5.0, np.inf]))
+    starts = [np.array([float(y[np.argmin(t)] - y[np.argmax(t)]) or 1e-3, s, float(y.min())]) for s in (-1.0, -0.3,
+                                                                                                        0.5)]
+    p = _robust(lambda q: q[0] * np.power(x, q[1]) + q[2] - y, starts,
+                ([-np.inf, -5.0, -np.inf], [np.inf, 5.0, np.inf]))
     return {"alpha": float(p[0]), "s": float(p[1]), "beta": float(p[2]), "t0": t0,
             **_quality(y, p[0] * np.power(x, p[1]) + p[2])}
 
@@ -211,8 +211,8 @@ def fit_cmr(points: list[dict], source: str = "runs") -> dict:
                             f"ratios at one token budget > 0 (got ratios {have})")
         for t, (x, y) in slices.items():
             law["by_tokens"].setdefault(repr(t), {"tokens": t})[loss] = {**fit_ratio_curve(x, y),
-                                                                          "points": [[float(a),
-                                                                                      float(b)] for a, b in zip(x, y)]}
+                                                                          "points": [[float(a), float(b)] for a,
+                                                                                     b in zip(x, y)]}
         by_r: dict[float, list[tuple[float, float]]] = {}
         for p in points:
             if p["tokens"] > 0 and p[loss] is not None:

@@ -179,8 +179,8 @@ def _byte_level_vocab(tokens: list[str]) -> dict[str, int]:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map."""
-    keep = list(range(ord("!"),
-                      ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"),
+                                                                                                  ord("ÿ") + 1))
     chars, n = keep[:], 0
     for b in range(256):
         if b not in keep:

@@ -154,8 +154,8 @@ def launch(m: ModelShape, cluster: Cluster, rec: dict, seq: int, global_batch: i
     settings = hone_train_settings(rec, seq, global_batch)
     return {"hone_train": settings, "hone_train_toml": hone_train_toml(settings),
             "hone_train_notes": hone_train_notes(rec),
-            "nodes": nodes, "torchrun": torchrun_command(cluster,
-                                                         nodes), "slurm": plan_slurm_script(cluster, nodes, rec),
+            "nodes": nodes, "torchrun": torchrun_command(cluster, nodes),
+            "slurm": plan_slurm_script(cluster, nodes, rec),
             "megatron_args": megatron_args(m, rec, seq, global_batch)}
 
 

@@ -203,13 +203,13 @@ def cluster_from_dict(cfg: dict, where: str, base: Path = Path(".")) -> Cluster:
     if matrix is not None:
         if len(matrix) != n or any(len(r) != n for r in matrix):
             raise HoneError(f"{where}: matrix must be {n} x {n} (nodes * gpus_per_node)")
-        matrix = tuple(tuple(float(x) if i != j else float("inf") for j,
-                             x in enumerate(r)) for i, r in enumerate(matrix))
+        matrix = tuple(tuple(float(x) if i != j else float("inf") for j, x in enumerate(r)) for i,
+                       r in enumerate(matrix))
     node_bw = tuple(float(x) for x in cfg.get("node_inter_gbps", ()))
     if node_bw and len(node_bw) != nodes:
         raise HoneError(f"{where}: node_inter_gbps has {len(node_bw)} entries for {nodes} nodes")
-    return Cluster(gpu, nodes, gpn, float(cfg.get("intra_gbps",
-                                                  gpu.nvlink_gbps)), float(cfg.get("inter_gbps", gpu.network_gbps)),
+    return Cluster(gpu, nodes, gpn, float(cfg.get("intra_gbps", gpu.nvlink_gbps)),
+                   float(cfg.get("inter_gbps", gpu.network_gbps)),
                    float(cfg.get("intra_latency_us", 5.0)), float(cfg.get("inter_latency_us", 12.0)), node_bw, matrix,
                    cfg.get("name", where), cfg.get("efficiency"), trainer=cfg.get("trainer"))
 

@@ -92,9 +92,8 @@ def traffic_of(rec: dict, cl: Cluster) -> dict:
     tb = rec["time_breakdown"] or {}
     t, d = rec["tp"], rec["dp"]
     out = {}
-    for kind, key, (stride,
-                    size) in (("tp", "tp_comm_s",
-                               (1, t)), ("dp", "dp_comm_s", (t, d)), ("pp", "pp_comm_s", (t * d, rec["pp"]))):
+    for kind, key, (stride, size) in (("tp", "tp_comm_s", (1, t)), ("dp", "dp_comm_s", (t, d)),
+                                      ("pp", "pp_comm_s", (t * d, rec["pp"]))):
         bw, _ = cl.group_link(stride, size)
         out[kind] = tb.get(key, 0.0) * (bw if bw != float("inf") else 0.0)
     return out
@@ -119,8 +118,8 @@ def place_matrix(bw: np.ndarray, tp: int, dp: int, pp: int, traffic: dict, budge
     perm = optimize(layout, start, budget_s)
     base, opt = layout.kind_times(ident), layout.kind_times(perm)
     base_t, opt_t = sum(base.values()), sum(opt.values())
-    return {"rank_to_gpu": [int(x) for x in perm], "comm_time_s": round(opt_t,
-                                                                        6), "rank_order_comm_time_s": round(base_t, 6),
+    return {"rank_to_gpu": [int(x) for x in perm], "comm_time_s": round(opt_t, 6),
+            "rank_order_comm_time_s": round(base_t, 6),
             "gain": round(base_t / opt_t - 1, 4) if opt_t > 0 else 0.0,
             "per_kind_s": {k: round(v, 6) for k, v in opt.items()},
             "rank_order_per_kind_s": {k: round(v, 6) for k, v in base.items()}}

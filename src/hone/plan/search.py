@@ -74,8 +74,8 @@ def plan_record(m: ModelShape, c: Config, seq: int, global_batch: int, cluster: 
     mem = memory(m, c, seq, global_batch, k)
     tim = step_time(m, c, seq, global_batch, cluster, k)
     total = mem.total / GIB
-    rec.update(memory_gib_per_gpu=round(total,
-                                        3), memory_breakdown=mem.breakdown(), step_time_s=round(tim.step_time_s, 6),
+    rec.update(memory_gib_per_gpu=round(total, 3), memory_breakdown=mem.breakdown(),
+               step_time_s=round(tim.step_time_s, 6),
                tokens_per_s=round(tim.tokens_per_s, 3), tflops_per_gpu=round(tim.tflops_per_gpu, 3),
                mfu=round(tim.mfu, 4), time_breakdown=tim.breakdown())
     cap = cluster.gpu.memory_gib
@@ -99,9 +99,8 @@ def candidates(m: ModelShape, seq: int, global_batch: int, n_gpus: int, fixed: d
         return [fixed[name]] if name in fixed else values
 
     for tp in opts("tp", divisors(n_gpus)):
-        why = structural_reason(m,
-                                Config(tp, 1, n_gpus // tp, 1, sequence_parallel=fixed.get("sequence_parallel", True)),
-                                seq, 1, n_gpus) if n_gpus % tp == 0 else None
+        probe = Config(tp, 1, n_gpus // tp, 1, sequence_parallel=fixed.get("sequence_parallel", True))
+        why = structural_reason(m, probe, seq, 1, n_gpus) if n_gpus % tp == 0 else None
         if why and "tp=" in why:
             rejected[why] += 1
             continue
@@ -198,8 +197,8 @@ def smallest_gpu_count(m: ModelShape, cluster: Cluster, seq: int, global_batch: 
         n = nodes * cluster.gpus_per_node
         cap = cluster.gpu.memory_gib * GIB
         for c in candidates(m, seq, global_batch, n, fixed, Counter()):
-            if structural_reason(m, c, seq, global_batch,
-                                 n) is None and memory(m, c, seq, global_batch, k).total <= cap:
+            if structural_reason(m, c, seq, global_batch, n) is None and memory(m, c, seq, global_batch,
+                                                                                k).total <= cap:
                 return True
         return False
 
@@ -230,7 +229,7 @@ def evaluate_fixed(m: ModelShape, cluster: Cluster, seq: int, global_batch: int,
     n = cluster.n_gpus
     tp, pp = fixed.get("tp", 1), fixed.get("pp", 1)
     dp = fixed.get("dp", max(1, n // (tp * pp)))
-    c = Config(tp, pp, dp, fixed.get("micro_batch",
-                                     1), fixed.get("recompute", "selective"), fixed.get("zero", 1 if dp > 1 else 0),
+    c = Config(tp, pp, dp, fixed.get("micro_batch", 1), fixed.get("recompute", "selective"),
+               fixed.get("zero", 1 if dp > 1 else 0),
                fixed.get("vpp", 1), fixed.get("sequence_parallel", True))
     return plan_record(m, c, seq, global_batch, cluster, k)

@@ -148,8 +148,8 @@ def parse_inline(spec: str) -> ModelShape:
     except ValueError:
         raise HoneError(f"model spec {spec!r}: layers, hidden, heads, kv_heads, ffn, vocab must be integers") from None
     h = nums["hidden"]
-    shape = ModelShape(fields.get("name",
-                                  "custom"), nums["layers"], h, nums["heads"], nums.get("kv_heads", nums["heads"]),
+    shape = ModelShape(fields.get("name", "custom"), nums["layers"], h, nums["heads"],
+                       nums.get("kv_heads", nums["heads"]),
                        nums.get("ffn", 4 * h), nums["vocab"], arch, fields.get("tied", "0") in ("1", "true", "yes"))
     return validate(shape, f"model spec {spec!r}")
 

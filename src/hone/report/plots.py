@@ -121,8 +121,8 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
                 f = cmr[key]
                 ax.plot(grid, f["a"] * grid ** f["s"] + f["b"], color=c, lw=1.4)
             if "dcpt" in laws:
-                ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t,
-                                           mixture.get("model_params"))[key], color=c, lw=1, ls="--")
+                ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t, mixture.get("model_params"))[key], color=c, lw=1,
+                        ls="--")
         before = (mixture or {}).get("loss_before", {}).get(key)
         if before is None:
             before = next((p[key] for p in points if p["tokens"] == 0 and p[key] is not None), None)
