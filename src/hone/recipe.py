@@ -449,7 +449,8 @@ class Recipe(_Section):
     heal: HealConfig = Field(default_factory=HealConfig)
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def format_error(source: str, err: ValidationError) -> str:
+    """A pydantic error as one line naming the source and the field."""
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "(top level)"
     msg = first["msg"]
@@ -466,7 +467,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as e:
-        raise HoneError(_format_error(source, e)) from None
+        raise HoneError(format_error(source, e)) from None
 
 
 def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Recipe:

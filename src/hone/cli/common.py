@@ -11,6 +11,12 @@ from hone.corpus.executor import summary_line
 from hone.recipe import load_recipe
 
 WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")
+# The curation commands' common arguments (hone data ...).
+INPUTS = typer.Argument(...,
+                        help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk "
+                             "dirs.")
+OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-*.parquet + manifest.json.")
+TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 
 
 def log(msg: str) -> None:

@@ -8,14 +8,22 @@ from typing import List, Optional
 import typer
 from pydantic import ValidationError
 
-from hone.cli.common import WORKDIR, finish_step, load_recipe_and_workdir as _load, log as _log
+from hone.cli.common import (
+    INPUTS,
+    OUTDIR,
+    TEXT_FIELD,
+    WORKDIR,
+    finish_step,
+    load_recipe_and_workdir as _load,
+    log as _log,
+)
 from hone.cli.select import register as register_select
 from hone.corpus.build_config import DedupStep, RetrieveStep, load_build, load_examples, run_build
 from hone.corpus.dedup import dedup_step
 from hone.corpus.executor import get_executor, retrieve_step
 from hone.errors import HoneError
 from hone.pipeline import stage_curate, stage_pool
-from hone.recipe import _format_error
+from hone.recipe import format_error
 from hone.train.workdir import prepare_workdir
 
 data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")
@@ -41,11 +49,6 @@ def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), wo
 
 # --- the curation steps one by one ---------------------------------------------------------
 
-INPUTS = typer.Argument(...,
-                        help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk "
-                             "dirs.")
-OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-*.parquet + manifest.json.")
-TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 EXECUTOR = typer.Option("local", "--executor", help="Where shard tasks run: local (processes) or ray.")
 WORKERS = typer.Option(None, "--workers", help="Worker processes (default: all cores).")
 
@@ -113,7 +116,7 @@ def _validated(model, **fields):
     try:
         return model(**fields)
     except ValidationError as e:
-        raise HoneError(_format_error("option", e).replace(f"option: {model.__name__}.", "option: ")) from None
+        raise HoneError(format_error("option", e).replace(f"option: {model.__name__}.", "option: ")) from None
 
 
 # The selection commands (dsir, rate, select).

@@ -15,22 +15,13 @@ from typing import List, Optional
 
 import typer
 
-from hone.cli.common import finish_step, log
+from hone.cli.common import INPUTS, OUTDIR, TEXT_FIELD, finish_step, log
 from hone.corpus.dsir import dsir_step
 from hone.corpus.rate import rate_step
 from hone.corpus.select import select_step
 from hone.errors import HoneError
 
-INPUTS = typer.Argument(...,
-                        help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk "
-                             "dirs.")
-OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-00000.parquet + manifest.json.")
-TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 SEED = typer.Option(0, "--seed", help="Random seed (sampling, pairs).")
-
-
-def _log(msg: str) -> None:
-    log(msg)
 
 
 def dsir(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
@@ -74,12 +65,12 @@ def rate(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
                                               "OPENAI_API_KEY)."),
          seed: int = SEED, text_field: str = TEXT_FIELD):
     """Rate quality (QuRating): pairwise judgments → Bradley–Terry → a fast rater scores every document."""
-    m = rate_step(inputs, output, text_field=text_field, log=_log, judge=judge, criterion=criterion, pairs=pairs,
+    m = rate_step(inputs, output, text_field=text_field, log=log, judge=judge, criterion=criterion, pairs=pairs,
                   heldout=heldout, excerpt_tokens=excerpt_tokens, column=column, judge_model=judge_model,
                   api_key_env=api_key_env, seed=seed)
     info = m.get("rate", {})
     if info:
-        _log(f"rate: {info['pairs_confident']['train']}/{info['pairs_judged']['train']} confident training pairs; "
+        log(f"rate: {info['pairs_confident']['train']}/{info['pairs_judged']['train']} confident training pairs; "
              f"rater agreement on held-out pairs {_pct(info['rater_heldout_accuracy'])} "
              f"({info['pairs_confident']['heldout']} pairs)")
     finish_step("rate", m, output)
@@ -129,7 +120,7 @@ def select(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
                     k1=k1, k2=k2, k3=k3, quality_column=column, seed=seed)
     info = m.get("select", {})
     if info:
-        _log(f"select: {info['tokens_selected']} of {info['tokens_in']} tokens selected"
+        log(f"select: {info['tokens_selected']} of {info['tokens_in']} tokens selected"
              + (f", compression ratio {info['compression_ratio_selected']}"
                 if "compression_ratio_selected" in info else ""))
     finish_step("select", m, output)

@@ -49,7 +49,7 @@ from hone.recipe import (  # noqa: F401
     RateStep,
     RetrieveStep,
     SelectStep,
-    _format_error,
+    format_error,
 )
 from hone.rundir import ensure_dir, write_json
 
@@ -86,7 +86,7 @@ def load_build(path: str | Path) -> BuildRecipe:
     try:
         return BuildRecipe.model_validate(data)
     except ValidationError as e:
-        raise HoneError(_format_error(str(path), e)) from None
+        raise HoneError(format_error(str(path), e)) from None
 
 
 def expand_globs(patterns: list[str]) -> list[Path]:
