@@ -17,9 +17,9 @@ import time
 
 import numpy as np
 
-from hone.corpus.dsir import dsir_scores, gumbel_top_k
 from hone.corpus.retrieve import retrieve
 from hone.corpus.sources import wikipedia_docs
+from hone.corpus.steps.dsir import dsir_scores, gumbel_top_k
 from hone.recipe import DomainConfig
 
 TOPICS = {

@@ -80,7 +80,7 @@ def test_every_command_quarantines_and_counts(bad, cmd, kept, dropped):
 
 
 def test_rate_step_quarantines_and_counts(bad):
-    from hone.corpus.rate import rate_step
+    from hone.corpus.steps.rate import rate_step
 
     class Judge:  # prefers the longer excerpt; confident on every pair
         name = "len"

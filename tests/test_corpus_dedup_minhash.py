@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from hone.corpus.dedup import NearDedupConfig, near_dedup
 from hone.corpus.executor import LocalExecutor
 from hone.corpus.minhash import WORD_RE, MinHasher, collision_probability, jaccard, lsh_params
+from hone.corpus.steps.dedup import NearDedupConfig, near_dedup
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau "
          "upsilon phi chi psi omega river stone cloud field light sound paper glass metal water").split()

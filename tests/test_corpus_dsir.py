@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from hone.cli.select import register
-from hone.corpus.dsir import DsirConfig, NgramHasher, dsir_scores, dsir_select, dsir_step, gumbel_top_k
+from hone.corpus.steps.dsir import DsirConfig, NgramHasher, dsir_scores, dsir_select, dsir_step, gumbel_top_k
 from hone.errors import HoneError
 
 BIO = ["The enzyme catalyzes phosphorylation of a protein substrate in the cell membrane of yeast.",

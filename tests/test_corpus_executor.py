@@ -6,8 +6,8 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from hone.corpus.dedup import NearDedupConfig, near_dedup
 from hone.corpus.executor import LocalExecutor, Task, get_executor, run_tasks
+from hone.corpus.steps.dedup import NearDedupConfig, near_dedup
 from hone.errors import HoneError
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from hone.corpus.dedup import ExactDedup, normalize
 from hone.corpus.filters import check
+from hone.corpus.steps.exact_dedup import ExactDedup, normalize
 from hone.recipe import FilterConfig
 
 CFG = FilterConfig()

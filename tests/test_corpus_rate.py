@@ -11,8 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from hone.cli.select import register
-from hone.corpus import rate as rate_mod
-from hone.corpus.rate import (
+from hone.corpus.steps import rate as rate_mod
+from hone.corpus.steps.rate import (
     LocalJudge,
     OpenAIJudge,
     RateConfig,

@@ -89,8 +89,8 @@ def test_expand_inputs_errors_and_output_dirs(tmp_path):
 
 def test_large_jsonl_split_into_byte_ranges_reads_the_same_records(tmp_path, monkeypatch):
     import hone.corpus.read as read_mod
-    from hone.corpus.dedup import NearDedupConfig, near_dedup
     from hone.corpus.executor import LocalExecutor
+    from hone.corpus.steps.dedup import NearDedupConfig, near_dedup
 
     lines = []
     for i in range(300):

@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from hone.cli.select import register
-from hone.corpus.select import SelectConfig, _Stream, count_tokens, quality_order, select_docs, zip_order
+from hone.corpus.steps.select import SelectConfig, _Stream, count_tokens, quality_order, select_docs, zip_order
 from hone.errors import HoneError
 
 rng = np.random.default_rng(0)

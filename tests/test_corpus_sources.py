@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from hone.corpus.dedup import normalize
 from hone.corpus.pipeline import curate
 from hone.corpus.sources import (
     build_demo_pool,
@@ -20,6 +19,7 @@ from hone.corpus.sources import (
     stdlib_docs,
     wikipedia_docs,
 )
+from hone.corpus.steps.exact_dedup import normalize
 from hone.errors import HoneError
 from hone.recipe import CurateConfig, DomainConfig, PackagedData
 

@@ -42,7 +42,7 @@ def test_recipe_curate_steps_run_through_the_runner(tmp_path):
     t = m["totals"]
     assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"]
     assert t["quarantined"] == 1 and t["dropped"] > 0
-    assert m["steps"]["03-dedup/dedup"]["dropped"]["near_duplicate"]["docs"] > 0
+    assert m["steps"]["03-dedup"]["dropped"]["near_duplicate"]["docs"] > 0
     table = read_corpus_table(tmp_path / "run" / "corpus")
     assert table.num_rows == t["kept"] == sum(m["domains"].values())
     assert m["domains"]["bio"] == 20

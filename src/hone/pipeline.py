@@ -73,7 +73,7 @@ def stage_pool(recipe: Recipe, workdir: Path, log: Log) -> tuple[list[Path], dic
 
 def stage_curate(recipe: Recipe, workdir: Path, inputs: list[Path], log: Log) -> dict:
     t0 = time.perf_counter()
-    manifest = curate(recipe.curate, inputs, workdir, text_field=recipe.data.text_field)
+    manifest = curate(recipe.curate, inputs, workdir, text_field=recipe.data.text_field, log=log)
     counts = manifest.get("domains", {})
     log(f"curate: {counts} in {time.perf_counter() - t0:.1f}s")
     if (r := manifest.get("retrieval")):

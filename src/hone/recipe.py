@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -48,7 +48,8 @@ class PackagedData(_Section):
 class DataConfig(_Section):
     packaged: PackagedData | None = Field(None, description="Build the pool from packaged corpora.")
     inputs: list[str] = Field(default_factory=list,
-                              description="Extra JSON-lines files with a text field, added to the pool.")
+                              description="Extra input files or directories added to the pool (JSON lines, "
+                                          "Parquet, Arrow, text: what `hone data` reads).")
     text_field: str = Field("text", description="Name of the text field in the input files.")
 
     @model_validator(mode="after")
@@ -87,20 +88,54 @@ class DomainConfig(_Section):
         return self
 
 
-# --- curation steps: one config per step, shared by the recipe's [[curate.steps]] and the
-# build file's [[steps]] of `hone data build` (hone.corpus.build_config) --------------------
+# --- curation steps: one settings class per step, shared by the recipe's [[curate.steps]], the
+# build file's [[steps]] of `hone data build`, the `hone data` options and the step functions
+# (hone.corpus.steps); a step is its settings plus its ``type`` --------------------------------
+
+class StepSettings(_Section):
+    """Settings of one curation step (``STEP`` names it in errors)."""
+
+    STEP: ClassVar[str] = "step"
+
+
+class OneLineErrors:
+    """For settings built directly (Python, the step functions): a bad value is a one-line
+    HoneError naming the step and field. Recipe and build-file models do not use it, so that
+    their errors keep the file's field path (pydantic calls a custom ``__init__`` on nested models)."""
+
+    STEP: ClassVar[str]
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise HoneError(step_error(self.STEP, type(self), e)) from None
+
+
+def step_error(step: str, cls: type[BaseModel], err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        known = ", ".join(sorted(k for k in cls.model_fields if k != "type"))
+        return f"{step}: unknown field {loc!r} (known: {known})"
+    value = first.get("input")
+    got = "" if isinstance(value, dict) or not loc else f" (got {value!r})"
+    return f"{step}{'.' + loc if loc else ''}: {first['msg'].removeprefix('Value error, ')}{got}"
+
 
 class FilterStep(FilterConfig):
     type: Literal["filter"] = Field(description="Gopher / C4 heuristic filters.")
+    write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
 
 
 class ExactDedupStep(_Section):
     type: Literal["exact_dedup"] = Field(description="Exact dedup on a hash of the normalized text; ids kept unique.")
     by_text: bool = Field(True, description="Drop copies of a normalized text (false: only keep ids unique).")
+    write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
 
 
-class DedupStep(_Section):
-    type: Literal["dedup"] = Field(description="MinHash LSH near-dedup with exact Jaccard verification.")
+class DedupSettings(StepSettings):
+    STEP: ClassVar[str] = "dedup"
     threshold: float = Field(0.8, gt=0, lt=1, description="Shingle Jaccard at or above which docs are duplicates.")
     ngram: int = Field(5, ge=1, description="Shingle length (words or bytes).")
     num_perm: int = Field(128, ge=8, le=1024, description="MinHash permutations.")
@@ -110,9 +145,10 @@ class DedupStep(_Section):
     cluster_column: bool = Field(False, description="Add a dup_cluster column.")
     mark_only: bool = Field(False, description="Keep every document; only add dup_cluster.")
     write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
+    max_doc_bytes: int = Field(16 << 20, ge=1, description="Longer documents are quarantined (too_large).")
 
     @model_validator(mode="after")
-    def _bands_rows(self) -> "DedupStep":
+    def _bands_rows(self) -> "DedupSettings":
         if (self.bands is None) != (self.rows is None):
             raise ValueError("give both bands and rows, or neither")
         if self.bands and self.bands * self.rows > self.num_perm:
@@ -121,10 +157,15 @@ class DedupStep(_Section):
         return self
 
 
+class DedupStep(DedupSettings):
+    type: Literal["dedup"] = Field(description="MinHash LSH near-dedup with exact Jaccard verification.")
+
+
 class RetrieveStep(_Section):
     type: Literal["retrieve"] = Field(description="BM25 domain retrieval with query expansion.")
     query: list[str] = Field(default_factory=list, description="Seed keywords or questions.")
-    examples: str | None = Field(None, description="File of example documents (jsonl/parquet/txt).")
+    examples: str | list[str] | None = Field(None, description="File of example documents (jsonl/parquet/txt), or "
+                                                               "the example documents themselves.")
     top_k: int = Field(1000, ge=1, description="Documents to retrieve.")
     expand: Literal["none", "prf", "llm"] = Field("prf", description="Query expansion.")
     name: str = Field("domain", description="Domain label of the retrieved documents.")
@@ -139,9 +180,8 @@ class RetrieveStep(_Section):
         return self
 
 
-class DsirStep(_Section):
-    type: Literal["dsir"] = Field(description="DSIR importance resampling toward target examples.")
-    target: str | list[str] = Field(..., description="File of target example documents, or the examples themselves.")
+class DsirSettings(StepSettings):
+    STEP: ClassVar[str] = "dsir"
     k: int = Field(1000, ge=1, description="Documents to keep.")
     buckets: int = Field(10_000, ge=1, description="Hashed n-gram buckets.")
     pseudo_count: float = Field(0.1, gt=0, description="Added to every bucket's count before normalizing.")
@@ -152,8 +192,13 @@ class DsirStep(_Section):
     name: str | None = Field(None, description="Domain label written on kept documents (none: leave as is).")
 
 
-class RateStep(_Section):
-    type: Literal["rate"] = Field(description="QuRating: pairwise judge, Bradley-Terry, a rater scoring every doc.")
+class DsirStep(DsirSettings):
+    type: Literal["dsir"] = Field(description="DSIR importance resampling toward target examples.")
+    target: str | list[str] = Field(..., description="File of target example documents, or the examples themselves.")
+
+
+class RateSettings(StepSettings):
+    STEP: ClassVar[str] = "rate"
     judge: str = Field("local:smollm2", description="local:smollm2, local:PATH or openai:URL.")
     criterion: str = Field("educational_value", description="A named criterion or a question of your own.")
     pairs: int = Field(200, ge=2, description="Pairs judged (each in both orders), training + held-out.")
@@ -169,8 +214,12 @@ class RateStep(_Section):
     seed: int = Field(0, description="Seed of the pair sampling.")
 
 
-class SelectStep(_Section):
-    type: Literal["select"] = Field(description="Selection under a token budget: zip, quality or random.")
+class RateStep(RateSettings):
+    type: Literal["rate"] = Field(description="QuRating: pairwise judge, Bradley-Terry, a rater scoring every doc.")
+
+
+class SelectSettings(StepSettings):
+    STEP: ClassVar[str] = "select"
     method: Literal["zip", "quality", "random"] = Field("zip", description="Selection order.")
     budget_tokens: int | None = Field(None, ge=1, description="Stop when the selected documents hold this many tokens.")
     max_docs: int | None = Field(None, ge=1, description="And/or this many documents.")
@@ -184,12 +233,16 @@ class SelectStep(_Section):
     seed: int = Field(0, description="Seed of the sampling order.")
 
     @model_validator(mode="after")
-    def _ks(self) -> "SelectStep":
+    def _ks(self) -> "SelectSettings":
         if not self.k1 >= self.k2 >= self.k3:
             raise ValueError(f"need k1 >= k2 >= k3 (got {self.k1}, {self.k2}, {self.k3})")
         if any(not 0 < v <= 1 for v in self.quotas.values()) or sum(self.quotas.values()) > 1 + 1e-9:
             raise ValueError(f"quotas: shares must be in (0, 1] and sum to at most 1 (got {self.quotas})")
         return self
+
+
+class SelectStep(SelectSettings):
+    type: Literal["select"] = Field(description="Selection under a token budget: zip, quality or random.")
 
 
 CurateStep = Annotated[FilterStep | ExactDedupStep | DedupStep | RetrieveStep | DsirStep | RateStep | SelectStep,

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from hone.corpus.executor import summary_line
+from hone.corpus.runner import summary_line
 from hone.recipe import load_recipe
 
 WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")

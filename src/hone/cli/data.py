@@ -18,12 +18,14 @@ from hone.cli.common import (
     log as _log,
 )
 from hone.cli.select import register as register_select
-from hone.corpus.build_config import DedupStep, RetrieveStep, load_build, load_examples, run_build
-from hone.corpus.dedup import dedup_step
-from hone.corpus.executor import get_executor, retrieve_step
+from hone.corpus.build_config import load_build, run_build
+from hone.corpus.executor import get_executor
+from hone.corpus.read import load_examples
+from hone.corpus.steps.dedup import dedup_step
+from hone.corpus.steps.retrieve import retrieve_step
 from hone.errors import HoneError
 from hone.pipeline import stage_curate, stage_pool
-from hone.recipe import format_error
+from hone.recipe import DedupStep, RetrieveStep, format_error
 from hone.train.workdir import prepare_workdir
 
 data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")

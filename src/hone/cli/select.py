@@ -16,9 +16,9 @@ from typing import List, Optional
 import typer
 
 from hone.cli.common import INPUTS, OUTDIR, TEXT_FIELD, finish_step, log
-from hone.corpus.dsir import dsir_step
-from hone.corpus.rate import rate_step
-from hone.corpus.select import select_step
+from hone.corpus.steps.dsir import dsir_step
+from hone.corpus.steps.rate import rate_step
+from hone.corpus.steps.select import select_step
 from hone.errors import HoneError
 
 SEED = typer.Option(0, "--seed", help="Random seed (sampling, pairs).")

@@ -1,9 +1,12 @@
-"""The curate stage: read → heuristic filters → exact dedup → domain retrieval → Parquet.
+"""The curate stage: the recipe's ``[curate]`` steps through the step runner, then the corpus.
 
-Every step is a generator over records with one contract: a ``decide(doc)`` answers
-``None`` (keep) or a reason (drop). Each step counts docs and bytes in, kept and dropped
-per reason, so the manifest can assert ``in == kept + sum(dropped)``. The domain step drops
-nothing: documents it does not retrieve stay as ``general`` (the replay pool).
+``curate.steps`` lists any steps (as a ``hone data build`` file's ``[[steps]]``); without
+them, ``[curate]``'s own fields are the default list: ``filter`` (the heuristic filters),
+``dedup`` (exact dedup) and ``domain`` (BM25 retrieval that labels the documents it finds
+with the domain's name and keeps the rest as ``general``, the replay pool). Each step writes
+``corpus/steps/NAME/``; the last one's documents become ``corpus/part-*.parquet`` (what the
+tokenizer reads), and ``corpus/manifest.json`` counts every step, so that
+``in == kept + dropped`` holds per step.
 
 Example (CPU, seconds)::
 
@@ -17,49 +20,29 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable
 
-from hone.corpus import filters
-from hone.corpus.build_config import check_steps, copy_quarantine, run_steps, steps_manifest
-from hone.corpus.dedup import ExactDedup
 from hone.corpus.executor import get_executor
-from hone.corpus.read import Quarantine, StepStats, read_input_jsonl, read_inputs
-from hone.corpus.retrieve import retrieve
-from hone.corpus.runner import run_decide
+from hone.corpus.read import read_inputs
+from hone.corpus.steps import copy_quarantine, run_steps, steps_manifest
 from hone.corpus.write import write_corpus
 from hone.errors import HoneError
-from hone.recipe import CurateConfig, DomainConfig
-from hone.rundir import clear_done, is_done, mark_done, read_json, write_json, write_jsonl
+from hone.recipe import CurateConfig, CurateStep, ExactDedupStep, FilterStep, RetrieveStep
+from hone.rundir import clear_done, is_done, mark_done, read_json, write_json
 
-STEPS = ("read", "filter", "dedup", "domain")
 REPLAY = "general"  # domain of every kept document the retrieval did not pick
-Progress = Callable[[str, int, "int | None"], None]  # (step, docs done, total or None)
-Decide = Callable[[dict], "str | tuple[str, dict] | None"]
+DEFAULT_NAMES = ["filter", "dedup", "domain"]  # the step directories (and manifest keys) of the default list
+Log = Callable[[str], None]
 
 
-def run_step(docs: Iterable[dict], decide: Decide, stats: StepStats, dropped: list[dict] | None) -> Iterator[dict]:
-    """Yield the documents ``decide`` keeps; count (and optionally keep for audit) the rest."""
-    return run_decide(docs, decide, stats, dropped)
-
-
-def _ticks(docs: Iterable[dict], step: str, progress: Progress | None, every: int = 1000) -> Iterator[dict]:
-    n = 0
-    for n, doc in enumerate(docs, start=1):
-        if progress is not None and n % every == 0:
-            progress(step, n, None)
-        yield doc
-    if progress is not None:
-        progress(step, n, n)
-
-
-def assign_domain(docs: list[dict], cfg: DomainConfig, stats: StepStats) -> dict:
-    """Set ``domain`` and ``domain_score`` on every doc; return the query for the manifest."""
-    result = retrieve([d["text"] for d in docs], cfg)
-    for doc, score, picked in zip(docs, result.scores, result.selected):
-        doc["domain"] = cfg.name if picked else REPLAY
-        doc["domain_score"] = float(score)
-        stats.keep(len(doc["text"].encode("utf-8")))
-    return {"seed_terms": result.query, "expansion_terms": result.expansion}
+def default_steps(cfg: CurateConfig) -> list[CurateStep]:
+    """``[curate]``'s own fields as steps: filter, exact dedup, domain retrieval keeping the rest."""
+    d = cfg.domain
+    return [FilterStep(type="filter", write_dropped=cfg.write_dropped, **cfg.filters.model_dump()),
+            ExactDedupStep(type="exact_dedup", by_text=cfg.exact_dedup, write_dropped=cfg.write_dropped),
+            RetrieveStep(type="retrieve", name=d.name, query=d.keywords, examples=d.examples, top_k=d.top_k,
+                         expand="prf" if d.prf_docs else "none", keep_rest=True, prf_docs=d.prf_docs,
+                         prf_terms=d.prf_terms)]
 
 
 def retrieval_quality(docs: list[dict], name: str) -> dict | None:
@@ -107,10 +90,11 @@ def _finished(corpus_dir: Path, key: str) -> dict | None:
 
 
 def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str = "text",
-           progress: Progress | None = None) -> dict:
-    """Curate ``inputs`` (JSON lines) into ``out_dir/corpus``; return the manifest.
+           log: Log = lambda m: None) -> dict:
+    """Curate ``inputs`` into ``out_dir/corpus``; return the manifest.
 
-    A rerun with the same config and unchanged inputs returns the stored manifest at once.
+    A rerun with the same config and unchanged inputs returns the stored manifest at once
+    (and an interrupted one skips the steps and shards it finished).
     """
     inputs, corpus_dir = [Path(p) for p in inputs], Path(out_dir) / "corpus"
     if cfg.domain.name == REPLAY:
@@ -119,84 +103,47 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
     if (manifest := _finished(corpus_dir, key)) is not None:
         return manifest
     clear_done(corpus_dir)
-    if cfg.steps:
-        manifest = curate_steps(cfg, inputs, corpus_dir, text_field, progress)
-        mark_done(corpus_dir, {"key": key})
-        return manifest
     t0 = time.perf_counter()
-    stats = {step: StepStats() for step in STEPS}
-    dropped: dict[str, list[dict]] = {"filter": [], "dedup": []}
-    quarantine = Quarantine(corpus_dir / "quarantine" / "quarantine.jsonl")
-    docs = _ticks(read_input_jsonl(inputs, text_field, quarantine, stats["read"]), "read", progress)
-    docs = run_step(docs, lambda d: filters.check(d["text"], cfg.filters), stats["filter"], dropped["filter"])
-    docs = list(run_step(docs, ExactDedup(by_text=cfg.exact_dedup), stats["dedup"], dropped["dedup"]))
-    query = assign_domain(docs, cfg.domain, stats["domain"])
-    if progress is not None:
-        progress("domain", len(docs), len(docs))
+    steps, names = (cfg.steps, None) if cfg.steps else (default_steps(cfg), DEFAULT_NAMES)
+    ran = run_steps(steps, inputs, corpus_dir / "steps", text_field, get_executor("local"), log, names)
+    summary = steps_manifest(ran, steps, names)
+    docs = list(read_inputs(summary["final_shards"])) if summary["final_shards"] else []
+    domains = {cfg.domain.name: 0, REPLAY: 0}
+    for d in docs:
+        d["domain"] = d.get("domain") or REPLAY
+        domains[d["domain"]] = domains.get(d["domain"], 0) + 1
     shards = write_corpus(docs, corpus_dir)
-    quarantine.close()
-    _write_dropped(corpus_dir / "dropped", dropped if cfg.write_dropped else {})
-    manifest = _manifest(cfg, inputs, stats, docs, query, shards, quarantine, time.perf_counter() - t0)
+    copy_quarantine(Path(ran[0]["dir"]), corpus_dir)
+    _copy_dropped(ran, corpus_dir / "dropped")
+    query = next((s["manifest"]["query"] for s in reversed(ran) if "query" in s["manifest"]), None)
+    read = ran[0]["manifest"]["steps"]["read"]
+    manifest = {
+        "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in inputs],
+        # Unreadable input lines are the read step's drops (each also in quarantine/).
+        "steps": {"read": {**read, "dropped": {**read["dropped"], **read.get("quarantined", {})}, "quarantined": {}},
+                  **{s["name"]: s["manifest"]["steps"][steps[i].type] for i, s in enumerate(ran)}},
+        "totals": summary["totals"],
+        "domains": domains,
+        "retrieval": retrieval_quality(docs, cfg.domain.name),
+        "query": query,
+        "quarantined": {r: d["docs"] for r, d in read.get("quarantined", {}).items()},
+        "shards": [p.name for p in shards],
+        "step_dirs": summary["step_dirs"],
+        "skipped_steps": summary["skipped_steps"],
+        "config": config_json(cfg),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     write_json(corpus_dir / "manifest.json", manifest)
     mark_done(corpus_dir, {"key": key})
     return manifest
 
 
-def curate_steps(cfg: CurateConfig, inputs: list[Path], corpus_dir: Path, text_field: str = "text",
-                 progress: Progress | None = None) -> dict:
-    """``curate.steps`` through the runner of ``hone data build`` (OUT/corpus/steps/NN-type),
-    then the last step's documents as the corpus (``write_corpus``, which the tokenizer reads).
-    A document no step gave a domain is ``general``."""
-    t0 = time.perf_counter()
-    check_steps(cfg.steps, "curate.steps")
-    steps = run_steps(cfg.steps, inputs, corpus_dir / "steps", text_field, get_executor("local"),
-                      log=(lambda m: progress("steps", 0, None)) if progress else (lambda m: None))
-    summary = steps_manifest(steps, cfg.steps)
-    docs = list(read_inputs([Path(p) for p in summary["final_shards"]])) if summary["final_shards"] else []
-    domains: dict[str, int] = {}
-    for d in docs:
-        d["domain"] = d.get("domain") or REPLAY
-        domains[d["domain"]] = domains.get(d["domain"], 0) + 1
-    shards = write_corpus(docs, corpus_dir)
-    copy_quarantine(Path(steps[0]["dir"]), corpus_dir)
-    dropped_dir = corpus_dir / "dropped"
-    _write_dropped(dropped_dir, {})
-    for s in steps if cfg.write_dropped else []:
+def _copy_dropped(ran: list[dict], dropped_dir: Path) -> None:
+    """Each step's removed documents (when it kept them) as dropped/NAME.jsonl."""
+    for old in dropped_dir.glob("*.jsonl") if dropped_dir.is_dir() else []:
+        old.unlink()  # an audit file from an earlier run would describe other inputs
+    for s in ran:
         audit = Path(s["dir"]) / "dropped" / "dropped.jsonl"
         if audit.exists():
             dropped_dir.mkdir(parents=True, exist_ok=True)
             (dropped_dir / f"{s['name']}.jsonl").write_bytes(audit.read_bytes())
-    manifest = {"inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in inputs], **summary,
-                "domains": domains, "retrieval": retrieval_quality(docs, cfg.domain.name),
-                "quarantined": {r: d["docs"] for r, d in summary["steps"][f"{steps[0]['name']}/read"]
-                                .get("quarantined", {}).items()},
-                "shards": [p.name for p in shards], "config": config_json(cfg),
-                "seconds": round(time.perf_counter() - t0, 3)}
-    write_json(corpus_dir / "manifest.json", manifest)
-    return manifest
-
-
-def _write_dropped(dropped_dir: Path, dropped: dict[str, list[dict]]) -> None:
-    for old in dropped_dir.glob("*.jsonl") if dropped_dir.is_dir() else []:
-        old.unlink()  # an audit file from an earlier run would describe other inputs
-    for step, rows in dropped.items():
-        write_jsonl(dropped_dir / f"{step}.jsonl", rows)
-
-
-def _manifest(cfg: CurateConfig, inputs: list[Path], stats: dict[str, StepStats], docs: list[dict],
-              query: dict, shards: list[Path], quarantine: Quarantine, seconds: float) -> dict:
-    domains = {cfg.domain.name: 0, REPLAY: 0}
-    for d in docs:
-        domains[d["domain"]] += 1
-    return {
-        "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in inputs],
-        # read counts raw line bytes; later steps count the UTF-8 bytes of the text.
-        "steps": {step: s.as_dict() for step, s in stats.items()},
-        "domains": domains,
-        "retrieval": retrieval_quality(docs, cfg.domain.name),
-        "query": query,
-        "quarantined": dict(quarantine.counts),
-        "shards": [p.name for p in shards],
-        "config": config_json(cfg),
-        "seconds": round(seconds, 3),
-    }

@@ -4,8 +4,8 @@ A record is ``{"id": str, "text": str, "source": str, "meta": dict}``. A line th
 become a record (bad UTF-8, bad JSON, not an object, no string text field) is never
 silently lost: it goes to the quarantine with its file, line number and reason.
 
-``read_input_jsonl`` is the curate stage's reader (JSON lines only). ``expand_inputs`` +
-``read_shard`` read every supported format, streaming, one input shard at a time:
+``expand_inputs`` + ``read_shard`` (or ``read_inputs``) read every supported format,
+streaming, one input shard at a time:
 
 - JSON lines: ``.jsonl``/``.json``/``.ndjson``, optionally ``.gz`` or ``.zst`` compressed;
 - Parquet (``.parquet``), e.g. the output of another ``hone data`` command;
@@ -113,23 +113,6 @@ class Quarantine:
             write_jsonl(self.path, self.rows)
 
 
-def _open(path: Path) -> IO[bytes]:
-    if not path.exists():
-        raise HoneError(f"{path}: input file not found")
-    if path.name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    if path.suffix in (".zst", ".parquet", ".arrow"):
-        raise HoneError(f"{path}: only JSON-lines input (.jsonl or .jsonl.gz) is read by this version")
-    return open(path, "rb")
-
-
-def _file_stem(path: Path) -> str:
-    name = path.name
-    for ext in (".gz", ".jsonl", ".json", ".ndjson"):
-        name = name.removesuffix(ext)
-    return name
-
-
 def parse_line(raw: bytes, text_field: str) -> dict | str:
     """The parsed object, or the reason it is unreadable."""
     try:
@@ -171,32 +154,6 @@ def to_record(obj: dict, text_field: str, stem: str, lineno: int) -> dict:
             "text": obj[text_field],
             "source": str(obj.get("source") or stem),
             "meta": {**meta, **rest}}
-
-
-def read_input_jsonl(paths: Iterable[Path], text_field: str = "text", quarantine: Quarantine | None = None,
-               stats: StepStats | None = None) -> Iterator[dict]:
-    """Stream records from JSON-lines files (``.jsonl`` or ``.jsonl.gz``), in file and line order.
-
-    Blank lines are skipped (they are not documents). Without a ``quarantine`` the first
-    unreadable line is an error naming file and line. ``stats`` counts lines and raw bytes.
-    """
-    for path in map(Path, paths):
-        stem = _file_stem(path)
-        with _open(path) as f:
-            for lineno, raw in enumerate(f, start=1):
-                if not raw.strip():
-                    continue
-                obj = parse_line(raw.rstrip(b"\r\n"), text_field)
-                if isinstance(obj, str):
-                    if quarantine is None:
-                        raise HoneError(f"{path}:{lineno}: unreadable line ({obj})")
-                    quarantine.add(path, lineno, obj, raw.rstrip(b"\r\n"))
-                    if stats is not None:
-                        stats.drop(obj, len(raw))
-                    continue
-                if stats is not None:
-                    stats.keep(len(raw))
-                yield to_record(obj, text_field, stem, lineno)
 
 
 # --- every format, one shard at a time ---------------------------------------------------

@@ -11,10 +11,16 @@ drops it. ``keep_or_drop`` applies the verdicts, counts docs and bytes per reaso
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import time
-from typing import Iterable, Iterator
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
-from hone.corpus.read import StepStats
+from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
+from hone.corpus.write import ShardWriter
+from hone.rundir import atomic_path, ensure_dir, is_done, mark_done, read_json, write_json
 
 
 def dropped_record(doc: dict, reason: str, detail: dict) -> dict:
@@ -75,3 +81,109 @@ def step_manifest(command: str, shards: list, read: StepStats, step: StepStats, 
             "quarantined": {r: d["docs"] for r, d in steps["read"].get("quarantined", {}).items()},
             **extra, "shards": parts, "config": config, **(after_config or {}),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# --- the output directory of a step: shards, work files, manifest --------------------------
+
+WORK = ".work"  # per-shard intermediate files and markers; kept so a restart can skip work
+
+
+def run_key(shards: list, config: dict) -> str:
+    """Hash of the config and every input shard's path, size and mtime."""
+    files = []
+    for sh in shards:
+        try:
+            st = sh.path.stat()
+            files.append([str(sh.path.resolve()), sh.kind, st.st_size, st.st_mtime_ns, sh.start, sh.end])
+        except OSError as e:  # a broken link, a vanished file: the reader quarantines it
+            files.append([str(sh.path.absolute()), sh.kind, type(e).__name__])
+    blob = json.dumps([config, files], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def prepare_output(out_dir: Path, key: str) -> tuple[Path, dict | None]:
+    """(work dir, the stored manifest if this exact run already finished).
+
+    Work from a run with another key (other inputs or config) is discarded; work from an
+    interrupted run with the same key is kept, so its finished shards are skipped.
+    """
+
+    out_dir, work = Path(out_dir), Path(out_dir) / WORK
+    ensure_dir(out_dir)
+    key_file = work / "key.json"
+    stored = read_json(key_file).get("key") if key_file.exists() else None
+    if stored == key and is_done(out_dir / "manifest.json") and (out_dir / "manifest.json").exists():
+        return work, read_json(out_dir / "manifest.json")
+    if stored != key:
+        shutil.rmtree(work, ignore_errors=True)
+        write_json(key_file, {"key": key})
+    for tmp in out_dir.glob(".part-*.tmp"):  # a shard being written when the run was killed
+        tmp.unlink(missing_ok=True)
+    Path(str(out_dir / "manifest.json") + ".done").unlink(missing_ok=True)
+    return work, None
+
+
+def finish_output(out_dir: Path, manifest: dict, parts: list[Path], quarantine_files: list[Path],
+                  dropped_files: list[Path] | None = None) -> dict:
+    """Gather per-shard audit files, remove stale shards, write manifest.json and its marker."""
+
+    out_dir = Path(out_dir)
+    for name, files in (("quarantine/quarantine.jsonl", quarantine_files),
+                        ("dropped/dropped.jsonl", dropped_files or [])):
+        target = out_dir / name
+        present = [f for f in files if f.exists() and f.stat().st_size]
+        if not present:
+            target.unlink(missing_ok=True)
+            continue
+        with atomic_path(target) as tmp, open(tmp, "wb") as out:
+            for f in present:
+                out.write(f.read_bytes())
+    for stale in set(out_dir.glob("part-*.parquet")) - set(parts):
+        stale.unlink()
+    t = manifest["totals"]
+    assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"], json.dumps(t)
+    write_json(out_dir / "manifest.json", manifest)
+    mark_done(out_dir / "manifest.json", {})
+    return manifest
+
+
+def summary_line(name: str, manifest: dict, out_dir: Path) -> str:
+    t = manifest["totals"]
+    reasons = {}
+    for s in manifest["steps"].values():
+        for r, d in {**s["dropped"], **s.get("quarantined", {})}.items():
+            reasons[r] = reasons.get(r, 0) + d["docs"]
+    why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
+    return (f"{name}: {t['docs_in']} in, {t['kept']} kept, {t['dropped']} dropped, {t['quarantined']} quarantined"
+            f"{' (' + why + ')' if why else ''}; {t['bytes_in'] / 1e6:.1f} MB in, {t['bytes_out'] / 1e6:.1f} MB out; "
+            f"{manifest.get('seconds', 0):.1f} s -> {out_dir}")
+
+
+# --- whole-pool steps (dsir in memory, rate, select) -------------------------------------------------------
+
+Decide = Callable[[list[dict]], "tuple[list[str | None], dict]"]
+
+
+def whole_pool_step(name: str, inputs: list, out_dir: Path, text_field: str, config: dict, decide: Decide) -> dict:
+    """Read all inputs, ``decide`` per document (None keeps; a string is the drop reason),
+    write the kept ones (with the columns ``decide`` added) to OUT/part-00000.parquet and
+    the manifest. A finished run with the same inputs and config is not run again.
+
+    These steps need pool-wide statistics (p_raw, standardized scores, a global budget):
+    they hold the texts of the pool in memory.
+    """
+    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
+    config = {"step": name, **config, "text_field": text_field}
+    work, done = prepare_output(out_dir, run_key(shards, config))
+    if done is not None:
+        return done
+    work.mkdir(parents=True, exist_ok=True)
+    read, step, q = StepStats(), StepStats(), Quarantine(work / "quarantine-00000.jsonl")
+    docs = [d for sh in shards for d in read_shard(sh, text_field, q, read)]
+    q.close()
+    verdicts, info = decide(docs) if docs else ([], {})
+    writer = ShardWriter(out_dir / "part-00000.parquet")
+    writer.write(list(keep_or_drop(docs, verdicts, step)))
+    writer.close()
+    manifest = step_manifest(name, shards, read, step, config, ["part-00000.parquet"], t0, **{name: info})
+    return finish_output(out_dir, manifest, [out_dir / "part-00000.parquet"], [work / "quarantine-00000.jsonl"])

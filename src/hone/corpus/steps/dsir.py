@@ -10,7 +10,7 @@ and ``k`` documents are drawn without replacement by Gumbel top-k on ``log w`` (
 when ``deterministic``). Documents shorter than ``min_words`` are dropped first: a weight
 from three words is noise.
 
-    from hone.corpus.dsir import dsir_scores
+    from hone.corpus.steps.dsir import dsir_scores
     logw = dsir_scores(pool_texts, ["an example of the domain", ...])
 """
 
@@ -18,51 +18,25 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import xxhash
 
-from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks
+from hone.corpus.executor import Task, get_executor, run_tasks
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, load_examples, read_shard
-from hone.corpus.runner import keep_or_drop, step_manifest
+from hone.corpus.runner import finish_output, keep_or_drop, prepare_output, run_key, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
+from hone.recipe import DsirSettings, OneLineErrors
 
 _WORD = re.compile(r"\w+")
 _BIGRAM_MIX = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant: bigram (a, b) != (b, a)
 
 
-@dataclass(frozen=True)
-class DsirConfig:
-    """DSIR settings (the ``dsir`` step of ``hone data build``; ``hone data dsir`` options)."""
-
-    k: int = 1000  # documents to keep
-    buckets: int = 10_000  # hashed n-gram buckets (m)
-    pseudo_count: float = 0.1  # added to every bucket's count before normalizing
-    min_words: int = 5  # shorter documents are dropped (too_short)
-    length_norm: bool = True  # log w per n-gram × median length (False: the paper's plain sum)
-    deterministic: bool = False  # plain top-k instead of Gumbel top-k
-    seed: int = 0
-    name: str | None = None  # domain label written on kept documents (None: leave as is)
-
-    def __post_init__(self) -> None:
-        for f, v in (("k", self.k), ("buckets", self.buckets), ("min_words", self.min_words)):
-            if v < (0 if f == "min_words" else 1):
-                raise HoneError(f"dsir.{f} must be >= {0 if f == 'min_words' else 1} (got {v})")
-        if self.pseudo_count <= 0:
-            raise HoneError(f"dsir.pseudo_count must be > 0 (got {self.pseudo_count})")
-
-
-def config_from(cls, params: dict, step: str):
-    """A step config from keyword parameters; an unknown one is a one-line error."""
-    names = {f.name for f in fields(cls)}
-    bad = sorted(set(params) - names)
-    if bad:
-        raise HoneError(f"{step}: unknown field {bad[0]!r} (known: {', '.join(sorted(names))})")
-    return cls(**params)
+class DsirConfig(OneLineErrors, DsirSettings):
+    """DSIR settings (:class:`hone.recipe.DsirSettings`, the fields of the ``dsir`` step)."""
 
 
 def words(text: str) -> list[str]:
@@ -188,13 +162,13 @@ def dsir_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor
 
     if not target:
         raise HoneError("dsir: give target (a file of example documents: .txt paragraphs, jsonl or parquet)")
-    cfg = config_from(DsirConfig, params, "dsir")
+    cfg = DsirConfig(**params)
     targets = _load_targets(target, text_field)
     if not targets:
         raise HoneError("dsir: no target examples")
     digest = xxhash.xxh64_hexdigest("\x00".join(targets).encode("utf-8"))  # a changed target file is another run
     t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
-    config = {"step": "dsir", **asdict(cfg), "target": target if isinstance(target, str) else "<list>",
+    config = {"step": "dsir", **cfg.model_dump(), "target": target if isinstance(target, str) else "<list>",
               "target_hash": digest, "text_field": text_field}
     work, done = prepare_output(out_dir, run_key(shards, config))
     if done is not None:

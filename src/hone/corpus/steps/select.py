@@ -21,56 +21,24 @@ select): read every input, decide per document, write one Parquet shard and the 
 
 from __future__ import annotations
 
-import time
 import zlib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from hone.corpus.dsir import config_from, gumbel_top_k
-from hone.corpus.executor import finish_output, prepare_output, run_key
-from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
-from hone.corpus.runner import keep_or_drop, step_manifest
-from hone.corpus.write import ShardWriter
+from hone.corpus.runner import whole_pool_step
+from hone.corpus.steps.dsir import gumbel_top_k
 from hone.errors import HoneError
 from hone.model.gguf import smollm2_gguf_path, tokenizer_from_gguf
+from hone.recipe import OneLineErrors, SelectSettings
 
 METHODS = ("zip", "quality", "random")
 SEP = b"\n\n"  # between documents of a set, as they will sit in a training stream
 
 
-@dataclass(frozen=True)
-class SelectConfig:
-    """Selection settings (the ``select`` step of ``hone data build``; ``hone data select``)."""
-
-    method: str = "zip"  # zip, quality or random
-    budget_tokens: int | None = None  # stop when the selected documents hold this many tokens
-    max_docs: int | None = None  # and/or this many documents
-    temperature: float = 1.0  # quality: τ of exp(z / τ); 0 is top-k
-    k1: int = 10_000  # zip: candidates by their own ratio
-    k2: int = 200  # zip: candidates by ratio with the selected set
-    k3: int = 100  # zip: documents added per round
-    quotas: dict[str, float] = field(default_factory=dict)  # domain -> share of the budget
-    tokenizer: str | None = None  # None: whitespace words; "smollm2" or a tokenizer.json path
-    quality_column: str = "quality"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise HoneError(f"select.method must be one of {', '.join(METHODS)} (got {self.method!r})")
-        for name in ("budget_tokens", "max_docs"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise HoneError(f"select.{name} must be >= 1 (got {v})")
-        if self.temperature < 0:
-            raise HoneError(f"select.temperature must be >= 0 (got {self.temperature})")
-        if min(self.k1, self.k2, self.k3) < 1 or not self.k1 >= self.k2 >= self.k3:
-            raise HoneError(f"select: need k1 >= k2 >= k3 >= 1 (got {self.k1}, {self.k2}, {self.k3})")
-        if any(not 0 < v <= 1 for v in self.quotas.values()) or sum(self.quotas.values()) > 1 + 1e-9:
-            raise HoneError(f"select.quotas: shares must be in (0, 1] and sum to at most 1 (got {self.quotas})")
+class SelectConfig(OneLineErrors, SelectSettings):
+    """Selection settings (:class:`hone.recipe.SelectSettings`, the fields of the ``select`` step)."""
 
 
 # --- token counts -------------------------------------------------------------------------
@@ -243,35 +211,5 @@ def select_docs(docs: list[dict], cfg: SelectConfig = SelectConfig()) -> tuple[l
 
 def select_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, **params) -> dict:
     """The ``select`` step of ``hone data build`` (``SelectConfig`` fields as keywords)."""
-    cfg = config_from(SelectConfig, params, "select")
-    return whole_pool_step("select", inputs, out_dir, text_field, asdict(cfg), lambda docs: select_docs(docs, cfg))
-
-
-# --- the runner of whole-pool steps -------------------------------------------------------
-
-Decide = Callable[[list[dict]], "tuple[list[str | None], dict]"]
-
-
-def whole_pool_step(name: str, inputs: list, out_dir: Path, text_field: str, config: dict, decide: Decide) -> dict:
-    """Read all inputs, ``decide`` per document (None keeps; a string is the drop reason),
-    write the kept ones (with the columns ``decide`` added) to OUT/part-00000.parquet and
-    the manifest. A finished run with the same inputs and config is not run again.
-
-    These steps need pool-wide statistics (p_raw, standardized scores, a global budget):
-    they hold the texts of the pool in memory.
-    """
-    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
-    config = {"step": name, **config, "text_field": text_field}
-    work, done = prepare_output(out_dir, run_key(shards, config))
-    if done is not None:
-        return done
-    work.mkdir(parents=True, exist_ok=True)
-    read, step, q = StepStats(), StepStats(), Quarantine(work / "quarantine-00000.jsonl")
-    docs = [d for sh in shards for d in read_shard(sh, text_field, q, read)]
-    q.close()
-    verdicts, info = decide(docs) if docs else ([], {})
-    writer = ShardWriter(out_dir / "part-00000.parquet")
-    writer.write(list(keep_or_drop(docs, verdicts, step)))
-    writer.close()
-    manifest = step_manifest(name, shards, read, step, config, ["part-00000.parquet"], t0, **{name: info})
-    return finish_output(out_dir, manifest, [out_dir / "part-00000.parquet"], [work / "quarantine-00000.jsonl"])
+    cfg = SelectConfig(**params)
+    return whole_pool_step("select", inputs, out_dir, text_field, cfg.model_dump(), lambda docs: select_docs(docs, cfg))

@@ -26,17 +26,18 @@ import os
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+from pydantic import model_validator
 
-from hone.corpus.dsir import NgramHasher, config_from
-from hone.corpus.select import whole_pool_step
+from hone.corpus.runner import whole_pool_step
+from hone.corpus.steps.dsir import NgramHasher
 from hone.errors import HoneError
 from hone.model.gguf import load_gguf, smollm2_gguf_path
 from hone.model.hf import load_hf
+from hone.recipe import OneLineErrors, RateSettings
 
 CRITERIA = {
     "writing_style": "Which text has a more polished and beautiful writing style?",
@@ -317,32 +318,14 @@ def _features(hasher, texts: list[str]):
 
 # --- the step -----------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class RateConfig:
-    """QuRating settings (the ``rate`` step of ``hone data build``; ``hone data rate`` options)."""
+class RateConfig(OneLineErrors, RateSettings):
+    """QuRating settings (:class:`hone.recipe.RateSettings`, the fields of the ``rate`` step); the
+    criterion must be a named one or a question."""
 
-    judge: str = "local:smollm2"  # local:smollm2, local:PATH or openai:URL
-    criterion: str = "educational_value"  # a named criterion or a question of your own
-    pairs: int = 200  # pairs judged (each in both orders), training + held-out
-    heldout: float = 0.2  # share of rated documents (and pairs) kept apart to measure agreement
-    margin: float = 0.25  # confident: p <= margin or p >= 1 - margin
-    excerpt_tokens: int = 256  # the judge reads this many tokens of each document
-    chunk_words: int = 256  # the rater scores chunks of this many words
-    batch_size: int = 4  # local judge: prompts per forward pass
-    ridge_alpha: float = 1.0
-    column: str = "quality"  # the score column written
-    judge_model: str | None = None  # openai: model name (default HONE_JUDGE_MODEL or gpt-4o-mini)
-    api_key_env: str = "HONE_JUDGE_KEY"  # openai: environment variable holding the key
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.pairs < 2:
-            raise HoneError(f"rate.pairs must be >= 2 (got {self.pairs})")
-        if not 0 < self.heldout < 1:
-            raise HoneError(f"rate.heldout must be in (0, 1) (got {self.heldout})")
-        if not 0 < self.margin <= 0.5:
-            raise HoneError(f"rate.margin must be in (0, 0.5] (got {self.margin})")
+    @model_validator(mode="after")
+    def _criterion(self) -> "RateConfig":
         question(self.criterion)
+        return self
 
 
 def rate_docs(docs: list[dict], judge: Judge, cfg: RateConfig = RateConfig(),
@@ -394,14 +377,14 @@ def rate_docs(docs: list[dict], judge: Judge, cfg: RateConfig = RateConfig(),
 def rate_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, judge_obj: Judge | None = None,
               log: Callable[[str], None] | None = None, **params) -> dict:
     """The ``rate`` step of ``hone data build``: adds the ``quality`` column, drops nothing."""
-    cfg = config_from(RateConfig, params, "rate")
+    cfg = RateConfig(**params)
 
     def decide(docs: list[dict]):
         judge = judge_obj or make_judge(cfg.judge, excerpt_tokens=cfg.excerpt_tokens, batch_size=cfg.batch_size,
                                         model=cfg.judge_model, api_key_env=cfg.api_key_env)
         return rate_docs(docs, judge, cfg, log)
 
-    config = asdict(cfg)
+    config = cfg.model_dump()
     if judge_obj is not None:
         config["judge"] = judge_obj.name
     return whole_pool_step("rate", inputs, out_dir, text_field, config, decide)

@@ -1,92 +1,31 @@
-"""Exact deduplication on a hash of the normalized text.
-
-Normalizing (lowercase, punctuation removed, whitespace collapsed) catches copies that
-differ only in case, spacing or punctuation. The first occurrence is kept; later ones are
-dropped with reason ``exact_duplicate`` and the id of the document that survived.
-"""
+"""The ``dedup`` step: MinHash LSH near-deduplication over shards (``hone data dedup``), with
+candidates verified on their true shingle Jaccard and one survivor per cluster."""
 
 from __future__ import annotations
 
-import hashlib
-import re
 import time
-import unicodedata
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hone.corpus.executor import Task, finish_output, get_executor, prepare_output, run_key, run_tasks
+from hone.corpus.executor import Task, get_executor, run_tasks
 from hone.corpus.minhash import MinHasher, UnionFind, band_keys, candidate_pairs, lsh_params, sorted_jaccard
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
-from hone.corpus.runner import keep_or_drop, run_decide, step_manifest
+from hone.corpus.runner import finish_output, keep_or_drop, prepare_output, run_key, step_manifest
 from hone.corpus.write import ShardWriter
-from hone.errors import HoneError
+from hone.recipe import DedupSettings, OneLineErrors
 from hone.rundir import is_done, mark_done, read_json, write_jsonl
-
-_PUNCT = re.compile(r"[^\w\s]|_")
-_SPACE = re.compile(r"\s+")
-
-
-def normalize(text: str) -> str:
-    text = unicodedata.normalize("NFKC", text).lower()
-    return _SPACE.sub(" ", _PUNCT.sub("", text)).strip()
-
-
-def text_hash(text: str) -> bytes:
-    return hashlib.blake2b(normalize(text).encode("utf-8"), digest_size=16).digest()
-
-
-class ExactDedup:
-    """Call it on each document in order: None (first seen) or (reason, detail) for a copy.
-
-    Documents whose id was already kept are dropped too (``duplicate_id``): the corpus
-    ``id`` column must stay unique.
-    """
-
-    def __init__(self, by_text: bool = True) -> None:
-        self.by_text = by_text  # False: only keep ids unique (curate.exact_dedup = false)
-        self.seen: dict[bytes, str] = {}
-        self.ids: set[str] = set()
-
-    def __call__(self, doc: dict) -> tuple[str, dict] | None:
-        if doc["id"] in self.ids:
-            return "duplicate_id", {}
-        if self.by_text:
-            h = text_hash(doc["text"])
-            if (first := self.seen.get(h)) is not None:
-                return "exact_duplicate", {"duplicate_of": first}
-            self.seen[h] = doc["id"]
-        self.ids.add(doc["id"])
-        return None
-
-
-# --- MinHash LSH near-dedup over shards (``hone data dedup``) ------------------------------
 
 BATCH = 1024  # documents hashed at once: memory per worker stays flat with corpus size
 VERIFY_CHUNK = 16384  # candidate pairs checked per batch of shingle sets held in memory
 
 
-@dataclass(frozen=True)
-class NearDedupConfig:
-    """MinHash LSH settings. ``bands``/``rows`` override the choice made from ``threshold``."""
-
-    threshold: float = 0.8  # verified shingle Jaccard at or above which two docs are duplicates
-    ngram: int = 5
-    num_perm: int = 128
-    unit: str = "word"  # word or char shingles
-    bands: int | None = None
-    rows: int | None = None
-    cluster_column: bool = False  # add dup_cluster (the cluster's first doc's index; -1 alone)
-    mark_only: bool = False  # keep every document, only add dup_cluster
-    write_dropped: bool = False  # write removed documents to dropped/dropped.jsonl
-    max_doc_bytes: int = 16 << 20
+class NearDedupConfig(OneLineErrors, DedupSettings):
+    """MinHash LSH settings (:class:`hone.recipe.DedupSettings`, the fields of the ``dedup``
+    step) and the LSH and hasher they make. ``bands``/``rows`` override the choice from ``threshold``."""
 
     def lsh(self) -> tuple[int, int]:
-        if self.bands and self.rows:
-            if self.bands * self.rows > self.num_perm:
-                raise HoneError(f"bands({self.bands}) * rows({self.rows}) = {self.bands * self.rows} > "
-                                f"num_perm {self.num_perm}")
+        if self.bands and self.rows:  # their product is checked by DedupSettings
             return self.bands, self.rows
         return lsh_params(self.threshold, self.num_perm)
 
@@ -219,7 +158,8 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
     executor = executor or get_executor()
     out_dir, shards = Path(out_dir), expand_inputs(inputs)
     bands, rows = cfg.lsh()
-    work, done = prepare_output(out_dir, run_key(shards, {"step": "dedup", **asdict(cfg), "text_field": text_field}))
+    config = {"step": "dedup", **cfg.model_dump(), "text_field": text_field}
+    work, done = prepare_output(out_dir, run_key(shards, config))
     if done is not None:
         return done
     work.mkdir(parents=True, exist_ok=True)
@@ -235,7 +175,7 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
         read.merge(r["read"])
     for r in out:
         dedup.merge(r["dedup"])
-    manifest = step_manifest("dedup", shards, read, dedup, {**asdict(cfg), "text_field": text_field},
+    manifest = step_manifest("dedup", shards, read, dedup, {**cfg.model_dump(), "text_field": text_field},
                              [f"part-{i:05d}.parquet" for i in range(len(shards))], t0,
                              after_config={"executor": executor.name}, lsh={"bands": bands, "rows": rows, **lsh})
     parts = [out_dir / p for p in manifest["shards"]]
@@ -248,23 +188,3 @@ def dedup_step(inputs: list, out_dir: Path, *, text_field: str = "text", executo
     return near_dedup(inputs, out_dir, NearDedupConfig(**params), text_field, executor)
 
 
-def exact_dedup_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None,
-                     by_text: bool = True) -> dict:
-    """The ``exact_dedup`` step: ``ExactDedup`` over every shard in input order (one process:
-    the first copy anywhere wins), one output shard per input shard."""
-    t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
-    config = {"step": "exact_dedup", "by_text": by_text, "text_field": text_field}
-    work, done = prepare_output(out_dir, run_key(shards, config))
-    if done is not None:
-        return done
-    work.mkdir(parents=True, exist_ok=True)
-    read, step, q = StepStats(), StepStats(), Quarantine(work / "quarantine-00000.jsonl")
-    decide, parts = ExactDedup(by_text=by_text), []
-    for i, sh in enumerate(shards):
-        writer = ShardWriter(out_dir / f"part-{i:05d}.parquet")
-        for batch in batched(read_shard(sh, text_field, q, read), BATCH):
-            writer.write(list(run_decide(batch, decide, step)))
-        parts.append(writer.close().name)
-    q.close()
-    manifest = step_manifest("exact_dedup", shards, read, step, config, parts, t0)
-    return finish_output(out_dir, manifest, [out_dir / p for p in parts], [work / "quarantine-00000.jsonl"])
