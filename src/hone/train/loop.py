@@ -118,7 +118,6 @@ def memory_gib(device: torch.device) -> float:
     """Peak memory: CUDA allocator peak on a GPU, the process's peak RSS on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
 
 
