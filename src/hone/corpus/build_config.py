@@ -53,12 +53,10 @@ class BuildSection(_Model):
     workers: Optional[int] = Field(None, ge=1, description="Worker processes (default: all cores).")
 
 
-Step = CurateStep  # one config per step, shared with the recipe's [[curate.steps]] (hone.recipe)
-
-
 class BuildRecipe(_Model):
     build: BuildSection
-    steps: list[Step] = Field(..., min_length=1, description="The steps, run in order.")
+    # One model per step, shared with the recipe's [[curate.steps]] (hone.recipe).
+    steps: list[CurateStep] = Field(..., min_length=1, description="The steps, run in order.")
 
 
 def load_build(path: str | Path) -> BuildRecipe:
