@@ -61,6 +61,14 @@ def run_decide(docs: Iterable[dict], decide, stats: StepStats, dropped: list[dic
             yield doc
 
 
+def merged(results: list[dict], key: str) -> StepStats:
+    """One step's counts over its shard tasks' results (each holds ``key``: a StepStats dict)."""
+    stats = StepStats()
+    for res in results:
+        stats.merge(res[key])
+    return stats
+
+
 def totals(read: dict, steps: dict[str, dict]) -> dict:
     """Docs in (every input line / row / file), kept, dropped by the steps, quarantined."""
     quarantined = sum(d["docs"] for d in read.get("quarantined", {}).values())

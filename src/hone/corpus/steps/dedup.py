@@ -11,7 +11,7 @@ import numpy as np
 from hone.corpus.executor import Task, get_executor, run_tasks
 from hone.corpus.minhash import MinHasher, UnionFind, band_keys, candidate_pairs, lsh_params, sorted_jaccard
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
-from hone.corpus.runner import finish_output, keep_or_drop, prepare_output, run_key, step_manifest
+from hone.corpus.runner import finish_output, keep_or_drop, merged, prepare_output, run_key, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.recipe import DedupSettings, OneLineErrors
 from hone.rundir import is_done, mark_done, read_json, write_jsonl
@@ -170,11 +170,7 @@ def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConf
     out = run_tasks(executor, [Task(work / f"part-{i:05d}", write_task,
                                     (sh, text_field, cfg, int(offsets[i]), work, out_dir, i))
                                for i, sh in enumerate(shards)])
-    read, dedup = StepStats(), StepStats()
-    for r in sig:
-        read.merge(r["read"])
-    for r in out:
-        dedup.merge(r["dedup"])
+    read, dedup = merged(sig, "read"), merged(out, "dedup")
     manifest = step_manifest("dedup", shards, read, dedup, {**cfg.model_dump(), "text_field": text_field},
                              [f"part-{i:05d}.parquet" for i in range(len(shards))], t0,
                              after_config={"executor": executor.name}, lsh={"bands": bands, "rows": rows, **lsh})

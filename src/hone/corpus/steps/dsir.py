@@ -26,7 +26,7 @@ import xxhash
 
 from hone.corpus.executor import Task, get_executor, run_tasks
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, load_examples, read_shard
-from hone.corpus.runner import finish_output, keep_or_drop, prepare_output, run_key, step_manifest
+from hone.corpus.runner import finish_output, keep_or_drop, merged, prepare_output, run_key, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.errors import HoneError
 from hone.recipe import DsirSettings, OneLineErrors
@@ -195,11 +195,7 @@ def dsir_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor
     written = run_tasks(ex, [Task(work / f"part-{i:05d}", _write_task,
                                   (sh, text_field, cfg, work, out_dir, i, int(offsets[i])))
                              for i, sh in enumerate(shards)])
-    read, step = StepStats(), StepStats()
-    for r in counted:
-        read.merge(r["read"])
-    for r in written:
-        step.merge(r["dsir"])
+    read, step = merged(counted, "read"), merged(written, "dsir")
     parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
     info = {"target_docs": len(targets), "eligible": int(ok.sum()),
             "log_w": _summary(logw[ok]) if ok.any() else {}}

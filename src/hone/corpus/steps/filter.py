@@ -9,7 +9,7 @@ from pathlib import Path
 from hone.corpus import filters
 from hone.corpus.executor import Task, get_executor, run_tasks
 from hone.corpus.read import Quarantine, StepStats, batched, expand_inputs, read_shard
-from hone.corpus.runner import finish_output, prepare_output, run_decide, run_key, step_manifest
+from hone.corpus.runner import finish_output, merged, prepare_output, run_decide, run_key, step_manifest
 from hone.corpus.write import ShardWriter
 from hone.recipe import FilterConfig
 from hone.rundir import write_jsonl
@@ -42,10 +42,7 @@ def filter_step(inputs: list, out_dir: Path, *, text_field: str = "text", execut
     res = run_tasks(executor or get_executor(), [Task(work / f"part-{i:05d}", _filter_task,
                                                       (sh, text_field, cfg, work, out_dir, i, write_dropped))
                                                  for i, sh in enumerate(shards)])
-    read, step = StepStats(), StepStats()
-    for r in res:
-        read.merge(r["read"])
-        step.merge(r["filter"])
+    read, step = merged(res, "read"), merged(res, "filter")
     parts = [f"part-{i:05d}.parquet" for i in range(len(shards))]
     manifest = step_manifest("filter", shards, read, step, config, parts, t0)
     return finish_output(out_dir, manifest, [out_dir / p for p in parts],
