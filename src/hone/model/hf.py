@@ -24,10 +24,14 @@ def save_hf(
     tokenizer: Tokenizer | None,
     outdir: Path | str,
     extra_files: dict[str, dict] | None = None,
+    tokenizer_files: dict[str, bytes] | None = None,
 ) -> Path:
     """Write a directory ``transformers.from_pretrained`` loads; swapped in atomically.
 
     ``extra_files`` adds JSON files (name -> content), e.g. the training state beside the weights.
+    ``tokenizer_files`` (name -> bytes, see :mod:`hone.model.tokenizer_files`) are written as they
+    are, in place of the tokenizer files generated from ``tokenizer``: the base model's own
+    tokenizer, chat template, special tokens and generation config travel unchanged.
     """
     outdir = Path(outdir)
     cfg = model.config
@@ -41,9 +45,11 @@ def save_hf(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=dtype))
         write_json(tmp / "generation_config.json", _generation_config(cfg))
-        if tokenizer is not None:
+        if tokenizer is not None and not tokenizer_files:
             tokenizer.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg))
+        for name, content in (tokenizer_files or {}).items():
+            (tmp / name).write_bytes(content)
         for name, content in (extra_files or {}).items():
             write_json(tmp / name, content)
     return outdir

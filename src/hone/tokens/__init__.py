@@ -20,8 +20,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hone.errors import HoneError
 from hone.rundir import atomic_path, is_done, mark_done, read_json, write_json
+from hone.tokens.conventions import TokenConventions
 
-EOS_TOKEN = "<|endoftext|>"
+EOS_TOKEN = "<|endoftext|>"  # the separator of the BPE trained for random models
 
 
 def tokenizer_hash(tokenizer: Tokenizer) -> str:
@@ -29,11 +30,8 @@ def tokenizer_hash(tokenizer: Tokenizer) -> str:
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
-    """The document separator: ``<|endoftext|>`` (SmolLM2 and our trained BPE both have it)."""
-    tid = tokenizer.token_to_id(EOS_TOKEN)
-    if tid is None:
-        raise HoneError(f"tokenizer has no {EOS_TOKEN} token to separate documents")
-    return tid
+    """The document separator detected from the tokenizer alone (see :mod:`hone.tokens.conventions`)."""
+    return TokenConventions.detect(tokenizer).eos_id
 
 
 def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
