@@ -100,7 +100,7 @@ def measure(recipe_path: str) -> None:
                       "totals": m["totals"],
                       "step_seconds": {k: v["manifest"]["seconds"] for k, v in zip(
                           [d.split("/")[-1] for d in m["step_dirs"]],
-                          [{"manifest": json.loads((Path(d) / "manifest.json").read_text())}
+                          [{"manifest": json.loads((Path(d) / ".hone" / "manifest.json").read_text())}
                            for d in m["step_dirs"]])}}))
 
 

@@ -52,10 +52,10 @@ def _check(r, out, name, kept, dropped):
     assert r.exit_code == 0, r.output
     last = r.output.strip().splitlines()[-1]
     assert last.startswith(f"{name}: 23 in, {kept} kept, {dropped} dropped, 11 quarantined (")
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / ".hone" / "manifest.json").read_text())
     t = m["totals"]
     assert (t["docs_in"], t["kept"], t["dropped"], t["quarantined"]) == (23, kept, dropped, 11)
-    rows = [json.loads(x) for x in (out / "quarantine" / "quarantine.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (out / ".hone" / "quarantine" / "quarantine.jsonl").read_text().splitlines()]
     assert {(os.path.basename(q["file"]), q["line"]): q["reason"] for q in rows} == EXPECTED
     return m
 
@@ -126,11 +126,12 @@ max_docs = 3
     m = _check(r, tmp / "built", "build", 3, 9)
     # steps after the first read the previous step's shards; empty ones are no input
     for step in m["step_dirs"][1:]:
-        sm = json.loads((tmp / "built" / step.split("/")[-1] / "manifest.json").read_text())
+        step_dir = tmp / "built" / ".hone" / "steps" / step.split("/")[-1]
+        sm = json.loads((step_dir / ".hone" / "manifest.json").read_text())
         assert sm["totals"]["quarantined"] == 0
     assert m["steps"]["02-dedup/dedup"]["docs_in"] == 12 and m["steps"]["03-dsir/dsir"]["docs_in"] == 12
     # another command on a step's output directory skips its empty shards too
-    r = _run("data", "dedup", tmp / "built" / "01-filter", "-o", tmp / "again", "--workers", "1")
+    r = _run("data", "dedup", tmp / "built" / ".hone" / "steps" / "01-filter", "-o", tmp / "again", "--workers", "1")
     assert r.exit_code == 0 and r.output.strip().splitlines()[-1].startswith("dedup: 12 in, 12 kept, 0 dropped, 0 "
                                                                              "quarantined")
 
@@ -153,4 +154,5 @@ def test_nothing_usable_is_exit_1_without_traceback(tmp_path, cmd):
     assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
     assert "Traceback" not in r.output and "no usable document" in r.output
     assert "3 in, 0 kept, 0 dropped, 3 quarantined" in r.output
-    assert (out / "quarantine" / "quarantine.jsonl").exists()
+    assert (out / ".hone" / "quarantine" / "quarantine.jsonl").exists()
+    assert f"see {out / '.hone' / 'quarantine' / 'quarantine.jsonl'}" in r.output

@@ -7,7 +7,10 @@ import random
 import subprocess
 import sys
 
+import pyarrow.dataset as ds
+
 from hone.corpus.build_config import load_build, run_build
+from hone.corpus.read import read_inputs
 
 WORDS = "river stone cloud field light sound paper glass metal water enzyme gene cell protein".split()
 
@@ -58,7 +61,7 @@ def _killed(recipe, after_tasks):
 
 
 def _files(out):
-    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet")) if ".work" not in p.parts}
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*.parquet")) if "work" not in p.parts}
 
 
 def test_killed_build_resumes_to_identical_output(tmp_path):
@@ -68,12 +71,13 @@ def test_killed_build_resumes_to_identical_output(tmp_path):
     recipe = _recipe(tmp_path, "out")
     out = tmp_path / "out"
     _killed(recipe, 9)  # 6 filter shards, then dedup pass 1: killed on its 3rd shard, before its marker
-    filter_parts = {p: p.stat().st_mtime_ns for p in (out / "01-filter").glob("part-*.parquet")}
-    assert len(filter_parts) == 6 and (out / "01-filter" / "manifest.json").exists()
-    work = out / "02-dedup" / ".work"
+    steps = out / ".hone" / "steps"
+    filter_parts = {p: p.stat().st_mtime_ns for p in (steps / "01-filter").glob("part-*.parquet")}
+    assert len(filter_parts) == 6 and (steps / "01-filter" / ".hone" / "manifest.json").exists()
+    work = steps / "02-dedup" / ".hone" / "work"
     done = {p: p.stat().st_mtime_ns for p in work.glob("keys-*.done")}
     assert sorted(p.name for p in done) == ["keys-00000.done", "keys-00001.done"]
-    assert not (out / "manifest.json").exists()
+    assert not (out / ".hone" / "manifest.json").exists() and not list(out.glob("part-*"))
 
     _killed(recipe, 7)  # again: 4 more dedup pass-1 shards, then the 3rd output shard of pass 3
     assert len(list(work.glob("part-*.done"))) == 2
@@ -81,7 +85,10 @@ def test_killed_build_resumes_to_identical_output(tmp_path):
     m = run_build(load_build(recipe), log=lambda m: None)
     assert {p: p.stat().st_mtime_ns for p in filter_parts} == filter_parts  # not run again
     assert {p: p.stat().st_mtime_ns for p in done} == done
-    assert _files(out) == _files(tmp_path / "ref") and len(_files(out)) == 6 + 6 + 1
+    assert _files(out) == _files(tmp_path / "ref") and len(_files(out)) == 6 + 6 + 1 + 1  # steps, then OUTPUT's
+    assert _files(out)["part-00000.parquet"] == _files(out)[".hone/steps/03-select/part-00000.parquet"]
     assert m["totals"] == ref["totals"] and m["steps"] == ref["steps"]
     assert m["totals"]["dropped"] > 0 and m["totals"]["quarantined"] == 6
     assert not list(out.rglob(".part-*.tmp"))
+    ids = ds.dataset(out, format="parquet").to_table().column("id").to_pylist()  # OUTPUT reads as the kept docs
+    assert ids == [r["id"] for r in read_inputs([out])] and len(ids) == m["totals"]["kept"]

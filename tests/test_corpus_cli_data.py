@@ -27,7 +27,7 @@ def _run(*args):
 
 
 def _manifest(out):
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / ".hone" / "manifest.json").read_text())
     t = m["totals"]
     assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"]
     return m
@@ -42,7 +42,7 @@ def test_dedup_command(tmp_path):
     assert m["steps"]["dedup"]["dropped"]["near_duplicate"]["docs"] == 1
     t = pq.read_table(tmp_path / "out" / "part-00000.parquet")
     assert {"src_file", "src_row", "dup_cluster"} <= set(t.column_names)
-    assert (tmp_path / "out" / "quarantine" / "quarantine.jsonl").exists()
+    assert (tmp_path / "out" / ".hone" / "quarantine" / "quarantine.jsonl").exists()
 
 
 def test_retrieve_command_and_llm_needs_endpoint(tmp_path, monkeypatch):

@@ -121,15 +121,15 @@ def test_killed_run_restarts_skipping_finished_shards_same_output(tmp_path):
     # Simulate a kill during pass 3: the second and third shards and the manifest never finished.
     for i in (1, 2):
         (part / f"part-{i:05d}.parquet").unlink()
-        (part / ".work" / f"part-{i:05d}.done").unlink()
-    (part / "manifest.json.done").unlink()
+        (part / ".hone" / "work" / f"part-{i:05d}.done").unlink()
+    (part / ".hone" / "manifest.json.done").unlink()
     mtime0 = (part / "part-00000.parquet").stat().st_mtime_ns
     m = near_dedup(inputs, part, NearDedupConfig(cluster_column=True), executor=LocalExecutor(1))
     assert (part / "part-00000.parquet").stat().st_mtime_ns == mtime0  # finished shard skipped
     for i in range(3):
         a, b = pq.read_table(full / f"part-{i:05d}.parquet"), pq.read_table(part / f"part-{i:05d}.parquet")
         assert a.equals(b)
-    assert m["totals"] == json.loads((full / "manifest.json").read_text())["totals"]
+    assert m["totals"] == json.loads((full / ".hone" / "manifest.json").read_text())["totals"]
 
 
 def test_changed_config_recomputes(tmp_path):

@@ -92,7 +92,7 @@ def test_dsir_command_writes_parquet_and_manifest(tmp_path):
                                     "--k", "3", "--deterministic", "--name", "bio"])
     assert r.exit_code == 0, r.output
     assert "dsir: 10 in, 3 kept, 6 dropped, 1 quarantined" in r.output
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / ".hone" / "manifest.json").read_text())
     t = m["totals"]
     assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"]
     not_sampled_bytes = m["steps"]["dsir"]["dropped"]["not_sampled"]["bytes"]

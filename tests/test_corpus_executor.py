@@ -92,9 +92,9 @@ max_docs = 30
 """)
         m = run_build(load_build(recipe), log=lambda msg: None)
         outs[name] = {str(p.relative_to(tmp_path / name)): p.read_bytes()
-                      for p in sorted((tmp_path / name).rglob("*.parquet")) if ".work" not in p.parts}
+                      for p in sorted((tmp_path / name).rglob("*.parquet")) if "work" not in p.parts}
         outs[name + "_totals"] = m["totals"]
-    assert len(outs["local"]) == 3 + 3 + 1 and outs["local"] == outs["ray"]
+    assert len(outs["local"]) == 3 + 3 + 1 + 1 and outs["local"] == outs["ray"]  # the steps', then OUTPUT's
     assert outs["local_totals"] == outs["ray_totals"] and outs["local_totals"]["dropped"] > 0
 
 

@@ -61,9 +61,10 @@ def test_outputs_parquet_dropped_quarantine(tmp_path):
     assert {r["domain"] for r in rows} == {"bio", "general"}
     assert all(isinstance(json.loads(r["meta"]), dict) for r in rows)
     assert next(r for r in rows if r["id"] == "b:1")["source"] == "b"
-    dedup = [json.loads(ln) for ln in (run / "corpus" / "dropped" / "dedup.jsonl").read_text().splitlines()]
+    meta = run / "corpus" / ".hone"
+    dedup = [json.loads(ln) for ln in (meta / "dropped" / "dedup.jsonl").read_text().splitlines()]
     assert dedup[0]["id"] == "dup" and dedup[0]["duplicate_of"] == "b0"
-    q = [json.loads(ln) for ln in (run / "corpus" / "quarantine" / "quarantine.jsonl").read_text().splitlines()]
+    q = [json.loads(ln) for ln in (meta / "quarantine" / "quarantine.jsonl").read_text().splitlines()]
     assert q[0]["line"] == 9 and q[0]["reason"] == "bad_json" and q[0]["file"].endswith("a.jsonl")
 
 
@@ -85,7 +86,8 @@ def test_rerun_skips_only_when_inputs_and_config_match(tmp_path):
 def test_write_dropped_off_and_reserved_name(tmp_path):
     cfg = CurateConfig(domain=DomainConfig(name="bio", keywords=["protein"]), write_dropped=False)
     curate(cfg, _inputs(tmp_path), tmp_path / "run")
-    assert not list((tmp_path / "run" / "corpus" / "dropped").glob("*.jsonl"))
+    assert (tmp_path / "run" / "corpus" / ".hone" / "manifest.json").exists()
+    assert not list((tmp_path / "run" / "corpus" / ".hone" / "dropped").glob("*.jsonl"))
     with pytest.raises(HoneError, match="reserved"):
         curate(CurateConfig(domain=DomainConfig(name="general", keywords=["x"])), _inputs(tmp_path), tmp_path / "r2")
 

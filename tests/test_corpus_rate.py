@@ -221,6 +221,6 @@ def test_rate_command(tmp_path, monkeypatch):
                                  "--criterion", "facts_and_trivia", "--pairs", "80"])
     assert r.exit_code == 0, r.output
     assert "rater agreement on held-out pairs" in r.output and "rate: 60 in, 60 kept" in r.output
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / ".hone" / "manifest.json").read_text())
     assert m["rate"]["criterion"] == "facts_and_trivia" and m["totals"]["kept"] == 60
     assert all(isinstance(x, float) for x in pq.read_table(out / "part-00000.parquet").column("quality").to_pylist())

@@ -79,12 +79,20 @@ def test_expand_inputs_errors_and_output_dirs(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(HoneError, match="unknown input format"):
         expand_inputs([tmp_path / "x.csv"])
-    out = tmp_path / "out"
-    (out / "quarantine").mkdir(parents=True)
-    (out / "manifest.json").write_text("{}")
-    (out / "quarantine" / "quarantine.jsonl").write_text("{}\n")
+    out = tmp_path / "out"  # another hone command's output: its parts only, not its steps' or audit files
+    (out / ".hone" / "steps" / "01-filter").mkdir(parents=True)
+    (out / ".hone" / "manifest.json").write_text("{}")
     pq.write_table(pa.Table.from_pylist([{"text": "t"}]), out / "part-00000.parquet")
-    assert [s.path.name for s in expand_inputs([out])] == ["part-00000.parquet"]
+    pq.write_table(pa.Table.from_pylist([{"text": "s"}]), out / ".hone" / "steps" / "01-filter" / "part-00000.parquet")
+    assert [s.path for s in expand_inputs([out])] == [out / "part-00000.parquet"]
+    old = tmp_path / "old"  # as an older Hone wrote it: manifest, quarantine/ and step dirs beside the parts
+    (old / "quarantine").mkdir(parents=True)
+    (old / "01-filter").mkdir(parents=True)
+    (old / "manifest.json").write_text("{}")
+    (old / "quarantine" / "quarantine.jsonl").write_text("{}\n")
+    pq.write_table(pa.Table.from_pylist([{"text": "t"}]), old / "part-00000.parquet")
+    pq.write_table(pa.Table.from_pylist([{"text": "s"}]), old / "01-filter" / "part-00000.parquet")
+    assert [s.path for s in expand_inputs([old])] == [old / "part-00000.parquet"]
 
 
 def test_large_jsonl_split_into_byte_ranges_reads_the_same_records(tmp_path, monkeypatch):

@@ -107,7 +107,7 @@ def test_select_command(tmp_path):
     r = CliRunner().invoke(_cli(), ["data", "select", str(pool), "-o", str(out), "--method", "zip",
                                     "--budget-tokens", "300", "--k1", "40", "--k2", "10", "--k3", "5"])
     assert r.exit_code == 0, r.output
-    m = json.loads((out / "manifest.json").read_text())
+    m = json.loads((out / ".hone" / "manifest.json").read_text())
     t = m["totals"]
     assert t["docs_in"] == 41 and t["quarantined"] == 1 and t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"]
     assert m["select"]["tokens_selected"] <= 300
@@ -148,8 +148,9 @@ budget_tokens = 40
 """)
     r = CliRunner().invoke(app, ["data", "build", str(recipe)])
     assert r.exit_code == 0, r.output
-    m = json.loads((tmp_path / "built" / "manifest.json").read_text())
+    m = json.loads((tmp_path / "built" / ".hone" / "manifest.json").read_text())
     assert list(m["steps"]) == ["01-dsir/read", "01-dsir/dsir", "02-select/select"]
     assert m["totals"]["docs_in"] == 35 and m["totals"]["kept"] == 5
     rows = pq.read_table(m["final_shards"][0]).to_pylist()
     assert all(x["text"].startswith("protein") for x in rows)
+    assert pq.read_table(tmp_path / "built" / "part-00000.parquet").to_pylist() == rows  # OUTPUT: the last step's

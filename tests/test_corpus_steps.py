@@ -69,4 +69,4 @@ def test_bad_step_setting_fails_before_any_work(tmp_path):
                  f'[[steps]]\ntype = "rate"\ncriterion = "xx"\n')
     with pytest.raises(HoneError, match=r"steps\.1\.rate: .*criterion"):
         run_build(load_build(f), log=lambda m: None)
-    assert not (tmp_path / "out" / "01-filter").exists()
+    assert not (tmp_path / "out" / ".hone" / "steps" / "01-filter").exists()

@@ -34,7 +34,7 @@ def tiny_run(tmp_path_factory):
 
 def test_artifacts_are_where_other_tools_read_them(tiny_run):
     workdir, table, _ = tiny_run
-    for rel in ["corpus/manifest.json", "metrics.jsonl", "eval.json", "report.html", "final/model.safetensors",
+    for rel in ["corpus/.hone/manifest.json", "metrics.jsonl", "eval.json", "report.html", "final/model.safetensors",
                 "final/config.json", "final/tokenizer.json", "tokens/train/biomedical/index.json"]:
         assert (workdir / rel).exists(), rel
     ev = json.loads((workdir / "eval.json").read_text())
@@ -47,7 +47,7 @@ def test_artifacts_are_where_other_tools_read_them(tiny_run):
 
 def test_manifest_accounts_for_every_document(tiny_run):
     workdir, _, logs = tiny_run
-    m = json.loads((workdir / "corpus" / "manifest.json").read_text())
+    m = json.loads((workdir / "corpus" / ".hone" / "manifest.json").read_text())
     for name, step in m["steps"].items():
         dropped = sum(d["docs"] for d in step["dropped"].values())
         assert step["docs_in"] == step["docs_out"] + dropped, name

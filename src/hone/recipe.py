@@ -125,13 +125,13 @@ def step_error(step: str, cls: type[BaseModel], err: ValidationError) -> str:
 
 class FilterStep(FilterConfig):
     type: Literal["filter"] = Field(description="Gopher / C4 heuristic filters.")
-    write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
+    write_dropped: bool = Field(False, description="Write removed documents to .hone/dropped/dropped.jsonl.")
 
 
 class ExactDedupStep(_Section):
     type: Literal["exact_dedup"] = Field(description="Exact dedup on a hash of the normalized text; ids kept unique.")
     by_text: bool = Field(True, description="Drop copies of a normalized text (false: only keep ids unique).")
-    write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
+    write_dropped: bool = Field(False, description="Write removed documents to .hone/dropped/dropped.jsonl.")
 
 
 class DedupSettings(StepSettings):
@@ -144,7 +144,7 @@ class DedupSettings(StepSettings):
     rows: int | None = Field(None, ge=1, description="LSH rows per band (with bands).")
     cluster_column: bool = Field(False, description="Add a dup_cluster column.")
     mark_only: bool = Field(False, description="Keep every document; only add dup_cluster.")
-    write_dropped: bool = Field(False, description="Write removed documents to dropped/dropped.jsonl.")
+    write_dropped: bool = Field(False, description="Write removed documents to .hone/dropped/dropped.jsonl.")
     max_doc_bytes: int = Field(16 << 20, ge=1, description="Longer documents are quarantined (too_large).")
 
     @model_validator(mode="after")
@@ -255,7 +255,7 @@ class CurateConfig(_Section):
     exact_dedup: bool = Field(True, description="Remove exact duplicates (normalized text hash).")
     domain: DomainConfig = Field(..., description="How to find the domain documents in the pool (with curate.steps "
                                                   "only its name is used: the domain training reads).")
-    write_dropped: bool = Field(True, description="Write dropped documents to corpus/dropped/ for audit.")
+    write_dropped: bool = Field(True, description="Write dropped documents to corpus/.hone/dropped/ for audit.")
     steps: list[CurateStep] = Field(default_factory=list, description="Explicit curation steps, run in order "
                                     "(as the [[steps]] of `hone data build`); empty: filters, exact_dedup, domain.")
 

@@ -21,7 +21,7 @@ from hone.errors import HoneError
 RECIPE_STAMP = "recipe.json"             # the validated recipe and its data / train hashes
 POOL_DIR = "pool"                        # the mixed pool built from packaged corpora
 HELDOUT_DIR = "heldout"                  # held-out evaluation sets of the packaged data
-CORPUS_DIR = "corpus"                    # curated Parquet shards, manifest, dropped/, quarantine/
+CORPUS_DIR = "corpus"                    # curated part-*.parquet; .hone/: manifest, steps/, dropped/, quarantine/
 TOKENS_DIR = "tokens"                    # token shards per domain
 TOKENIZER_FILE = "tokenizer.json"        # the BPE trained for a random model
 CHECKPOINTS_DIR = "checkpoints"
@@ -42,6 +42,20 @@ EVAL_AFTER_FILE = "eval_after.json"
 EVAL_FILE = "eval.json"
 FINAL_DIR = "final"                      # the trained model, HF format
 REPORT_FILE = "report.html"
+
+# Every directory of Parquet parts Hone writes holds only part-*.parquet at its top; its manifest,
+# markers, audit files, work files and step outputs live in DIR/.hone/, which pandas, pyarrow and
+# datasets skip (hone.corpus.runner says why this name).
+PARTS_META_DIR = ".hone"
+MANIFEST_FILE = "manifest.json"
+
+
+def parts_manifest(parts_dir: Path) -> Path:
+    """The manifest of a directory of Parquet parts: DIR/.hone/manifest.json, or DIR/manifest.json
+    in a directory an older Hone wrote (when only that one exists)."""
+    new, old = Path(parts_dir) / PARTS_META_DIR / MANIFEST_FILE, Path(parts_dir) / MANIFEST_FILE
+    return old if old.is_file() and not new.exists() else new
+
 
 # What training writes; `hone train` without --resume removes these and keeps the data stages.
 TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,

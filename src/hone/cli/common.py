@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from hone.corpus.runner import summary_line
+from hone.corpus.runner import quarantine_file, summary_line
 from hone.recipe import load_recipe
 
 WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the recipe's run.workdir).")
@@ -15,7 +15,9 @@ WORKDIR = typer.Option(None, "--workdir", help="Run directory (default: the reci
 INPUTS = typer.Argument(...,
                         help="Input files or directories: .jsonl[.gz|.zst], .parquet, .arrow, .txt, HF save_to_disk "
                              "dirs.")
-OUTDIR = typer.Option(..., "-o", "--output", help="Output directory: part-*.parquet + manifest.json.")
+OUTDIR = typer.Option(..., "-o", "--output",
+                      help="Output directory: part-*.parquet (reads with pandas / pyarrow / datasets); "
+                           ".hone/: manifest.json, quarantine/, dropped/, work files.")
 TEXT_FIELD = typer.Option("text", "--text-field", help="Name of the text field / column in the inputs.")
 
 
@@ -33,5 +35,5 @@ def finish_step(name: str, manifest: dict, out: Path) -> None:
     log(summary_line(name, manifest, out))
     t = manifest["totals"]
     if t["docs_in"] == t["quarantined"]:
-        log(f"error: no usable document in the inputs (see {out / 'quarantine' / 'quarantine.jsonl'})")
+        log(f"error: no usable document in the inputs (see {quarantine_file(out)})")
         raise typer.Exit(1)

@@ -42,7 +42,7 @@ def data_pool(recipe: Path = typer.Argument(..., help="Recipe TOML file."), work
 
 @data_app.command("curate")
 def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
-    """Filter, deduplicate and find the domain documents; writes corpus/ and its manifest."""
+    """Filter, deduplicate and find the domain documents; writes corpus/part-*.parquet and corpus/.hone/."""
     r, wd = _load(recipe, workdir)
     prepare_workdir(r, wd, False, _log)
     inputs, _ = stage_pool(r, wd, _log)
@@ -68,7 +68,7 @@ def data_dedup(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
                cluster_column: bool = typer.Option(False, "--cluster-column", help="Add a dup_cluster column."),
                mark_only: bool = typer.Option(False, "--mark-only", help="Keep every document, only add dup_cluster."),
                write_dropped: bool = typer.Option(False, "--write-dropped",
-                                                  help="Write removed docs to dropped/dropped.jsonl."),
+                                                  help="Write removed docs to .hone/dropped/dropped.jsonl."),
                text_field: str = TEXT_FIELD, executor: str = EXECUTOR, workers: Optional[int] = WORKERS):
     """Remove near-duplicates: MinHash LSH, candidates verified on true shingle Jaccard, one survivor per cluster."""
     step = _validated(DedupStep, type="dedup", threshold=threshold, ngram=ngram, num_perm=num_perm, unit=unit,
@@ -106,7 +106,9 @@ def data_retrieve(inputs: List[Path] = INPUTS, output: Path = OUTDIR,
 
 @data_app.command("build")
 def data_build(recipe: Path = typer.Argument(..., help="Build recipe TOML: [build] inputs/output and [[steps]].")):
-    """Run a sequence of curation steps from a TOML recipe (filter, dedup, retrieve, dsir, rate, select)."""
+    """Run a sequence of curation steps from a TOML recipe (filter, dedup, retrieve, dsir, rate, select).
+
+    OUTPUT/part-*.parquet holds the last step's documents; each step's output is OUTPUT/.hone/steps/NN-type/."""
     r = load_build(recipe)
     m = run_build(r, log=_log)
     finish_step("build", m, Path(r.build.output))

@@ -1,7 +1,7 @@
 """`hone data dsir / rate / select`: domain resampling, quality rating, selection under a budget.
 
 ``hone.cli.data`` calls ``register(data_app)``. Each command reads jsonl / Parquet / the
-other input formats, writes ``OUTDIR/part-00000.parquet`` + ``manifest.json``. CPU examples::
+other input formats, writes ``OUTDIR/part-00000.parquet`` + ``OUTDIR/.hone/manifest.json``. CPU examples::
 
     hone data dsir pool.jsonl --target examples.txt -o dsir/ --k 2000
     hone data rate dsir/ -o rated/ --judge local:smollm2 --criterion educational_value --pairs 200

@@ -4,9 +4,9 @@
 them, ``[curate]``'s own fields are the default list: ``filter`` (the heuristic filters),
 ``dedup`` (exact dedup) and ``domain`` (BM25 retrieval that labels the documents it finds
 with the domain's name and keeps the rest as ``general``, the replay pool). Each step writes
-``corpus/steps/NAME/``; the last one's documents become ``corpus/part-*.parquet`` (what the
-tokenizer reads), and ``corpus/manifest.json`` counts every step, so that
-``in == kept + dropped`` holds per step.
+``corpus/.hone/steps/NAME/``; the last one's documents become ``corpus/part-*.parquet`` (what
+the tokenizer reads, and all that pandas / pyarrow / datasets see in ``corpus/``), and
+``corpus/.hone/manifest.json`` counts every step, so that ``in == kept + dropped`` holds per step.
 
 Example (CPU, seconds)::
 
@@ -24,11 +24,12 @@ from typing import Callable
 
 from hone.corpus.executor import get_executor
 from hone.corpus.read import read_inputs
+from hone.corpus.runner import clear_legacy, dropped_file, manifest_file, meta_dir
 from hone.corpus.steps import copy_quarantine, run_steps, steps_manifest
 from hone.corpus.write import write_corpus
 from hone.errors import HoneError
 from hone.recipe import CurateConfig, CurateStep, ExactDedupStep, FilterStep, RetrieveStep
-from hone.rundir import clear_done, is_done, mark_done, read_json, write_json
+from hone.rundir import atomic_path, clear_done, is_done, mark_done, parts_manifest, read_json, write_json
 
 REPLAY = "general"  # domain of every kept document the retrieval did not pick
 DEFAULT_NAMES = ["filter", "dedup", "domain"]  # the step directories (and manifest keys) of the default list
@@ -82,11 +83,11 @@ def input_key(cfg: CurateConfig, inputs: list[Path], text_field: str) -> str:
 
 def _finished(corpus_dir: Path, key: str) -> dict | None:
     marker = Path(str(corpus_dir) + ".done")
-    if not is_done(corpus_dir) or not (corpus_dir / "manifest.json").exists():
+    if not is_done(corpus_dir) or not parts_manifest(corpus_dir).exists():  # (an older run's too)
         return None
     if read_json(marker).get("key") != key:
         return None
-    return read_json(corpus_dir / "manifest.json")
+    return read_json(parts_manifest(corpus_dir))
 
 
 def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str = "text",
@@ -103,9 +104,10 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
     if (manifest := _finished(corpus_dir, key)) is not None:
         return manifest
     clear_done(corpus_dir)
+    clear_legacy(corpus_dir)
     t0 = time.perf_counter()
     steps, names = (cfg.steps, None) if cfg.steps else (default_steps(cfg), DEFAULT_NAMES)
-    ran = run_steps(steps, inputs, corpus_dir / "steps", text_field, get_executor("local"), log, names)
+    ran = run_steps(steps, inputs, meta_dir(corpus_dir) / "steps", text_field, get_executor("local"), log, names)
     summary = steps_manifest(ran, steps, names)
     docs = list(read_inputs(summary["final_shards"])) if summary["final_shards"] else []
     domains = {cfg.domain.name: 0, REPLAY: 0}
@@ -114,12 +116,12 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
         domains[d["domain"]] = domains.get(d["domain"], 0) + 1
     shards = write_corpus(docs, corpus_dir)
     copy_quarantine(Path(ran[0]["dir"]), corpus_dir)
-    _copy_dropped(ran, corpus_dir / "dropped")
+    _copy_dropped(ran, meta_dir(corpus_dir) / "dropped")
     query = next((s["manifest"]["query"] for s in reversed(ran) if "query" in s["manifest"]), None)
     read = ran[0]["manifest"]["steps"]["read"]
     manifest = {
         "inputs": [{"path": str(p), "bytes": p.stat().st_size} for p in inputs],
-        # Unreadable input lines are the read step's drops (each also in quarantine/).
+        # Unreadable input lines are the read step's drops (each also in .hone/quarantine/).
         "steps": {"read": {**read, "dropped": {**read["dropped"], **read.get("quarantined", {})}, "quarantined": {}},
                   **{s["name"]: s["manifest"]["steps"][steps[i].type] for i, s in enumerate(ran)}},
         "totals": summary["totals"],
@@ -133,17 +135,17 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
         "config": config_json(cfg),
         "seconds": round(time.perf_counter() - t0, 3),
     }
-    write_json(corpus_dir / "manifest.json", manifest)
+    write_json(manifest_file(corpus_dir), manifest)
     mark_done(corpus_dir, {"key": key})
     return manifest
 
 
 def _copy_dropped(ran: list[dict], dropped_dir: Path) -> None:
-    """Each step's removed documents (when it kept them) as dropped/NAME.jsonl."""
+    """Each step's removed documents (when it kept them) as .hone/dropped/NAME.jsonl."""
     for old in dropped_dir.glob("*.jsonl") if dropped_dir.is_dir() else []:
         old.unlink()  # an audit file from an earlier run would describe other inputs
     for s in ran:
-        audit = Path(s["dir"]) / "dropped" / "dropped.jsonl"
+        audit = dropped_file(Path(s["dir"]))
         if audit.exists():
-            dropped_dir.mkdir(parents=True, exist_ok=True)
-            (dropped_dir / f"{s['name']}.jsonl").write_bytes(audit.read_bytes())
+            with atomic_path(dropped_dir / f"{s['name']}.jsonl") as tmp:
+                tmp.write_bytes(audit.read_bytes())

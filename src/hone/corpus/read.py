@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import zstandard
 
 from hone.errors import HoneError
-from hone.rundir import write_jsonl
+from hone.rundir import parts_manifest, write_jsonl
 
 RAW_KEEP = 2000  # characters of a quarantined line kept for the audit file
 MAX_DOC_BYTES = 16 << 20  # longer documents are quarantined (too_large): no tokenizer wants them
@@ -215,7 +215,7 @@ def _dir_shards(d: Path) -> list[Shard]:
         return [s for split in splits for s in _dir_shards(d / split)]
     if any((d / m).exists() for m in HF_MARKERS):
         return [Shard(p, "arrow") for p in _hf_arrow_files(d)]
-    if (d / "manifest.json").exists():  # another hone data command's output: its shards only
+    if parts_manifest(d).exists():  # another hone command's output (manifest in .hone/, or beside in older ones)
         return [Shard(p, "parquet") for p in nonempty_parts(sorted(d.glob("part-*.parquet")))]
     shards = []
     for root, dirs, files in os.walk(d):

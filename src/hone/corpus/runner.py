@@ -3,7 +3,7 @@
 A step decides per document: ``None`` keeps it, a reason string (or ``(reason, detail)``)
 drops it. ``keep_or_drop`` applies the verdicts, counts docs and bytes per reason in a
 ``StepStats`` and optionally collects the dropped documents for the audit file;
-``step_manifest`` writes the manifest every step directory holds, with
+``step_manifest`` makes the manifest every step directory holds (in OUT/.hone/), with
 ``totals`` asserting ``docs_in == kept + dropped + quarantined``.
 
     kept = list(run_decide(docs, decide, stats, dropped))
@@ -13,14 +13,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from hone.corpus.read import Quarantine, StepStats, expand_inputs, read_shard
 from hone.corpus.write import ShardWriter
-from hone.rundir import atomic_path, ensure_dir, is_done, mark_done, read_json, write_json
+from hone.errors import HoneError
+from hone.rundir import (
+    MANIFEST_FILE,
+    PARTS_META_DIR,
+    atomic_path,
+    clear_done,
+    ensure_dir,
+    is_done,
+    mark_done,
+    read_json,
+    write_json,
+)
 
 
 def dropped_record(doc: dict, reason: str, detail: dict) -> dict:
@@ -91,9 +106,42 @@ def step_manifest(command: str, shards: list, read: StepStats, step: StepStats, 
             "seconds": round(time.perf_counter() - t0, 3)}
 
 
-# --- the output directory of a step: shards, work files, manifest --------------------------
+# --- the output directory of a step: parts at the top, everything else in .hone/ ----------
+#
+#   OUT/part-NNNNN.parquet                the kept documents (and nothing else at this level)
+#   OUT/.hone/manifest.json (+ .done)     counts, config, shard names; the marker of a finished run
+#   OUT/.hone/quarantine/quarantine.jsonl unreadable input lines, with file and line
+#   OUT/.hone/dropped/dropped.jsonl       removed documents, when the step keeps them for audit
+#   OUT/.hone/work/                       per-shard work files and task markers (a rerun skips done shards)
+#   OUT/.hone/steps/NAME/                 (build, curate) each step's own output, in this same layout
+#
+# Why one hidden .hone/: so that pandas.read_parquet(OUT), pyarrow.dataset.dataset(OUT) and
+# datasets.load_dataset("parquet", data_dir=OUT) read exactly the kept documents. pyarrow (and
+# pandas, through it) skips names starting with "." or "_" (``ignore_prefixes``); datasets skips
+# hidden names and "__" directories but not a single "_", so "_hone/" would be read as Parquet
+# there. A subdirectory, unlike a sibling, travels with OUT when it is copied or moved.
 
-WORK = ".work"  # per-shard intermediate files and markers; kept so a restart can skip work
+META = PARTS_META_DIR
+WORK = f"{META}/work"  # relative to OUT
+
+
+def meta_dir(out_dir: Path) -> Path:
+    """OUT/.hone: where a directory of parts keeps everything that is not a part."""
+    return Path(out_dir) / META
+
+
+def manifest_file(out_dir: Path) -> Path:
+    """Where a directory of parts Hone writes keeps its manifest (read with rundir.parts_manifest,
+    which also finds an older Hone's)."""
+    return meta_dir(out_dir) / MANIFEST_FILE
+
+
+def quarantine_file(out_dir: Path) -> Path:
+    return meta_dir(out_dir) / "quarantine" / "quarantine.jsonl"
+
+
+def dropped_file(out_dir: Path) -> Path:
+    return meta_dir(out_dir) / "dropped" / "dropped.jsonl"
 
 
 def run_key(shards: list, config: dict) -> str:
@@ -109,6 +157,28 @@ def run_key(shards: list, config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def clear_legacy(out_dir: Path) -> None:
+    """Remove what an older Hone kept beside the parts (manifest.json, its marker, .work/,
+    quarantine/, dropped/, steps/, a build's NN-type step directories), so that a directory
+    written again reads with pandas / pyarrow / datasets. Only where manifest.json is one of
+    Hone's (with ``totals`` and ``steps``): the sign that Hone wrote these files."""
+    out_dir = Path(out_dir)
+    old = out_dir / MANIFEST_FILE
+    try:
+        manifest = json.loads(old.read_text(encoding="utf-8")) if old.is_file() else None
+    except (ValueError, OSError):
+        manifest = None
+    if not isinstance(manifest, dict) or not {"totals", "steps"} <= set(manifest):
+        return
+    step_dirs = [out_dir / Path(str(d)).name for d in manifest.get("step_dirs") or []]
+    for d in [out_dir / ".work", out_dir / "quarantine", out_dir / "dropped", out_dir / "steps",
+              *(d for d in step_dirs if (d / MANIFEST_FILE).is_file())]:
+        if d.is_dir():
+            shutil.rmtree(d)
+    Path(str(old) + ".done").unlink(missing_ok=True)
+    old.unlink()
+
+
 def prepare_output(out_dir: Path, key: str) -> tuple[Path, dict | None]:
     """(work dir, the stored manifest if this exact run already finished).
 
@@ -118,27 +188,27 @@ def prepare_output(out_dir: Path, key: str) -> tuple[Path, dict | None]:
 
     out_dir, work = Path(out_dir), Path(out_dir) / WORK
     ensure_dir(out_dir)
-    key_file = work / "key.json"
+    clear_legacy(out_dir)
+    key_file, manifest = work / "key.json", manifest_file(out_dir)
     stored = read_json(key_file).get("key") if key_file.exists() else None
-    if stored == key and is_done(out_dir / "manifest.json") and (out_dir / "manifest.json").exists():
-        return work, read_json(out_dir / "manifest.json")
+    if stored == key and is_done(manifest) and manifest.exists():
+        return work, read_json(manifest)
     if stored != key:
         shutil.rmtree(work, ignore_errors=True)
         write_json(key_file, {"key": key})
     for tmp in out_dir.glob(".part-*.tmp"):  # a shard being written when the run was killed
         tmp.unlink(missing_ok=True)
-    Path(str(out_dir / "manifest.json") + ".done").unlink(missing_ok=True)
+    clear_done(manifest)
     return work, None
 
 
 def finish_output(out_dir: Path, manifest: dict, parts: list[Path], quarantine_files: list[Path],
                   dropped_files: list[Path] | None = None) -> dict:
-    """Gather per-shard audit files, remove stale shards, write manifest.json and its marker."""
+    """Gather per-shard audit files, remove stale shards, give every part one schema, write
+    .hone/manifest.json and its marker."""
 
     out_dir = Path(out_dir)
-    for name, files in (("quarantine/quarantine.jsonl", quarantine_files),
-                        ("dropped/dropped.jsonl", dropped_files or [])):
-        target = out_dir / name
+    for target, files in ((quarantine_file(out_dir), quarantine_files), (dropped_file(out_dir), dropped_files or [])):
         present = [f for f in files if f.exists() and f.stat().st_size]
         if not present:
             target.unlink(missing_ok=True)
@@ -148,11 +218,82 @@ def finish_output(out_dir: Path, manifest: dict, parts: list[Path], quarantine_f
                 out.write(f.read_bytes())
     for stale in set(out_dir.glob("part-*.parquet")) - set(parts):
         stale.unlink()
+    unify_parts(parts)
     t = manifest["totals"]
     assert t["docs_in"] == t["kept"] + t["dropped"] + t["quarantined"], json.dumps(t)
-    write_json(out_dir / "manifest.json", manifest)
-    mark_done(out_dir / "manifest.json", {})
+    write_json(manifest_file(out_dir), manifest)
+    mark_done(manifest_file(out_dir), {})
     return manifest
+
+
+# --- one schema for every part of a directory -------------------------------------------------
+# pyarrow and pandas take a directory's schema from its first file, datasets fails on a file
+# with other columns and on a row group of no rows. Each shard task writes its part alone: an
+# empty part has only the base columns (in one empty row group), and a score column with no
+# value in a shard was typed float64 there.
+
+def _part_schema(path: Path) -> pa.Schema:
+    """The part's schema, with a column that holds no value typed null (any type fits it)."""
+    pf = pq.ParquetFile(path)
+    meta, schema = pf.metadata, pf.schema_arrow
+    if len(schema) != meta.num_columns:  # nested columns: no one-to-one statistics; take it as it is
+        return schema
+    fields, groups = [], [meta.row_group(g) for g in range(meta.num_row_groups)]
+    for i, f in enumerate(schema):
+        stats = [(rg.column(i).statistics, rg.num_rows) for rg in groups]
+        empty = all(s is not None and s.has_null_count and s.null_count == n for s, n in stats)
+        fields.append(f.with_type(pa.null()) if empty else f)
+    return pa.schema(fields)
+
+
+def unify_parts(parts: list[Path]) -> None:
+    """Rewrite (atomically) the parts whose columns differ from the union of all parts' columns,
+    and those with an empty row group (an empty part is left with none)."""
+    files = {p: pq.ParquetFile(p) for p in parts}
+    schemas = {p: f.schema_arrow for p, f in files.items()}
+    empty_groups = {p for p, f in files.items()
+                    if any(f.metadata.row_group(g).num_rows == 0 for g in range(f.metadata.num_row_groups))}
+    if len({str(s) for s in schemas.values()}) <= 1 and not empty_groups:
+        return
+    try:
+        union = pa.unify_schemas([_part_schema(p) for p in parts], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise HoneError(f"{Path(parts[0]).parent}: the parts' columns do not fit together: {e}") from None
+    target = pa.schema([f.with_type(pa.float64()) if pa.types.is_null(f.type) else f for f in union])
+    for p, schema in schemas.items():
+        if p in empty_groups or not schema.equals(target):
+            _rewrite(p, target)
+
+
+def _rewrite(path: Path, target: pa.Schema) -> None:
+    pf = pq.ParquetFile(path)
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, target, compression="zstd") as writer:
+            for g in range(pf.metadata.num_row_groups):
+                if pf.metadata.row_group(g).num_rows == 0:
+                    continue
+                table = pf.read_row_group(g)
+                cols = [table.column(f.name).cast(f.type) if f.name in table.column_names
+                        else pa.nulls(len(table), f.type) for f in target]
+                writer.write_table(pa.Table.from_arrays(cols, schema=target))
+
+
+def publish_parts(parts: list[Path], out_dir: Path) -> list[Path]:
+    """The parts (a build's last step's) as OUT/part-*.parquet: hard links where the file system
+    allows (no second copy of the corpus), each renamed into place; other parts there go."""
+    out_dir, published = Path(out_dir), []
+    for src in map(Path, parts):
+        target = out_dir / src.name
+        with atomic_path(target) as tmp:
+            tmp.unlink()
+            try:
+                os.link(src, tmp)
+            except OSError:  # another device, no hard links: copy
+                shutil.copyfile(src, tmp)
+        published.append(target)
+    for stale in set(out_dir.glob("part-*.parquet")) - set(published):
+        stale.unlink()
+    return published
 
 
 def summary_line(name: str, manifest: dict, out_dir: Path) -> str:

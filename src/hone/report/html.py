@@ -14,7 +14,7 @@ from hone.errors import HoneError
 from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
 from hone.mix.laws import load_runs
 from hone.report import plots
-from hone.rundir import read_json, read_jsonl, write_text
+from hone.rundir import parts_manifest, read_json, read_jsonl, write_text
 
 
 def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
@@ -74,7 +74,7 @@ def build_context(workdir: Path) -> dict:
     if (workdir / "recipe.json").exists():
         ctx["recipe"] = read_json(workdir / "recipe.json").get("recipe", {})
         ctx["name"] = ctx["recipe"].get("run", {}).get("name", workdir.name)
-    manifest_path = workdir / "corpus" / "manifest.json"
+    manifest_path = parts_manifest(workdir / "corpus")
     if manifest_path.exists():
         manifest = read_json(manifest_path)
         ctx["manifest"] = manifest

@@ -1,8 +1,8 @@
 """The curation steps, one module each, and running a list of them.
 
 Every step is a function ``step(inputs, out_dir, *, text_field, executor, **settings)`` that
-reads its input shards and writes OUT/part-*.parquet + manifest.json through
-:mod:`hone.corpus.runner` (the one keep/drop loop and manifest); its settings are the step's
+reads its input shards and writes OUT/part-*.parquet (+ OUT/.hone/manifest.json) through
+:mod:`hone.corpus.runner` (the one keep/drop loop, manifest and directory layout); its settings are the step's
 model in :mod:`hone.recipe`, shared by the recipe's ``[[curate.steps]]``, the build file's
 ``[[steps]]`` and the ``hone data`` commands.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from hone.corpus.read import load_examples, nonempty_parts
-from hone.corpus.runner import summary_line
+from hone.corpus.runner import quarantine_file, summary_line
 from hone.corpus.steps.dedup import NearDedupConfig, dedup_step
 from hone.corpus.steps.dsir import DsirConfig, dsir_step
 from hone.corpus.steps.exact_dedup import exact_dedup_step
@@ -24,6 +24,7 @@ from hone.corpus.steps.retrieve import retrieve_step
 from hone.corpus.steps.select import SelectConfig, select_step
 from hone.errors import HoneError
 from hone.recipe import STEP_TYPES
+from hone.rundir import atomic_path
 
 STEP_FUNCTIONS: dict[str, Callable[..., dict]] = {
     "filter": filter_step, "exact_dedup": exact_dedup_step, "dedup": dedup_step, "retrieve": retrieve_step,
@@ -103,10 +104,10 @@ def steps_manifest(steps: list[dict], planned: list, names: list[str] | None = N
 
 
 def copy_quarantine(first_step: Path, out: Path) -> None:
-    """The unreadable input lines (the first step read the inputs) at OUTPUT/quarantine too."""
-    src, dst = first_step / "quarantine" / "quarantine.jsonl", out / "quarantine" / "quarantine.jsonl"
+    """The unreadable input lines (the first step read the inputs) at OUTPUT/.hone/quarantine too."""
+    src, dst = quarantine_file(first_step), quarantine_file(out)
     if src.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
     else:
         dst.unlink(missing_ok=True)

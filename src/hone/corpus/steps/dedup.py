@@ -147,7 +147,7 @@ def cluster_pass(shards, work: Path, cfg: NearDedupConfig, offsets: np.ndarray) 
 
 def near_dedup(inputs: list, out_dir: Path, cfg: NearDedupConfig = NearDedupConfig(), text_field: str = "text",
                executor=None) -> dict:
-    """MinHash LSH near-dedup of ``inputs`` into ``out_dir`` (Parquet shards + manifest.json).
+    """MinHash LSH near-dedup of ``inputs`` into ``out_dir`` (Parquet shards + .hone/manifest.json).
 
     Three passes, the per-shard ones on the executor, each shard task with its completion
     marker: (1) band keys and distinct shingles per shard; (2) candidate pairs, exact

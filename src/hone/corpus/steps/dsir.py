@@ -151,7 +151,7 @@ def _summary(x: np.ndarray) -> dict:
 def dsir_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None,
               target: str | list[str] | None = None, **params) -> dict:
     """The ``dsir`` step of ``hone data build`` (``target`` = a file of example documents,
-    or the examples themselves), writing OUTDIR/part-NNNNN.parquet + manifest.json.
+    or the examples themselves), writing OUTDIR/part-NNNNN.parquet + .hone/manifest.json.
 
     Streaming, three passes over the shards on the executor (memory: the bucket counts and
     a few numbers per document, never the texts): (1) per shard, the raw bucket counts and

@@ -62,7 +62,7 @@ def exact_dedup_step(inputs: list, out_dir: Path, *, text_field: str = "text", e
                      by_text: bool = True, write_dropped: bool = False) -> dict:
     """The ``exact_dedup`` step: ``ExactDedup`` over every shard in input order (one process:
     the first copy anywhere wins), one output shard per input shard; ``write_dropped`` keeps
-    the removed documents (with ``duplicate_of``) in OUT/dropped/dropped.jsonl."""
+    the removed documents (with ``duplicate_of``) in OUT/.hone/dropped/dropped.jsonl."""
     t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
     config = {"step": "exact_dedup", "by_text": by_text, "text_field": text_field}
     if write_dropped:  # (absent when off: the key of runs made before the option existed)

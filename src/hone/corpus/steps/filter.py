@@ -31,7 +31,7 @@ def _filter_task(shard, text_field: str, cfg_json: dict, work: Path, out: Path, 
 def filter_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None, write_dropped: bool = False,
                 **params) -> dict:
     """Gopher / C4 heuristic filters (``hone.recipe.FilterConfig`` fields), shard by shard;
-    ``write_dropped`` keeps the removed documents in OUT/dropped/dropped.jsonl."""
+    ``write_dropped`` keeps the removed documents in OUT/.hone/dropped/dropped.jsonl."""
     t0, out_dir, shards = time.perf_counter(), Path(out_dir), expand_inputs(inputs)
     cfg = FilterConfig(**params).model_dump()
     config = {**cfg, "write_dropped": write_dropped, "text_field": text_field}
