@@ -8,7 +8,7 @@ import pytest
 from hone.cli import app
 
 DOCUMENTED = ["demo", "run", "train", "fetch-data", "data", "plan", "mix", "tokenize", "eval", "report", "recipe",
-              "cluster", "branch", "merge"]
+              "cluster", "branch", "merge", "generate"]
 
 
 def hone(*args, cwd=None):
@@ -28,7 +28,7 @@ def test_subcommands_are_the_documented_ones():
 
 @pytest.mark.parametrize("args", [[], ["demo"], ["run"], ["train"], ["fetch-data"], ["data"], ["data", "pool"],
                                   ["data", "curate"], ["tokenize"], ["eval"], ["report"], ["recipe", "check"],
-                                  ["branch"], ["merge"]])
+                                  ["branch"], ["merge"], ["generate"]])
 def test_every_subcommand_has_help(args):
     from typer.testing import CliRunner
 

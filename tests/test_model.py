@@ -140,5 +140,5 @@ def test_from_hf_dict_reads_v5_rope_parameters() -> None:
 
 
 def test_unsupported_rope_scaling_is_rejected() -> None:
-    with pytest.raises(HoneError, match="yarn"):
-        LlamaConfig(**TINY, num_attention_heads=4, rope_scaling={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(HoneError, match="longrope"):
+        LlamaConfig(**TINY, num_attention_heads=4, rope_scaling={"rope_type": "longrope", "factor": 2.0})

@@ -18,6 +18,7 @@ from hone.cli.cluster import cluster_app
 from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
 from hone.cli.data import data_app
 from hone.cli.experts import branch as _branch, merge as _merge
+from hone.cli.generate import generate as _generate
 from hone.cli.mix import mix_app
 from hone.cli.plan import plan_app
 from hone.corpus.sources import fetch_debian_data
@@ -43,6 +44,7 @@ app.add_typer(cluster_app, name="cluster")
 # Domain experts (Branch-Train-Merge).
 app.command("branch")(_branch)
 app.command("merge")(_merge)
+app.command("generate")(_generate)
 
 
 @app.command()

@@ -1,20 +1,25 @@
-"""Our own single-device Llama-family decoder (Llama, Mistral, Qwen2, SmolLM2).
+"""Our own single-device decoder for the Llama family: Llama 2 / 3 / 3.1 / 3.2, Mistral,
+Qwen2 / 2.5, Qwen3 (and SmolLM2, a Llama).
 
-Parameter names match transformers' ``LlamaForCausalLM`` state_dict exactly, so weights move
-between the two with ``load_state_dict`` and no renaming. No parallelism lives here: a
-separate function wraps the model for TP / FSDP (see STYLE.md, rule 1).
+Parameter names match each family's transformers ``*ForCausalLM`` state_dict exactly, so
+weights move between the two with ``load_state_dict`` and no renaming; ``to_hf_dict`` writes
+the family's own architecture and config keys. No parallelism lives here: a separate function
+wraps the model for TP / FSDP (see STYLE.md, rule 1). ``fast_path_refusal`` says why an HF
+config is not one this model builds exactly (the transformers backend builds those).
 
     cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
                       num_hidden_layers=2, num_attention_heads=4)
     model = Llama(cfg).init_weights(seed=0)
     logits = model(torch.randint(0, 256, (1, 8)))   # [1, 8, 256]
+    cache = KVCache(cfg.num_hidden_layers)          # generation: then feed only the new tokens
+    logits = model(prompt_ids, cache=cache)
+    logits = model(next_ids, cache=cache)
 """
 
 from __future__ import annotations
 
 import math
-import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -34,12 +39,32 @@ _REQUIRED_HF_KEYS = (
     "num_hidden_layers",
     "num_attention_heads",
 )
-_SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+_ROPE_REQUIRED = {"linear": ("factor",), "dynamic": ("factor",), "yarn": ("factor",),
+                  "llama3": ("factor", "low_freq_factor", "high_freq_factor")}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                  "qwen3": "Qwen3ForCausalLM"}
+# transformers' defaults for the keys a family's config.json may leave out (each changes the model).
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"max_position_embeddings": 131072, "sliding_window": 4096, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2": {"max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28,
+              "bos_token_id": None, "eos_token_id": None},
+    "qwen3": {"max_position_embeddings": 32768, "sliding_window": 4096, "max_window_layers": 28, "head_dim": 128,
+              "bos_token_id": None, "eos_token_id": None},
+}
+_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
+               "bos_token_id", "eos_token_id")
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 @dataclass(kw_only=True)
 class LlamaConfig:
-    """Shape of a Llama-family model; field names and meanings are transformers' own."""
+    """Shape of a Llama-family model; field names and meanings are transformers' own, except
+    ``attention_bias`` (q/k/v only) and ``o_proj_bias`` (HF Llama's and Qwen3's attention_bias
+    sets both)."""
 
     vocab_size: int
     hidden_size: int
@@ -51,11 +76,15 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None  # None, or {"rope_type": "llama3", ...}
+    rope_scaling: dict[str, Any] | None = None  # None, or {"rope_type": "llama3" | "linear" | "dynamic" | "yarn", ...}
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q/k/v (Qwen2 style); o_proj never has one
+    attention_bias: bool = False  # bias on q/k/v (Qwen2 style)
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
+    o_proj_bias: bool = False  # bias on o_proj too (with attention_bias; HF Llama / Qwen3 attention_bias=true)
+    sliding_window: int | None = None  # attend to the last N positions only (Mistral; Qwen's use_sliding_window)
+    layer_types: list[str] | None = None  # per layer "full_attention" / "sliding_attention"; None: all alike
+    model_type: str = "llama"  # the family: llama, mistral, qwen2 (q/k/v bias), qwen3 (q/k norm)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -69,49 +98,90 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise HoneError(f"head_dim {self.head_dim} must be even for rotary embeddings")
-        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
+        self.rope_scaling = _normalize_rope_scaling(self.rope_scaling, self.max_position_embeddings)
+        self._normalize_family()
+        self._normalize_window()
+
+    def _normalize_family(self) -> None:
+        if self.model_type not in FAMILIES:
+            raise HoneError(f"model_type {self.model_type!r} is not one of Hone's Llama families {FAMILIES}")
+        if self.model_type == "qwen2":
+            self.attention_bias = True  # Qwen2 always has q/k/v bias; its config has no flag
+        elif self.attention_bias and not self.o_proj_bias and self.model_type in ("llama", "mistral"):
+            # HF Llama's attention_bias also puts one on o_proj: q/k/v-only bias is Qwen2's layout.
+            self.model_type = "qwen2"
+        if self.o_proj_bias and not (self.attention_bias and self.model_type in ("llama", "qwen3")):
+            raise HoneError("o_proj_bias needs attention_bias and model_type 'llama' or 'qwen3' "
+                            f"(got model_type {self.model_type!r}, attention_bias {self.attention_bias})")
+        if self.model_type == "qwen3" and self.attention_bias != self.o_proj_bias:
+            raise HoneError("model_type 'qwen3': attention_bias puts a bias on q/k/v and o_proj alike "
+                            "(set o_proj_bias to the same value)")
+
+    def _normalize_window(self) -> None:
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise HoneError(f"sliding_window {self.sliding_window} must be at least 1")
+        if self.layer_types is not None:
+            self.layer_types = list(self.layer_types)
+            if len(self.layer_types) != self.num_hidden_layers or set(self.layer_types) - {FULL, SLIDING}:
+                raise HoneError(f"layer_types must name {FULL!r} or {SLIDING!r} for each of the "
+                                f"{self.num_hidden_layers} layers (got {self.layer_types})")
+            if self.sliding_window is None or SLIDING not in self.layer_types:
+                self.sliding_window, self.layer_types = None, None
+            elif FULL not in self.layer_types:
+                self.layer_types = None
+        if self.sliding_window is not None and self.model_type == "llama":
+            raise HoneError("sliding_window needs model_type 'mistral', 'qwen2' or 'qwen3' (Llama has none)")
+        if self.layer_types is not None and self.model_type == "mistral":
+            raise HoneError("model_type 'mistral' applies sliding_window to every layer: layer_types must be None")
+
+    def window_of(self, layer: int) -> int | None:
+        """The sliding window of layer ``layer``, None for full causal attention."""
+        if self.sliding_window is None or (self.layer_types is not None and self.layer_types[layer] != SLIDING):
+            return None
+        return self.sliding_window
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> LlamaConfig:
-        """Build from a llama / mistral / qwen2 ``config.json`` dict; unknown keys are ignored."""
+        """Build from a llama / mistral / qwen2 / qwen3 ``config.json`` dict; unknown keys are ignored,
+        a feature this model does not build (see :func:`fast_path_refusal`) is a HoneError."""
         missing = [k for k in _REQUIRED_HF_KEYS if d.get(k) is None]
         if missing:
             raise HoneError(f"model config is missing required key {missing[0]!r}")
-        model_type = d.get("model_type", "llama")
-        if model_type not in _SUPPORTED_MODEL_TYPES:
-            raise HoneError(f"model_type {model_type!r} is not supported (want one of {_SUPPORTED_MODEL_TYPES})")
-        _warn_sliding_window(d)
+        reason = fast_path_refusal(d)
+        if reason:
+            raise HoneError(f"model config: {reason} is not built by Hone's own Llama (the transformers backend "
+                            "builds it)")
+        model_type = d.get("model_type") or "llama"
+        defaults = _FAMILY_DEFAULTS[model_type]
+        kwargs: dict[str, Any] = {k: defaults[k] for k in _SHAPE_KEYS if k in defaults and d.get(k) is None}
+        kwargs.update({k: d[k] for k in _SHAPE_KEYS if d.get(k) is not None})
+        bias = bool(d.get("attention_bias"))
+        kwargs.update(attention_bias=bias, o_proj_bias=bias and model_type in ("llama", "qwen3"))
+        kwargs.update(_window_from_hf(d, model_type))
         theta, scaling = _rope_from_hf(d)
-        known = {f.name for f in fields(cls)} - {"rope_theta", "rope_scaling"}
-        kwargs = {k: v for k, v in d.items() if k in known and v is not None}
-        if model_type == "qwen2":
-            kwargs["attention_bias"] = True  # Qwen2 always has q/k/v bias; its config has no flag
-        if d.get("mlp_bias"):
-            raise HoneError("mlp_bias=true is not supported")
-        return cls(**kwargs, rope_theta=theta, rope_scaling=scaling)
+        return cls(**kwargs, rope_theta=theta, rope_scaling=scaling, model_type=model_type)
 
     def to_hf_dict(self, torch_dtype: str = "float32") -> dict[str, Any]:
-        """A ``config.json`` dict for transformers; Qwen2 when q/k/v carry a bias.
-
-        HF Llama's ``attention_bias`` also puts a bias on o_proj, which we never have, so a
-        biased model is described as Qwen2 (q/k/v bias only) to load into the same weights.
-        """
-        arch, model_type = ("Qwen2ForCausalLM", "qwen2") if self.attention_bias else ("LlamaForCausalLM", "llama")
-        d = asdict(self)
+        """A ``config.json`` dict for transformers: the family's own architecture and keys."""
+        own = ("attention_bias", "o_proj_bias", "sliding_window", "layer_types", "model_type")
+        d = {k: v for k, v in asdict(self).items() if k not in own}
         d.update(
-            architectures=[arch],
-            model_type=model_type,
+            architectures=[_ARCHITECTURES[self.model_type]],
+            model_type=self.model_type,
             hidden_act="silu",
-            mlp_bias=False,
             attention_dropout=0.0,
             initializer_range=0.02,
-            pretraining_tp=1,
             use_cache=True,
             torch_dtype=torch_dtype,
         )
-        if model_type == "qwen2":
-            d.update(use_sliding_window=False, sliding_window=None)
-            del d["attention_bias"]
+        if self.model_type == "llama":
+            d.update(attention_bias=self.o_proj_bias, mlp_bias=False, pretraining_tp=1)
+        elif self.model_type == "mistral":
+            d.update(sliding_window=self.sliding_window)
+        else:
+            d.update(_qwen_window_keys(self))
+            if self.model_type == "qwen3":
+                d.update(attention_bias=self.attention_bias)
         return d
 
     def num_parameters(self) -> int:
@@ -119,25 +189,92 @@ class LlamaConfig:
         h, kv = self.hidden_size, self.num_key_value_heads * self.head_dim
         q = self.num_attention_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h + ((q + 2 * kv) if self.attention_bias else 0)
+        attn += (h if self.o_proj_bias else 0) + (2 * self.head_dim if self.model_type == "qwen3" else 0)
         layer = attn + 3 * h * self.intermediate_size + 2 * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return self.vocab_size * h + self.num_hidden_layers * layer + h + head
 
 
-def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | None:
+def fast_path_refusal(config: dict[str, Any]) -> str | None:
+    """None when Hone's Llama builds this HF ``config.json`` dict exactly, else a short reason
+    (``"model_type 'gemma2' (...)"``, ``"rope_scaling type 'longrope'"``, ``"mlp_bias"``).
+
+    Only features are judged: a config missing a required key gives None here and a HoneError
+    naming the key in :meth:`LlamaConfig.from_hf_dict`.
+    """
+    model_type = config.get("model_type") or "llama"
+    if model_type not in FAMILIES:
+        return f"model_type {model_type!r} (Hone's Llama covers {', '.join(FAMILIES)})"
+    quant = config.get("quantization_config")
+    if quant:
+        return f"quantization_config (quant_method {quant.get('quant_method')!r})" if isinstance(quant, dict) \
+            else "quantization_config"
+    act = config.get("hidden_act") or "silu"
+    if act not in ("silu", "swish"):
+        return f"hidden_act {act!r}"
+    if config.get("mlp_bias"):
+        return "mlp_bias"
+    if config.get("attention_dropout"):
+        return f"attention_dropout {config['attention_dropout']}"
+    _, scaling = _rope_from_hf(config)
+    scaling = scaling if isinstance(scaling, dict) else {}
+    rope_type = scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type not in ROPE_TYPES:
+        return f"rope_scaling type {rope_type!r}"
+    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial not in (None, 1, 1.0):
+        return f"partial_rotary_factor {partial}"
+    if model_type in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        other = sorted(set(config.get("layer_types") or ()) - {FULL, SLIDING})
+        if other:
+            return f"layer_types {other}"
+    return None
+
+
+def _window_from_hf(d: dict[str, Any], model_type: str) -> dict[str, Any]:
+    """``sliding_window`` and ``layer_types`` as transformers reads them for each family."""
+    defaults = _FAMILY_DEFAULTS[model_type]
+    if model_type == "mistral":  # one window for every layer; an absent key is transformers' default 4096
+        return {"sliding_window": d.get("sliding_window", defaults["sliding_window"])}
+    if model_type == "llama" or not d.get("use_sliding_window"):
+        return {}
+    window = d.get("sliding_window", defaults["sliding_window"])
+    first = d.get("max_window_layers", defaults["max_window_layers"])
+    types = d.get("layer_types") or [SLIDING if i >= first else FULL for i in range(d["num_hidden_layers"])]
+    return {"sliding_window": window, "layer_types": list(types)}
+
+
+def _qwen_window_keys(cfg: LlamaConfig) -> dict[str, Any]:
+    if cfg.sliding_window is None:
+        return {"use_sliding_window": False, "sliding_window": None}
+    types = cfg.layer_types or [SLIDING] * cfg.num_hidden_layers
+    leading_full = next((i for i, t in enumerate(types) if t == SLIDING), len(types))
+    return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": leading_full,
+            "layer_types": list(types)}
+
+
+def _normalize_rope_scaling(scaling: dict[str, Any] | None, max_position_embeddings: int) -> dict[str, Any] | None:
     if not scaling:
         return None
     scaling = dict(scaling)
-    rope_type = scaling.pop("type", None) or scaling.get("rope_type") or "default"
+    legacy = scaling.pop("type", None)
+    rope_type = scaling.get("rope_type") or legacy or "default"
     scaling["rope_type"] = rope_type
     scaling.pop("rope_theta", None)
+    if scaling.get("partial_rotary_factor") in (1, 1.0):
+        del scaling["partial_rotary_factor"]
     if rope_type == "default":
         return None
-    if rope_type != "llama3":
-        raise HoneError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
-    for key in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
-        if key not in scaling:
-            raise HoneError(f"rope_scaling of type 'llama3' is missing {key!r}")
+    if rope_type not in ROPE_TYPES:
+        raise HoneError(f"rope_scaling type {rope_type!r} is not supported by Hone's own Llama "
+                        f"(it builds {', '.join(ROPE_TYPES)})")
+    if "partial_rotary_factor" in scaling:
+        raise HoneError(f"rope_scaling partial_rotary_factor {scaling['partial_rotary_factor']} is not supported")
+    for key in _ROPE_REQUIRED[rope_type]:
+        if scaling.get(key) is None:
+            raise HoneError(f"rope_scaling of type {rope_type!r} is missing {key!r}")
+    if rope_type in ("llama3", "yarn"):  # transformers' default: the model's own length
+        scaling.setdefault("original_max_position_embeddings", max_position_embeddings)
     return scaling
 
 
@@ -146,28 +283,46 @@ def _rope_from_hf(d: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     params = d.get("rope_parameters")
     if isinstance(params, dict) and params:
         theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
-        return float(theta), _normalize_rope_scaling(params)
+        return float(theta), params
     return float(d.get("rope_theta") or 10000.0), d.get("rope_scaling")
 
 
-def _warn_sliding_window(d: dict[str, Any]) -> None:
-    window = d.get("sliding_window")
-    uses = d.get("use_sliding_window", d.get("model_type") == "mistral")
-    if uses and window and window < d.get("max_position_embeddings", 0):
-        warnings.warn(
-            f"sliding_window={window} is ignored: attention is full causal, "
-            f"identical only for sequences up to {window} tokens",
-            stacklevel=3,
-        )
+# --------------------------------------------------------------------------- rotary embeddings
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
-    """Inverse rotary frequencies, as transformers computes them (llama3 scaling included)."""
+def rope_inv_freq(cfg: LlamaConfig, seq_len: int | None = None) -> torch.Tensor:
+    """Inverse rotary frequencies, as transformers computes them for each ``rope_type``.
+
+    ``seq_len`` matters only for dynamic NTK scaling: past ``max_position_embeddings`` the
+    base grows with the length of the sequence (None: at most that length, the plain base).
+    """
     dim = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-    s = cfg.rope_scaling
-    if s is None:
-        return inv_freq
+    s = cfg.rope_scaling or {"rope_type": "default"}
+    kind = s["rope_type"]
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg.rope_theta, dim, s, cfg.max_position_embeddings)
+    base: float | torch.Tensor = cfg.rope_theta
+    if kind == "dynamic":
+        base = _dynamic_base(cfg, s["factor"], seq_len)
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if kind == "linear":
+        return inv_freq / s["factor"]
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, s)
+    return inv_freq
+
+
+def _dynamic_base(cfg: LlamaConfig, factor: float, seq_len: int | None) -> float | torch.Tensor:
+    """NTK-aware base for ``seq_len`` positions; transformers computes it in Python floats at init
+    and in fp32 tensors when a longer sequence updates it, so we do the same."""
+    dim, max_pos = cfg.head_dim, cfg.max_position_embeddings
+    if seq_len is None or seq_len <= max_pos:
+        return cfg.rope_theta * ((factor * max_pos / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    length = torch.maximum(torch.tensor(seq_len), torch.tensor(max_pos))
+    return cfg.rope_theta * ((factor * length / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict[str, Any]) -> torch.Tensor:
     factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
     old_len = s["original_max_position_embeddings"]
     low_wavelen, high_wavelen = old_len / low, old_len / high
@@ -179,16 +334,102 @@ def rope_inv_freq(cfg: LlamaConfig) -> torch.Tensor:
     return torch.where(is_medium, smoothed, scaled)
 
 
-def rope_tables(inv_freq: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    positions = torch.arange(length, device=inv_freq.device).float()
+def _yarn_inv_freq(base: float, dim: int, s: dict[str, Any], max_pos: int) -> torch.Tensor:
+    factor = s["factor"]
+    old_len = s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2).float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    extrapolation_factor = 1 - ramp
+    return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
+
+
+def rope_attention_factor(cfg: LlamaConfig) -> float:
+    """The factor on cos / sin: YaRN's attention temperature, 1 for every other rope type."""
+    s = cfg.rope_scaling
+    if s is None or s["rope_type"] != "yarn":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = s["factor"], s.get("mscale"), s.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else mscale(factor)
+
+
+def rope_tables(inv_freq: torch.Tensor, length: int, *, start: int = 0,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin [length - start, head_dim] of positions ``start .. length - 1``, times ``scale``."""
+    positions = torch.arange(start, length, device=inv_freq.device).float()
     freqs = positions[:, None] * inv_freq.float()[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
+    if scale == 1.0:
+        return emb.cos(), emb.sin()
+    return emb.cos() * scale, emb.sin() * scale
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# --------------------------------------------------------------------------- the KV cache
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (generation).
+
+    ``model(ids, cache=cache)`` attends over the cached positions, appends the new ones and
+    advances ``offset``, the position of the next token. A sliding-window layer keeps only its
+    last ``window - 1`` positions: no later token can see older ones.
+    """
+
+    def __init__(self, num_layers: int) -> None:
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.offset = 0
+
+    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+               window: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(past + new keys, past + new values, number of past positions) of ``layer``; keeps the new ones."""
+        past_k, past_v = self.keys[layer], self.values[layer]
+        n_past = 0 if past_k is None else past_k.shape[2]
+        if past_k is not None:
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)
+        keep = k.shape[2] if window is None else min(k.shape[2], window - 1)
+        self.keys[layer], self.values[layer] = k[:, :, k.shape[2] - keep:], v[:, :, v.shape[2] - keep:]
+        return k, v, n_past
+
+
+def _attention_mask(t: int, n_past: int, window: int | None,
+                    device: torch.device) -> tuple[torch.Tensor | None, bool]:
+    """(boolean mask [t, n_past + t] or None, is_causal) for ``t`` queries after ``n_past`` keys."""
+    if n_past == 0 and (window is None or t <= window):
+        return None, True
+    if t == 1 and (window is None or n_past < window):
+        return None, False
+    q = torch.arange(n_past, n_past + t, device=device)[:, None]
+    k = torch.arange(n_past + t, device=device)[None, :]
+    mask = k <= q
+    if window is not None:
+        mask &= k > q - window
+    return mask, False
+
+
+# --------------------------------------------------------------------------- the model
 
 
 class RMSNorm(nn.Module):
@@ -206,23 +447,37 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, bias = cfg.hidden_size, cfg.attention_bias
         self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(h, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=cfg.o_proj_bias)
+        self.qk_norm = cfg.model_type == "qwen3"
+        if self.qk_norm:  # Qwen3: RMSNorm of each head's q and k, before rotary
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.layer_idx = layer_idx
+        self.window = cfg.window_of(layer_idx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        n_past = 0
+        if cache is not None:
+            k, v, n_past = cache.extend(self.layer_idx, k, v, self.window)
+        mask, causal = _attention_mask(t, n_past, self.window, x.device)
         gqa = {}
         if k.shape[1] != q.shape[1]:
             if x.is_cuda:  # flash attention reads shared K/V heads directly
@@ -231,7 +486,7 @@ class Attention(nn.Module):
                 rep = q.shape[1] // k.shape[1]
                 k = k.repeat_interleave(rep, dim=1)
                 v = v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, **gqa)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, **gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -247,15 +502,16 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, layer_idx: int = 0) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
         self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -265,37 +521,49 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.config = cfg
         # Recompute each layer's activations in the backward pass (set by parallelize());
         # done here rather than by wrapping the layers so parameter names stay HF's.
         self.activation_checkpointing = False
-        cos, sin = rope_tables(rope_inv_freq(cfg), min(cfg.max_position_embeddings, _ROPE_CACHE_LEN))
+        cos, sin = self._tables(rope_inv_freq(cfg), min(cfg.max_position_embeddings, _ROPE_CACHE_LEN))
         # Non-persistent: derived from the config, so never part of a checkpoint.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
+    def _tables(self, inv_freq: torch.Tensor, length: int, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_tables(inv_freq, length, start=start, scale=rope_attention_factor(self.config))
+
     def reset_rope(self, device: torch.device | str = "cpu") -> None:
         """Recompute the cos/sin tables (after building on the meta device)."""
-        cos, sin = rope_tables(rope_inv_freq(self.config).to(device), self.rope_cos.shape[0])
+        cos, sin = self._tables(rope_inv_freq(self.config).to(device), self.rope_cos.shape[0])
         self.rope_cos, self.rope_sin = cos, sin
 
-    def rope(self, t: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        if t > self.rope_cos.shape[0]:
-            cos, sin = rope_tables(rope_inv_freq(self.config).to(self.rope_cos.device), t)
+    def rope(self, t: int, dtype: torch.dtype, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin of positions ``offset .. offset + t - 1``."""
+        end, cfg = offset + t, self.config
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "dynamic" and end > cfg.max_position_embeddings:
+            # Dynamic NTK: frequencies of a sequence this long, as transformers recomputes them.
+            cos, sin = self._tables(rope_inv_freq(cfg, end).to(self.rope_cos.device), end, start=offset)
+            return cos.to(dtype), sin.to(dtype)
+        if end > self.rope_cos.shape[0]:
+            cos, sin = self._tables(rope_inv_freq(cfg).to(self.rope_cos.device), end)
             self.rope_cos = cos.to(self.rope_cos.device, self.rope_cos.dtype)
             self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
-        return self.rope_cos[:t].to(dtype), self.rope_sin[:t].to(dtype)
+        return self.rope_cos[offset:end].to(dtype), self.rope_sin[offset:end].to(dtype)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rope(input_ids.shape[1], x.dtype)
+        offset = cache.offset if cache is not None else 0
+        cos, sin = self.rope(input_ids.shape[1], x.dtype, offset)
         for layer in self.layers:
-            if self.activation_checkpointing and torch.is_grad_enabled():
+            if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, cache)
+        if cache is not None:
+            cache.offset = offset + input_ids.shape[1]
         return self.norm(x)
 
 
@@ -311,14 +579,16 @@ class Llama(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
-                token_weight: float | None = None):
+                token_weight: float | None = None, cache: KVCache | None = None):
         """Logits ``[B, T, V]``; or, given ``targets``, ``(loss, per-token losses [B, T])``
         through the chunked linear + cross-entropy (no full logits tensor), where loss is
-        the per-token losses summed times ``token_weight`` (default: their mean)."""
-        if targets is None:
-            return self.lm_head(self.model(input_ids))
+        the per-token losses summed times ``token_weight`` (default: their mean).
 
-        hidden = self.model(input_ids)
+        With a ``cache`` the ids continue the cached positions (and are added to the cache)."""
+        if targets is None:
+            return self.lm_head(self.model(input_ids, cache))
+
+        hidden = self.model(input_ids, cache)
         weight = token_weight if token_weight is not None else 1.0 / targets.numel()
         loss, per_token = fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                                      token_weight=weight)
