@@ -10,26 +10,25 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 
 from hone.cli.cluster import cluster_app
 from hone.cli.common import WORKDIR, load_recipe_and_workdir as _load, log as _log
 from hone.cli.data import data_app
+from hone.cli.eval import eval_cmd as _eval
 from hone.cli.experts import branch as _branch, merge as _merge
 from hone.cli.generate import generate as _generate
 from hone.cli.mix import mix_app
 from hone.cli.plan import plan_app
 from hone.corpus.sources import fetch_debian_data
 from hone.errors import HoneError
-from hone.evaluate import compare, evaluate_sets, read_texts
-from hone.experts.ensemble import load_model
 from hone.pipeline import check_demo_targets, prepare, run_recipe
 from hone.plan.commands import multinode_commands
 from hone.recipe import describe_fields, load_recipe, shipped_recipe
 from hone.report import write_report
-from hone.rundir import LAUNCH_DIR, ensure_dir, write_json, write_text
+from hone.rundir import LAUNCH_DIR, ensure_dir, write_text
 from hone.train.faults import parse as parse_faults
 from hone.train.run import plan_from_recipe
 
@@ -44,6 +43,7 @@ app.add_typer(cluster_app, name="cluster")
 # Domain experts (Branch-Train-Merge).
 app.command("branch")(_branch)
 app.command("merge")(_merge)
+app.command("eval")(_eval)
 app.command("generate")(_generate)
 
 
@@ -121,37 +121,6 @@ def tokenize(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workd
     """Tokenize the curated corpus with the base model's tokenizer into token shards."""
     r, wd = _load(recipe, workdir)
     prepare(r, wd, _log)
-
-
-@app.command("eval")
-def eval_cmd(checkpoint: Path = typer.Argument(...,
-                                               help="HF-format model directory (e.g. runs/demo/final) or an ensemble "
-                                                    "directory (hone merge --method ensemble)."),
-             data: List[str] = typer.Option(..., "--data", help="NAME=PATH of a JSON-lines set; repeat."),
-             base: Optional[Path] = typer.Option(None, "--base",
-                                                 help="Base model directory to compare with (forgetting)."),
-             out: Path = typer.Option(Path("eval.json"), "-o", "--out", help="Where to write the results."),
-             max_tokens: int = typer.Option(4000, "--max-tokens", help="Tokens scored per set."),
-             seq_len: int = typer.Option(512, "--seq-len", help="Longest window scored at once.")):
-    """Perplexity and bits per byte per dataset, and the change against a base model."""
-    sets = {}
-    for item in data:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise HoneError(f"--data {item!r}: expected NAME=PATH")
-        sets[name] = read_texts(Path(path))
-
-    def scored(ckpt: Path) -> dict:
-        model, tok = load_model(ckpt)  # an HF directory, or an ensemble from `hone merge --method ensemble`
-        if tok is None:
-            raise HoneError(f"{ckpt}: no tokenizer.json beside the weights")
-        _log(f"{ckpt}:")
-        return evaluate_sets(model, tok, sets, max_tokens=max_tokens, seq_len=seq_len, batch_size=4, log=_log)
-
-    after = scored(checkpoint)
-    result = compare(scored(base), after) if base else after
-    write_json(out, result)
-    _log(f"wrote {out}")
 
 
 @app.command()

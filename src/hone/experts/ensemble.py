@@ -24,10 +24,11 @@ from tokenizers import Tokenizer
 from torch import nn
 
 from hone.errors import HoneError
-from hone.evaluate import encode_docs
+from hone.evaluate import cap_docs, encode_docs
 from hone.experts.merge import ENSEMBLE_FILE, ENSEMBLE_FORMAT, is_ensemble, normalize_weights
 from hone.model.hf import load_hf
 from hone.rundir import read_json
+from hone.tokens.conventions import TokenConventions
 
 
 class EnsembleLM(nn.Module):
@@ -74,17 +75,20 @@ class EnsembleLM(nn.Module):
 
 @torch.no_grad()
 def cached_prior(model: EnsembleLM, tokenizer, texts: list[str], max_tokens: int = 4000,
-                 seq_len: int = 512) -> list[float]:
+                 seq_len: int = 512, conventions: TokenConventions | None = None, seed: int = 0) -> list[float]:
     """BTM's "cached prior": the experts' posterior at the end of each document of a sample of
-    the data the ensemble will see, averaged over the documents. A skewed test mixture
-    then starts every document with its skew instead of a uniform prior."""
-    docs = encode_docs(texts, tokenizer, max_tokens, seq_len)
+    the data the ensemble will see (documents in a seeded order up to ``max_tokens``, each read
+    to at most ``seq_len`` tokens after the model's document context), averaged over the
+    documents. A skewed test mixture then starts every document with its skew instead of a
+    uniform prior."""
+    context = (conventions or TokenConventions.detect(tokenizer)).context()
+    docs = [d for d in cap_docs(encode_docs(texts, tokenizer), max_tokens, seed) if d]
     if not docs:
         raise HoneError("--prior-data: no text to estimate the prior from")
     uniform = EnsembleLM(list(model.experts), [1.0] * len(model.experts), prefix_cap=model.prefix_cap)
     total = torch.zeros(len(model.experts), dtype=torch.float64)
-    for ids, _ in docs:
-        x = torch.tensor([ids], device=next(model.parameters()).device)
+    for ids in docs:
+        x = torch.tensor([(context + ids)[:seq_len]], device=next(model.parameters()).device)
         total += uniform.log_posterior(x)[:, 0, -1].double().exp().cpu()
     return (total / len(docs)).tolist()
 
