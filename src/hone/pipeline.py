@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
+from hone.corpus.datasource import prepare_source, source_inputs
 from hone.corpus.pipeline import curate
 from hone.corpus.sources import build_demo_pool
 from hone.errors import HoneError
@@ -22,11 +23,17 @@ from hone.evaluate import compare, evaluate_sets, read_texts
 from hone.experts.branch import check_branch, run_branch
 from hone.heal.supervisor import supervise as supervise_run
 from hone.mix import sweep as mix_sweep
+from hone.model.generate import complete
+from hone.model.gguf import smollm2_gguf_path
 from hone.model.hf import save_hf
-from hone.model.load import load_base_model
-from hone.recipe import Recipe
+from hone.model.hf_backend import choose_backend
+from hone.model.load import base_conventions, base_tokenizer_files, load_base_model
+from hone.model.tokenizer_files import with_pad_token
+from hone.recipe import Recipe, domain_ratio, training_streams
 from hone.report import write_report
 from hone.rundir import (
+    BASE_DIR,
+    CHECKPOINTS_DIR,
     CORPUS_DIR,
     EVAL_AFTER_FILE,
     EVAL_BEFORE_FILE,
@@ -34,71 +41,123 @@ from hone.rundir import (
     FINAL_DIR,
     HELDOUT_DIR,
     POOL_DIR,
+    SAMPLES_TEXT_FILE,
+    SOURCES_DIR,
     TOKENS_DIR,
     is_done,
     mark_done,
     read_json,
+    stream_tokens_dir,
     write_json,
 )
-from hone.tokens import tokenize_corpus
-from hone.train.run import plan_from_recipe, read_back, train_recipe
+from hone.tokens import token_ledger, tokenize_corpus
+from hone.tokens.conventions import TokenConventions
+from hone.train.checkpoint import STATE_FILE, latest_checkpoint
+from hone.train.run import plan_from_recipe, read_back, total_steps, train_recipe
 from hone.train.workdir import forget_training, prepare_workdir
 
 Log = Callable[[str], None]
 
 
-def stage_pool(recipe: Recipe, workdir: Path, log: Log) -> tuple[list[Path], dict[str, Path]]:
-    """Input files of the pool and the held-out evaluation sets."""
+@dataclass
+class EvalSets:
+    """The run's evaluation sets: name -> JSON-lines file, and where each came from."""
+
+    paths: dict[str, Path]
+    origin: dict[str, str]
+
+
+PACKAGED_SETS = {"domain": ("heldout_domain", "held-out Gene Ontology definitions (packaged)"),
+                 "general": ("heldout_general", "held-out Wikipedia summaries (packaged)"),
+                 "unseen": ("heldout_unseen", "held-out Jane Austen chapters (packaged; no training source is like "
+                                              "them)")}
+
+
+def stage_pool(recipe: Recipe, workdir: Path, log: Log) -> tuple[list[Path], EvalSets]:
+    """Input files of the pool (packaged corpora and data.inputs) and the evaluation sets that
+    do not come from data sources: the packaged held-out sets and eval.sets."""
     inputs = [Path(p) for p in recipe.data.inputs]
     for p in inputs:
         if not p.exists():
             raise HoneError(f"data.inputs: {p}: file not found")
-    eval_sets: dict[str, Path] = {}
-    if recipe.data.packaged is not None:
+    sets = EvalSets({}, {})
+    if (packaged := recipe.data.packaged) is not None:
         marker = workdir / POOL_DIR
         if not is_done(marker):
             log("pool: building the mixed pool from packaged corpora")
-            summary = build_demo_pool(recipe.data.packaged, workdir, recipe.run.seed)
+            summary = build_demo_pool(packaged, workdir, recipe.run.seed)
             mark_done(marker, summary)
         inputs = [workdir / POOL_DIR / "pool.jsonl"] + inputs
-        eval_sets = {name: workdir / HELDOUT_DIR / f"{name}.jsonl" for name in ("domain", "general", "unseen")}
+        for name, (field, origin) in PACKAGED_SETS.items():
+            if getattr(packaged, field):
+                sets.paths[name], sets.origin[name] = workdir / HELDOUT_DIR / f"{name}.jsonl", origin
+    sources = {s.name for s in recipe.data.sources}
     for name, p in recipe.eval.sets.items():
         if not Path(p).exists():
             raise HoneError(f"eval.sets.{name}: {p}: file not found")
-        eval_sets[name] = Path(p)
-    if not eval_sets:
-        raise HoneError("no evaluation sets: use data.packaged or give eval.sets")
-    return inputs, eval_sets
+        if name in sets.paths or name in sources:
+            taker = "a data source" if name in sources else "a packaged set"
+            raise HoneError(f"eval.sets.{name}: the name is taken by {taker}; pick another")
+        sets.paths[name], sets.origin[name] = Path(p), f"eval.sets ({p})"
+    return inputs, sets
 
 
 def stage_curate(recipe: Recipe, workdir: Path, inputs: list[Path], log: Log) -> dict:
+    """Curate the pool (when there is one) into corpus/; the retrieval's quality is printed
+    only when the pool carries labels to measure it against."""
+    if not recipe.data.uses_pool:
+        return {}
     t0 = time.perf_counter()
     manifest = curate(recipe.curate, inputs, workdir, text_field=recipe.data.text_field, log=log)
     counts = manifest.get("domains", {})
     log(f"curate: {counts} in {time.perf_counter() - t0:.1f}s")
     if (r := manifest.get("retrieval")):
         log(f"curate: retrieval of '{recipe.curate.domain.name}' precision {r['precision']:.3f} "
-            f"recall {r['recall']:.3f} (against hidden labels)")
+            f"recall {r['recall']:.3f} (against the pool's hidden labels, {r['labelled_docs']:,} labelled documents)")
     return manifest
 
 
-def stage_tokenize(recipe: Recipe, workdir: Path, tok: Tokenizer, log: Log) -> dict:
+def stage_sources(recipe: Recipe, workdir: Path, sets: EvalSets, log: Log) -> dict[str, dict]:
+    """Each data source curated and split; its held-out part joins the evaluation sets."""
+    out = {}
+    for i, source in enumerate(recipe.data.sources):
+        summary = prepare_source(source, recipe, workdir, i, log)
+        out[source.name] = summary
+        if summary["heldout_file"]:
+            sets.paths[source.name] = Path(summary["heldout_file"])
+            sets.origin[source.name] = (f"held out of source '{source.name}' ({summary['docs_heldout']:,} of "
+                                        f"{summary['docs_kept']:,} documents)")
+    if not sets.paths:
+        raise HoneError("no evaluation sets: give a data source a heldout share, use data.packaged, or give eval.sets")
+    return out
+
+
+def stage_tokenize(recipe: Recipe, workdir: Path, tok: Tokenizer, conventions: TokenConventions, log: Log) -> dict:
+    """Every training stream tokenized: the pool's corpus (one stream per domain label) and each source."""
     t0 = time.perf_counter()
-    summary = tokenize_corpus(workdir / CORPUS_DIR, tok, workdir / TOKENS_DIR, seed=recipe.run.seed)
+    summary = {}
+    if recipe.data.uses_pool:
+        summary.update(tokenize_corpus(workdir / CORPUS_DIR, tok, workdir / TOKENS_DIR, seed=recipe.run.seed,
+                                       conventions=conventions))
+    for s in recipe.data.sources:
+        summary.update(tokenize_corpus(workdir / SOURCES_DIR / s.name / "train", tok,
+                                       workdir / TOKENS_DIR / SOURCES_DIR / s.name, seed=recipe.run.seed,
+                                       conventions=conventions))
     log("tokenize: " + ", ".join(f"{d} {s['tokens']:,} tokens" for d, s in summary.items())
         + f" in {time.perf_counter() - t0:.1f}s")
     return summary
 
 
-def stage_eval(recipe: Recipe, model, tok: Tokenizer, eval_sets: dict[str, Path], out: Path, label: str,
-               log: Log) -> dict:
+def stage_eval(recipe: Recipe, model, tok: Tokenizer, conventions: TokenConventions, sets: EvalSets, out: Path,
+               label: str, log: Log) -> dict:
     if out.exists():
         return read_json(out)
     log(f"eval ({label}):")
     t0 = time.perf_counter()
-    texts = {name: read_texts(p) for name, p in eval_sets.items()}
+    texts = {name: read_texts(p) for name, p in sets.paths.items()}
     results = evaluate_sets(model, tok, texts, max_tokens=recipe.eval.max_tokens_per_set,
-                            seq_len=recipe.eval.seq_len, batch_size=recipe.eval.batch_size, log=log)
+                            seq_len=recipe.eval.seq_len, batch_size=recipe.eval.batch_size, log=log,
+                            conventions=conventions, seed=recipe.run.seed, sources=sets.origin)
     log(f"eval ({label}) done in {time.perf_counter() - t0:.1f}s")
     write_json(out, results)
     return results
@@ -118,32 +177,55 @@ def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log
 @dataclass
 class Prepared:
     """What the data stages leave for training: pool inputs, evaluation sets, the curation
-    manifest, the base model and its tokenizer (the corpus tokenized with it)."""
+    manifest, each source's summary, the base model, its tokenizer and the document
+    conventions the corpus was tokenized with, and the tokenizer files every export carries."""
 
     inputs: list[Path]
-    eval_sets: dict[str, Path]
+    sets: EvalSets
     manifest: dict
+    sources: dict[str, dict]
     model: torch.nn.Module
     tokenizer: Tokenizer
+    conventions: TokenConventions
+    tokenizer_files: dict[str, bytes]
+
+    @property
+    def eval_sets(self) -> dict[str, Path]:
+        return self.sets.paths
 
 
 def prepare(recipe: Recipe, workdir: Path, log: Log, *, fresh: bool = False, restart_training: bool = False,
             tokenize: bool = True, check_sets: Callable[[dict[str, Path]], None] | None = None) -> Prepared:
     """The run directory and every data stage (each skipped when its artifact is there):
-    pool, curate, base model, tokenize. ``fresh`` starts the run directory over,
+    pool, curate, sources, base model, tokenize. ``fresh`` starts the run directory over,
     ``restart_training`` removes what training wrote; ``check_sets`` sees the evaluation
-    sets before any curation work."""
+    sets before the base model loads."""
     prepare_workdir(recipe, workdir, fresh, log)
     if restart_training:
         forget_training(workdir, log)
-    inputs, eval_sets = stage_pool(recipe, workdir, log)
-    if check_sets is not None:
-        check_sets(eval_sets)
+    inputs, sets = stage_pool(recipe, workdir, log)
     manifest = stage_curate(recipe, workdir, inputs, log)
+    sources = stage_sources(recipe, workdir, sets, log)
+    if check_sets is not None:
+        check_sets(sets.paths)
     model, tok = load_base_model(recipe, workdir, log)
+    files = base_tokenizer_files(recipe, tok)
+    conventions = base_conventions(recipe, tok, files)
+    files = with_pad_token(files, conventions)
+    log(f"documents: {'BOS ' + repr(conventions.bos_token) + ' + ' if conventions.add_bos else ''}text + "
+        f"{conventions.eos_token!r}")
     if tokenize:
-        stage_tokenize(recipe, workdir, tok, log)
-    return Prepared(inputs, eval_sets, manifest, model, tok)
+        stage_tokenize(recipe, workdir, tok, conventions, log)
+    return Prepared(inputs, sets, manifest, sources, model, tok, conventions, files)
+
+
+def save_base(recipe: Recipe, workdir: Path, data: Prepared, log: Log) -> None:
+    """A base that came from a GGUF file also goes to base/ in HF format (dequantized), so that
+    `hone eval --base` and any HF tool can read the model the run started from."""
+    if recipe.model.source not in ("smollm2", "gguf") or (workdir / BASE_DIR).exists():
+        return
+    save_hf(data.model, data.tokenizer, workdir / BASE_DIR, tokenizer_files=data.tokenizer_files)
+    log(f"saved the base model (dequantized from GGUF, HF format) to {workdir / BASE_DIR}")
 
 
 def sweep_mixture(recipe: Recipe, workdir: Path, log: Log = print) -> Path:
@@ -178,21 +260,76 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
     t_start = time.perf_counter()
     data = prepare(recipe, workdir, log, fresh=fresh, restart_training=restart_training)
-    model, tok, eval_sets = data.model, data.tokenizer, data.eval_sets
-    before = stage_eval(recipe, model, tok, eval_sets, workdir / EVAL_BEFORE_FILE, "before", log)
+    model, tok, conv = data.model, data.tokenizer, data.conventions
+    save_base(recipe, workdir, data, log)
+    before = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_BEFORE_FILE, "before", log)
+    prompts = completion_prompts(recipe, data.sets)
+    stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "before", log)
     summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc, supervise=supervise)
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']} (--max-steps); run again to resume")
         return {}
-    after = stage_eval(recipe, model, tok, eval_sets, workdir / EVAL_AFTER_FILE, "after", log)
+    write_ledger(recipe, workdir, log)
+    after = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_AFTER_FILE, "after", log)
+    stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "after", log)
     table = compare(before, after)
     write_json(workdir / EVAL_FILE, table)
-    save_hf(model, tok, workdir / FINAL_DIR)
-    log(f"saved the trained model (HF format) to {workdir / FINAL_DIR}")
+    save_hf(model, tok, workdir / FINAL_DIR, tokenizer_files=data.tokenizer_files)
+    log(f"saved the trained model (HF format, with the base's tokenizer files) to {workdir / FINAL_DIR}")
     report = write_report(workdir)
     log_table(table, log)
     log(f"done in {time.perf_counter() - t_start:.0f}s; report: {report}")
     return table
+
+
+def completion_prompts(recipe: Recipe, sets: EvalSets, n: int = 3, words: int = 12) -> list[str]:
+    """eval.prompts, or the openings of the first held-out documents of the first domain set."""
+    if recipe.eval.prompts is not None:
+        return list(recipe.eval.prompts)
+    domain_names = [s.name for s in recipe.data.sources if s.role == "domain"]
+    name = next((x for x in ["domain", *domain_names] if x in sets.paths), next(iter(sets.paths), None))
+    if name is None:
+        return []
+    texts = read_texts(sets.paths[name])[:n]
+    return [" ".join(t.split()[:words]) for t in texts if t.split()]
+
+
+def stage_completions(model, tok: Tokenizer, conv: TokenConventions, prompts: list[str], new_tokens: int,
+                      workdir: Path, label: str, log: Log) -> None:
+    """Greedy completions of the fixed prompts, kept in completions.json for the report."""
+    path = workdir / SAMPLES_TEXT_FILE
+    done = read_json(path) if path.exists() else {}
+    if not prompts or done.get("prompts") == prompts and label in done:
+        return
+    if done.get("prompts") != prompts:
+        done = {"prompts": prompts}
+    done[label] = complete(model, tok, conv, prompts, max_new_tokens=new_tokens)
+    write_json(path, done)
+    log(f"completions ({label}): {done[label][0][:80]!r}" + (" ..." if len(prompts) > 1 else ""))
+
+
+def write_ledger(recipe: Recipe, workdir: Path, log: Log) -> dict:
+    """tokens/ledger.json: per stream, the tokens in = trained (distinct) + cut at sequence ends +
+    left unused, and how many were trained in all (repeats counted), from the final loader state."""
+    newest = latest_checkpoint(workdir / CHECKPOINTS_DIR, log=lambda m: None)
+    if newest is None:
+        return {}
+    state = read_json(newest / STATE_FILE)
+    streams = state["loader"]["streams"]
+    ledger = {}
+    for s in training_streams(recipe):
+        index_path = stream_tokens_dir(workdir, s.name, s.from_pool) / "index.json"
+        if not index_path.exists():
+            continue
+        tokens_in = int(read_json(index_path)["tokens"])
+        pos = streams.get(s.name, {"pos": 0, "epoch": 0})
+        ledger[s.name] = {"role": s.role, "weight": s.weight,
+                          **token_ledger(tokens_in, recipe.train.seq_len, int(pos["pos"]), int(pos["epoch"]))}
+    write_json(workdir / TOKENS_DIR / "ledger.json", ledger)
+    for name, row in ledger.items():
+        log(f"tokens {name}: {row['tokens_in']:,} in = {row['distinct']:,} trained + {row['cut']:,} cut at sequence "
+            f"ends + {row['unused']:,} unused ({row['trained']:,} trained in all)")
+    return ledger
 
 
 def log_table(table: dict[str, dict], log: Log) -> None:
@@ -215,3 +352,87 @@ def check_demo_targets(table: dict[str, dict], log: Log) -> bool:
         want = f"falls by >= {limit:.0%}" if kind == "fall" else f"rises by <= {limit:.0%}"
         log(f"target: {name} perplexity {want}: {change:+.1%} {'OK' if passed else 'MISSED'}")
     return ok
+
+
+def check_recipe(recipe: Recipe, workdir: Path) -> list[str]:
+    """`hone recipe check`: every path the recipe names exists and the model directory has what
+    it needs (a one-line HoneError otherwise); returns lines saying what the run will do."""
+    lines = []
+    for p in recipe.data.inputs:
+        if not Path(p).exists():
+            raise HoneError(f"data.inputs: {p}: file not found")
+    for name, p in recipe.eval.sets.items():
+        if not Path(p).exists():
+            raise HoneError(f"eval.sets.{name}: {p}: file not found")
+    if recipe.train.mixture and not Path(recipe.train.mixture).is_file():
+        raise HoneError(f"train.mixture: {recipe.train.mixture}: file not found")
+    lines.append(f"model: {describe_model(recipe)}")
+    ratio = domain_ratio(recipe)
+    if recipe.data.uses_pool:
+        d = recipe.curate.domain
+        pool = "packaged corpora" + (f" + {len(recipe.data.inputs)} input path(s)" if recipe.data.inputs else "") \
+            if recipe.data.packaged else f"{len(recipe.data.inputs)} input path(s)"
+        lines.append(f"pool: {pool}; curate finds '{d.name}' (top {d.top_k:,} by BM25), the rest is replay 'general'")
+    for i, s in enumerate(recipe.data.sources):
+        files = source_inputs(s, i)
+        held = f", {s.heldout} held out" if s.heldout else ", nothing held out"
+        lines.append(f"source {s.name}: {s.role}, weight {s.weight:g}, {len(files)} input path(s){held}")
+    streams = training_streams(recipe)
+    for role, share in (("domain", ratio), ("general", 1 - ratio)):
+        names = [s.name for s in streams if s.role == role]
+        if names:
+            lines.append(f"mixture: {share:.0%} {role} ({', '.join(names)})"
+                         + (" from train.mixture's schedule" if recipe.train.mixture and role == "domain" else ""))
+    t = recipe.train
+    lines.append(f"training: {t.max_tokens:,} tokens = {total_steps(t):,} steps of {t.batch_size} x {t.seq_len} "
+                 f"tokens")
+    sets = [n for n, (field, _) in PACKAGED_SETS.items() if recipe.data.packaged and getattr(recipe.data.packaged,
+                                                                                            field)]
+    sets += [s.name for s in recipe.data.sources if s.heldout] + list(recipe.eval.sets)
+    if not sets:
+        raise HoneError("no evaluation sets: give a data source a heldout share, use data.packaged, or give eval.sets")
+    cap = recipe.eval.max_tokens_per_set
+    lines.append(f"evaluation sets: {', '.join(sets)} ({'whole' if cap is None else f'at most {cap:,} tokens each'})")
+    lines.append(f"run directory {workdir}: {describe_progress(workdir)}")
+    return lines
+
+
+def describe_model(recipe: Recipe) -> str:
+    """The base model and the backend it trains with; a one-line HoneError if its files are missing."""
+    m = recipe.model
+    if m.source == "smollm2":
+        smollm2_gguf_path()
+        return "SmolLM2-135M-Instruct (packaged GGUF, Q4_1 weights dequantized to fp32); backend hone"
+    if m.source == "random":
+        r = m.random
+        return f"random Llama ({r.layers} layers, hidden {r.hidden}, BPE vocab {r.vocab} trained on the corpus)"
+    path = Path(m.path)
+    if m.source == "gguf":
+        if not path.is_file():
+            raise HoneError(f"model.path: {path}: GGUF file not found")
+        return f"GGUF {path} (dequantized); backend hone"
+    if not (path / "config.json").is_file():
+        raise HoneError(f"model.path: {path}: no config.json (not a Hugging Face model directory?)")
+    if not (path / "tokenizer.json").is_file():
+        raise HoneError(f"model.path: {path}: no tokenizer.json beside the weights")
+    if not (path / "model.safetensors").is_file() and not (path / "model.safetensors.index.json").is_file():
+        raise HoneError(f"model.path: {path}: no model.safetensors or model.safetensors.index.json (only safetensors "
+                        f"weights are read)")
+    config = read_json(path / "config.json")
+    backend, why = choose_backend(config, m.backend)
+    return f"{config.get('model_type', '?')} from {path}; backend {backend} ({why})"
+
+
+def describe_progress(workdir: Path) -> str:
+    """What is already done in the run directory."""
+    if not Path(workdir).exists():
+        return "new"
+    done = [name for name, path in (("pool", Path(str(workdir / POOL_DIR) + ".done")),
+                                    ("corpus", Path(str(workdir / CORPUS_DIR) + ".done")),
+                                    ("tokens", Path(str(workdir / TOKENS_DIR / "train") + ".done")),
+                                    ("base eval", workdir / EVAL_BEFORE_FILE), ("final model", workdir / FINAL_DIR),
+                                    ("eval", workdir / EVAL_FILE)) if path.exists()]
+    newest = latest_checkpoint(workdir / CHECKPOINTS_DIR, log=lambda m: None)
+    if newest is not None:
+        done.append(f"checkpoint at step {read_json(newest / STATE_FILE)['step']}")
+    return "done: " + ", ".join(done) if done else "exists, nothing done yet"

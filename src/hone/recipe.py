@@ -10,6 +10,7 @@ in one line naming the file and the dotted field path, e.g.::
 from __future__ import annotations
 
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -38,25 +39,71 @@ class PackagedData(_Section):
     licenses: int = Field(150, ge=0, description="License texts (spdx) in the pool.")
     python_stdlib: int = Field(150, ge=0, description="Python standard-library files in the pool.")
     max_chars: int = Field(4000, ge=100, description="Longer documents are cut to this many characters.")
-    heldout_domain: int = Field(150, ge=1, description="Held-out Gene Ontology definitions (eval set 'domain').")
-    heldout_general: int = Field(60, ge=1, description="Held-out Wikipedia summaries (eval set 'general').")
-    heldout_unseen: int = Field(6, ge=1,
+    heldout_domain: int = Field(150, ge=0, description="Held-out Gene Ontology definitions (eval set 'domain').")
+    heldout_general: int = Field(60, ge=0, description="Held-out Wikipedia summaries (eval set 'general').")
+    heldout_unseen: int = Field(6, ge=0,
                                 description="Held-out Jane Austen chapters (eval set 'unseen'; no training source is "
                                             "like it).")
+
+
+SOURCE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+POOL_GENERAL = "general"  # the pool's replay stream: every pool document the domain retrieval did not pick
+
+
+class SourceConfig(_Section):
+    """One corpus of the user's own: read, filtered and deduplicated, a held-out part kept for
+    evaluation, the rest one weighted stream of the training mixture."""
+
+    name: str = Field(..., pattern=SOURCE_NAME,
+                      description="Source name: its token stream, its held-out evaluation set, its report lines.")
+    inputs: list[str] = Field(..., min_length=1,
+                              description="Files, directories or globs in any format `hone data` reads (JSON lines "
+                                          "plain/.gz/.zst, Parquet, Arrow, save_to_disk directories, text files).")
+    text_field: str | None = Field(None, description="Text field of the records (default: data.text_field).")
+    role: Literal["domain", "general"] = Field("domain",
+                                               description="domain: what the model specializes in; general: replay "
+                                                           "that keeps what it knows.")
+    weight: float = Field(1.0, gt=0,
+                          description="Share of the training mixture, relative to the other sources of its role (the "
+                                      "split between roles is train.domain_ratio, or the weights when it is unset).")
+    heldout: int | float = Field(0, ge=0,
+                                 description="Documents kept out of training and evaluated as set NAME: a count, or a "
+                                             "fraction below 1.")
+    filter: bool = Field(True, description="Apply [curate.filters] (drops are counted in the manifest).")
+    dedup: bool = Field(True, description="Drop exact duplicates (normalized text).")
+
+    @field_validator("heldout")
+    @classmethod
+    def _heldout(cls, v):
+        if isinstance(v, float) and not v.is_integer() and not 0 < v < 1:
+            raise ValueError("must be a whole number of documents or a fraction in (0, 1)")
+        return int(v) if isinstance(v, float) and v.is_integer() else v
 
 
 class DataConfig(_Section):
     packaged: PackagedData | None = Field(None, description="Build the pool from packaged corpora.")
     inputs: list[str] = Field(default_factory=list,
-                              description="Extra input files or directories added to the pool (JSON lines, "
-                                          "Parquet, Arrow, text: what `hone data` reads).")
+                              description="Extra input files or directories added to the pool that [curate.domain] "
+                                          "retrieves from (JSON lines, Parquet, Arrow, text: what `hone data` reads).")
     text_field: str = Field("text", description="Name of the text field in the input files.")
+    sources: list[SourceConfig] = Field(default_factory=list,
+                                        description="Your own corpora, one [[data.sources]] table each.")
 
     @model_validator(mode="after")
     def _some_input(self) -> "DataConfig":
-        if self.packaged is None and not self.inputs:
-            raise ValueError("give data.packaged or data.inputs: the pool would be empty")
+        if self.packaged is None and not self.inputs and not self.sources:
+            raise ValueError("give data.sources, data.packaged or data.inputs: there would be no data")
+        names = [s.name for s in self.sources]
+        if (dup := next((n for n in names if names.count(n) > 1), None)) is not None:
+            raise ValueError(f"data.sources: the name {dup!r} appears twice")
+        if self.uses_pool and POOL_GENERAL in names:
+            raise ValueError(f"data.sources: the name {POOL_GENERAL!r} is the pool's replay stream; pick another")
         return self
+
+    @property
+    def uses_pool(self) -> bool:
+        """Whether a pool (packaged corpora and data.inputs) is curated into a retrieved domain."""
+        return self.packaged is not None or bool(self.inputs)
 
 
 class FilterConfig(_Section):
@@ -253,8 +300,9 @@ STEP_TYPES = ("filter", "exact_dedup", "dedup", "retrieve", "dsir", "rate", "sel
 class CurateConfig(_Section):
     filters: FilterConfig = Field(default_factory=FilterConfig, description="Heuristic quality filters.")
     exact_dedup: bool = Field(True, description="Remove exact duplicates (normalized text hash).")
-    domain: DomainConfig = Field(..., description="How to find the domain documents in the pool (with curate.steps "
-                                                  "only its name is used: the domain training reads).")
+    domain: DomainConfig | None = Field(None, description="How to find the domain documents in the pool (required "
+                                                         "with data.packaged or data.inputs; with curate.steps only "
+                                                         "its name is used: the domain training reads).")
     write_dropped: bool = Field(True, description="Write dropped documents to corpus/.hone/dropped/ for audit.")
     steps: list[CurateStep] = Field(default_factory=list, description="Explicit curation steps, run in order "
                                     "(as the [[steps]] of `hone data build`); empty: filters, exact_dedup, domain.")
@@ -321,8 +369,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm (0: off).")
-    domain_ratio: float = Field(0.7, ge=0, le=1,
-                                description="Fraction of each batch's sequences drawn from the domain stream.")
+    domain_ratio: float | None = Field(None, ge=0, le=1,
+                                       description="Fraction of each batch's sequences drawn from the domain "
+                                                   "stream(s) (default: the sources' weights, else 0.7).")
     checkpoint_every: int | Literal["auto"] = Field(0,
                                                     description="Save a resumable checkpoint every N steps (0: only at "
                                                                 "the end; \"auto\": the Young/Daly interval sqrt(2 x "
@@ -383,17 +432,25 @@ class MixConfig(_Section):
                         description="Data orders per ratio: each runs.jsonl point is the mean of this many proxy runs "
                                     "(order 0 reads the streams from their start, order k from random windows drawn "
                                     "with seed k); sd and every value are kept beside it.")
-    general_set: str = Field("general", description="Evaluation set whose loss is the general loss.")
-    domain_set: str = Field("domain", description="Evaluation set whose loss is the domain loss.")
+    general_set: str | None = Field(None, description="Evaluation set whose loss is the general loss (default: "
+                                                      "'general', else the first held-out general source).")
+    domain_set: str | None = Field(None, description="Evaluation set whose loss is the domain loss (default: "
+                                                     "'domain', else the first held-out domain source).")
 
 
 class EvalConfig(_Section):
-    max_tokens_per_set: int = Field(4000, ge=16,
-                                    description="Tokens scored per evaluation set (documents taken in order).")
-    seq_len: int = Field(512, ge=8, description="Longest window scored at once; longer documents are cut.")
+    max_tokens_per_set: int | None = Field(None, ge=16,
+                                           description="Cap on the tokens scored per evaluation set, documents taken "
+                                                       "in a seeded random order (none: every document, whole).")
+    seq_len: int = Field(512, ge=8, description="Longest window scored at once; longer documents are scored in "
+                                                "strided windows.")
     batch_size: int = Field(4, ge=1, description="Documents per forward pass.")
     sets: dict[str, str] = Field(default_factory=dict,
                                  description="Extra evaluation sets: name = path of a JSON-lines file.")
+    prompts: list[str] | None = Field(None, description="Prompts completed before and after training, shown in the "
+                                                        "report (default: openings of held-out domain documents; [] "
+                                                        "for none).")
+    completion_tokens: int = Field(40, ge=1, description="Tokens generated per prompt (greedy).")
 
 
 EXPERT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -506,13 +563,24 @@ class HealConfig(_Section):
 class Recipe(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
-    curate: CurateConfig
+    curate: CurateConfig = Field(default_factory=CurateConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     mix: MixConfig = Field(default_factory=MixConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     heal: HealConfig = Field(default_factory=HealConfig)
+
+    @model_validator(mode="after")
+    def _pool_needs_domain(self) -> "Recipe":
+        if self.data.uses_pool and self.curate.domain is None:
+            raise ValueError("curate.domain: required with data.packaged or data.inputs (how to find the domain "
+                             "documents in the pool)")
+        if self.curate.domain is not None:
+            names = {s.name for s in self.data.sources}
+            if self.curate.domain.name in names:
+                raise ValueError(f"curate.domain.name: {self.curate.domain.name!r} is also a data.sources name")
+        return self
 
 
 def format_error(source: str, err: ValidationError) -> str:
@@ -589,3 +657,44 @@ def describe_fields(model: type[BaseModel] = Recipe, prefix: str = "") -> list[s
             default = "(required)" if field.is_required() else repr(field.get_default(call_default_factory=True))
             lines.append(f"{prefix}{name} = {default}  # {field.description or ''}")
     return lines
+
+
+# --- the training streams a recipe makes -----------------------------------------------------
+
+DEFAULT_DOMAIN_RATIO = 0.7
+
+
+@dataclass(frozen=True)
+class Stream:
+    """One token stream of the training mixture: a data source, or a part of the curated pool."""
+
+    name: str
+    role: Literal["domain", "general"]
+    weight: float = 1.0
+    source: SourceConfig | None = None  # None: the pool's retrieved domain or its replay
+
+    @property
+    def from_pool(self) -> bool:
+        return self.source is None
+
+
+def training_streams(recipe: Recipe) -> list[Stream]:
+    """The pool's domain and replay streams (when a pool is curated), then every data source."""
+    streams = []
+    if recipe.data.uses_pool:
+        streams += [Stream(recipe.curate.domain.name, "domain"), Stream(POOL_GENERAL, "general")]
+    streams += [Stream(s.name, s.role, s.weight, s) for s in recipe.data.sources]
+    return streams
+
+
+def domain_ratio(recipe: Recipe) -> float:
+    """The domain role's share of each batch: ``train.domain_ratio``; unset, the sources' weights
+    (domain weight over all weight), 1 or 0 when one role has no stream, else 0.7."""
+    if recipe.train.domain_ratio is not None:
+        return recipe.train.domain_ratio
+    streams = training_streams(recipe)
+    domain = sum(s.weight for s in streams if s.role == "domain")
+    general = sum(s.weight for s in streams if s.role == "general")
+    if not general or not domain:
+        return 1.0 if domain else 0.0
+    return domain / (domain + general) if recipe.data.sources else DEFAULT_DOMAIN_RATIO

@@ -20,10 +20,13 @@ from hone.errors import HoneError
 # --- the names of a run directory's artifacts (README, "The run directory") ----------------
 RECIPE_STAMP = "recipe.json"             # the validated recipe and its data / train hashes
 POOL_DIR = "pool"                        # the mixed pool built from packaged corpora
-HELDOUT_DIR = "heldout"                  # held-out evaluation sets of the packaged data
+HELDOUT_DIR = "heldout"                  # held-out evaluation sets: the packaged data's, each source's NAME.jsonl
 CORPUS_DIR = "corpus"                    # curated part-*.parquet; .hone/: manifest, steps/, dropped/, quarantine/
-TOKENS_DIR = "tokens"                    # token shards per domain
+SOURCES_DIR = "sources"                  # per data source: corpus/ (curated) and train/ (without its held-out part)
+TOKENS_DIR = "tokens"                    # token shards per stream
 TOKENIZER_FILE = "tokenizer.json"        # the BPE trained for a random model
+BASE_DIR = "base"                        # the base model in HF format, when it came from a GGUF file
+SAMPLES_TEXT_FILE = "completions.json"   # completions of fixed prompts before and after training
 CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"      # steps, tokens, wall time of the last training run
@@ -59,7 +62,14 @@ def parts_manifest(parts_dir: Path) -> Path:
 
 # What training writes; `hone train` without --resume removes these and keeps the data stages.
 TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,
-                      REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE)
+                      REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE)
+
+
+def stream_tokens_dir(workdir: Path, stream: str, from_pool: bool) -> Path:
+    """Where a training stream's token shards live: ``tokens/train/NAME`` for the pool's domain and
+    replay, ``tokens/sources/NAME/train/NAME`` for a data source (each source tokenized on its own)."""
+    base = Path(workdir) / TOKENS_DIR
+    return base / "train" / stream if from_pool else base / SOURCES_DIR / stream / "train" / stream
 
 
 def _umask() -> int:

@@ -24,7 +24,7 @@ from hone.cli.mix import mix_app
 from hone.cli.plan import plan_app
 from hone.corpus.sources import fetch_debian_data
 from hone.errors import HoneError
-from hone.pipeline import check_demo_targets, prepare, run_recipe
+from hone.pipeline import check_demo_targets, check_recipe, prepare, run_recipe
 from hone.plan.commands import multinode_commands
 from hone.recipe import describe_fields, load_recipe, shipped_recipe
 from hone.report import write_report
@@ -130,9 +130,11 @@ def report(rundir: Path = typer.Argument(..., help="Run directory.")):
 
 
 @recipe_app.command("check")
-def recipe_check(recipe: Path = typer.Argument(..., help="Recipe TOML file.")):
-    """Validate a recipe; prints the error naming the bad field, or 'ok'."""
-    load_recipe(recipe)
+def recipe_check(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
+    """Validate a recipe and every path it names; print what the run will do, or the error naming the bad field."""
+    r, wd = _load(recipe, workdir)
+    for line in check_recipe(r, wd):
+        _log(f"  {line}")
     _log(f"{recipe}: ok")
 
 

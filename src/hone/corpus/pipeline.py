@@ -98,7 +98,10 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
     (and an interrupted one skips the steps and shards it finished).
     """
     inputs, corpus_dir = [Path(p) for p in inputs], Path(out_dir) / "corpus"
-    if cfg.domain.name == REPLAY:
+    if cfg.domain is None and not cfg.steps:
+        raise HoneError("curate.domain: required without curate.steps (how to find the domain documents)")
+    domain_name = cfg.domain.name if cfg.domain is not None else None
+    if domain_name == REPLAY:
         raise HoneError(f"curate.domain.name: '{REPLAY}' is reserved for the replay pool; pick another name")
     key = input_key(cfg, inputs, text_field)
     if (manifest := _finished(corpus_dir, key)) is not None:
@@ -110,7 +113,7 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
     ran = run_steps(steps, inputs, meta_dir(corpus_dir) / "steps", text_field, get_executor("local"), log, names)
     summary = steps_manifest(ran, steps, names)
     docs = list(read_inputs(summary["final_shards"])) if summary["final_shards"] else []
-    domains = {cfg.domain.name: 0, REPLAY: 0}
+    domains = {domain_name: 0, REPLAY: 0} if domain_name else {}
     for d in docs:
         d["domain"] = d.get("domain") or REPLAY
         domains[d["domain"]] = domains.get(d["domain"], 0) + 1
@@ -126,7 +129,7 @@ def curate(cfg: CurateConfig, inputs: list[Path], out_dir: Path, text_field: str
                   **{s["name"]: s["manifest"]["steps"][steps[i].type] for i, s in enumerate(ran)}},
         "totals": summary["totals"],
         "domains": domains,
-        "retrieval": retrieval_quality(docs, cfg.domain.name),
+        "retrieval": retrieval_quality(docs, domain_name) if domain_name else None,
         "query": query,
         "quarantined": {r: d["docs"] for r, d in read.get("quarantined", {}).items()},
         "shards": [p.name for p in shards],

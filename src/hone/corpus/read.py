@@ -11,7 +11,7 @@ streaming, one input shard at a time:
 - Parquet (``.parquet``), e.g. the output of another ``hone data`` command;
 - Arrow IPC (``.arrow``) and Hugging Face ``save_to_disk`` directories (``state.json`` /
   ``dataset_info.json`` beside the Arrow files; ``dataset_dict.json`` for several splits);
-- plain text: a ``.txt`` file, or a directory of them, is one document per file.
+- plain text: a ``.txt`` / ``.md`` / ``.rst`` file, or a directory of them, is one document per file.
 
 Records from ``read_shard`` also carry provenance: ``src_file`` and ``src_row`` (1-based
 line for JSON lines, 0-based row for Parquet / Arrow, 0 for a text file); Parquet inputs
@@ -183,13 +183,18 @@ class Shard:
         return name
 
 
+TEXT_EXTS = (".txt", ".text", ".md", ".rst")  # one document per file
+
+
 def file_kind(path: Path) -> str | None:
     name = path.name.lower().removesuffix(".gz").removesuffix(".zst")
     if name.endswith(JSONL_EXTS):
         return "jsonl"
-    for kind in ("parquet", "arrow", "txt"):
+    for kind in ("parquet", "arrow"):
         if name.endswith("." + kind) and name == path.name.lower():
             return kind
+    if name.endswith(TEXT_EXTS) and name == path.name.lower():
+        return "txt"
     return None
 
 
@@ -298,12 +303,13 @@ def expand_inputs(paths: Iterable[Path | str]) -> list[Shard]:
         if path.is_dir():
             found = _dir_shards(path)
             if not found:
-                raise HoneError(f"{path}: no .jsonl[.gz|.zst], .parquet, .arrow or .txt files in this directory")
+                raise HoneError(f"{path}: no .jsonl[.gz|.zst], .parquet, .arrow or .txt/.md/.rst files in this "
+                                f"directory")
             shards += found
         elif (kind := file_kind(path)) is not None:
             shards.append(Shard(path, kind))
         else:
-            raise HoneError(f"{path}: unknown input format (expected .jsonl[.gz|.zst], .parquet, .arrow, .txt "
+            raise HoneError(f"{path}: unknown input format (expected .jsonl[.gz|.zst], .parquet, .arrow, .txt/.md/.rst "
                             f"or a directory)")
     return split_large(shards)
 

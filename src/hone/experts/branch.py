@@ -54,6 +54,7 @@ def expert_recipe(recipe: Recipe, name: str, seed_dir: Path, *, max_tokens: int,
     data = json.loads(recipe.model_dump_json())
     data["run"]["name"] = f"{recipe.run.name}/{name}"
     data["curate"]["domain"]["name"] = name
+    data["data"]["sources"] = []  # an expert trains on its own documents and the pool's replay
     data["model"] = {"source": "hf", "path": str(Path(seed_dir).resolve())}
     data["train"].update(max_tokens=max_tokens, domain_ratio=ratio, lr=lr, mixture=None,
                          upsample_fraction=0.0, upsample_ratio=None)
@@ -273,6 +274,9 @@ def check_branch(recipe: Recipe, only: list[str] | None, recipe_path: Path | Non
     """The recipe has experts, and ``only`` names some of them."""
     if not recipe.experts.domain:
         raise HoneError(f"{recipe_path or 'recipe'}: no [[experts.domain]] tables: nothing to branch")
+    if not recipe.data.uses_pool:
+        raise HoneError(f"{recipe_path or 'recipe'}: hone branch selects each expert's documents from the curated "
+                        f"pool (data.packaged or data.inputs); [[data.sources]] alone are not supported yet")
     unknown = [n for n in (only or []) if n not in {d.name for d in recipe.experts.domain}]
     if unknown:
         known = ", ".join(d.name for d in recipe.experts.domain)

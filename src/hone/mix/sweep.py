@@ -43,10 +43,9 @@ from hone.errors import HoneError
 from hone.evaluate import evaluate_sets, read_texts
 from hone.recipe import Recipe
 from hone.rundir import append_jsonl, atomic_path, ensure_dir, is_done, mark_done, read_jsonl
-from hone.tokens import load_tokens
 from hone.train.checkpoint import checkpoint_step, checkpoints_newest_first
-from hone.train.data import MixtureLoader, TokenStream
 from hone.train.loop import train
+from hone.train.run import build_loader
 
 Log = Callable[[str], None]
 
@@ -101,7 +100,8 @@ def _proxy_train_config(recipe: Recipe, total_tokens: int):
 
 
 def _eval_losses(recipe: Recipe, model, tok, eval_sets: dict[str, Path]) -> dict[str, float]:
-    names = {"general_loss": recipe.mix.general_set, "domain_loss": recipe.mix.domain_set}
+    general, domain = mix_sets(recipe)
+    names = {"general_loss": general, "domain_loss": domain}
     texts = {key: read_texts(eval_sets[name]) for key, name in names.items()}
     scores = evaluate_sets(model, tok, texts, max_tokens=recipe.eval.max_tokens_per_set, seq_len=recipe.eval.seq_len,
                            batch_size=recipe.eval.batch_size, log=lambda m: None)
@@ -109,19 +109,13 @@ def _eval_losses(recipe: Recipe, model, tok, eval_sets: dict[str, Path]) -> dict
 
 
 def _loader(recipe: Recipe, workdir: Path, ratio: float, seq_len: int, offset_seed: int | None = None):
-    domain = recipe.curate.domain.name
-    streams = {}
-    for name, share in ((domain, ratio), ("general", 1 - ratio)):
-        if share > 0:
-            path = workdir / "tokens" / "train" / name
-            if not (path / "index.json").exists():
-                raise HoneError(f"mix.ratios: ratio {ratio} needs '{name}' training tokens, but the corpus has none")
-            streams[name] = TokenStream(load_tokens(path), seq_len)
-            if offset_seed is not None:  # another data order: start each stream at a random window
-                g = torch.Generator().manual_seed(offset_seed)
-                windows = max(1, (len(streams[name].tokens) - seq_len - 1) // seq_len)
-                streams[name].pos = int(torch.randint(windows, (1,), generator=g)) * seq_len
-    return MixtureLoader(streams, domain=domain, general="general", batch_size=recipe.train.batch_size, ratio=ratio)
+    loader = build_loader(recipe, workdir, phases=[(0, ratio)], seq_len=seq_len)
+    if offset_seed is not None:  # another data order: start each stream at a random window
+        for stream in loader.streams.values():
+            g = torch.Generator().manual_seed(offset_seed)
+            windows = max(1, (len(stream.tokens) - seq_len - 1) // seq_len)
+            stream.pos = int(torch.randint(windows, (1,), generator=g)) * seq_len
+    return loader
 
 
 def _base_model(recipe: Recipe, workdir: Path, model, log: Log):
@@ -187,10 +181,22 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
     return rows
 
 
+def mix_sets(recipe: Recipe) -> tuple[str, str]:
+    """(general set, domain set) whose losses the laws fit: mix.general_set / mix.domain_set, or by
+    default the packaged 'general' / 'domain' sets, else the first held-out source of each role."""
+    m, sources = recipe.mix, recipe.data.sources
+
+    def first(role: str, packaged: str) -> str:
+        if recipe.data.packaged is not None:
+            return packaged
+        return next((s.name for s in sources if s.role == role and s.heldout), packaged)
+
+    return m.general_set or first("general", "general"), m.domain_set or first("domain", "domain")
+
+
 def check_sets(recipe: Recipe, eval_sets: dict[str, Path]) -> None:
     """mix.general_set and mix.domain_set must name evaluation sets of the run."""
-    for key in ("general_set", "domain_set"):
-        name = getattr(recipe.mix, key)
+    for key, name in zip(("general_set", "domain_set"), mix_sets(recipe)):
         if name not in eval_sets:
             raise HoneError(f"mix.{key}: no evaluation set named {name!r} (have: {', '.join(sorted(eval_sets))})")
 

@@ -14,9 +14,11 @@ from hone.errors import HoneError
 from hone.model.gguf import load_gguf, smollm2_gguf_path
 from hone.model.hf import load_hf
 from hone.model.llama import Llama, LlamaConfig
+from hone.model.tokenizer_files import conventions_of, gguf_tokenizer_files, hf_tokenizer_files, trained_tokenizer_files
 from hone.recipe import Recipe
-from hone.rundir import CORPUS_DIR, TOKENIZER_FILE, write_text
+from hone.rundir import CORPUS_DIR, TOKENIZER_FILE, read_json, write_text
 from hone.tokens import read_corpus, train_bpe
+from hone.tokens.conventions import TokenConventions
 
 Log = Callable[[str], None]
 
@@ -41,7 +43,7 @@ def load_base_model(recipe: Recipe, workdir: Path, log: Log) -> tuple[torch.nn.M
             raise HoneError(f"model.path: {src.path}: GGUF file not found")
         model, tok = load_gguf(Path(src.path))
     elif src.source == "hf":
-        model, tok = load_hf(Path(src.path))
+        model, tok = load_hf(Path(src.path), backend=recipe.model.backend)
         if tok is None:
             raise HoneError(f"model.path: {src.path}: no tokenizer.json beside the weights")
     else:
@@ -59,6 +61,26 @@ def load_base_model(recipe: Recipe, workdir: Path, log: Log) -> tuple[torch.nn.M
     log(f"model: {src.source} ({n:.1f}M params, vocab {tok.get_vocab_size()}) loaded in "
         f"{time.perf_counter() - t0:.1f}s, on {device}")
     return model, tok
+
+
+def base_tokenizer_files(recipe: Recipe, tokenizer: Tokenizer) -> dict[str, bytes]:
+    """The base model's tokenizer files, to travel with every exported model
+    (:mod:`hone.model.tokenizer_files`): an HF directory's own, a GGUF's from its metadata."""
+    src = recipe.model
+    if src.source == "hf":
+        return hf_tokenizer_files(Path(src.path))
+    if src.source in ("smollm2", "gguf"):
+        return gguf_tokenizer_files(smollm2_gguf_path() if src.source == "smollm2" else Path(src.path), tokenizer)
+    return trained_tokenizer_files(tokenizer, max(recipe.train.seq_len, recipe.eval.seq_len) + 1)
+
+
+def base_conventions(recipe: Recipe, tokenizer: Tokenizer, files: dict[str, bytes]) -> TokenConventions:
+    """How the run frames documents: the recipe's model.eos_token / bos_token / add_bos /
+    pad_token, else the base's tokenizer files and config."""
+    config = {}
+    if recipe.model.source == "hf" and (Path(recipe.model.path) / "config.json").is_file():
+        config = read_json(Path(recipe.model.path) / "config.json")
+    return conventions_of(tokenizer, files, recipe.model, config)
 
 
 def random_model_tokenizer(recipe: Recipe, workdir: Path) -> Tokenizer:

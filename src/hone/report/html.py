@@ -14,7 +14,7 @@ from hone.errors import HoneError
 from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
 from hone.mix.laws import load_runs
 from hone.report import plots
-from hone.rundir import parts_manifest, read_json, read_jsonl, write_text
+from hone.rundir import SAMPLES_TEXT_FILE, SOURCES_DIR, TOKENS_DIR, parts_manifest, read_json, read_jsonl, write_text
 
 
 def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
@@ -69,6 +69,34 @@ def plan_rows(plan: dict, top: int = 10) -> list[dict]:
     return rows
 
 
+def domain_sets(recipe: dict) -> list[str]:
+    """Evaluation sets where a fall is the goal: the packaged 'domain' set and held-out domain sources."""
+    sources = (recipe.get("data") or {}).get("sources") or []
+    return ["domain"] + [s["name"] for s in sources if s.get("role", "domain") == "domain"]
+
+
+def base_note(recipe: dict) -> str | None:
+    """What the base model is, where that changes how to read the general figures."""
+    model = recipe.get("model") or {}
+    if model.get("source") == "smollm2":
+        return ("The base is SmolLM2-135M-Instruct from its packaged GGUF file: 4-bit (Q4_1) weights, dequantized to "
+                "fp32 for training. Part of any general improvement is recovery from that quantization.")
+    if model.get("source") == "gguf":
+        return ("The base came from a GGUF file; quantized weights were dequantized for training, so part of any "
+                "general improvement may be recovery from quantization.")
+    return None
+
+
+def source_summaries(workdir: Path) -> list[dict]:
+    """Each data source's counts (sources/NAME/train.done)."""
+    out = []
+    for marker in sorted((workdir / SOURCES_DIR).glob("*/train.done")):
+        summary = read_json(marker).get("summary")
+        if summary:
+            out.append(summary)
+    return out
+
+
 def build_context(workdir: Path) -> dict:
     ctx: dict = {"workdir": str(workdir), "figures": {}}
     if (workdir / "recipe.json").exists():
@@ -95,6 +123,17 @@ def build_context(workdir: Path) -> dict:
         table = read_json(workdir / "eval.json")
         ctx["eval"] = table
         ctx["figures"]["ppl"] = plots.perplexity(table)
+    ctx["domain_sets"] = domain_sets(ctx.get("recipe") or {})
+    ctx["base_note"] = base_note(ctx.get("recipe") or {})
+    if sources := source_summaries(workdir):
+        ctx["sources"] = sources
+    if (workdir / TOKENS_DIR / "ledger.json").exists():
+        ctx["ledger"] = read_json(workdir / TOKENS_DIR / "ledger.json")
+    if (workdir / SAMPLES_TEXT_FILE).exists():
+        done = read_json(workdir / SAMPLES_TEXT_FILE)
+        ctx["completions"] = [{"prompt": p, "before": (done.get("before") or [None] * (i + 1))[i],
+                               "after": (done.get("after") or [None] * (i + 1))[i]}
+                              for i, p in enumerate(done.get("prompts", []))]
     points, mixture = _mixture(workdir, ctx.get("recipe"))
     if points:
         ctx["mix_points"] = points

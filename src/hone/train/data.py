@@ -82,21 +82,51 @@ class MixtureLoader:
 
     With ``schedule`` (phases ``[(start_step, ratio), ...]``, the first at step 0) the
     domain share follows the phases instead; ``ratio`` is then the first phase's.
+
+    ``domain`` and ``general`` may each name several streams (the user's sources of that role);
+    a role's rows then go to its streams in proportion to ``weights`` (default equal), exactly:
+    each row goes to the stream furthest below its share of the role's rows served so far, so
+    the realized split follows the weights at every step and resumes from ``served`` alone.
     """
 
     streams: dict[str, TokenStream]
-    domain: str
-    general: str
+    domain: str | list[str]
+    general: str | list[str]
     batch_size: int
     ratio: float
     step: int = 0
     served: dict[str, int] = field(default_factory=dict)
     schedule: Schedule | None = None
+    weights: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         if self.schedule is not None:
             self.schedule = _check_schedule(self.schedule)
             self.ratio = self.schedule[0][1]
+        self.domain_streams = [self.domain] if isinstance(self.domain, str) else list(self.domain)
+        self.general_streams = [self.general] if isinstance(self.general, str) else list(self.general)
+        for name, w in (self.weights or {}).items():
+            if not w > 0:
+                raise HoneError(f"stream {name!r}: weight {w} must be > 0")
+
+    def _split(self, names: list[str], n: int) -> list[str]:
+        """``n`` rows among a role's streams by weight (largest deficit first, ties to the first listed)."""
+        if n and not names:
+            raise HoneError(f"a batch needs {n} rows from a role that has no stream (domain streams "
+                            f"{self.domain_streams}, general {self.general_streams}): check the domain ratio")
+        if len(names) <= 1:
+            return names * n
+        w = {k: (self.weights or {}).get(k, 1.0) for k in names}
+        total_w = sum(w.values())
+        served = {k: self.served.get(k, 0) for k in names}
+        done = sum(served.values())
+        out = []
+        for _ in range(n):
+            done += 1
+            pick = max(names, key=lambda k: done * w[k] / total_w - served[k])
+            served[pick] += 1
+            out.append(pick)
+        return out
 
     def _phases(self) -> Schedule:
         return self.schedule if self.schedule is not None else [(0, self.ratio)]
@@ -122,7 +152,8 @@ class MixtureLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Return (inputs [B,T], targets [B,T], the domain of each row)."""
         n_domain = self.domain_quota(self.step)
-        names = [self.domain] * n_domain + [self.general] * (self.batch_size - n_domain)
+        names = (self._split(self.domain_streams, n_domain)
+                 + self._split(self.general_streams, self.batch_size - n_domain))
         windows, self.last_ids = [], []
         for name in names:
             windows.append(self.streams[name].next_window())

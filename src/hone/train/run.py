@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 
 from hone.errors import HoneError
-from hone.recipe import Recipe, TrainConfig
-from hone.rundir import CHECKPOINTS_DIR, TOKENS_DIR
+from hone.recipe import Recipe, TrainConfig, domain_ratio, training_streams
+from hone.rundir import CHECKPOINTS_DIR, stream_tokens_dir
 from hone.tokens import load_tokens
 from hone.train.checkpoint import latest_checkpoint, load_model_weights
 from hone.train.data import MixtureLoader, TokenStream, schedule_phases
@@ -46,7 +46,7 @@ def mixture_phases(recipe: Recipe) -> list[tuple[int, float]]:
     """The run's domain-ratio phases: train.mixture's schedule (fitted ratio and upsampling)
     or train.domain_ratio, with train.upsample_* overriding the upsampling phase."""
     t = recipe.train
-    ratio, frac, up = t.domain_ratio, 0.0, None
+    ratio, frac, up = domain_ratio(recipe), 0.0, None
     if t.mixture:
         s = load_mixture(Path(t.mixture))["schedule"]
         ratio = s["ratio"]
@@ -57,21 +57,32 @@ def mixture_phases(recipe: Recipe) -> list[tuple[int, float]]:
     return schedule_phases(ratio, total_steps(t), frac, up)
 
 
-def build_loader(recipe: Recipe, workdir: Path) -> MixtureLoader:
-    """The mixture loader over the run's token shards, following the recipe's schedule."""
-    domain, general = recipe.curate.domain.name, "general"
-    phases = mixture_phases(recipe)
-    ratio = phases[0][1]
+def stream_tokens(recipe: Recipe, workdir: Path, names: list[str], seq_len: int) -> dict[str, TokenStream]:
+    """The token streams ``names`` of the run (see :func:`hone.rundir.stream_tokens_dir`)."""
+    by_name = {s.name: s for s in training_streams(recipe)}
     streams = {}
-    for name, share in ((domain, max(r for _, r in phases)), (general, 1 - min(r for _, r in phases))):
-        if share <= 0:
-            continue
-        path = workdir / TOKENS_DIR / "train" / name
+    for name in names:
+        path = stream_tokens_dir(workdir, name, from_pool=by_name[name].from_pool)
         if not (path / "index.json").exists():
-            raise HoneError(f"train.domain_ratio is {ratio} but the corpus has no '{name}' documents")
-        streams[name] = TokenStream(load_tokens(path), recipe.train.seq_len)
-    return MixtureLoader(streams, domain=domain, general=general, batch_size=recipe.train.batch_size, ratio=ratio,
-                         schedule=phases if len(phases) > 1 else None)
+            raise HoneError(f"the training mixture needs '{name}' tokens, but the corpus has no '{name}' documents "
+                            f"(lower the domain ratio, or check the source's inputs and filters)")
+        streams[name] = TokenStream(load_tokens(path), seq_len)
+    return streams
+
+
+def build_loader(recipe: Recipe, workdir: Path, phases: list[tuple[int, float]] | None = None,
+                 seq_len: int | None = None) -> MixtureLoader:
+    """The mixture loader over the run's token streams: the domain role's share per step from
+    ``phases`` (default: the recipe's schedule), each role's rows split by the streams' weights."""
+    phases = phases if phases is not None else mixture_phases(recipe)
+    streams = training_streams(recipe)
+    domain = [s.name for s in streams if s.role == "domain"]
+    general = [s.name for s in streams if s.role == "general"]
+    needed = (domain if max(r for _, r in phases) > 0 else []) + (general if min(r for _, r in phases) < 1 else [])
+    tokens = stream_tokens(recipe, workdir, needed, seq_len or recipe.train.seq_len)
+    return MixtureLoader(tokens, domain=domain, general=general, batch_size=recipe.train.batch_size,
+                         ratio=phases[0][1], schedule=phases if len(phases) > 1 else None,
+                         weights={s.name: s.weight for s in streams})
 
 
 def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log) -> dict:
