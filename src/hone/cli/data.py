@@ -24,7 +24,7 @@ from hone.corpus.read import load_examples
 from hone.corpus.steps.dedup import dedup_step
 from hone.corpus.steps.retrieve import retrieve_step
 from hone.errors import HoneError
-from hone.pipeline import stage_curate, stage_pool
+from hone.pipeline import stage_curate, stage_pool, stage_sources
 from hone.recipe import DedupStep, RetrieveStep, format_error
 from hone.train.workdir import prepare_workdir
 
@@ -37,16 +37,18 @@ def data_pool(recipe: Path = typer.Argument(..., help="Recipe TOML file."), work
     r, wd = _load(recipe, workdir)
     prepare_workdir(r, wd, False, _log)
     inputs, sets = stage_pool(r, wd, _log)
-    _log(f"pool: {', '.join(map(str, inputs))}; eval sets: {', '.join(map(str, sets.values()))}")
+    _log(f"pool: {', '.join(map(str, inputs)) or 'none'}; eval sets: {', '.join(map(str, sets.paths.values()))}")
 
 
 @data_app.command("curate")
 def data_curate(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR):
-    """Filter, deduplicate and find the domain documents; writes corpus/part-*.parquet and corpus/.hone/."""
+    """Filter, deduplicate and find the domain documents in the pool (corpus/), and curate each data source
+    (sources/NAME/, heldout/NAME.jsonl)."""
     r, wd = _load(recipe, workdir)
     prepare_workdir(r, wd, False, _log)
-    inputs, _ = stage_pool(r, wd, _log)
+    inputs, sets = stage_pool(r, wd, _log)
     stage_curate(r, wd, inputs, _log)
+    stage_sources(r, wd, sets, _log)
 
 
 # --- the curation steps one by one ---------------------------------------------------------
