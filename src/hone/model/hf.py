@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,13 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 from hone.errors import HoneError
+from hone.model.hf_backend import HFCausalLM, choose_backend
 from hone.model.llama import Llama, LlamaConfig
 from hone.rundir import atomic_dir, write_json
 
 
 def save_hf(
-    model: Llama,
+    model: Llama | HFCausalLM,
     tokenizer: Tokenizer | None,
     outdir: Path | str,
     extra_files: dict[str, dict] | None = None,
@@ -34,17 +36,12 @@ def save_hf(
     tokenizer, chat template, special tokens and generation config travel unchanged.
     """
     outdir = Path(outdir)
-    cfg = model.config
-    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
-    tensors = {
-        name: t.detach().to("cpu").contiguous()
-        for name, t in model.state_dict().items()
-        if not (cfg.tie_word_embeddings and name == "lm_head.weight")
-    }
+    if isinstance(model, HFCausalLM):  # the transformers backend: its own save_pretrained, HF names and config
+        cfg, write_model = model.config.get_text_config(), model.save_pretrained
+    else:
+        cfg, write_model = model.config, partial(_write_llama, model)
     with atomic_dir(outdir) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", cfg.to_hf_dict(torch_dtype=dtype))
-        write_json(tmp / "generation_config.json", _generation_config(cfg))
+        write_model(tmp)
         if tokenizer is not None and not tokenizer_files:
             tokenizer.save(str(tmp / "tokenizer.json"))
             write_json(tmp / "tokenizer_config.json", _tokenizer_config(tokenizer, cfg))
@@ -53,6 +50,19 @@ def save_hf(
         for name, content in (extra_files or {}).items():
             write_json(tmp / name, content)
     return outdir
+
+
+def _write_llama(model: Llama, outdir: Path) -> None:
+    cfg = model.config
+    dtype = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    tensors = {
+        name: t.detach().to("cpu").contiguous()
+        for name, t in model.state_dict().items()
+        if not (cfg.tie_word_embeddings and name == "lm_head.weight")
+    }
+    save_file(tensors, str(outdir / "model.safetensors"), metadata={"format": "pt"})
+    write_json(outdir / "config.json", cfg.to_hf_dict(torch_dtype=dtype))
+    write_json(outdir / "generation_config.json", _generation_config(cfg))
 
 
 def _generation_config(cfg: LlamaConfig) -> dict[str, Any]:
@@ -74,8 +84,11 @@ def _tokenizer_config(tokenizer: Tokenizer, cfg: LlamaConfig) -> dict[str, Any]:
     }
 
 
-def load_hf(path: Path | str, dtype: torch.dtype | None = None) -> tuple[Llama, Tokenizer | None]:
-    """An HF Llama / Mistral / Qwen2 directory (safetensors only) as our model and its tokenizer.
+def load_hf(path: Path | str, dtype: torch.dtype | None = None,
+            backend: str = "auto") -> tuple[Llama | HFCausalLM, Tokenizer | None]:
+    """An HF directory (safetensors only) as a model and its tokenizer: Hone's own Llama for the
+    configs it builds exactly, else the transformers backend (``backend``, the recipe's
+    ``model.backend``, as :func:`hone.model.hf_backend.choose_backend` decides).
 
     ``dtype`` None keeps the stored dtype. The tokenizer is None when there is no tokenizer.json.
     """
@@ -83,11 +96,18 @@ def load_hf(path: Path | str, dtype: torch.dtype | None = None) -> tuple[Llama, 
     config_path = path / "config.json"
     if not config_path.is_file():
         raise HoneError(f"{config_path}: file not found (not a Hugging Face model directory?)")
-    cfg = LlamaConfig.from_hf_dict(json.loads(config_path.read_text(encoding="utf-8")))
-    tensors = read_safetensors(path)
-    if dtype is not None:
-        tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    model = Llama.from_state_dict(cfg, tensors)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HoneError(f"{config_path}: not valid JSON ({e})") from None
+    chosen, reason = choose_backend(config, backend)
+    if chosen == "transformers":
+        model = HFCausalLM.from_pretrained(path, dtype, reason)
+    else:
+        tensors = read_safetensors(path)
+        if dtype is not None:
+            tensors = {k: v.to(dtype) for k, v in tensors.items()}
+        model = Llama.from_state_dict(LlamaConfig.from_hf_dict(config), tensors)
     tok_path = path / "tokenizer.json"
     return model, Tokenizer.from_file(str(tok_path)) if tok_path.is_file() else None
 

@@ -30,7 +30,7 @@ from hone.errors import HoneError
 from hone.model.llama import LlamaConfig
 from hone.model.shape import shape_of
 from hone.plan.hardware import gpu_for_device_name
-from hone.plan.shapes import flops_per_token
+from hone.plan.shapes import ModelShape, flops_per_token
 from hone.recipe import TrainConfig
 from hone.rundir import append_event, append_jsonl, ensure_dir
 from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
@@ -87,6 +87,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr, betas=tuple(cfg.betas), fused=True if on_cuda and plain else None)
+
+
+def model_shape(model: torch.nn.Module) -> ModelShape | None:
+    """The planner's shape of the model for FLOPs / MFU: Hone's Llama's exactly, the transformers
+    backend's from its config's common keys; None (MFU left out) when there is none."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, LlamaConfig):
+        return shape_of(cfg)
+    return model.planner_shape() if hasattr(model, "planner_shape") else None
 
 
 def _gather_rows(per_seq: torch.Tensor, ctx: DistContext) -> torch.Tensor:
@@ -235,12 +244,13 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     n_params = sum(p.numel() for p in model.parameters())
     if ctx.distributed:  # sharded parameters count their global size
         n_params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
-    inner = getattr(model, "module", model)
-    shape = shape_of(inner.config) if isinstance(getattr(inner, "config", None), LlamaConfig) else None
+    shape = model_shape(getattr(model, "module", model))
     # Model FLOPs per token, the planner's convention (causal attention counted in full).
     fpt = flops_per_token(shape, seq_len) if shape is not None else None
     peak = peak_flops(ctx.device)
-    if heartbeat.enabled and ctx.is_main and shape is not None:
+    # A shape whose parameter count is far off the model's (an MoE's active experts) would
+    # mislead the supervisor's memory model: only its FLOPs are used then.
+    if heartbeat.enabled and ctx.is_main and shape is not None and abs(shape.params() - n_params) <= 0.1 * n_params:
         write_model_info(fault_dir, shape, ctx.device)  # what the supervisor's re-planning needs
     say(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step ({dp} dp x {rows // micro} "
         f"micro-batches x {micro} seqs x {seq_len}) | {total_steps} steps = {total_steps * tokens_per_step:,} tokens | "

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hone.errors import HoneError
 from hone.plan.layout import ParallelPlan
 
 
@@ -61,10 +62,19 @@ def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistCon
     return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local, device=device, mesh=mesh)
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The repeated decoder blocks: Hone's Llama's ``model.layers``, the transformers backend's ``decoder_layers``."""
+    return getattr(model, "decoder_layers", None) or model.model.layers
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     """Megatron-style: column-parallel q/k/v and gate/up, row-parallel o and down."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
+    if getattr(model, "backend", "hone") != "hone":  # fused qkv / gate_up, q/k norms, experts: no one plan fits
+        raise HoneError(f"train.tp = {tp_mesh.size()}: the {model.backend} backend (model_type "
+                        f"{getattr(model.config, 'model_type', '?')!r}) has no tensor-parallel plan; use train.tp = 1 "
+                        "(FSDP2 or DDP over every process)")
     for layer in model.model.layers:
         parallelize_module(layer, tp_mesh, {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
@@ -75,7 +85,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Full recompute of every decoder layer (parameter names unchanged)."""
+    """Full recompute of every decoder layer (parameter names unchanged; the transformers
+    backend turns this switch into transformers' own per-layer recompute)."""
     model.model.activation_checkpointing = True
 
 
@@ -84,7 +95,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if mixed_precision == "bf16" else MixedPrecisionPolicy()
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     # The root unit holds embeddings, final norm and the (possibly tied) head.
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
@@ -98,7 +109,7 @@ def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Mo
     if plan.activation_checkpointing:
         apply_activation_checkpointing(model)
     if plan.compile:
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             layer.compile()
     if plan.dp > 1 and plan.data_parallel == "fsdp":
         apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision)

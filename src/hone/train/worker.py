@@ -58,9 +58,11 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
     log = print if ctx.is_main else quiet
     try:
         model, _ = load_base_model(recipe, workdir, quiet)
-        cfg = model.config
-        plan.validate(world, heads=cfg.num_attention_heads, kv_heads=cfg.num_key_value_heads,
-                      ffn=cfg.intermediate_size, batch_size=t.batch_size)
+        # A transformers config (the transformers backend) keeps the decoder's keys in its text config.
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        plan.validate(world, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                      ffn=getattr(cfg, "intermediate_size", None) or heads, batch_size=t.batch_size)
         model = parallelize(model, plan, ctx)
         loader = build_loader(recipe, workdir)
         torch.manual_seed(recipe.run.seed)
