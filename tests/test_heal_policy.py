@@ -153,9 +153,9 @@ def test_recipe_fields_are_validated_in_one_line():
     r = parse_recipe({**base, "train": {"checkpoint_every": "auto", "worker_mtbf_hours": 100}}, "r.toml")
     assert r.train.checkpoint_every == "auto" and r.heal.repair_s == 600
     for train, heal, msg in [({"checkpoint_every": "often"}, {},
-                              'r.toml: train.checkpoint_every: Value error, must be a whole number of steps >= 0 or '
+                              'r.toml: train.checkpoint_every: must be a whole number of steps >= 0 or '
                               '"auto"'),
-                             ({"checkpoint_every": -2}, {}, "r.toml: train.checkpoint_every: Value error"),
+                             ({"checkpoint_every": -2}, {}, "r.toml: train.checkpoint_every: must be a whole number"),
                              ({"worker_mtbf_hours": 0}, {},
                               "r.toml: train.worker_mtbf_hours: Input should be greater than 0"),
                              ({}, {"hang_factor": 0.5}, "r.toml: heal.hang_factor: Input should be greater than 1"),

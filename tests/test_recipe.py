@@ -56,7 +56,7 @@ keywords = ["gene"]
     ("[train]\nlr = -1\n", "train.lr: Input should be greater than 0 (got -1)"),
     ("[train]\nlrr = 1\n", "train.lrr: unknown field"),
     ("[train]\ndomain_ratio = 1.5\n", "train.domain_ratio: Input should be less than or equal to 1 (got 1.5)"),
-    ("[model]\nsource = \"hf\"\n", "model: Value error, model.path is required when model.source = 'hf'"),
+    ("[model]\nsource = \"hf\"\n", "model: model.path is required when model.source = 'hf'"),
     ("[model]\nsource = \"bert\"\n", "model.source: Input should be"),
     ("[model.random]\nhidden = 30\nheads = 4\n", "hidden (30) must be divisible by heads (4)"),
 ])
@@ -70,8 +70,10 @@ def test_bad_field_names_it(tmp_path, extra, message):
 
 
 def test_missing_required_section(tmp_path):
-    with pytest.raises(HoneError, match="curate: required field is missing"):
+    with pytest.raises(HoneError, match=r"r.toml: curate.domain: required with data.packaged or data.inputs"):
         load_recipe(_write(tmp_path, "[data.packaged]\nwikipedia = 1\n"))
+    with pytest.raises(HoneError, match=r"r.toml: data: give data.sources, data.packaged or data.inputs"):
+        load_recipe(_write(tmp_path, "[data]\ntext_field = 'x'\n"))
 
 
 def test_invalid_toml_and_missing_file(tmp_path):

@@ -594,6 +594,9 @@ def format_error(source: str, err: ValidationError) -> str:
         return f"{source}: {loc}: required field is missing"
     value = first.get("input")
     got = "" if isinstance(value, dict) else f" (got {value!r})"
+    msg = msg.removeprefix("Value error, ")
+    if not first["loc"]:  # a check across sections names its own fields
+        return f"{source}: {msg}"
     return f"{source}: {loc}: {msg}{got}"
 
 
