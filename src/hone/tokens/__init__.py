@@ -1,32 +1,33 @@
-"""Tokenize stage: corpus Parquet → flat token shards per split and domain.
+"""Tokenize stage: corpus Parquet → token shards per split and domain, and what training used of them.
 
-Layout (DESIGN.md "Token shards")::
+Layout (README "The run directory"; details in :mod:`hone.tokens.shards`)::
 
-    tokens/<split>/<domain>/shard-00000.bin   # little-endian uint16 (vocab < 65536) or uint32
-    tokens/<split>/<domain>/index.json        # dtype, token counts, document offsets, tokenizer hash
+    tokens/<split>/<domain>/shard-00000.bin       # little-endian uint16 (vocab < 65536) or uint32
+    tokens/<split>/<domain>/shard-00000.idx.npy   # int64 start of each document in the shard
+    tokens/<split>/<domain>/index.json            # dtype, shards in reading order, totals, conventions
 
-Documents are separated by the EOS token, so a packed training window never hides a
-document boundary from the model.
+Every document is framed ``[BOS] ids EOS`` (:mod:`hone.tokens.conventions`), so a packed
+training window never hides a document boundary from the model. The stage streams
+(:mod:`hone.tokens.tokenize`); :mod:`hone.tokens.ledger` counts what a loader used.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from hone.errors import HoneError
-from hone.rundir import atomic_path, is_done, mark_done, read_json, write_json
 from hone.tokens.conventions import TokenConventions
+from hone.tokens.ledger import token_ledger
+from hone.tokens.shards import ShardedTokens, doc_offsets, load_tokens, token_dtype, tokenizer_hash
+from hone.tokens.tokenize import tokenize_corpus, write_shard
+
+__all__ = ["EOS_TOKEN", "ShardedTokens", "TokenConventions", "doc_offsets", "eos_id", "load_tokens", "read_corpus",
+           "token_dtype", "token_ledger", "tokenize_corpus", "tokenizer_hash", "train_bpe", "write_shard"]
 
 EOS_TOKEN = "<|endoftext|>"  # the separator of the BPE trained for random models
-
-
-def tokenizer_hash(tokenizer: Tokenizer) -> str:
-    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()[:16]
 
 
 def eos_id(tokenizer: Tokenizer) -> int:
@@ -50,7 +51,8 @@ def train_bpe(texts: list[str], vocab_size: int) -> Tokenizer:
 
 
 def read_corpus(corpus_dir: Path) -> dict[str, list[str]]:
-    """Texts of the curated corpus grouped by their ``domain`` column, in file order."""
+    """Texts of the curated corpus grouped by their ``domain`` column, in file order (in memory:
+    for training a small BPE; the tokenize stage streams instead)."""
     files = sorted(Path(corpus_dir).glob("*.parquet"))
     if not files:
         raise HoneError(f"{corpus_dir}: no Parquet files (run the curate stage first)")
@@ -60,59 +62,3 @@ def read_corpus(corpus_dir: Path) -> dict[str, list[str]]:
         for text, domain in zip(table.column("text").to_pylist(), table.column("domain").to_pylist()):
             groups.setdefault(domain or "general", []).append(text)
     return groups
-
-
-def write_shard(texts: list[str], tokenizer: Tokenizer, out_dir: Path, seed: int) -> dict:
-    """Tokenize ``texts`` (shuffled with ``seed``) into one EOS-separated shard + index."""
-    order = np.random.default_rng(seed).permutation(len(texts))
-    vocab = tokenizer.get_vocab_size()
-    dtype = np.dtype("<u2") if vocab < 65536 else np.dtype("<u4")
-    eos = eos_id(tokenizer)
-    encoded = tokenizer.encode_batch([texts[i] for i in order], add_special_tokens=False)
-    pieces, offsets, n = [], [], 0
-    for enc in encoded:
-        ids = enc.ids + [eos]
-        offsets.append(n)
-        pieces.append(np.asarray(ids, dtype=dtype))
-        n += len(ids)
-    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / "shard-00000.bin") as tmp:
-        flat.tofile(tmp)
-    index = {
-        "dtype": dtype.str,
-        "shards": [{"file": "shard-00000.bin", "tokens": int(n), "docs": len(offsets)}],
-        "tokens": int(n),
-        "docs": len(offsets),
-        "doc_offsets": offsets,
-        "eos_id": eos,
-        "tokenizer_hash": tokenizer_hash(tokenizer),
-    }
-    write_json(out_dir / "index.json", index)
-    return index
-
-
-def tokenize_corpus(corpus_dir: Path, tokenizer: Tokenizer, out_dir: Path, seed: int = 0) -> dict:
-    """Tokenize every domain of the corpus into ``out_dir/train/<domain>/``; skip if done."""
-    out_dir = Path(out_dir)
-    marker = out_dir / "train"
-    thash = tokenizer_hash(tokenizer)
-    if is_done(marker) and read_json(Path(str(marker) + ".done")).get("tokenizer_hash") == thash:
-        return {d.name: read_json(d / "index.json") for d in sorted(marker.iterdir()) if d.is_dir()}
-    summary = {}
-    for domain, texts in sorted(read_corpus(corpus_dir).items()):
-        summary[domain] = write_shard(texts, tokenizer, marker / domain, seed)
-    mark_done(marker, {"tokenizer_hash": thash, "domains": {k: v["tokens"] for k, v in summary.items()}})
-    return summary
-
-
-def load_tokens(domain_dir: Path) -> np.ndarray:
-    """Memory-map a domain's token shards (one flat array per domain)."""
-    domain_dir = Path(domain_dir)
-    index_path = domain_dir / "index.json"
-    if not index_path.exists():
-        raise HoneError(f"{index_path}: token index not found (run the tokenize stage first)")
-    index = read_json(index_path)
-    arrays = [np.memmap(domain_dir / s["file"], dtype=np.dtype(index["dtype"]), mode="r")
-              for s in index["shards"]]
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
