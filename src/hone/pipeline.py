@@ -327,8 +327,8 @@ def write_ledger(recipe: Recipe, workdir: Path, log: Log) -> dict:
                           **token_ledger(tokens_in, recipe.train.seq_len, int(pos["pos"]), int(pos["epoch"]))}
     write_json(workdir / TOKENS_DIR / "ledger.json", ledger)
     for name, row in ledger.items():
-        log(f"tokens {name}: {row['tokens_in']:,} in = {row['distinct']:,} trained + {row['cut']:,} cut at sequence "
-            f"ends + {row['unused']:,} unused ({row['trained']:,} trained in all)")
+        log(f"tokens {name}: {row['tokens_in']:,} in = {row['distinct']:,} seen + {row['cut']:,} cut at sequence ends "
+            f"+ {row['unused']:,} unused; {row['trained']:,} trained, repeats counted ({row['passes']:.2f} passes)")
     return ledger
 
 

@@ -75,6 +75,11 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         raise HoneError(f"train.tp = {tp_mesh.size()}: the {model.backend} backend (model_type "
                         f"{getattr(model.config, 'model_type', '?')!r}) has no tensor-parallel plan; use train.tp = 1 "
                         "(FSDP2 or DDP over every process)")
+    if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in model.model.layers):
+        # Each rank holds some heads; the replicated q/k norm weights would need their gradients
+        # summed over the tp group, which this plan does not do yet.
+        raise HoneError(f"train.tp = {tp_mesh.size()}: Qwen3's q/k norms are not tensor-parallel yet; use train.tp = 1 "
+                        "(FSDP2 or DDP over every process)")
     for layer in model.model.layers:
         parallelize_module(layer, tp_mesh, {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
