@@ -127,3 +127,14 @@ def test_large_jsonl_split_into_byte_ranges_reads_the_same_records(tmp_path, mon
     assert len(m["shards"]) == len(shards) and len(m1["shards"]) == 1
     assert kept == pq.read_table(tmp_path / "o1" / "part-00000.parquet")["id"].to_pylist()
     assert m["totals"] == m1["totals"] and m["totals"]["dropped"] > 0
+
+
+def test_text_files_of_the_same_name_in_different_directories_are_different_documents(tmp_path):
+    """A documentation tree has an index.rst in every directory: none may be lost as a 'duplicate id'."""
+    from hone.corpus.read import read_inputs
+
+    for sub in ("a", "b", "c"):
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "index.rst").write_text(f"The {sub} subsystem documentation index page.\n")
+    ids = [d["id"] for d in read_inputs([tmp_path])]
+    assert len(ids) == len(set(ids)) == 3

@@ -47,6 +47,7 @@ from hone.rundir import (
     is_done,
     mark_done,
     read_json,
+    source_train_dir,
     stream_tokens_dir,
     write_json,
 )
@@ -140,7 +141,7 @@ def stage_tokenize(recipe: Recipe, workdir: Path, tok: Tokenizer, conventions: T
         summary.update(tokenize_corpus(workdir / CORPUS_DIR, tok, workdir / TOKENS_DIR, seed=recipe.run.seed,
                                        conventions=conventions))
     for s in recipe.data.sources:
-        summary.update(tokenize_corpus(workdir / SOURCES_DIR / s.name / "train", tok,
+        summary.update(tokenize_corpus(source_train_dir(workdir, s.name), tok,
                                        workdir / TOKENS_DIR / SOURCES_DIR / s.name, seed=recipe.run.seed,
                                        conventions=conventions))
     log("tokenize: " + ", ".join(f"{d} {s['tokens']:,} tokens" for d, s in summary.items())

@@ -65,6 +65,11 @@ TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FI
                       REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE)
 
 
+def source_train_dir(workdir: Path, source: str) -> Path:
+    """A data source's training documents (Parquet): ``sources/NAME/train``, its held-out part removed."""
+    return Path(workdir) / SOURCES_DIR / source / "train"
+
+
 def stream_tokens_dir(workdir: Path, stream: str, from_pool: bool) -> Path:
     """Where a training stream's token shards live: ``tokens/train/NAME`` for the pool's domain and
     replay, ``tokens/sources/NAME/train/NAME`` for a data source (each source tokenized on its own)."""

@@ -23,10 +23,19 @@ from hone.corpus.read import nonempty_parts, read_inputs
 from hone.corpus.write import write_corpus
 from hone.errors import HoneError
 from hone.recipe import ExactDedupStep, FilterStep, Recipe, SourceConfig
-from hone.rundir import CORPUS_DIR, HELDOUT_DIR, SOURCES_DIR, clear_done, is_done, mark_done, read_json, write_jsonl
+from hone.rundir import (
+    CORPUS_DIR,
+    HELDOUT_DIR,
+    SOURCES_DIR,
+    clear_done,
+    is_done,
+    mark_done,
+    read_json,
+    source_train_dir,
+    write_jsonl,
+)
 
 Log = Callable[[str], None]
-TRAIN_DIR = "train"  # sources/NAME/train/: the documents the source trains on
 
 
 def source_inputs(source: SourceConfig, index: int) -> list[Path]:
@@ -81,7 +90,7 @@ def prepare_source(source: SourceConfig, recipe: Recipe, workdir: Path, index: i
     out = workdir / SOURCES_DIR / source.name
     cfg = recipe.curate.model_copy(update={"steps": _steps(source, recipe)})
     manifest = curate(cfg, inputs, out, text_field=text_field, log=log)
-    train_dir, heldout_file = out / TRAIN_DIR, workdir / HELDOUT_DIR / f"{source.name}.jsonl"
+    train_dir, heldout_file = source_train_dir(workdir, source.name), workdir / HELDOUT_DIR / f"{source.name}.jsonl"
     key = hashlib.sha256(json.dumps([manifest["inputs"], manifest["config"], manifest["totals"], source.heldout,
                                      recipe.run.seed], sort_keys=True).encode()).hexdigest()
     if is_done(train_dir) and read_json(Path(str(train_dir) + ".done")).get("key") == key and heldout_file.exists():

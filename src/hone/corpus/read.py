@@ -405,7 +405,8 @@ def _read_txt_shard(r: _Reader) -> Iterator[dict]:
     except UnicodeDecodeError:
         r.bad(0, "bad_utf8", raw, len(raw))
         return
-    rec = {"id": r.shard.stem, "text": text, "source": path.parent.name or r.shard.stem, "meta": {},
+    # The path, not the file name: a tree of docs has an index.rst / README.md in many directories.
+    rec = {"id": str(path), "text": text, "source": path.parent.name or r.shard.stem, "meta": {},
            "src_file": str(path), "src_row": 0}
     if (rec := r.good(rec, len(raw))) is not None:
         yield rec

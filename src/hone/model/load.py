@@ -16,7 +16,7 @@ from hone.model.hf import load_hf
 from hone.model.llama import Llama, LlamaConfig
 from hone.model.tokenizer_files import conventions_of, gguf_tokenizer_files, hf_tokenizer_files, trained_tokenizer_files
 from hone.recipe import Recipe
-from hone.rundir import CORPUS_DIR, TOKENIZER_FILE, read_json, write_text
+from hone.rundir import CORPUS_DIR, TOKENIZER_FILE, read_json, source_train_dir, write_text
 from hone.tokens import read_corpus, train_bpe
 from hone.tokens.conventions import TokenConventions
 
@@ -84,11 +84,13 @@ def base_conventions(recipe: Recipe, tokenizer: Tokenizer, files: dict[str, byte
 
 
 def random_model_tokenizer(recipe: Recipe, workdir: Path) -> Tokenizer:
-    """Train (once) a BPE on the curated corpus for the tiny random model."""
+    """Train (once) a BPE on the curated pool and the sources' training documents for the tiny random model."""
     path = workdir / TOKENIZER_FILE
     if path.exists():
         return Tokenizer.from_file(str(path))
-    texts = [t for group in read_corpus(workdir / CORPUS_DIR).values() for t in group]
+    corpora = ([workdir / CORPUS_DIR] if recipe.data.uses_pool else []) + [
+        source_train_dir(workdir, s.name) for s in recipe.data.sources]
+    texts = [t for corpus in corpora for group in read_corpus(corpus).values() for t in group]
     tok = train_bpe(texts, recipe.model.random.vocab)
     write_text(path, tok.to_str())
     return tok
