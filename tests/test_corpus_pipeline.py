@@ -60,7 +60,7 @@ def test_outputs_parquet_dropped_quarantine(tmp_path):
     assert len({r["id"] for r in rows}) == len(rows) == 7
     assert {r["domain"] for r in rows} == {"bio", "general"}
     assert all(isinstance(json.loads(r["meta"]), dict) for r in rows)
-    assert next(r for r in rows if r["id"] == "b:1")["source"] == "b"
+    assert next(r for r in rows if r["id"].endswith("b.jsonl:1"))["source"] == "b"  # path:line when no id
     meta = run / "corpus" / ".hone"
     dedup = [json.loads(ln) for ln in (meta / "dropped" / "dedup.jsonl").read_text().splitlines()]
     assert dedup[0]["id"] == "dup" and dedup[0]["duplicate_of"] == "b0"

@@ -28,7 +28,7 @@ def test_bad_lines_go_to_quarantine_with_file_and_line(tmp_path):
     q, stats = Quarantine(tmp_path / "q" / "quarantine.jsonl"), StepStats()
     docs = list(read_inputs([f], quarantine=q, stats=stats))
     q.close()
-    assert [d["id"] for d in docs] == ["a", "web:8"]
+    assert [d["id"] for d in docs] == ["a", f"{f}:8"]  # no id: the file as given, and its line
     rows = [json.loads(ln) for ln in (tmp_path / "q" / "quarantine.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rows] == [
         (2, "bad_json"), (3, "bad_utf8"), (4, "not_an_object"), (5, "missing_text"), (6, "text_not_a_string")]
@@ -44,7 +44,7 @@ def test_record_fields_defaults_and_meta(tmp_path):
         g.write(json.dumps({"body": "hello there", "source": "web", "meta": {"url": "u"}, "lang": "en"}) + "\n")
         g.write(json.dumps({"id": 7, "body": "second"}) + "\n")
     docs = list(read_inputs([f], text_field="body"))
-    assert docs[0] == {"id": "mine:1", "text": "hello there", "source": "web", "meta": {"url": "u", "lang": "en"},
+    assert docs[0] == {"id": f"{f}:1", "text": "hello there", "source": "web", "meta": {"url": "u", "lang": "en"},
                        "src_file": str(f), "src_row": 1}  # and where it came from
     assert docs[1]["id"] == "7" and docs[1]["source"] == "mine"
 

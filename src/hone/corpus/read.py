@@ -145,12 +145,13 @@ def _encodable(obj: dict) -> bool:
         return False
 
 
-def to_record(obj: dict, text_field: str, stem: str, lineno: int) -> dict:
-    """Split a parsed line into the record fields; everything else goes into ``meta``."""
+def to_record(obj: dict, text_field: str, stem: str, lineno: int, id_prefix: str | None = None) -> dict:
+    """Split a parsed line into the record fields; everything else goes into ``meta``. A record
+    without an id gets ``ID_PREFIX:LINE`` (default: the file's stem)."""
     rest = {k: v for k, v in obj.items() if k not in (text_field, "id", "source", "meta")}
     meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else ({"meta": obj["meta"]} if "meta" in obj else {})
     rid = obj.get("id")
-    return {"id": str(rid) if rid is not None and rid != "" else f"{stem}:{lineno}",
+    return {"id": str(rid) if rid is not None and rid != "" else f"{id_prefix or stem}:{lineno}",
             "text": obj[text_field],
             "source": str(obj.get("source") or stem),
             "meta": {**meta, **rest}}
@@ -322,6 +323,9 @@ class _Reader:
         self.shard, self.text_field, self.q, self.stats = shard, text_field, quarantine, stats
         self.max_doc_bytes = max_doc_bytes
         self.stem = shard.stem  # once per shard, not per record
+        # Records without an id are named by their file's path and line / row: two files of one
+        # name in different directories (2023/part-0.jsonl, 2024/part-0.jsonl) must not collide.
+        self.id_prefix = str(shard.path)
 
     def bad(self, row: int, reason: str, raw: bytes, nbytes: int | None = None, docs: int = 1) -> None:
         if self.q is None:
@@ -379,7 +383,7 @@ def _read_jsonl_shard(r: _Reader) -> Iterator[dict]:
                 if isinstance(obj, str):
                     r.bad(lineno, obj, raw)
                     continue
-                rec = to_record(obj, r.text_field, r.stem, lineno)
+                rec = to_record(obj, r.text_field, r.stem, lineno, r.id_prefix)
                 rec.update(src_file=str(path), src_row=lineno)
                 if (rec := r.good(rec, len(raw))) is not None:
                     yield rec
@@ -437,7 +441,7 @@ def _row_record(row: dict, r: _Reader, n: int) -> dict:
         except ValueError:
             meta = {"meta": meta}
     meta = meta if isinstance(meta, dict) else ({} if meta is None else {"meta": meta})
-    rec = {"id": str(row["id"]) if row.get("id") not in (None, "") else f"{r.shard.stem}:{n}",
+    rec = {"id": str(row["id"]) if row.get("id") not in (None, "") else f"{r.id_prefix}:{n}",
            "text": row[r.text_field], "source": str(row.get("source") or r.shard.stem), "meta": meta,
            "src_file": row.get("src_file") or str(r.shard.path),
            "src_row": row["src_row"] if row.get("src_file") and row.get("src_row") is not None else n}
