@@ -171,26 +171,25 @@ def test_completions_and_report(own_run):
         assert anchor in html
 
 
-def test_heldout_larger_than_the_source_is_one_line(tmp_path):
+def run_with_wiki(tmp_path, **wiki) -> None:
+    """A run whose 'wiki' source is changed by ``wiki`` (it fails before the model trains)."""
     from hone.pipeline import run_recipe
 
-    model_dir = write_model_dir(tmp_path / "m", "llama3")
-    data = own_recipe(tmp_path, model_dir)
-    data["data"]["sources"][1]["heldout"] = 30
+    data = own_recipe(tmp_path, write_model_dir(tmp_path / "m", "llama3"))
+    data["data"]["sources"][1].update(wiki)
+    run_recipe(parse_recipe(data), log=lambda m: None)
+
+
+def test_heldout_larger_than_the_source_is_one_line(tmp_path):
     with pytest.raises(HoneError, match=r"data.sources\[1\] \(wiki\).heldout: 30 would hold out 30 documents"):
-        run_recipe(parse_recipe(data), log=lambda m: None)
+        run_with_wiki(tmp_path, heldout=30)
 
 
 def test_a_source_with_no_readable_document_is_an_error(tmp_path):
-    from hone.pipeline import run_recipe
-
-    model_dir = write_model_dir(tmp_path / "m", "llama3")
-    data = own_recipe(tmp_path, model_dir)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    data["data"]["sources"][1]["inputs"] = [str(empty)]
     with pytest.raises(HoneError, match=r"data.sources\[1\] \(wiki\): no document left to train on"):
-        run_recipe(parse_recipe(data), log=lambda m: None)
+        run_with_wiki(tmp_path, inputs=[str(empty)])
 
 
 def test_recipe_check_names_missing_paths_and_the_backend(tmp_path):
