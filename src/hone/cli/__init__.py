@@ -32,9 +32,9 @@ from hone.rundir import LAUNCH_DIR, ensure_dir, write_text
 from hone.train.faults import parse as parse_faults
 from hone.train.run import plan_from_recipe
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
                   help="Turn a general LLM and a general corpus into a domain specialist.")
-recipe_app = typer.Typer(no_args_is_help=True, help="Check recipe files and list their fields.")
+recipe_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Check recipe files and list their fields.")
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(plan_app, name="plan")

@@ -18,7 +18,8 @@ from hone.heal.failures import parse_mtbf
 from hone.heal.jobs import load_jobs
 from hone.heal.simulate import simulate as run
 
-cluster_app = typer.Typer(no_args_is_help=True, help="Simulate training jobs sharing a cluster that fails.")
+cluster_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                          help="Simulate training jobs sharing a cluster that fails.")
 
 POLICY_HELP = ("checkpoint-restart, naive-elastic, cost-aware; repeat or comma-separate (default: all three).")
 

@@ -28,7 +28,7 @@ from hone.pipeline import stage_curate, stage_pool, stage_sources
 from hone.recipe import DedupStep, RetrieveStep, format_error
 from hone.train.workdir import prepare_workdir
 
-data_app = typer.Typer(no_args_is_help=True, help="Build and curate the data pool.")
+data_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Build and curate the data pool.")
 
 
 @data_app.command("pool")

@@ -20,7 +20,7 @@ from hone.plan.api import format_text, make_plan
 from hone.rundir import write_json
 from hone.train.calibrate import run_calibration
 
-plan_app = typer.Typer(no_args_is_help=True, invoke_without_command=True,
+plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, invoke_without_command=True,
                        help="Plan a cluster run: parallel configuration, memory, step time.")
 
 CONSTANT_HELP = "Override a planner constant, e.g. --const eff_max=0.6 (see hone.plan.config.Constants)."
