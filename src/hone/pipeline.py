@@ -17,6 +17,8 @@ from tokenizers import Tokenizer
 
 from hone.corpus.datasource import prepare_source, source_inputs
 from hone.corpus.pipeline import curate
+from hone.corpus.read import Quarantine, StepStats, read_inputs
+from hone.corpus.runner import quarantine_file
 from hone.corpus.sources import build_demo_pool
 from hone.errors import HoneError
 from hone.evaluate import compare, evaluate_sets, read_texts
@@ -54,7 +56,7 @@ from hone.rundir import (
 from hone.tokens import token_ledger, tokenize_corpus
 from hone.tokens.conventions import TokenConventions
 from hone.train.checkpoint import STATE_FILE, latest_checkpoint
-from hone.train.run import plan_from_recipe, read_back, total_steps, train_recipe
+from hone.train.run import mixture_phases, plan_from_recipe, read_back, total_steps, train_recipe
 from hone.train.workdir import forget_training, prepare_workdir
 
 Log = Callable[[str], None]
@@ -81,6 +83,7 @@ def stage_pool(recipe: Recipe, workdir: Path, log: Log) -> tuple[list[Path], Eva
     for p in inputs:
         if not p.exists():
             raise HoneError(f"data.inputs: {p}: file not found")
+        check_readable(p, recipe.data.text_field)
     sets = EvalSets({}, {})
     if (packaged := recipe.data.packaged) is not None:
         marker = workdir / POOL_DIR
@@ -103,6 +106,22 @@ def stage_pool(recipe: Recipe, workdir: Path, log: Log) -> tuple[list[Path], Eva
     return inputs, sets
 
 
+def check_readable(path: Path, text_field: str) -> None:
+    """Fail on a pool input with no readable document: the curation would quarantine it whole
+    and build the pool without it."""
+    stats = StepStats()
+    if next(read_inputs([path], text_field, Quarantine(), stats), None) is None:
+        why = ", ".join(f"{r} {d['docs']}" for r, d in stats.quarantined.items()) or "no input file in it"
+        raise HoneError(f"data.inputs: {path}: no readable document ({why}; each line needs a '{text_field}' field)")
+
+
+def log_quarantined(name: str, counts: dict[str, int], corpus_dir: Path, log: Log) -> None:
+    """Unreadable input lines, counted and pointed at, so that none is lost without a word."""
+    if (n := sum(counts.values())):
+        why = ", ".join(f"{r} {k:,}" for r, k in counts.items())
+        log(f"{name}: {n:,} unreadable input lines quarantined ({why}) -> {quarantine_file(corpus_dir)}")
+
+
 def stage_curate(recipe: Recipe, workdir: Path, inputs: list[Path], log: Log) -> dict:
     """Curate the pool (when there is one) into corpus/; the retrieval's quality is printed
     only when the pool carries labels to measure it against."""
@@ -112,6 +131,7 @@ def stage_curate(recipe: Recipe, workdir: Path, inputs: list[Path], log: Log) ->
     manifest = curate(recipe.curate, inputs, workdir, text_field=recipe.data.text_field, log=log)
     counts = manifest.get("domains", {})
     log(f"curate: {counts} in {time.perf_counter() - t0:.1f}s")
+    log_quarantined("curate", manifest.get("quarantined", {}), workdir / CORPUS_DIR, log)
     if (r := manifest.get("retrieval")):
         log(f"curate: retrieval of '{recipe.curate.domain.name}' precision {r['precision']:.3f} "
             f"recall {r['recall']:.3f} (against the pool's hidden labels, {r['labelled_docs']:,} labelled documents)")
@@ -124,6 +144,8 @@ def stage_sources(recipe: Recipe, workdir: Path, sets: EvalSets, log: Log) -> di
     for i, source in enumerate(recipe.data.sources):
         summary = prepare_source(source, recipe, workdir, i, log)
         out[source.name] = summary
+        log_quarantined(f"source {source.name}", summary.get("quarantined", {}),
+                        workdir / SOURCES_DIR / source.name / CORPUS_DIR, log)
         if summary["heldout_file"]:
             sets.paths[source.name] = Path(summary["heldout_file"])
             sets.origin[source.name] = (f"held out of source '{source.name}' ({summary['docs_heldout']:,} of "
@@ -146,7 +168,16 @@ def stage_tokenize(recipe: Recipe, workdir: Path, tok: Tokenizer, conventions: T
                                        conventions=conventions))
     log("tokenize: " + ", ".join(f"{d} {s['tokens']:,} tokens" for d, s in summary.items())
         + f" in {time.perf_counter() - t0:.1f}s")
+    log_unused_sources(recipe, log)
     return summary
+
+
+def log_unused_sources(recipe: Recipe, log: Log) -> None:
+    """A data source whose role the domain ratio gives no share trains on nothing: say so."""
+    ratios = [r for _, r in mixture_phases(recipe)]
+    for s in recipe.data.sources:
+        if (s.role == "domain" and max(ratios) == 0) or (s.role == "general" and min(ratios) == 1):
+            log(f"source {s.name}: no training tokens: domain ratio {ratios[0]:g} gives the {s.role} role no share")
 
 
 def stage_eval(recipe: Recipe, model, tok: Tokenizer, conventions: TokenConventions, sets: EvalSets, out: Path,

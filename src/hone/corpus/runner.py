@@ -305,7 +305,8 @@ def summary_line(name: str, manifest: dict, out_dir: Path) -> str:
     why = ", ".join(f"{r} {n}" for r, n in sorted(reasons.items(), key=lambda x: -x[1]))
     return (f"{name}: {t['docs_in']} in, {t['kept']} kept, {t['dropped']} dropped, {t['quarantined']} quarantined"
             f"{' (' + why + ')' if why else ''}; {t['bytes_in'] / 1e6:.1f} MB in, {t['bytes_out'] / 1e6:.1f} MB out; "
-            f"{manifest.get('seconds', 0):.1f} s -> {out_dir}")
+            f"{manifest.get('seconds', 0):.1f} s -> {out_dir}"
+            + "".join(f"\n{name}: {note}" for note in manifest.get("notes", [])))
 
 
 # --- whole-pool steps (dsir in memory, rate, select) -------------------------------------------------------

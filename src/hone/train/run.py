@@ -18,7 +18,7 @@ import torch
 
 from hone.errors import HoneError
 from hone.recipe import Recipe, TrainConfig, domain_ratio, training_streams
-from hone.rundir import CHECKPOINTS_DIR, stream_tokens_dir
+from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, stream_tokens_dir, write_json
 from hone.tokens import load_tokens
 from hone.train.checkpoint import latest_checkpoint, load_model_weights
 from hone.train.data import MixtureLoader, TokenStream, schedule_phases
@@ -89,11 +89,14 @@ def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None
     """Train ``model`` here; one process applies only activation checkpointing and compile,
     both keep the parameter names, so evaluation and the HF export use the same object."""
     t = recipe.train
-    loader = build_loader(recipe, workdir)
-    parallelize(model, plan_from_recipe(t, 1), DistContext(device=next(model.parameters()).device))
+    loader, plan = build_loader(recipe, workdir), plan_from_recipe(t, 1)
+    parallelize(model, plan, DistContext(device=next(model.parameters()).device))
     torch.manual_seed(recipe.run.seed)
     try:
-        return train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps, log=log)
+        summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps,
+                        log=log)
+        write_json(workdir / SUMMARY_FILE, {**summary, "world_size": 1, "plan": plan.__dict__})
+        return summary
     finally:
         model.model.activation_checkpointing = False
 

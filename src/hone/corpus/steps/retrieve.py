@@ -43,6 +43,13 @@ def llm_queries(seeds: list[str], n: int = 10) -> list[str]:
     return [ln for ln in lines if ln][:n]
 
 
+def top_k_notes(top_k: int, docs: int, picked: int) -> list[str]:
+    """A top_k beyond the pool is no error, but the run takes fewer documents than it asked for: say so."""
+    if top_k <= docs:
+        return []
+    return [f"top_k {top_k:,} is more than the {docs:,} documents read: took {picked:,} (those with a positive score)"]
+
+
 def retrieve_step(inputs: list, out_dir: Path, *, text_field: str = "text", executor=None,
                   query: list[str] = (), examples: list[str] = (), top_k: int = 1000, expand: str = "prf",
                   name: str = "domain", keep_rest: bool = False, prf_docs: int = 10, prf_terms: int = 30) -> dict:
@@ -82,5 +89,6 @@ def retrieve_step(inputs: list, out_dir: Path, *, text_field: str = "text", exec
     writer.close()
     manifest = step_manifest("retrieve", shards, read, step, config, ["part-00000.parquet"], t0,
                              query={"seed_terms": result.query, "expansion_terms": result.expansion,
-                                    "llm_queries": extra})
+                                    "llm_queries": extra},
+                             notes=top_k_notes(top_k, len(docs), int(result.selected.sum())))
     return finish_output(out_dir, manifest, [out_dir / "part-00000.parquet"], [work / "quarantine-00000.jsonl"])
