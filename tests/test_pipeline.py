@@ -3,7 +3,10 @@
 Uses the packaged corpora (installed by `bash setup.sh test`); runs in well under a minute.
 """
 
+import importlib.util
 import json
+import re
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -115,3 +118,31 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
                     f"--screenshot={shot}", (workdir / "report.html").as_uri()],
                    capture_output=True, timeout=120, check=True)
     assert shot.exists() and shot.stat().st_size > 50_000  # plots drawn, not a blank page
+
+
+# Rows of the README's run-directory table that a plain `hone run` of tiny-cpu does not write:
+# other commands' outputs, and what needs data sources, a GGUF base or a failure.
+OTHER_COMMANDS = ("mix/", "experts/", "plan.json", "mixture.json", "launch/", "logs/", "heal/", "sources/", "base/",
+                  "tokens/sources/", "heldout/NAME",
+                  # written when it happens: an unreadable input line (tests/test_silent.py), a failure or decision
+                  "corpus/.hone/quarantine/", "events.jsonl")
+
+
+def readme_run_directory_paths() -> list[str]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme.split("## The run directory", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    return [p for row in rows for p in re.findall(r"`([^`]+)`", row)]
+
+
+def test_every_artifact_the_readme_lists_is_written(tiny_run):
+    workdir = tiny_run[0]
+    paths = [p for p in readme_run_directory_paths() if not p.startswith(OTHER_COMMANDS)]
+    if importlib.util.find_spec("tensorboard") is None:
+        paths.remove("tensorboard/")
+    assert "train_summary.json" in paths and "corpus/part-*.parquet" in paths
+    for p in paths:
+        pattern = re.sub(r"<[^>]+>|\bNAME\b|(?<=_)N\b|(?<=rank)R\b", "*", p).rstrip("/")
+        assert list(workdir.glob(pattern)), f"README lists {p}; a plain `hone run` did not write it"
+    summary = json.loads((workdir / "train_summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] and summary["world_size"] == 1
