@@ -45,7 +45,7 @@ def _train(prepared: Path, wd: Path, overrides: dict | None = None, **kw) -> Non
     torchrun's processes either way; this saves the CLI's start-up on a busy CI machine)."""
     from hone.pipeline import run_recipe
 
-    run_recipe(load_recipe(prepared / "heal.toml", overrides), wd, restart_training=True, log=lambda m: None, **kw)
+    run_recipe(load_recipe(prepared / "heal.toml", overrides), wd, fresh_training=True, log=lambda m: None, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,7 @@ from hone.rundir import (
     FINAL_DIR,
     HELDOUT_DIR,
     POOL_DIR,
+    REPORT_FILE,
     SAMPLES_TEXT_FILE,
     SOURCES_DIR,
     TOKENS_DIR,
@@ -57,7 +58,7 @@ from hone.tokens import token_ledger, tokenize_corpus
 from hone.tokens.conventions import TokenConventions
 from hone.train.checkpoint import STATE_FILE, latest_checkpoint
 from hone.train.run import mixture_phases, plan_from_recipe, read_back, total_steps, train_recipe
-from hone.train.workdir import forget_training, prepare_workdir
+from hone.train.workdir import prepare_workdir
 
 Log = Callable[[str], None]
 
@@ -226,15 +227,13 @@ class Prepared:
         return self.sets.paths
 
 
-def prepare(recipe: Recipe, workdir: Path, log: Log, *, fresh: bool = False, restart_training: bool = False,
+def prepare(recipe: Recipe, workdir: Path, log: Log, *, fresh: bool = False, fresh_training: bool = False,
             tokenize: bool = True, check_sets: Callable[[dict[str, Path]], None] | None = None) -> Prepared:
     """The run directory and every data stage (each skipped when its artifact is there):
     pool, curate, sources, base model, tokenize. ``fresh`` starts the run directory over,
-    ``restart_training`` removes what training wrote; ``check_sets`` sees the evaluation
-    sets before the base model loads."""
-    prepare_workdir(recipe, workdir, fresh, log)
-    if restart_training:
-        forget_training(workdir, log)
+    ``fresh_training`` removes what training wrote (see :func:`prepare_workdir`); ``check_sets``
+    sees the evaluation sets before the base model loads."""
+    prepare_workdir(recipe, workdir, fresh, log, fresh_training=fresh_training)
     inputs, sets = stage_pool(recipe, workdir, log)
     manifest = stage_curate(recipe, workdir, inputs, log)
     sources = stage_sources(recipe, workdir, sets, log)
@@ -281,22 +280,28 @@ def branch_experts(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = 
 
 def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = False,
                max_steps: int | None = None, log: Log = print, nproc: int = 1,
-               restart_training: bool = False, supervise: bool = False) -> dict:
+               fresh_training: bool = False, supervise: bool = False) -> dict:
     """Run every stage of ``recipe``; return the comparison written to eval.json.
 
-    ``fresh`` starts the whole run over; ``restart_training`` keeps the data stages and
+    Training resumes from the newest checkpoint, and a finished run is left as it is;
+    ``fresh`` starts the whole run over; ``fresh_training`` keeps the data stages and
     starts training over; ``nproc`` > 1 trains in that many torchrun workers; ``supervise``
     runs them under the self-healing supervisor (hone.heal.supervisor).
     """
     workdir = Path(workdir or recipe.run.workdir)
     torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
     t_start = time.perf_counter()
-    data = prepare(recipe, workdir, log, fresh=fresh, restart_training=restart_training)
+    prepare_workdir(recipe, workdir, fresh, log, fresh_training=fresh_training)
+    if all((workdir / name).exists() for name in (FINAL_DIR, EVAL_FILE, REPORT_FILE)):
+        log(f"training is already finished in {workdir}: nothing to do (--fresh to train again)")
+        return read_json(workdir / EVAL_FILE)
+    data = prepare(recipe, workdir, log)
     model, tok, conv = data.model, data.tokenizer, data.conventions
     save_base(recipe, workdir, data, log)
     before = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_BEFORE_FILE, "before", log)
     prompts = completion_prompts(recipe, data.sets)
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "before", log)
+    log_training_start(recipe, workdir, log)
     summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc, supervise=supervise)
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']} (--max-steps); run again to resume")
@@ -312,6 +317,15 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     log_table(table, log)
     log(f"done in {time.perf_counter() - t_start:.0f}s; report: {report}")
     return table
+
+
+def log_training_start(recipe: Recipe, workdir: Path, log: Log) -> None:
+    """One line: whether training resumes (from which step) or starts."""
+    newest = latest_checkpoint(workdir / CHECKPOINTS_DIR, log=lambda m: None)
+    if newest is None:
+        log("starting training")
+    else:
+        log(f"resuming from step {read_json(newest / STATE_FILE)['step']} of {total_steps(recipe.train)}")
 
 
 def completion_prompts(recipe: Recipe, sets: EvalSets, n: int = 3, words: int = 12) -> list[str]:

@@ -60,7 +60,7 @@ def parts_manifest(parts_dir: Path) -> Path:
     return old if old.is_file() and not new.exists() else new
 
 
-# What training writes; `hone train` without --resume removes these and keeps the data stages.
+# What training writes; `hone train --fresh` removes these and keeps the data stages.
 TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,
                       REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE)
 

@@ -64,7 +64,10 @@ def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: O
         fresh: bool = typer.Option(False, "--fresh", help="Start over instead of resuming."),
         max_steps: Optional[int] = typer.Option(None, "--max-steps",
                                                 help="Stop training after N steps (resume later).")):
-    """Run every stage of a recipe: pool, curate, tokenize, eval, train, eval, save, report."""
+    """Run every stage of a recipe: pool, curate, tokenize, eval, train, eval, save, report.
+
+    Each stage is skipped when done; training resumes from the newest checkpoint. --fresh removes
+    the run directory and starts over."""
     r, wd = _load(recipe, workdir)
     run_recipe(r, wd, fresh=fresh, max_steps=max_steps, log=_log)
 
@@ -72,7 +75,10 @@ def run(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: O
 @app.command()
 def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir: Optional[Path] = WORKDIR,
           max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after N steps."),
-          resume: bool = typer.Option(False, "--resume", help="Resume from the newest good checkpoint."),
+          fresh: bool = typer.Option(False, "--fresh",
+                                     help="Discard the earlier training (checkpoints, final/, eval) and start over; "
+                                          "the data stages are kept."),
+          resume: bool = typer.Option(False, "--resume", help="Accepted for compatibility: resuming is the default."),
           nproc: int = typer.Option(1, "--nproc", min=1,
                                     help="Processes on this machine (torchrun; GPUs or CPU/gloo)."),
           nnodes: int = typer.Option(1, "--nnodes", min=1,
@@ -85,9 +91,12 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
                                                    "kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
     """Train as the recipe says (runs the data stages first if their artifacts are missing).
 
-    Without --resume, training starts over (the data stages are kept); with it, training
-    continues from the newest good checkpoint, on any number of processes.
+    Training continues from the newest good checkpoint (on any number of processes) and a finished
+    run is left as it is; --fresh starts training over (the data stages are kept). A recipe whose
+    training fields changed refuses while checkpoints or a finished model are there.
     """
+    if fresh and resume:
+        raise HoneError("--fresh starts training over and --resume continues it: give one of them")
     r, wd = _load(recipe, workdir)
 
     plan_from_recipe(r.train, nproc * nnodes)  # a bad tp fails now, before any data stage runs
@@ -105,7 +114,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
         _log(f"then on every node: {cmds['torchrun']}")
         _log(f"or submit: sbatch {script}")
         return
-    run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, restart_training=not resume, supervise=supervise)
+    run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, fresh_training=fresh, supervise=supervise)
 
 
 @app.command("fetch-data")
