@@ -259,10 +259,12 @@ def save_base(recipe: Recipe, workdir: Path, data: Prepared, log: Log) -> None:
     log(f"saved the base model (dequantized from GGUF, HF format) to {workdir / BASE_DIR}")
 
 
-def sweep_mixture(recipe: Recipe, workdir: Path, log: Log = print) -> Path:
-    """`hone mix sweep`: the data stages, then every proxy run of the recipe's ``[mix]``."""
+def sweep_mixture(recipe: Recipe, workdir: Path, log: Log = print, *, dry_run: bool = False) -> Path:
+    """`hone mix sweep`: the data stages, then every proxy run of the recipe's ``[mix]`` (``dry_run``:
+    the estimate only)."""
     data = prepare(recipe, Path(workdir), log, check_sets=lambda sets: mix_sweep.check_sets(recipe, sets))
-    return mix_sweep.run_sweep(recipe, Path(workdir), data.model, data.tokenizer, data.eval_sets, log=log)
+    return mix_sweep.run_sweep(recipe, Path(workdir), data.model, data.tokenizer, data.eval_sets, log=log,
+                               dry_run=dry_run)
 
 
 def branch_experts(recipe: Recipe, workdir: Path, *, recipe_path: Path | None = None, only: list[str] | None = None,
