@@ -1,5 +1,5 @@
 """`hone train --nproc N` on the CPU with gloo: 2-process DDP and FSDP2 equal 1 process,
-kill -9 (also mid-checkpoint) then --resume is bitwise identical, checkpoints reshard
+kill -9 (also mid-checkpoint) then the same command again is bitwise identical, checkpoints reshard
 between world sizes, and the multi-node launch material."""
 
 from __future__ import annotations
@@ -75,14 +75,14 @@ def _weights(workdir: Path) -> dict:
 @pytest.fixture(scope="module")
 def one_process(prepared):
     wd = _workdir(prepared, "one")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd)
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh")
     return wd
 
 
 @pytest.fixture(scope="module")
 def two_fsdp(prepared):
     wd = _workdir(prepared, "fsdp2")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2)
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2)
     return wd
 
 
@@ -111,14 +111,14 @@ def test_two_process_fsdp_matches_one_process(one_process, two_fsdp):
 
 def test_two_process_ddp_matches_one_process(prepared, one_process):
     wd = _workdir(prepared, "ddp2")
-    _hone("train", prepared / "ddp.toml", "--workdir", wd, "--nproc", 2)
+    _hone("train", prepared / "ddp.toml", "--workdir", wd, "--fresh", "--nproc", 2)
     _assert_same_run(one_process, wd, exact=False)
     assert json.loads((wd / "train_summary.json").read_text())["plan"]["data_parallel"] == "ddp"
 
 
 def test_two_process_tensor_parallel_matches_one_process(prepared, one_process):
     wd = _workdir(prepared, "tp2")
-    _hone("train", prepared / "tp.toml", "--workdir", wd, "--nproc", 2)
+    _hone("train", prepared / "tp.toml", "--workdir", wd, "--fresh", "--nproc", 2)
     _assert_same_run(one_process, wd, exact=False)
     assert json.loads((wd / "train_summary.json").read_text())["plan"]["tp"] == 2
 
@@ -126,18 +126,19 @@ def test_two_process_tensor_parallel_matches_one_process(prepared, one_process):
 def test_activation_checkpointing_and_micro_batches_match(prepared, one_process):
     """Recomputing activations and accumulating 4 micro-batches of 2 change nothing but memory."""
     wd = _workdir(prepared, "ac")
-    out = _hone("train", prepared / "ac.toml", "--workdir", wd)
+    out = _hone("train", prepared / "ac.toml", "--workdir", wd, "--fresh")
     assert "4 micro-batches x 2 seqs" in out.stdout
     _assert_same_run(one_process, wd, exact=False)
 
 
 def test_kill9_during_checkpoint_write_then_resume_is_bitwise_identical(prepared, one_process):
     wd = _workdir(prepared, "killed_in_ckpt")
-    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, env={"HONE_FAULT": "kill:ckpt=8"}, check=False)
+    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", env={"HONE_FAULT": "kill:ckpt=8"},
+                 check=False)
     assert proc.returncode == -9
     ckpts = wd / "checkpoints"
     assert (ckpts / ".step_000008.tmp").exists() and not (ckpts / "step_000008").exists()
-    resumed = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--resume")
+    resumed = _hone("train", prepared / "fsdp.toml", "--workdir", wd)
     assert "resumed from" in resumed.stdout and "step_000004" in resumed.stdout
     _assert_same_run(one_process, wd, exact=True)
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_000008", "step_000012"]
@@ -145,22 +146,22 @@ def test_kill9_during_checkpoint_write_then_resume_is_bitwise_identical(prepared
 
 def test_kill9_of_one_worker_then_resume_is_bitwise_identical(prepared, two_fsdp):
     wd = _workdir(prepared, "killed_worker")
-    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2,
+    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2,
                  env={"HONE_FAULT": "kill:step=6:rank=1"}, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: torchrun with 2 processes exited")
     assert "worker rank 1" in proc.stderr and "killed by SIGKILL" in proc.stderr
     assert "Traceback" not in proc.stderr
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2, "--resume")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2)
     _assert_same_run(two_fsdp, wd, exact=True)
 
 
 @pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
 def test_resume_on_another_world_size(prepared, one_process, first, then):
     wd = _workdir(prepared, f"reshard_{first}_{then}")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", first, "--max-steps", 6)
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", first, "--max-steps", 6)
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
-    out = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", then, "--resume")
+    out = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", then)
     if then == 1:
         assert "resumed from" in out.stdout and "step 6" in out.stdout
     _assert_same_run(one_process, wd, exact=False)
