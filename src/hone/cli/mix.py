@@ -1,5 +1,6 @@
 """`hone mix ...`: proxy sweep, law fits, predictions.
 
+    hone mix sweep recipes/tiny-cpu.toml --workdir runs/tiny --dry-run
     hone mix sweep recipes/tiny-cpu.toml --workdir runs/tiny
     hone mix fit runs/tiny/mix/runs.jsonl -o runs/tiny/mixture.json --law both --tolerance 0.05
     hone mix predict runs/tiny/mixture.json --ratio 0.4 --tokens 61440
@@ -26,10 +27,19 @@ mix_app = typer.Typer(no_args_is_help=True,
 
 @mix_app.command("sweep")
 def sweep(recipe: Path = typer.Argument(..., help="Recipe TOML file (its [mix] section sets ratios and budgets)."),
-          workdir: Optional[Path] = WORKDIR):
-    """Short proxy continual-pretraining runs at several domain ratios and token budgets -> mix/runs.jsonl."""
+          workdir: Optional[Path] = WORKDIR,
+          dry_run: bool = typer.Option(False, "--dry-run",
+                                       help="Print only the estimate (proxy runs, tokens, time from a measured step, "
+                                            "disk); runs the data stages it needs, trains no proxy.")):
+    """Short proxy continual-pretraining runs at several domain ratios and token budgets -> mix/runs.jsonl.
+
+    Prints an estimate first and the ETA after each point; a proxy run's checkpoints are removed
+    once its points are recorded."""
     r, wd = load_recipe_and_workdir(recipe, workdir)
-    out = sweep_mixture(r, wd, log=log)
+    out = sweep_mixture(r, wd, log=log, dry_run=dry_run)
+    if dry_run:
+        log(f"mix: dry run: no proxy trained; run without --dry-run to measure the points into {out}")
+        return
     log(f"mix: runs in {out}; next: hone mix fit {out} -o {wd / 'mixture.json'}")
 
 

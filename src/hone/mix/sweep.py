@@ -25,6 +25,13 @@ orders as well as finished points.
 With ``mix.base_tokens`` > 0 the base is first trained on general text only (for a random
 model, which has no general knowledge to forget otherwise); it is kept in ``mix/base/``.
 
+Before any training the sweep prints one estimate line: the proxy runs left (ratios x
+orders), tokens each, the time from a few real proxy steps timed on a copy of the model (in
+``mix/.estimate/``, removed after) and one timed evaluation, and the disk the proxy
+checkpoints take at a time. After each point a progress line gives the ETA. A proxy run's
+directory under ``mix/runs/`` (its checkpoints) is removed once all its points are recorded;
+a run not yet recorded keeps its checkpoints, so a killed run resumes from them.
+
     hone mix sweep recipes/tiny-cpu.toml --workdir runs/tiny
 """
 
@@ -33,6 +40,7 @@ from __future__ import annotations
 import copy
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,11 +51,12 @@ from hone.errors import HoneError
 from hone.evaluate import evaluate_sets, read_texts
 from hone.recipe import Recipe
 from hone.rundir import append_jsonl, atomic_path, ensure_dir, is_done, mark_done, read_jsonl
-from hone.train.checkpoint import checkpoint_step, checkpoints_newest_first
+from hone.train.checkpoint import KEEP_CHECKPOINTS, checkpoint_step, checkpoints_newest_first
 from hone.train.loop import train
 from hone.train.run import build_loader
 
 Log = Callable[[str], None]
+PROBE_STEPS = 3  # timed proxy steps for the estimate: the first warms up, the others are measured
 
 
 def budgets(recipe: Recipe) -> list[int]:
@@ -146,9 +155,10 @@ def _base_model(recipe: Recipe, workdir: Path, model, log: Log):
 def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Path], ratio: float,
               token_budgets: list[int], run_dir: Path, *, skip: set[float] = frozenset(),
               offset_seed: int | None = None,
-              on_point: Callable[[dict], None] = lambda row: None, log: Log = print) -> list[dict]:
+              on_point: Callable[[dict], str | None] = lambda row: None, log: Log = print) -> list[dict]:
     """Train a copy of ``base`` at ``ratio`` up to the largest budget, evaluating at each;
-    budgets in ``skip`` are trained through but not evaluated again."""
+    budgets in ``skip`` are trained through but not evaluated again. ``on_point`` records a
+    row and may return text (the sweep's progress) to end the row's log line."""
     seq, batch = recipe.train.seq_len, recipe.train.batch_size
     per_step = seq * batch
     steps = _budget_steps(token_budgets, per_step)
@@ -174,10 +184,10 @@ def proxy_run(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Pat
             continue
         row = {"model_params": n_params, "ratio": ratio, "tokens": tokens,
                **_eval_losses(recipe, model, tok, eval_sets)}
-        on_point(row)
+        note = on_point(row) or ""
         rows.append(row)
         log(f"mix: ratio {ratio:.3f} tokens {tokens:>9,} general {row['general_loss']:.4f} domain "
-            f"{row['domain_loss']:.4f} ({time.perf_counter() - t0:.0f}s)")
+            f"{row['domain_loss']:.4f} ({time.perf_counter() - t0:.0f}s){note}")
     return rows
 
 
@@ -201,9 +211,148 @@ def check_sets(recipe: Recipe, eval_sets: dict[str, Path]) -> None:
             raise HoneError(f"mix.{key}: no evaluation set named {name!r} (have: {', '.join(sorted(eval_sets))})")
 
 
-def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path], log: Log = print) -> Path:
+@dataclass(frozen=True)
+class Probe:
+    """Costs measured on this machine: one proxy step, one train call's start-up and
+    checkpoint save, one evaluation of both sets, and one checkpoint on disk."""
+    step_s: float
+    call_s: float
+    eval_s: float
+    checkpoint_bytes: int
+
+
+def fmt_duration(seconds: float) -> str:
+    s = int(round(max(0.0, seconds)))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
+
+
+def _probe(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path]) -> tuple[Probe, dict[str, float]]:
+    """Time a few real proxy steps on a copy of ``model`` (in mix/.estimate, removed after) and
+    one evaluation of ``model``; return the costs and that evaluation's losses."""
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    steps = _budget_steps(budgets(recipe), per_step)
+    n = min(PROBE_STEPS, steps[-1])
+    probe_dir = workdir / "mix" / ".estimate"
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    t0 = time.perf_counter()
+    train(copy.deepcopy(model), _loader(recipe, workdir, 0.5, recipe.train.seq_len),
+          _proxy_train_config(recipe, steps[-1] * per_step), ensure_dir(probe_dir), total_steps=steps[-1],
+          max_steps=n, log=lambda m: None)
+    wall = time.perf_counter() - t0
+    step_times = [r["step_s"] for r in read_jsonl(probe_dir / "metrics.jsonl")]
+    measured = step_times[1:] or step_times  # the first step warms up
+    step_s = float(np.mean(measured))
+    checkpoint_bytes = _tree_bytes(probe_dir / "checkpoints")
+    shutil.rmtree(probe_dir, ignore_errors=True)
+    t1 = time.perf_counter()
+    losses = _eval_losses(recipe, model, tok, eval_sets)
+    eval_s = time.perf_counter() - t1
+    return Probe(step_s, max(0.0, wall - step_s * len(step_times)), eval_s, checkpoint_bytes), losses
+
+
+def _pending(recipe: Recipe, done: set[tuple[float, float]], measured: dict) -> list[tuple[float, int, list[int]]]:
+    """(ratio, order, budgets in tokens still to measure) of every proxy run with points left."""
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    all_tokens = [s * per_step for s in _budget_steps(budgets(recipe), per_step)]
+    out = []
+    for ratio in recipe.mix.ratios:
+        key = round(ratio, 6)
+        left = [t for t in all_tokens if (key, float(t)) not in done]
+        for k in range(recipe.mix.orders):
+            mine = left if recipe.mix.orders == 1 else [t for t in left if (key, float(t), k) not in measured]
+            if mine:
+                out.append((ratio, k, mine))
+    return out
+
+
+def _point_costs(recipe: Recipe, probe: Probe) -> dict[int, float]:
+    """Seconds to reach and measure each budget of a proxy run from the previous one."""
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    costs, prev = {}, 0
+    for s in _budget_steps(budgets(recipe), per_step):
+        costs[s * per_step] = (s - prev) * probe.step_s + probe.call_s + probe.eval_s
+        prev = s
+    return costs
+
+
+def _run_cost(costs: dict[int, float], left: list[int], probe: Probe) -> float:
+    """A run trains through every budget (from the base) and evaluates only those left."""
+    return sum(costs.values()) - (len(costs) - len(left)) * probe.eval_s
+
+
+def estimate_line(recipe: Recipe, pending: list[tuple[float, int, list[int]]], probe: Probe, *, base_steps: int,
+                  base_rows: bool) -> tuple[str, float]:
+    """The one-line estimate printed before any proxy run, and its seconds."""
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    steps = _budget_steps(budgets(recipe), per_step)
+    costs = _point_costs(recipe, probe)
+    seconds = sum(_run_cost(costs, left, probe) for _, _, left in pending)
+    seconds += base_steps * probe.step_s + (probe.call_s if base_steps else 0.0) + (probe.eval_s if base_rows else 0.0)
+    m = recipe.mix
+    total = len(m.ratios) * m.orders
+    per_run = min(KEEP_CHECKPOINTS, len(steps)) * probe.checkpoint_bytes
+    points = sum(len(left) for _, _, left in pending)
+    base = f" + {base_steps} general-only base step{'s' if base_steps > 1 else ''}" if base_steps else ""
+    line = (f"mix: estimate: {len(pending)} of {total} proxy runs to do ({len(m.ratios)} ratios x {m.orders} "
+            f"order{'s' if m.orders > 1 else ''}), {steps[-1] * per_step:,} tokens = {steps[-1]} steps each{base}, "
+            f"{points} points | {probe.step_s:.3g} s/step measured, {probe.eval_s:.3g} s per evaluation | "
+            f"about {fmt_duration(seconds)} | proxy checkpoints {fmt_bytes(per_run)} at a time "
+            f"({min(KEEP_CHECKPOINTS, len(steps))} x {fmt_bytes(probe.checkpoint_bytes)}; each run's removed "
+            f"once its points are recorded)")
+    return line, seconds
+
+
+class _Progress:
+    """The progress line after each point: points done, elapsed, ETA from the measured pace."""
+
+    def __init__(self, total_s: float, points: int, costs: dict[int, float]):
+        self.total_s, self.points, self.costs = max(total_s, 1e-9), points, costs
+        self.done_s, self.done_points, self.t0 = 0.0, 0, time.perf_counter()
+        self.run_start = 0.0
+
+    def point(self, tokens: int) -> str:
+        self.done_points += 1
+        self.done_s = min(self.total_s, self.done_s + self.costs.get(int(tokens), 0.0))
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed * (self.total_s - self.done_s) / max(self.done_s, 1e-9)
+        return f" | point {self.done_points}/{self.points} | {fmt_duration(elapsed)} | ETA {fmt_duration(eta)}"
+
+    def run_begin(self) -> None:
+        self.run_start = self.done_s
+
+    def run_done(self, cost: float) -> None:
+        """A run also trains through budgets it does not evaluate: count its whole cost."""
+        self.done_s = min(self.total_s, self.run_start + cost)
+
+
+def _remove_run(run_dir: Path) -> int:
+    """Delete a recorded proxy run's directory (its checkpoints); return the bytes freed."""
+    if not run_dir.exists():
+        return 0
+    size = _tree_bytes(run_dir)
+    shutil.rmtree(run_dir)
+    return size
+
+
+def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path], log: Log = print, *,
+              dry_run: bool = False) -> Path:
     """Every (ratio, budget) of the recipe's [mix] section not yet in mix/runs.jsonl, from the
-    prepared base ``model`` (the data stages have run: the corpus is tokenized with ``tok``)."""
+    prepared base ``model`` (the data stages have run: the corpus is tokenized with ``tok``).
+    ``dry_run`` prints the estimate only: no proxy run, nothing written to mix/runs.jsonl."""
     workdir = Path(workdir)
     mixdir = ensure_dir(workdir / "mix")
     out = mixdir / "runs.jsonl"
@@ -214,25 +363,81 @@ def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Pa
         raise HoneError(f"mix.tokens: budget {min(token_budgets)} is less than one step ({per_step} tokens)")
     orders = f" x {recipe.mix.orders} data orders" if recipe.mix.orders > 1 else ""
     log(f"mix: sweep of ratios {list(recipe.mix.ratios)} x budgets {token_budgets} tokens{orders} -> {out}")
+    pending = _pending(recipe, done, _order_points(mixdir / "orders.jsonl"))
+    base_rows = any((round(r, 6), 0.0) not in done for r in recipe.mix.ratios)
+    all_tokens = [0] + [s * per_step for s in _budget_steps(token_budgets, per_step)]
+    freed = [0, 0]  # runs removed, bytes
+    if not dry_run:
+        _remove_recorded(recipe, mixdir, pending, freed)
+    if all((round(r, 6), float(t)) in done for r in recipe.mix.ratios for t in all_tokens):
+        log(f"mix: every point of the sweep is already in {out}")
+        _say_removed(mixdir, freed, log)
+        return out
+    base_done = recipe.mix.base_tokens <= 0 or is_done(mixdir / "base")
+    base_steps = 0 if base_done else max(1, recipe.mix.base_tokens // per_step)
+    probe, probed = _probe(recipe, workdir, model, tok, eval_sets)
+    line, seconds = estimate_line(recipe, pending, probe, base_steps=base_steps, base_rows=base_rows)
+    log(line)
+    if dry_run:
+        return out
     base = _base_model(recipe, workdir, model, log)
     n_params = sum(p.numel() for p in base.parameters())
-    before = None
+    before = probed if recipe.mix.base_tokens <= 0 else None
+    costs = _point_costs(recipe, probe)
+    progress = _Progress(seconds, sum(len(left) for _, _, left in pending), costs)
     for ratio in recipe.mix.ratios:
         if (round(ratio, 6), 0.0) not in done:
             before = before or _eval_losses(recipe, base, tok, eval_sets)
             append_jsonl(out, {"model_params": n_params, "ratio": ratio, "tokens": 0, **before})
+        runs = {k: left for r, k, left in pending if r == ratio}
+
+        def finished(order: int, left: list[int], ratio: float = ratio) -> None:
+            """Its points are recorded: its checkpoints go (a killed run keeps them to resume)."""
+            progress.run_done(_run_cost(costs, left, probe))
+            freed[0] += 1
+            freed[1] += _remove_run(mixdir / "runs" / _run_name(ratio, order))
+
+        def record(row: dict) -> str:
+            append_jsonl(out, row)
+            return progress.point(row["tokens"])
+
         skip = {t for r, t in done if r == round(ratio, 6)}
-        if recipe.mix.orders == 1:
+        if recipe.mix.orders > 1:
+            _ratio_over_orders(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, skip, out, log,
+                               progress=progress, finished_run=finished, left=runs)
+        elif runs:
+            progress.run_begin()
             proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets,
-                      mixdir / "runs" / _run_name(ratio, 0),
-                      skip=skip, on_point=lambda row: append_jsonl(out, row), log=log)
-        else:
-            _ratio_over_orders(recipe, workdir, base, tok, eval_sets, ratio, token_budgets, skip, out, log)
+                      mixdir / "runs" / _run_name(ratio, 0), skip=skip, on_point=record, log=log)
+            finished(0, runs[0])
+    _say_removed(mixdir, freed, log)
     return out
 
 
+def _remove_recorded(recipe: Recipe, mixdir: Path, pending: list[tuple[float, int, list[int]]],
+                     freed: list[int]) -> None:
+    """Runs left from an earlier sweep whose points are all recorded: their checkpoints go."""
+    open_runs = {(round(r, 6), k) for r, k, _ in pending}
+    for ratio in recipe.mix.ratios:
+        for k in range(recipe.mix.orders):
+            run_dir = mixdir / "runs" / _run_name(ratio, k)
+            if (round(ratio, 6), k) not in open_runs and run_dir.exists():
+                freed[0] += 1
+                freed[1] += _remove_run(run_dir)
+
+
+def _say_removed(mixdir: Path, freed: list[int], log: Log) -> None:
+    if not freed[0]:
+        return
+    kept = f"; base weights kept in {mixdir / 'base'}" if (mixdir / "base").exists() else ""
+    log(f"mix: removed {freed[0]} recorded proxy run{'s' if freed[0] > 1 else ''} under {mixdir / 'runs'} "
+        f"(checkpoints, {fmt_bytes(freed[1])} freed){kept}")
+
+
 def _ratio_over_orders(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict[str, Path], ratio: float,
-                       token_budgets: list[int], finished: set[float], out: Path, log: Log) -> None:
+                       token_budgets: list[int], finished: set[float], out: Path, log: Log, *,
+                       progress: _Progress, finished_run: Callable[[int, list[int]], None],
+                       left: dict[int, list[int]]) -> None:
     """mix.orders proxy runs at ``ratio`` (each order's points in mix/orders.jsonl), then one
     mean line per budget not yet in runs.jsonl."""
     per_step = recipe.train.seq_len * recipe.train.batch_size
@@ -243,17 +448,22 @@ def _ratio_over_orders(recipe: Recipe, workdir: Path, base, tok, eval_sets: dict
     measured = _order_points(path)
     key = round(ratio, 6)
 
-    def record(row: dict, order: int) -> None:
+    def record(row: dict, order: int) -> str:
         row = {**row, "order": order}
         append_jsonl(path, row)
         measured[(key, float(row["tokens"]), order)] = row
+        return progress.point(row["tokens"])
 
     for k in range(recipe.mix.orders):
+        if k not in left:
+            continue
         skip = set(finished) | {t for r, t, o in measured if r == key and o == k}
+        progress.run_begin()
         proxy_run(recipe, workdir, base, tok, eval_sets, ratio, token_budgets,
                   out.parent / "runs" / _run_name(ratio, k),
                   skip=skip, offset_seed=order_seed(k), on_point=lambda row, k=k: record(row, k),
                   log=lambda m, k=k: log(f"{m} [order {k}]"))
+        finished_run(k, left[k])
     for t in wanted:
         row = _mean_row([measured[(key, float(t), k)] for k in range(recipe.mix.orders)])
         append_jsonl(out, row)

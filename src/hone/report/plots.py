@@ -103,6 +103,18 @@ def perplexity(table: dict[str, dict]) -> str:
     return _png(fig)
 
 
+def loss_limits(values: list[float], margin: float = 0.1) -> tuple[float, float] | None:
+    """Y-axis limits that follow the measured losses with a margin of ``margin`` of their span
+    (at least 0.02 nats), so a fitted curve that leaves their range (CMR near ratio 0) is clipped
+    at the axes instead of flattening the points. None without values."""
+    vals = [float(v) for v in values if v is not None and np.isfinite(v)]
+    if not vals:
+        return None
+    lo, hi = min(vals), max(vals)
+    pad = max((hi - lo) * margin, 0.02)
+    return lo - pad, hi + pad
+
+
 def mixture_fits(points: list[dict], mixture: dict | None) -> str:
     """General and domain loss vs domain ratio: the proxy runs' points per token budget, the
     fitted CMR curves (solid) and D-CPT curves (dashed), the tolerance line and the chosen ratio."""
@@ -113,13 +125,15 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
     grid = np.linspace(0, 1, 201)
     laws = (mixture or {}).get("laws", {})
     for ax, key, title in zip(axes, ("general_loss", "domain_loss"), ("General loss", "Domain loss")):
+        shown = [p[key] for p in trained if p[key] is not None]  # the y-range: measured points and reference lines
         for t, c in zip(budgets, colors):
             pts = [(p["ratio"], p[key]) for p in trained if p["tokens"] == t and p[key] is not None]
             ax.scatter([x for x, _ in pts], [y for _, y in pts], color=c, s=22, zorder=3, label=f"{t:,.0f} tokens")
             cmr = next((s for s in laws.get("cmr", {}).get("by_tokens", []) if s["tokens"] == t and s.get(key)), None)
             if cmr:
                 f = cmr[key]
-                ax.plot(grid, f["a"] * grid ** f["s"] + f["b"], color=c, lw=1.4)
+                with np.errstate(divide="ignore"):  # s < 0: the curve leaves the axes at ratio 0
+                    ax.plot(grid, f["a"] * grid ** f["s"] + f["b"], color=c, lw=1.4)
             if "dcpt" in laws:
                 ax.plot(grid, predict_dcpt(laws["dcpt"], grid, t, mixture.get("model_params"))[key], color=c, lw=1,
                         ls="--")
@@ -128,10 +142,15 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
             before = next((p[key] for p in points if p["tokens"] == 0 and p[key] is not None), None)
         if before is not None:
             ax.axhline(before, color="gray", lw=0.8, ls=":", label="before")
+            shown.append(before)
         if key == "general_loss" and mixture and mixture.get("chosen"):
             ref = mixture["chosen"].get("reference_general_loss")
             if ref is not None:
                 ax.axhline(ref + mixture["tolerance"], color="#C44E52", lw=0.8, ls="-.", label="tolerance")
+                shown.append(ref + mixture["tolerance"])
+        limits = loss_limits(shown)
+        if limits is not None:
+            ax.set_ylim(*limits)  # lines are clipped at the axes
         if mixture and mixture.get("chosen"):
             ax.axvline(mixture["chosen"]["ratio"], color="#C44E52", lw=1.2,
                        label=f"chosen {mixture['chosen']['ratio']:.3f}")
