@@ -126,7 +126,7 @@ def resume_from_newest(ckpt_root: Path, model, optimizer, loader: MixtureLoader,
         return step
     if checkpoints_newest_first(ckpt_root):
         # Some load may have half-written the model: starting over silently would be wrong.
-        raise HoneError(f"{ckpt_root}: no usable checkpoint; move it away or train without --resume")
+        raise HoneError(f"{ckpt_root}: no usable checkpoint; move it away or train with --fresh")
     return 0
 
 

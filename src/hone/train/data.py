@@ -178,7 +178,7 @@ class MixtureLoader:
         saved = state.get("schedule")
         if saved is not None and [tuple(p) for p in _check_schedule(saved)] != self._phases():
             raise HoneError(f"the checkpoint's mixture schedule {saved} differs from this run's "
-                            f"{[list(p) for p in self._phases()]}: train without --resume to start over")
+                            f"{[list(p) for p in self._phases()]}: train with --fresh to start over")
         self.step = state["step"]
         self.served = dict(state["served"])
         for name, s in state["streams"].items():
