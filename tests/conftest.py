@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -44,3 +46,20 @@ def token_dirs(tmp_path):
                     "tokenizer_hash": "x"})
         dirs[name] = d
     return dirs
+
+
+def run_hone(capsys, *args) -> tuple[int, str, str]:
+    """Run the `hone` entry point in this process (no torch import per call): (status, stdout, stderr)."""
+    from hone.cli import main
+
+    argv, sys.argv = sys.argv, ["hone", *map(str, args)]
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -2,13 +2,13 @@
 packaged SmolLM2 scored on whole documents, against in-process references."""
 
 import json
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from tokenizers import AddedToken
 
+from conftest import run_hone
 from hone.errors import HoneError
 from hone.evaluate import evaluate_sets
 from hone.model.gguf import load_gguf
@@ -21,20 +21,7 @@ LONG = " ".join(TEXTS * 5)
 
 
 def hone(capsys, *args) -> tuple[int, str, str]:
-    """Run the `hone` entry point in this process: (status, stdout, stderr)."""
-    from hone.cli import main
-
-    argv, sys.argv = sys.argv, ["hone", *map(str, args)]
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_hone(capsys, *args)
 
 
 def write_jsonl(path, texts):

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 import random
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_hone
 from hone.errors import HoneError
 from hone.experts.ensemble import EnsembleLM, load_model
 from hone.experts.merge import average, ensemble, parse_weights
@@ -158,19 +158,9 @@ def test_cached_prior_follows_the_sample(separated, tmp_path, capsys):
 
 
 def hone(capsys, *args) -> tuple[int, str]:
-    """Run the `hone` entry point in this process (no torch import per call): (status, stderr)."""
-    from hone.cli import main
-
-    argv, sys.argv = sys.argv, ["hone", *args]
-    capsys.readouterr()
-    try:
-        main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    finally:
-        sys.argv = argv
-    return code, capsys.readouterr().err
+    """(status, stderr) of `hone ARGS` run in this process."""
+    code, _, err = run_hone(capsys, *args)
+    return code, err
 
 
 def test_hone_eval_scores_an_ensemble_no_worse_than_the_best_expert(separated, tmp_path, capsys):

@@ -475,11 +475,10 @@ def describe_progress(workdir: Path) -> str:
     """What is already done in the run directory."""
     if not Path(workdir).exists():
         return "new"
-    done = [name for name, path in (("pool", Path(str(workdir / POOL_DIR) + ".done")),
-                                    ("corpus", Path(str(workdir / CORPUS_DIR) + ".done")),
-                                    ("tokens", Path(str(workdir / TOKENS_DIR / "train") + ".done")),
-                                    ("base eval", workdir / EVAL_BEFORE_FILE), ("final model", workdir / FINAL_DIR),
-                                    ("eval", workdir / EVAL_FILE)) if path.exists()]
+    done = [name for name, path in (("pool", workdir / POOL_DIR), ("corpus", workdir / CORPUS_DIR),
+                                    ("tokens", workdir / TOKENS_DIR / "train")) if is_done(path)]
+    done += [name for name, path in (("base eval", workdir / EVAL_BEFORE_FILE), ("final model", workdir / FINAL_DIR),
+                                     ("eval", workdir / EVAL_FILE)) if path.exists()]
     newest = latest_checkpoint(workdir / CHECKPOINTS_DIR, log=lambda m: None)
     if newest is not None:
         done.append(f"checkpoint at step {read_json(newest / STATE_FILE)['step']}")
