@@ -68,7 +68,7 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _reader(path_or_reader: Any):
+def gguf_reader(path_or_reader: Any):
     if isinstance(path_or_reader, gguf.GGUFReader):
         return path_or_reader
     path = Path(path_or_reader)
@@ -77,7 +77,7 @@ def _reader(path_or_reader: Any):
     return gguf.GGUFReader(path)
 
 
-def _meta(reader, key: str, default: Any = ...) -> Any:
+def gguf_meta(reader, key: str, default: Any = ...) -> Any:
     field = reader.fields.get(key)
     if field is None:
         if default is ...:
@@ -93,33 +93,33 @@ def _f32_to_float(x: float) -> float:
 
 def gguf_config(reader) -> LlamaConfig:
     """Our config from a GGUF's ``llama.*`` metadata and tensor list."""
-    arch = _meta(reader, "general.architecture")
+    arch = gguf_meta(reader, "general.architecture")
     if arch != "llama":
         raise HoneError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
     names = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in names or _meta(reader, "llama.rope.scaling.type", None) not in (None, "none"):
+    if "rope_freqs.weight" in names or gguf_meta(reader, "llama.rope.scaling.type", None) not in (None, "none"):
         raise HoneError("GGUF with rope scaling is not supported")
-    heads = int(_meta(reader, "llama.attention.head_count"))
-    hidden = int(_meta(reader, "llama.embedding_length"))
+    heads = int(gguf_meta(reader, "llama.attention.head_count"))
+    hidden = int(gguf_meta(reader, "llama.embedding_length"))
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _meta(reader, "llama.vocab_size", None) or (len(tokens.data) if tokens else None)
+    vocab = gguf_meta(reader, "llama.vocab_size", None) or (len(tokens.data) if tokens else None)
     if vocab is None:
         vocab = next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1]
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(_meta(reader, "llama.feed_forward_length")),
-        num_hidden_layers=int(_meta(reader, "llama.block_count")),
+        intermediate_size=int(gguf_meta(reader, "llama.feed_forward_length")),
+        num_hidden_layers=int(gguf_meta(reader, "llama.block_count")),
         num_attention_heads=heads,
-        num_key_value_heads=int(_meta(reader, "llama.attention.head_count_kv", heads)),
-        head_dim=int(_meta(reader, "llama.attention.key_length", hidden // heads)),
-        max_position_embeddings=int(_meta(reader, "llama.context_length", 2048)),
-        rms_norm_eps=_f32_to_float(_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=_f32_to_float(_meta(reader, "llama.rope.freq_base", 10000.0)),
+        num_key_value_heads=int(gguf_meta(reader, "llama.attention.head_count_kv", heads)),
+        head_dim=int(gguf_meta(reader, "llama.attention.key_length", hidden // heads)),
+        max_position_embeddings=int(gguf_meta(reader, "llama.context_length", 2048)),
+        rms_norm_eps=_f32_to_float(gguf_meta(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_f32_to_float(gguf_meta(reader, "llama.rope.freq_base", 10000.0)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        bos_token_id=_meta(reader, "tokenizer.ggml.bos_token_id", None),
-        eos_token_id=_meta(reader, "tokenizer.ggml.eos_token_id", None),
+        bos_token_id=gguf_meta(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=gguf_meta(reader, "tokenizer.ggml.eos_token_id", None),
     )
 
 
@@ -160,7 +160,7 @@ def _gguf_state_dict(reader, cfg: LlamaConfig, dtype: torch.dtype) -> dict[str, 
 
 def load_gguf(path: Path | str, dtype: torch.dtype = torch.float32) -> tuple[Llama, Tokenizer]:
     """A llama-architecture GGUF as our ``Llama`` (dequantized to ``dtype``) and its tokenizer."""
-    reader = _reader(path)
+    reader = gguf_reader(path)
     cfg = gguf_config(reader)
     model = Llama.from_state_dict(cfg, _gguf_state_dict(reader, cfg, dtype))
     return model, tokenizer_from_gguf(reader)
@@ -210,18 +210,18 @@ def _pre_tokenizer(pre: str | None):
 
 def tokenizer_from_gguf(path_or_reader: Any) -> Tokenizer:
     """The byte-level BPE tokenizer in a GGUF's ``tokenizer.ggml.*`` metadata."""
-    reader = _reader(path_or_reader)
-    kind = _meta(reader, "tokenizer.ggml.model")
+    reader = gguf_reader(path_or_reader)
+    kind = gguf_meta(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise HoneError(f"GGUF tokenizer model {kind!r} is not supported (only byte-level BPE 'gpt2')")
-    tokens = list(_meta(reader, "tokenizer.ggml.tokens"))
-    merges = [tuple(m.split(" ", 1)) for m in _meta(reader, "tokenizer.ggml.merges")]
+    tokens = list(gguf_meta(reader, "tokenizer.ggml.tokens"))
+    merges = [tuple(m.split(" ", 1)) for m in gguf_meta(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab=_byte_level_vocab(tokens), merges=merges, fuse_unk=False))
-    tok.pre_tokenizer = _pre_tokenizer(_meta(reader, "tokenizer.ggml.pre", None))
+    tok.pre_tokenizer = _pre_tokenizer(gguf_meta(reader, "tokenizer.ggml.pre", None))
     tok.decoder = decoders.ByteLevel()
-    _add_gguf_special_tokens(tok, tokens, list(_meta(reader, "tokenizer.ggml.token_type", [])))
-    bos = _meta(reader, "tokenizer.ggml.bos_token_id", None)
-    if _meta(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
+    _add_gguf_special_tokens(tok, tokens, list(gguf_meta(reader, "tokenizer.ggml.token_type", [])))
+    bos = gguf_meta(reader, "tokenizer.ggml.bos_token_id", None)
+    if gguf_meta(reader, "tokenizer.ggml.add_bos_token", False) and bos is not None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A {tokens[bos]} $B", special_tokens=[(tokens[bos], bos)]
         )

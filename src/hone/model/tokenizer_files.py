@@ -21,7 +21,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from hone.errors import HoneError
-from hone.model.gguf import _meta, _reader
+from hone.model.gguf import gguf_meta, gguf_reader
 from hone.recipe import ModelConfig
 from hone.tokens import EOS_TOKEN
 from hone.tokens.conventions import TokenConventions
@@ -44,29 +44,29 @@ def _dump(obj: Any) -> bytes:
 
 def gguf_tokenizer_files(path_or_reader: Any, tokenizer: Tokenizer) -> dict[str, bytes]:
     """HF tokenizer files for a GGUF's tokenizer: its chat template and special tokens kept."""
-    reader = _reader(path_or_reader)
+    reader = gguf_reader(path_or_reader)
 
     def token(key: str) -> str | None:
-        tid = _meta(reader, key, None)
+        tid = gguf_meta(reader, key, None)
         return tokenizer.id_to_token(int(tid)) if tid is not None else None
 
+    arch = gguf_meta(reader, "general.architecture", "llama")
     bos, eos = token("tokenizer.ggml.bos_token_id"), token("tokenizer.ggml.eos_token_id")
     pad = token("tokenizer.ggml.padding_token_id") or eos
     config: dict[str, Any] = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": bos, "eos_token": eos, "pad_token": pad,
         "unk_token": token("tokenizer.ggml.unknown_token_id"),
-        "add_bos_token": bool(_meta(reader, "tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(_meta(reader, "tokenizer.ggml.add_eos_token", False)),
+        "add_bos_token": bool(gguf_meta(reader, "tokenizer.ggml.add_bos_token", False)),
+        "add_eos_token": bool(gguf_meta(reader, "tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(_meta(reader, f"{_meta(reader, 'general.architecture', 'llama')}.context_length",
-                                      2048)),
+        "model_max_length": int(gguf_meta(reader, f"{arch}.context_length", 2048)),
     }
-    template = _meta(reader, "tokenizer.chat_template", None)
+    template = gguf_meta(reader, "tokenizer.chat_template", None)
     if template:
         config["chat_template"] = str(template)
     special = {k: v for k, v in config.items() if k in ("bos_token", "eos_token", "pad_token", "unk_token") and v}
-    generation = {k: _meta(reader, f"tokenizer.ggml.{k}", None) for k in ("bos_token_id", "eos_token_id")}
+    generation = {k: gguf_meta(reader, f"tokenizer.ggml.{k}", None) for k in ("bos_token_id", "eos_token_id")}
     generation["pad_token_id"] = tokenizer.token_to_id(pad) if pad else None
     return {"tokenizer.json": tokenizer.to_str(pretty=True).encode("utf-8"),
             "tokenizer_config.json": _dump(config), "special_tokens_map.json": _dump(special),
