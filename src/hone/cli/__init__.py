@@ -30,6 +30,7 @@ from hone.recipe import describe_fields, load_recipe, shipped_recipe
 from hone.report import write_report
 from hone.rundir import LAUNCH_DIR, ensure_dir, write_text
 from hone.train.faults import parse as parse_faults
+from hone.train.preempt import Preempted
 from hone.train.run import plan_from_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -87,7 +88,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
                                          help="Self-healing: detect crashes, hangs, NaN losses and stragglers, recover "
                                               "by the cheapest plan (events.jsonl)."),
           fault: Optional[str] = typer.Option(None, "--fault",
-                                              help="Inject faults (as HONE_FAULT): kill|hang|nan:step=N[:rank=R], "
+                                              help="Inject faults (as HONE_FAULT): kill|hang|nan|term:step=N[:rank=R], "
                                                    "kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
     """Train as the recipe says (runs the data stages first if their artifacts are missing).
 
@@ -157,6 +158,9 @@ def recipe_fields():
 def main() -> None:
     try:
         app()
+    except Preempted as e:  # not a mistake: the cluster asked the job to stop; its status says "requeue me"
+        print(f"preempted: {e}", file=sys.stderr)
+        raise SystemExit(e.exit_code)
     except HoneError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

@@ -33,7 +33,7 @@ from hone.plan.hardware import gpu_for_device_name
 from hone.plan.shapes import ModelShape, flops_per_token
 from hone.recipe import TrainConfig
 from hone.rundir import append_event, append_jsonl, ensure_dir
-from hone.train.checkpoint import latest_checkpoint, resume_from_newest, save_checkpoint
+from hone.train.checkpoint import checkpoint_step, latest_checkpoint, resume_from_newest, save_checkpoint
 from hone.train.data import MixtureLoader
 from hone.train.faults import maybe_fail, poison_loss, slow_down
 from hone.train.hooks import (
@@ -50,6 +50,7 @@ from hone.train.hooks import (
     write_model_info,
 )
 from hone.train.parallelize import DistContext
+from hone.train.preempt import Preempted, received, stop_requested
 
 __all__ = ["train", "lr_at", "latest_checkpoint"]
 
@@ -209,6 +210,23 @@ def _roll_back(ckpt_root: Path, model, optimizer, loader: MixtureLoader, say) ->
     if latest_checkpoint(ckpt_root, say) is None:
         return None
     return resume_from_newest(ckpt_root, model, optimizer, loader, say)
+
+
+def _preempted(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoader, ctx: DistContext,
+               workdir: Path, say) -> Preempted:
+    """A preemption signal reached some rank: checkpoint this step (unless the schedule just
+    did), record it, and return the error that stops the job with the "resumable" status."""
+    newest = latest_checkpoint(ckpt_root, lambda m: None)
+    if checkpoint_step(newest) != step:
+        newest = save_checkpoint(ckpt_root, step, model, optimizer, loader, ctx)
+    sig, at = received() or ("a peer rank's signal", None)
+    waited = f" {time.time() - at:.1f} s after {sig}" if at else f" on {sig}"
+    if ctx.is_main:
+        append_event(workdir, "preempted", step=step, signal=sig, world=ctx.world_size,
+                     checkpoint=newest.name, signal_to_checkpoint_s=round(time.time() - at, 3) if at else None)
+    say(f"preempted: stopped after step {step} with checkpoint {newest.name}{waited}")
+    return Preempted(f"stopped after step {step} on {sig}; checkpoint {newest.name} is written, "
+                     f"run the same command again to resume")
 
 
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
@@ -371,6 +389,9 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
             say(f"recovered from a non-finite loss in place: step {step + 1} done "
                 f"{time.time() - rolled_back['time']:.1f} s after it")
             rolled_back = None
+        if stop_requested(ctx.distributed, ctx.device):  # every rank alike, after the same step
+            heartbeat.beat(step + 1, state="stopping")
+            raise _preempted(ckpt_root, step + 1, model, optimizer, loader, ctx, workdir, say)
         step += 1
     if stop > start:
         save_checkpoint(ckpt_root, stop, model, optimizer, loader, ctx)

@@ -25,6 +25,7 @@ from hone.train.data import MixtureLoader, TokenStream, schedule_phases
 from hone.train.loop import train
 from hone.train.mixture import load_mixture
 from hone.train.parallelize import DistContext, ParallelPlan, parallelize
+from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, forwarding
 
 Log = Callable[[str], None]
 
@@ -93,8 +94,9 @@ def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None
     parallelize(model, plan, DistContext(device=next(model.parameters()).device))
     torch.manual_seed(recipe.run.seed)
     try:
-        summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps,
-                        log=log)
+        with catching():  # a preemption signal stops training after a step and a checkpoint
+            summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps,
+                            log=log)
         write_json(workdir / SUMMARY_FILE, {**summary, "world_size": 1, "plan": plan.__dict__})
         return summary
     finally:
@@ -135,7 +137,12 @@ def launch_local(workdir: Path, nproc: int, max_steps: int | None, log: Log = pr
     log(f"launch: torchrun {shlex.join(argv[4:])}")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(argv, env=env)
+    proc = subprocess.Popen(argv, env=env)
+    with forwarding(lambda: [proc.pid]):  # a preemption signal goes on to torchrun and its workers
+        proc.wait()
+    if proc.returncode == EXIT_PREEMPTED:
+        raise Preempted(f"the {nproc} workers stopped after a step and wrote a checkpoint; "
+                        f"`hone train RECIPE --workdir {workdir}` resumes from it")
     if proc.returncode != 0:
         raise HoneError(f"torchrun with {nproc} processes exited with status {proc.returncode} "
                         f"(see the worker output above); `hone train RECIPE --workdir {workdir} --resume` "

@@ -29,6 +29,7 @@ from hone.rundir import LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_j
 from hone.train.hooks import NonFiniteLoss
 from hone.train.loop import train
 from hone.train.parallelize import init_distributed, parallelize
+from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, children, forwarding
 from hone.train.run import build_loader, plan_from_recipe, total_steps
 
 
@@ -77,10 +78,19 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
 
 
 def run_torchrun(args: list[str]) -> int:
-    """torchrun's own entry point, with worker failures reported in one line per rank."""
+    """torchrun's own entry point, with worker failures reported in one line per rank.
+
+    torchrun answers SIGTERM by terminating its workers and dies of SIGUSR1; here both go on to
+    the workers instead, which finish their step, checkpoint and exit with EXIT_PREEMPTED,
+    which becomes this process's status (torchrun keeps SIGINT, SIGHUP and SIGQUIT).
+    """
+    me = os.getpid()
     try:
-        run(get_args_parser().parse_args(args))
+        with forwarding(lambda: children(me)):
+            run(get_args_parser().parse_args(["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *args]))
     except ChildFailedError as e:
+        if all(f.exitcode == EXIT_PREEMPTED for f in e.failures.values()):
+            return EXIT_PREEMPTED  # rank 0 said so in one line; the caller or the Slurm script acts on it
         if report := os.environ.get("HONE_FAILURE_REPORT"):  # for the supervisor (hone.heal)
             write_json(Path(report), [{"rank": rank, "exitcode": f.exitcode, "pid": f.pid, "time": f.timestamp}
                                       for rank, f in sorted(e.failures.items())])
@@ -113,7 +123,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     rank = os.environ.get("RANK", "0")
     try:
-        run_worker(recipe, workdir, args.max_steps)
+        with catching():  # from now on a preemption signal stops the job after a step and a checkpoint
+            run_worker(recipe, workdir, args.max_steps)
+    except Preempted:  # rank 0 has said it in one line
+        raise SystemExit(EXIT_PREEMPTED)
     except NonFiniteLoss as e:  # every rank stops alike; a distinct status tells the supervisor why
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,104 @@
+"""Preemption: a cluster's SIGTERM (or the ``#SBATCH --signal`` one, SIGUSR1) means "stop soon".
+
+Slurm sends the signal and kills the job a grace period later. Every process of a run
+notes the signal instead of dying; the training loop asks :func:`stop_requested` at the end
+of each step, which all-reduces the flag so that every rank stops after the same step even
+when the signal reached the ranks at different steps (or only some of them); the job then
+writes a checkpoint and exits with :data:`EXIT_PREEMPTED`, which the generated Slurm script
+answers with ``scontrol requeue`` (training resumes from the newest checkpoint by default).
+
+Processes between the signal and the workers (``hone train --nproc``, the torchrun wrapper
+in :mod:`hone.train.worker`, the supervisor) pass it on with :func:`forwarding` and exit with
+the same status.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from hone.errors import HoneError
+
+# sysexits' EX_TEMPFAIL ("try again later"): no Python, torchrun or shell failure exits with it.
+EXIT_PREEMPTED = 75
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+_seen: list[tuple[int, float]] = []  # (signal, time) noted in this process
+
+
+class Preempted(HoneError):
+    """The job stopped on a preemption signal after writing a checkpoint; running it again resumes."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+def _note(signum, frame) -> None:
+    _seen.append((signum, time.time()))
+
+
+@contextlib.contextmanager
+def _handling(handler):
+    """``handler`` for SIGTERM / SIGUSR1 inside the block (the main thread only: Python runs
+    handlers there), the previous handlers afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    try:
+        yield
+    finally:
+        for s, previous in old.items():
+            signal.signal(s, previous)
+
+
+@contextlib.contextmanager
+def catching():
+    """Note SIGTERM / SIGUSR1 while training instead of dying; the note is forgotten after
+    the block (the job it was meant for has stopped)."""
+    try:
+        with _handling(_note):
+            yield
+    finally:
+        _seen.clear()
+
+
+def received() -> tuple[str, float] | None:
+    """The first preemption signal this process noted: (name, time), or None."""
+    return (signal.Signals(_seen[0][0]).name, _seen[0][1]) if _seen else None
+
+
+def stop_requested(distributed: bool, device: torch.device) -> bool:
+    """True on every rank when any rank has noted a preemption signal (a one-element
+    MAX all-reduce at step end; no collective in a single process)."""
+    flag = torch.tensor([1 if _seen else 0], dtype=torch.int32, device=device)
+    if distributed:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def children(pid: int) -> set[int]:
+    """Direct children of ``pid`` (torchrun's workers), from /proc on Linux."""
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+def forwarding(targets: Callable[[], Iterable[int]]):
+    """Pass SIGTERM / SIGUSR1 on to the processes ``targets()`` names at the time of the signal,
+    and keep running: they stop after their step, checkpoint and exit with EXIT_PREEMPTED."""
+    def forward(signum, frame) -> None:
+        _note(signum, frame)
+        for pid in targets():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    return _handling(forward)

@@ -1,0 +1,153 @@
+"""What a cluster does to a job, on this CPU with gloo: preemption (SIGTERM mid-run -> every rank
+finishes its step, a checkpoint, status 75; the same command again resumes to bitwise the same
+weights) and two torchrun "nodes" on localhost meeting through the c10d rendezvous of the
+printed multi-node line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from hone.recipe import load_recipe
+from hone.rundir import read_events
+from hone.train.preempt import EXIT_PREEMPTED
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 12
+SLOW = "slow:step=1:ms=150"  # every step 150 ms longer: time to signal mid-run (changes no number)
+
+
+def _recipe_text(workdir: Path, **train) -> str:
+    text = (ROOT / "recipes" / "tiny-cpu.toml").read_text()
+    text = text.replace('workdir = "runs/tiny"', f'workdir = "{workdir}"')
+    fields = {"seq_len": 64, "batch_size": 8, "max_tokens": STEPS * 8 * 64, "checkpoint_every": 4,
+              "threads": 1, "log_every": 1, **train}
+    head, _, tail = text.partition("[train]\n")
+    body, _, rest = tail.partition("\n[eval]")
+    lines = [ln for ln in body.splitlines() if ln.split(" = ")[0] not in fields]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    return head + "[train]\n" + "\n".join(lines) + "\n\n[eval]" + rest
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    from hone.pipeline import run_recipe
+
+    root = tmp_path_factory.mktemp("cluster")
+    (root / "fsdp.toml").write_text(_recipe_text(root / "base"))
+    run_recipe(load_recipe(root / "fsdp.toml"), root / "base", max_steps=1, log=lambda m: None)
+    return root
+
+
+def _env(**extra) -> dict:
+    return {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | extra
+
+
+def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True, text=True,
+                          env=_env(**(env or {})), timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hone {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _workdir(prepared: Path, name: str) -> Path:
+    dest = prepared / name
+    if not dest.exists():
+        shutil.copytree(prepared / "base", dest)
+    return dest
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    path = workdir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _assert_bitwise(a: Path, b: Path) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
+    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+    wa, wb = (load_file(str(w / "final" / "model.safetensors")) for w in (a, b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].equal(wb[k]), f"{k} differs"
+
+
+def _signal_after_step(args: list, workdir: Path, step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
+    """Start `hone ARGS`, send ``sig`` to it once metrics.jsonl shows ``step``, wait for its exit."""
+    proc = subprocess.Popen([sys.executable, "-m", "hone.cli", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(HONE_FAULT=SLOW))
+    deadline = time.time() + 240
+    while len(_metrics(workdir)) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=240)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _assert_preempted(proc: subprocess.CompletedProcess, workdir: Path, world: int) -> int:
+    """Status 75, one line saying so, the event, and a checkpoint at the step it stopped after."""
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("preempted: ") and "resume" in last, last
+    [event] = [e for e in read_events(workdir) if e["kind"] == "preempted"]
+    step = event["step"]
+    assert 3 <= step < STEPS and event["world"] == world
+    assert (workdir / "checkpoints" / f"step_{step:06d}").is_dir()
+    assert len(_metrics(workdir)) == step
+    return step
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared):
+    wd = _workdir(prepared, "one")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh")
+    return wd
+
+
+@pytest.fixture(scope="module")
+def two_ranks(prepared):
+    wd = _workdir(prepared, "two")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2)
+    return wd
+
+
+def test_sigterm_single_process_checkpoints_and_resumes_bitwise(prepared, one_process):
+    wd = _workdir(prepared, "term1")
+    proc = _signal_after_step(["train", prepared / "fsdp.toml", "--workdir", wd, "--fresh"], wd, 3)
+    step = _assert_preempted(proc, wd, world=1)
+    assert f"preempted: stopped after step {step} with checkpoint step_{step:06d}" in proc.stdout
+    assert not (wd / "final").exists()
+    resumed = _hone("train", prepared / "fsdp.toml", "--workdir", wd)
+    assert f"resumed from {wd / 'checkpoints' / f'step_{step:06d}'} at step {step}" in resumed.stdout
+    _assert_bitwise(one_process, wd)
+
+
+def test_sigterm_to_two_rank_job_checkpoints_and_resumes_bitwise(prepared, two_ranks):
+    """The signal reaches `hone train --nproc 2`, which passes it to torchrun and its workers."""
+    wd = _workdir(prepared, "term2")
+    proc = _signal_after_step(["train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2], wd, 3)
+    _assert_preempted(proc, wd, world=2)
+    assert sum(line.startswith("preempted: ") for line in proc.stderr.splitlines()) == 1
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2)
+    _assert_bitwise(two_ranks, wd)
+
+
+def test_signal_on_one_rank_stops_every_rank_after_the_same_step(prepared):
+    """SIGUSR1-or-TERM reaching rank 1 alone during step 5: both ranks agree and stop after step 5."""
+    wd = _workdir(prepared, "term_rank1")
+    proc = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2,
+                 env={"HONE_FAULT": "term:step=5:rank=1"}, check=False)
+    assert _assert_preempted(proc, wd, world=2) == 5
+    [event] = [e for e in read_events(wd) if e["kind"] == "preempted"]
+    assert event["signal"] == "a peer rank's signal"  # rank 0 never saw it: the all-reduce told it
