@@ -85,9 +85,9 @@ def test_cli_plan_file_has_launch_material(tmp_path):
     assert "hone train settings:" in p.stdout and "Megatron-LM:" in p.stdout
     L = json.loads(out.read_text())["launch"]
     assert L["hone_train_toml"].startswith("[train]\nseq_len = 8192\nbatch_size = 64\n")
-    assert (L["torchrun"].startswith("torchrun --nnodes 4 --nproc-per-node 8")
+    assert (L["torchrun"].startswith("python -m hone.train.worker --torchrun --nnodes 4 --nproc-per-node 8")
             and "-m hone.train.worker" in L["torchrun"])
-    assert "#SBATCH --nodes=4" in L["slurm"] and "srun torchrun" in L["slurm"]
+    assert "#SBATCH --nodes=4" in L["slurm"] and f"srun {L['torchrun']} &" in L["slurm"]
     assert "--num-query-groups 8" in L["megatron_args"]
     one = make_plan("hone-125m", "1xH100", seq=2048, global_batch=16, top=1)["launch"]
     assert one["torchrun"] == "hone train recipe.toml --nproc 1" and one["hone_train"]["batch_size"] == 16

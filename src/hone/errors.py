@@ -7,3 +7,11 @@ class HoneError(Exception):
     The message is one line and names the file, field or line at fault; the CLI prints it
     as ``error: <message>`` and exits with status 2.
     """
+
+
+class Preempted(HoneError):
+    """Not a mistake: the cluster asked the job to stop (SIGTERM / SIGUSR1, see hone.train.preempt);
+    it stopped after a step with a checkpoint and running it again resumes. The CLI, the torchrun
+    wrapper and the workers exit with ``exit_code``, on which the generated Slurm script requeues."""
+
+    exit_code = 75  # sysexits' EX_TEMPFAIL, "try again later": no Python, torchrun or shell failure uses it

@@ -88,7 +88,7 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
                                          help="Self-healing: detect crashes, hangs, NaN losses and stragglers, recover "
                                               "by the cheapest plan (events.jsonl)."),
           fault: Optional[str] = typer.Option(None, "--fault",
-                                              help="Inject faults (as HONE_FAULT): kill|hang|nan|term:step=N[:rank=R], "
+                                              help="Inject faults (as HONE_FAULT): kill|hang|nan:step=N[:rank=R], "
                                                    "kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
     """Train as the recipe says (runs the data stages first if their artifacts are missing).
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from hone.errors import Preempted
 from hone.plan.config import Config
 from hone.plan.hardware import Cluster
 from hone.plan.layout import train_fields
@@ -43,30 +44,54 @@ def hone_train_toml(settings: dict) -> str:
 
 
 WORKER_MODULE = "hone.train.worker"  # the torchrun entry point of a training worker
+# torchrun through the worker module's wrapper: a preemption signal reaches the workers (plain
+# torchrun kills them on SIGTERM and dies of SIGUSR1) and their "preempted" status comes back.
+TORCHRUN = f"python -m {WORKER_MODULE} --torchrun"
+GRACE_S = 120  # Slurm's notice before the kill: one step plus one checkpoint must fit in it
 
 
 def torchrun_line(nnodes: int, nproc: str | int, workdir: str, recipe: str | None = None) -> str:
     """The torchrun line that starts ``nproc`` training workers on each of ``nnodes`` nodes.
 
-    Several nodes meet at ``$MASTER_ADDR:29500`` (c10d rendezvous, job id ``$JOB_ID``); the
-    recipe may be left out when the run directory already holds its validated ``recipe.json``.
+    Several nodes meet at ``$MASTER_ADDR:$MASTER_PORT`` (c10d rendezvous, job id ``$JOB_ID``,
+    port 29500 unless set); the recipe may be left out when the run directory already holds its
+    validated ``recipe.json``.
     """
-    rdzv = (" --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:29500 --rdzv-id $JOB_ID" if nnodes > 1 else "")
+    rdzv = (" --rdzv-backend c10d --rdzv-endpoint $MASTER_ADDR:${MASTER_PORT:-29500} --rdzv-id $JOB_ID"
+            if nnodes > 1 else "")
     target = f"{shlex.quote(recipe)} " if recipe else ""
-    return (f"torchrun --nnodes {nnodes} --nproc-per-node {nproc}{rdzv} -m {WORKER_MODULE} "
+    return (f"{TORCHRUN} --nnodes {nnodes} --nproc-per-node {nproc}{rdzv} -m {WORKER_MODULE} "
             f"{target}--workdir {shlex.quote(workdir)}")
 
 
 def slurm_script(nnodes: int, gpus_per_node: int, run: str, *, job: str = "hone", comments: list[str] = (),
-                 setup: list[str] = (), after: list[str] = ()) -> str:
-    """A Slurm batch script that runs ``run`` (a torchrun line) once per node with ``srun``."""
+                 setup: list[str] = (), after: list[str] = (), grace_s: int = GRACE_S) -> str:
+    """A Slurm batch script that runs ``run`` (a torchrun line) once per node with ``srun``.
+
+    Preemption: Slurm signals the script ``grace_s`` seconds before the time limit (SIGUSR1) or
+    on preemption (SIGTERM); the script passes it to the workers, which finish their step, write
+    a checkpoint and exit with status 75 (:mod:`hone.train.preempt`); the script then requeues the
+    job, and the requeued job resumes from that checkpoint.
+    """
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --nodes={nnodes}", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --gpus-per-node={gpus_per_node}", "#SBATCH --exclusive", *[f"# {c}" for c in comments],
-             "set -euo pipefail"]
+             f"#SBATCH --gpus-per-node={gpus_per_node}", "#SBATCH --exclusive",
+             f"#SBATCH --signal=B:USR1@{grace_s}", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+             *[f"# {c}" for c in comments],
+             "set -uo pipefail  # no -e: the step's status decides between requeue and failure"]
     if nnodes > 1:
         lines += ['export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                   "export JOB_ID=$SLURM_JOB_ID"]
-    return "\n".join(lines + list(setup) + [f"srun {run}"] + list(after)) + "\n"
+    run_step = [f"srun {run} &",
+                'pid=$! signalled=0',
+                "trap 'signalled=1; kill -USR1 \"$pid\" 2>/dev/null' USR1 TERM",
+                'wait "$pid"; status=$?',
+                '# a trapped signal ends `wait` early: wait again for the workers\' own status',
+                'while [ "$signalled" = 1 ]; do signalled=0; wait "$pid"; status=$?; done',
+                f'if [ "$status" -eq {Preempted.exit_code} ]; then',
+                '  echo "preempted: checkpoint written; requeueing job $SLURM_JOB_ID to resume from it"',
+                '  scontrol requeue "$SLURM_JOB_ID"',
+                "fi"]
+    return "\n".join(lines + list(setup) + run_step + list(after) + ['exit "$status"']) + "\n"
 
 
 def multinode_commands(recipe: str, workdir: str, nnodes: int, nproc: int, job: str = "hone") -> dict:

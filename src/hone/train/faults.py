@@ -7,12 +7,10 @@ written, not yet renamed); ``"kill:step=7:rank=1"`` only on rank 1.
 the next collective); ``"nan:step=7"`` poisons step 7's loss with NaN before the backward
 pass, so the gradients are NaN on every rank after the reduction.
 ``"slow:step=3:rank=1:ms=200"`` makes rank 1 a straggler: 200 ms more per step from step 3 on.
-``"term:step=5:rank=1"`` sends SIGTERM to rank 1 alone during step 5, as a preemption notice
-that reaches the ranks at different times (:mod:`hone.train.preempt`).
 Several faults are separated by ``;``. Nothing happens when the variable is unset.
 
-With a run directory's ``heal/`` folder given (the trainer always gives it) kill, hang, nan
-and term fire once: a marker ``heal/fired/<fault>.rank<R>`` is written before the fault acts, so
+With a run directory's ``heal/`` folder given (the trainer always gives it) kill, hang and
+nan fire once: a marker ``heal/fired/<fault>.rank<R>`` is written before the fault acts, so
 the step that failed runs normally after the restart or roll-back.
 """
 
@@ -26,7 +24,7 @@ from pathlib import Path
 
 from hone.errors import HoneError
 
-_KINDS = {"kill", "hang", "nan", "slow", "term"}
+_KINDS = {"kill", "hang", "nan", "slow"}
 _WHERE = {"step", "ckpt"}
 _FIELDS = _WHERE | {"rank", "ms"}
 
@@ -77,9 +75,6 @@ def maybe_fail(where: str, step: int, rank: int, heal_dir: Path | None = None) -
     for fault in _matching("kill", where, step, rank):
         if _claim(fault, rank, heal_dir):
             os.kill(os.getpid(), signal.SIGKILL)
-    for fault in _matching("term", where, step, rank) if where == "step" else ():
-        if _claim(fault, rank, heal_dir):
-            os.kill(os.getpid(), signal.SIGTERM)
     for fault in _matching("hang", where, step, rank) if where == "step" else ():
         if _claim(fault, rank, heal_dir):
             while True:  # a hung collective or a stuck device: only a kill from outside ends it

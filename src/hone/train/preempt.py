@@ -25,19 +25,12 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from hone.errors import HoneError
+from hone.errors import Preempted
 
-# sysexits' EX_TEMPFAIL ("try again later"): no Python, torchrun or shell failure exits with it.
-EXIT_PREEMPTED = 75
+EXIT_PREEMPTED = Preempted.exit_code
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 _seen: list[tuple[int, float]] = []  # (signal, time) noted in this process
-
-
-class Preempted(HoneError):
-    """The job stopped on a preemption signal after writing a checkpoint; running it again resumes."""
-
-    exit_code = EXIT_PREEMPTED
 
 
 def _note(signum, frame) -> None:
