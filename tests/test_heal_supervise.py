@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +140,38 @@ def test_nan_then_hang_are_detected_and_handled(prepared, monkeypatch, capfd):
     assert json.loads((wd / "heal" / "skips.json").read_text())["batches"] == [2]
 
 
-def test_bad_fault_spec_and_multinode_supervise_are_one_line_errors(prepared):
+def test_sigterm_to_the_supervisor_stops_the_workers_with_a_checkpoint(prepared, monkeypatch, capfd):
+    """Preemption is not a failure to recover from: the workers checkpoint and the supervisor exits
+    "preempted" (status 75 from the CLI) instead of restarting them."""
+    from hone.errors import Preempted
+
+    wd = _copy(prepared, "preempted")
+    monkeypatch.setenv("HONE_FAULT", "slow:step=1:ms=300")
+
+    def steps_done() -> int:
+        try:
+            return len(_metrics(wd))
+        except (OSError, ValueError):  # not written yet, or a line half written
+            return 0
+
+    def preempt_after_step_3():
+        deadline = time.time() + 240
+        while time.time() < deadline and steps_done() < 3:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # the supervisor passes it on to torchrun and the workers
+
+    threading.Thread(target=preempt_after_step_3, daemon=True).start()
+    with pytest.raises(Preempted, match="stopped after step"):
+        _train(prepared, wd, supervise=True, nproc=2)
+    assert "Traceback" not in capfd.readouterr().err
+    events = _events(wd)
+    assert [e["kind"] for e in events] == ["supervise", "preempted"], events
+    step = events[1]["step"]
+    assert 3 <= step < STEPS and events[1]["world"] == 2
+    assert (wd / "checkpoints" / f"step_{step:06d}").is_dir()
+
+
+def test_bad_fault_spec_is_a_one_line_error_and_multinode_supervise_says_what_it_does(prepared):
     proc = _hone("train", prepared / "heal.toml", "--workdir", prepared / "bad", "--supervise", "--fault",
                  "explode:step=1", check=False)
     assert proc.returncode == 2
@@ -148,4 +183,9 @@ def test_bad_fault_spec_and_multinode_supervise_are_one_line_errors(prepared):
 
     result = CliRunner().invoke(app, ["train", str(prepared / "heal.toml"), "--workdir", str(prepared / "bad"),
                                       "--supervise", "--nnodes", "2"])
-    assert str(result.exception).startswith("--supervise runs the workers on this machine")
+    assert result.exit_code == 0, result.output
+    said = [ln for ln in result.output.splitlines() if ln.startswith("--supervise on 2 nodes")]
+    assert len(said) == 1 and "hang and straggler detection and shrinking" in said[0]
+    script = (prepared / "bad" / "launch" / "slurm.sbatch").read_text()
+    assert ('elif [ "$status" -ne 0 ] && [ "$status" -ne 2 ] && [ "${SLURM_RESTART_COUNT:-0}" -lt 10 ]; then'
+            in script)

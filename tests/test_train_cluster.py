@@ -185,6 +185,21 @@ def _final_weights(workdir: Path) -> dict:
     return torch.load(out, weights_only=True)["model"]
 
 
+def _fake_slurm(tmp_path: Path, script_text: str) -> tuple[Path, dict]:
+    """The batch script and the environment Slurm would give it (job 4242, 2 nodes, this host)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    python = f'#!/bin/sh\nexec {sys.executable} "$@"\n'  # the script's `python`: this interpreter
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", python)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    script = tmp_path / "job.sbatch"
+    script.write_text(script_text)
+    return script, _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+                        SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()),
+                        SCONTROL_LOG=str(tmp_path / "requeued"), OMP_NUM_THREADS="1")
+
+
 def test_two_nodes_of_two_ranks_from_the_slurm_script_preempt_requeue_and_match_one_node(prepared, tmp_path):
     """The generated Slurm script for 2 nodes x 2 processes, on localhost (c10d rendezvous): USR1 to
     the script mid-run -> both nodes checkpoint and exit 75, `scontrol requeue`; the requeued script
@@ -196,17 +211,8 @@ def test_two_nodes_of_two_ranks_from_the_slurm_script_preempt_requeue_and_match_
     subprocess.run(torchrun_argv(ref, 4, None), env=_env(OMP_NUM_THREADS="1"), check=True, capture_output=True,
                    timeout=300)
     wd = _workdir(prepared, "two_nodes")
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    python = f'#!/bin/sh\nexec {sys.executable} "$@"\n'  # the script's `python`: this interpreter
-    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL), ("python", python)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    script = tmp_path / "job.sbatch"
-    script.write_text(multinode_commands(str(prepared / "fsdp.toml"), str(wd), 2, 2)["slurm"])
-    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
-               SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()), SCONTROL_LOG=str(tmp_path / "requeued"),
-               OMP_NUM_THREADS="1", HONE_FAULT=SLOW)
+    script, env = _fake_slurm(tmp_path, multinode_commands(str(prepared / "fsdp.toml"), str(wd), 2, 2)["slurm"])
+    env["HONE_FAULT"] = SLOW
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while len(_metrics(wd)) < 3 and job.poll() is None and time.time() < deadline:
@@ -232,3 +238,24 @@ def test_two_nodes_of_two_ranks_from_the_slurm_script_preempt_requeue_and_match_
     assert want.keys() == got.keys()
     for k in want:
         assert got[k].equal(want[k]), f"{k} differs"
+
+
+def test_supervised_slurm_script_requeues_a_crashed_job_which_then_finishes(prepared, tmp_path):
+    """`hone train --nnodes 2 --supervise`'s script: a worker SIGKILLed on one node fails the job,
+    the script requeues it (restart 1 of 2), and the requeued job resumes and finishes."""
+    from hone.plan.commands import multinode_commands
+
+    wd = _workdir(prepared, "two_nodes_crash")
+    script, env = _fake_slurm(
+        tmp_path, multinode_commands(str(prepared / "fsdp.toml"), str(wd), 2, 1, requeue_failures=2)["slurm"])
+    env["HONE_FAULT"] = "kill:step=6:rank=1"
+    crashed = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode not in (0, 2, EXIT_PREEMPTED), crashed.stderr
+    assert f"failed with status {crashed.returncode}: requeueing job 4242 (restart 1 of 2)" in crashed.stdout
+    assert (tmp_path / "requeued").read_text() == "4242\n"
+    env |= {"SLURM_RESTART_COUNT": "1", "MASTER_PORT": str(_free_port())}
+    again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stdout and "step_000004" in again.stdout
+    assert [m["step"] for m in _metrics(wd)] == list(range(1, STEPS + 1))
+    assert (wd / "checkpoints" / f"step_{STEPS:06d}").is_dir()

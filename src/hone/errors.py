@@ -8,6 +8,8 @@ class HoneError(Exception):
     as ``error: <message>`` and exits with status 2.
     """
 
+    exit_code = 2
+
 
 class Preempted(HoneError):
     """Not a mistake: the cluster asked the job to stop (SIGTERM / SIGUSR1, see hone.train.preempt);

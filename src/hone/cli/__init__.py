@@ -83,7 +83,8 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
           nproc: int = typer.Option(1, "--nproc", min=1,
                                     help="Processes on this machine (torchrun; GPUs or CPU/gloo)."),
           nnodes: int = typer.Option(1, "--nnodes", min=1,
-                                     help="Nodes: > 1 prints the torchrun line and writes a Slurm script."),
+                                     help="Nodes: > 1 prints the torchrun line and writes a Slurm script (it "
+                                          "requeues itself when preempted; with --supervise also when it fails)."),
           supervise: bool = typer.Option(False, "--supervise",
                                          help="Self-healing: detect crashes, hangs, NaN losses and stragglers, recover "
                                               "by the cheapest plan (events.jsonl)."),
@@ -104,16 +105,18 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
     if fault is not None:
         parse_faults(fault)  # a bad spec is a one-line error now, not in every worker
         os.environ["HONE_FAULT"] = fault
-    if supervise and nnodes > 1:
-        raise HoneError("--supervise runs the workers on this machine; with --nnodes > 1 run the printed torchrun line "
-                        "under your scheduler")
     if nnodes > 1:
-        cmds = multinode_commands(str(recipe), str(wd), nnodes, nproc)
+        restarts = r.heal.max_restarts if supervise else 0
+        cmds = multinode_commands(str(recipe), str(wd), nnodes, nproc, requeue_failures=restarts)
         script = ensure_dir(wd / LAUNCH_DIR) / "slurm.sbatch"
         write_text(script, cmds["slurm"])
         _log(f"prepare the data once: hone tokenize {recipe} --workdir {wd}")
         _log(f"then on every node: {cmds['torchrun']}")
         _log(f"or submit: sbatch {script}")
+        if supervise:
+            _log(f"--supervise on {nnodes} nodes: the Slurm script requeues a failed job (up to heal.max_restarts = "
+                 f"{restarts} times, not for a recipe or data error) and it resumes from the newest checkpoint; hang "
+                 f"and straggler detection and shrinking to fewer processes need one machine (--nproc without --nnodes)")
         return
     run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, fresh_training=fresh, supervise=supervise)
 

@@ -9,7 +9,9 @@ What it watches, at no cost to the workers beyond one small file per rank and st
 * ``heal/heartbeat/rankR.json``: no step within the hang timeout (``heal.hang_factor`` x the
   median step time, at least ``heal.hang_min_s``; ``heal.startup_s`` before the first step)
   is a hang; a rank whose own work per step is far above the others' is a straggler;
-* status 3: a worker saw a NaN/inf loss, put the batch window in ``heal/skips.json`` and stopped.
+* status 3: a worker saw a NaN/inf loss, put the batch window in ``heal/skips.json`` and stopped;
+* status 75: the job was preempted (SIGTERM / SIGUSR1, passed on to the workers): they wrote a
+  checkpoint and the supervisor stops with the same status, to be run again (or requeued) later.
 
 Then :mod:`hone.heal.policy` classifies the failure and prices restart in place, shrink to a
 smaller valid world (same global batch, DCP resharded resume) and wait for the repair; the
@@ -32,13 +34,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from hone.errors import HoneError
+from hone.errors import HoneError, Preempted
 from hone.heal.policy import Failure, Situation, classify, decide, decide_grow, hang_timeout_s, stragglers
 from hone.heal.replan import Replanner
 from hone.plan.reliability import job_mtbf_s
 from hone.rundir import append_event, read_events
 from hone.train.checkpoint import checkpoint_step, latest_checkpoint
 from hone.train.hooks import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
+from hone.train.preempt import children, forwarding
 from hone.train.run import torchrun_argv, total_steps
 
 POLL_S = 0.1
@@ -100,6 +103,9 @@ class Supervisor:
             if attempt.outcome == "grow":
                 self.world = self.target
                 continue
+            if attempt.outcome == "preempted":  # not a failure: the workers checkpointed and left on request
+                raise Preempted(f"the {self.world} workers stopped after step {attempt.last_step} with a checkpoint; "
+                                f"`hone train RECIPE --workdir {self.workdir} --supervise` resumes from it")
             recoveries += 1
             failure = self._classify(attempt)
             if recoveries > self.heal.max_restarts:
@@ -128,7 +134,8 @@ class Supervisor:
         a = Attempt(self.world, now, last_progress=now, start_checkpoint=checkpoint_step(newest))
         proc = subprocess.Popen(argv, env=env, start_new_session=True)
         try:
-            self._watch(proc, a)
+            with forwarding(lambda: [proc.pid]):  # a preemption signal goes on to torchrun and its workers
+                self._watch(proc, a)
         finally:
             if proc.poll() is None:
                 self._stop(proc)
@@ -136,6 +143,8 @@ class Supervisor:
         a.returncode = proc.returncode
         if a.outcome == "" and proc.returncode == 0:
             a.outcome = "finished"
+        elif a.outcome == "" and proc.returncode == Preempted.exit_code:
+            a.outcome = "preempted"
         elif a.outcome == "":
             a.outcome = "failed"
             a.failures = json.loads(report.read_text()) if report.exists() else []
@@ -232,7 +241,7 @@ class Supervisor:
 
     def _stop(self, proc: subprocess.Popen, pids: set[int] = frozenset()) -> None:
         """Kill the workers (hung ones ignore everything else), then torchrun."""
-        for pid in set(pids) | _children(proc.pid):
+        for pid in set(pids) | children(proc.pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -349,14 +358,6 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
-
-
-def _children(pid: int) -> set[int]:
-    """Direct children of ``pid`` (torchrun's workers), from /proc on Linux."""
-    try:
-        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-    except OSError:
-        return set()
 
 
 def supervise(recipe, workdir: Path, nproc: int, max_steps: int | None, log: Callable[[str], None] = print) -> dict:

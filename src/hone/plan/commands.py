@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from hone.errors import Preempted
+from hone.errors import HoneError, Preempted
 from hone.plan.config import Config
 from hone.plan.hardware import Cluster
 from hone.plan.layout import train_fields
@@ -65,13 +65,16 @@ def torchrun_line(nnodes: int, nproc: str | int, workdir: str, recipe: str | Non
 
 
 def slurm_script(nnodes: int, gpus_per_node: int, run: str, *, job: str = "hone", comments: list[str] = (),
-                 setup: list[str] = (), after: list[str] = (), grace_s: int = GRACE_S) -> str:
+                 setup: list[str] = (), after: list[str] = (), grace_s: int = GRACE_S,
+                 requeue_failures: int = 0) -> str:
     """A Slurm batch script that runs ``run`` (a torchrun line) once per node with ``srun``.
 
     Preemption: Slurm signals the script ``grace_s`` seconds before the time limit (SIGUSR1) or
     on preemption (SIGTERM); the script passes it to the workers, which finish their step, write
     a checkpoint and exit with status 75 (:mod:`hone.train.preempt`); the script then requeues the
-    job, and the requeued job resumes from that checkpoint.
+    job, and the requeued job resumes from that checkpoint. With ``requeue_failures`` it also
+    requeues a failed job that many times (``$SLURM_RESTART_COUNT``), except for a recipe or data
+    error, which fails the same way every time.
     """
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job}", f"#SBATCH --nodes={nnodes}", "#SBATCH --ntasks-per-node=1",
              f"#SBATCH --gpus-per-node={gpus_per_node}", "#SBATCH --exclusive",
@@ -89,17 +92,27 @@ def slurm_script(nnodes: int, gpus_per_node: int, run: str, *, job: str = "hone"
                 'while [ "$signalled" = 1 ]; do signalled=0; wait "$pid"; status=$?; done',
                 f'if [ "$status" -eq {Preempted.exit_code} ]; then',
                 '  echo "preempted: checkpoint written; requeueing job $SLURM_JOB_ID to resume from it"',
-                '  scontrol requeue "$SLURM_JOB_ID"',
-                "fi"]
+                '  scontrol requeue "$SLURM_JOB_ID"']
+    if requeue_failures:
+        n = requeue_failures
+        run_step += [f'elif [ "$status" -ne 0 ] && [ "$status" -ne {HoneError.exit_code} ] '
+                     f'&& [ "${{SLURM_RESTART_COUNT:-0}}" -lt {n} ]; then',
+                     f'  echo "failed with status $status: requeueing job $SLURM_JOB_ID (restart '
+                     f'$((${{SLURM_RESTART_COUNT:-0}} + 1)) of {n}) to resume from the newest checkpoint"',
+                     '  scontrol requeue "$SLURM_JOB_ID"']
+    run_step.append("fi")
     return "\n".join(lines + list(setup) + run_step + list(after) + ['exit "$status"']) + "\n"
 
 
-def multinode_commands(recipe: str, workdir: str, nnodes: int, nproc: int, job: str = "hone") -> dict:
-    """`hone train --nnodes N`: the torchrun line for every node and a Slurm script that runs it."""
+def multinode_commands(recipe: str, workdir: str, nnodes: int, nproc: int, job: str = "hone",
+                       requeue_failures: int = 0) -> dict:
+    """`hone train --nnodes N`: the torchrun line for every node and a Slurm script that runs it
+    (``requeue_failures``: `--supervise`'s restarts, see :func:`slurm_script`)."""
     run = torchrun_line(nnodes, nproc, workdir, recipe)
     comments = [f"Run the data stages once before submitting: hone tokenize {recipe} --workdir {workdir}",
                 "The run directory must be on a file system every node sees (checkpoints are written by all ranks)."]
-    return {"torchrun": run, "slurm": slurm_script(nnodes, nproc, run, job=job, comments=comments)}
+    return {"torchrun": run, "slurm": slurm_script(nnodes, nproc, run, job=job, comments=comments,
+                                                   requeue_failures=requeue_failures)}
 
 
 def torchrun_command(cluster: Cluster, nodes: int, recipe: str = "recipe.toml", workdir: str = "run") -> str:
