@@ -115,8 +115,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
         _log(f"or submit: sbatch {script}")
         if supervise:
             _log(f"--supervise on {nnodes} nodes: the Slurm script requeues a failed job (up to heal.max_restarts = "
-                 f"{restarts} times, not for a recipe or data error) and it resumes from the newest checkpoint; hang "
-                 f"and straggler detection and shrinking to fewer processes need one machine (--nproc without --nnodes)")
+                 f"{restarts} times, not for a recipe or data error) and it resumes from the newest checkpoint; "
+                 f"hang and straggler detection and shrinking to fewer processes need one machine "
+                 f"(--nproc without --nnodes)")
         return
     run_recipe(r, wd, max_steps=max_steps, log=_log, nproc=nproc, fresh_training=fresh, supervise=supervise)
 
