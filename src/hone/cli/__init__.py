@@ -30,7 +30,7 @@ from hone.recipe import describe_fields, load_recipe, shipped_recipe
 from hone.report import write_report
 from hone.rundir import LAUNCH_DIR, ensure_dir, write_text
 from hone.train.faults import parse as parse_faults
-from hone.train.preempt import Preempted
+from hone.train.preempt import Preempted, quick_exit
 from hone.train.run import plan_from_recipe
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, pretty_exceptions_enable=False,
@@ -164,7 +164,7 @@ def main() -> None:
         app()
     except Preempted as e:  # not a mistake: the cluster asked the job to stop; its status says "requeue me"
         print(f"preempted: {e}", file=sys.stderr)
-        raise SystemExit(e.exit_code)
+        raise quick_exit(e.exit_code)
     except HoneError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

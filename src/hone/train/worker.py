@@ -29,7 +29,7 @@ from hone.rundir import LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_j
 from hone.train.hooks import NonFiniteLoss
 from hone.train.loop import train
 from hone.train.parallelize import init_distributed, parallelize
-from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, children, forwarding
+from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, children, forwarding, quick_exit
 from hone.train.run import build_loader, plan_from_recipe, total_steps
 
 
@@ -106,7 +106,8 @@ def run_torchrun(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--torchrun"]:
-        raise SystemExit(run_torchrun(argv[1:]))
+        status = run_torchrun(argv[1:])
+        raise quick_exit(status) if status == EXIT_PREEMPTED else SystemExit(status)
     p = argparse.ArgumentParser(prog="python -m hone.train.worker", description=__doc__.split("\n")[0])
     p.add_argument("recipe", type=Path, nargs="?", default=None,
                    help="Recipe TOML (default: the run directory's validated recipe.json)")
@@ -123,10 +124,10 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     rank = os.environ.get("RANK", "0")
     try:
-        with catching():  # from now on a preemption signal stops the job after a step and a checkpoint
+        with catching(restore=False):  # from now on a preemption signal stops the job after a step and a checkpoint
             run_worker(recipe, workdir, args.max_steps)
     except Preempted:  # rank 0 has said it in one line
-        raise SystemExit(EXIT_PREEMPTED)
+        raise quick_exit()
     except NonFiniteLoss as e:  # every rank stops alike; a distinct status tells the supervisor why
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)
