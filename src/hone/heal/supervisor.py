@@ -41,7 +41,7 @@ from hone.plan.reliability import job_mtbf_s
 from hone.rundir import append_event, read_events
 from hone.train.checkpoint import checkpoint_step, latest_checkpoint
 from hone.train.hooks import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
-from hone.train.preempt import children, forwarding
+from hone.train.preempt import alive, children, forwarding
 from hone.train.run import torchrun_argv, total_steps
 
 POLL_S = 0.1
@@ -177,7 +177,7 @@ class Supervisor:
             if beats:
                 a.last_step = max(b["step"] for b in beats)
             self._check_stragglers(history, a)
-            if a.first_death is None and any(not _alive(pid) for pid in pids):
+            if a.first_death is None and any(not alive(pid) for pid in pids):
                 a.first_death = now  # torchrun reports it only after tearing the others down
             timeout = self._timeout(a)
             if now - a.last_progress > timeout:
@@ -350,14 +350,6 @@ class Supervisor:
 def _rounded(by_world: dict[int, float], digits: int) -> dict[str, float]:
     """Step times by world size as events.jsonl keeps them (JSON keys are strings)."""
     return {str(k): round(v, digits) for k, v in by_world.items()}
-
-
-def _alive(pid: int) -> bool:
-    """False once ``pid`` has exited (a zombie not yet reaped by torchrun counts as exited)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def supervise(recipe, workdir: Path, nproc: int, max_steps: int | None, log: Callable[[str], None] = print) -> dict:

@@ -38,28 +38,41 @@ def _note(signum, frame) -> None:
     _seen.append((signum, time.time()))
 
 
+def alive(pid: int) -> bool:
+    """False once ``pid`` has exited (a zombie not yet reaped by torchrun counts as exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 @contextlib.contextmanager
-def _handling(handler, restore: bool = True):
-    """``handler`` for SIGTERM / SIGUSR1 inside the block (the main thread only: Python runs
-    handlers there), the previous handlers afterwards if ``restore``."""
+def _handling(handler, signals=SIGNALS):
+    """``handler`` for ``signals`` inside the block (the main thread only: Python runs
+    handlers there), the previous handlers afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, handler) for s in SIGNALS}
+    old = {s: signal.signal(s, handler) for s in signals}
     try:
         yield
     finally:
-        for s, previous in old.items() if restore else ():
+        for s, previous in old.items():
             signal.signal(s, previous)
 
 
 @contextlib.contextmanager
-def catching(restore: bool = True):
+def catching():
     """Note SIGTERM / SIGUSR1 while training instead of dying; the note is forgotten after
-    the block (the job it was meant for has stopped). A process that exits after the block
-    keeps noting (``restore=False``): a signal on its way out must not kill it."""
+    the block (the job it was meant for has stopped).
+
+    A torchrun worker notes SIGUSR1 only: torchrun stops the surviving workers with SIGTERM
+    after one failed, and that must kill at once (a Python handler does not even run while
+    the worker waits in a collective for its dead peer); the processes above the workers pass
+    any notice on as SIGUSR1 (:func:`forwarding`)."""
+    signals = (signal.SIGUSR1,) if os.environ.get("LOCAL_WORLD_SIZE") else SIGNALS
     try:
-        with _handling(_note, restore):
+        with _handling(_note, signals):
             yield
     finally:
         _seen.clear()
@@ -101,12 +114,13 @@ def children(pid: int) -> set[int]:
 
 
 def forwarding(targets: Callable[[], Iterable[int]]):
-    """Pass SIGTERM / SIGUSR1 on to the processes ``targets()`` names at the time of the signal,
-    and keep running: they stop after their step, checkpoint and exit with EXIT_PREEMPTED."""
+    """Pass SIGTERM / SIGUSR1 on, as SIGUSR1, to the processes ``targets()`` names at the time
+    of the signal, and keep running: they stop after their step, checkpoint and exit with
+    EXIT_PREEMPTED."""
     def forward(signum, frame) -> None:
         _note(signum, frame)
         for pid in targets():
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
+                os.kill(pid, signal.SIGUSR1)
 
     return _handling(forward)

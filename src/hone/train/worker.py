@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     rank = os.environ.get("RANK", "0")
     try:
-        with catching(restore=False):  # from now on a preemption signal stops the job after a step and a checkpoint
+        with catching():  # from now on a preemption signal stops the job after a step and a checkpoint
             run_worker(recipe, workdir, args.max_steps)
     except Preempted:  # rank 0 has said it in one line
         raise quick_exit()
