@@ -23,8 +23,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from hone.errors import HoneError
-from hone.model.load import load_base_model
-from hone.recipe import Recipe, load_recipe
+from hone.model.load import load_base_model, pick_device
+from hone.recipe import Recipe, device_settings, load_recipe
 from hone.rundir import LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_json
 from hone.train.hooks import NonFiniteLoss
 from hone.train.loop import train
@@ -45,7 +45,7 @@ def recipe_for(recipe_path: Path | None, workdir: Path | None) -> tuple[Recipe, 
 
 def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
     """One torchrun worker: join the job, build, parallelize, train."""
-    t = recipe.train
+    t = device_settings(recipe.train, pick_device(recipe.train.device).type)[0]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     # Processes on one host share its cores; oversubscribing threads slows every rank.
