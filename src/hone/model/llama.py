@@ -28,8 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hone.errors import HoneError
-from hone.model.documents import attention_mask as document_mask
-from hone.model.documents import document_positions, flex_attention, uses_flex
+from hone.model.documents import attention_mask as document_mask, document_positions, flex_attention, uses_flex
 from hone.model.loss import fused_linear_cross_entropy
 
 # Positions precomputed at init; longer inputs grow the cache on demand.
