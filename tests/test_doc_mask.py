@@ -187,3 +187,24 @@ def test_gpu_defaults_resolve_by_device_and_the_recipe_pins_them():
     plan = plan_from_recipe(gpu, 1)
     assert (plan.mixed_precision, plan.compile) == ("bf16", True)
     assert (plan_from_recipe(t, 1).mixed_precision, plan_from_recipe(t, 1).compile) == ("fp32", False)
+
+
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*")
+def test_flex_path_under_bf16_autocast_matches_the_boolean_mask(monkeypatch):
+    """Autocast leaves flex_attention alone: its inputs are cast to one dtype, as SDPA's autocast does."""
+    model = _model()
+    ids, targets = torch.cat([_doc(6, 20), _doc(10, 21)], 1), _doc(16, 22)
+    set_doc_eos_id(model, EOS)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model(ids, targets)[1]
+        monkeypatch.setattr(documents, "FLEX_DEVICES", ("cpu",))
+        dtypes = []
+        eager = documents._flex_fn(False)
+
+        def flex_fn(compiled):  # the compiled kernel refuses mixed dtypes; the eager reference does not
+            return lambda q, k, v, **kw: dtypes.append({q.dtype, k.dtype, v.dtype}) or eager(q, k, v, **kw)
+
+        monkeypatch.setattr(documents, "_flex_fn", flex_fn)
+        flex = model(ids, targets)[1]
+    assert dtypes == [{torch.bfloat16}] * 2
+    torch.testing.assert_close(flex, dense, rtol=2e-2, atol=2e-2)

@@ -75,7 +75,11 @@ def _block_mask(document_ids: torch.Tensor, window: int | None):
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
     """flex_attention of ``q [B, H, T, D]`` over ``k, v [B, H_kv, T, D]`` (GQA read in place), compiled
-    on the GPU (eager flex_attention is a slow reference that materializes the scores)."""
+    on the GPU (eager flex_attention is a slow reference that materializes the scores).
+
+    Autocast does not cover flex_attention: q and k (rotated against fp32 tables, so promoted to
+    fp32) are cast to v's dtype, the projections' (bf16 under autocast), as SDPA's autocast would."""
+    q, k = q.to(v.dtype), k.to(v.dtype)
     return _flex_fn(q.is_cuda)(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
