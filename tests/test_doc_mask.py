@@ -208,3 +208,13 @@ def test_flex_path_under_bf16_autocast_matches_the_boolean_mask(monkeypatch):
         flex = model(ids, targets)[1]
     assert dtypes == [{torch.bfloat16}] * 2
     torch.testing.assert_close(flex, dense, rtol=2e-2, atol=2e-2)
+
+
+def test_the_start_line_says_what_was_chosen_and_why(tmp_path):
+    from hone.train.loop import train
+
+    lines = []
+    train(_model(), _loader(EOS), TrainConfig(seq_len=8, batch_size=2, log_every=100), tmp_path, total_steps=1,
+          log=lines.append)
+    assert "train: mixed precision fp32 (default on cpu), compile off (default on cpu); document masks on " \
+           "(end of document: id 0)" in lines

@@ -91,8 +91,9 @@ def build_loader(recipe: Recipe, workdir: Path, phases: list[tuple[int, float]] 
 def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log) -> dict:
     """Train ``model`` here; one process applies only activation checkpointing and compile,
     both keep the parameter names, so evaluation and the HF export use the same object."""
-    t = device_settings(recipe.train, next(model.parameters()).device.type)[0]
-    loader, plan = build_loader(recipe, workdir), plan_from_recipe(t, 1)
+    t = recipe.train  # the loop resolves the device defaults again, to say which it chose and why
+    loader = build_loader(recipe, workdir)
+    plan = plan_from_recipe(device_settings(t, next(model.parameters()).device.type)[0], 1)
     parallelize(model, plan, DistContext(device=next(model.parameters()).device))
     torch.manual_seed(recipe.run.seed)
     try:

@@ -45,12 +45,12 @@ def recipe_for(recipe_path: Path | None, workdir: Path | None) -> tuple[Recipe, 
 
 def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
     """One torchrun worker: join the job, build, parallelize, train."""
-    t = device_settings(recipe.train, pick_device(recipe.train.device).type)[0]
+    t = recipe.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     # Processes on one host share its cores; oversubscribing threads slows every rank.
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // local_world))
-    plan = plan_from_recipe(t, world)
+    plan = plan_from_recipe(device_settings(t, pick_device(t.device).type)[0], world)
     ctx = init_distributed(plan, t.device)
     def quiet(msg: str) -> None:
         pass
