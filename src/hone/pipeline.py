@@ -31,7 +31,7 @@ from hone.model.hf import save_hf
 from hone.model.hf_backend import choose_backend
 from hone.model.load import base_conventions, base_tokenizer_files, load_base_model
 from hone.model.tokenizer_files import with_pad_token
-from hone.recipe import Recipe, domain_ratio, training_streams
+from hone.recipe import Recipe, device_settings, domain_ratio, training_streams
 from hone.report import write_report
 from hone.rundir import (
     BASE_DIR,
@@ -434,6 +434,9 @@ def check_recipe(recipe: Recipe, workdir: Path) -> list[str]:
     t = recipe.train
     lines.append(f"training: {t.max_tokens:,} tokens = {total_steps(t):,} steps of {t.batch_size} x {t.seq_len} "
                  f"tokens")
+    device = t.device if t.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    lines.append(f"training on {device}: {device_settings(t, device)[1]}; document masks "
+                 + ("on (attention within each packed document)" if t.doc_mask else "off (train.doc_mask = false)"))
     sets = [n for n, (field, _) in PACKAGED_SETS.items() if recipe.data.packaged and getattr(recipe.data.packaged,
                                                                                             field)]
     sets += [s.name for s in recipe.data.sources if s.heldout] + list(recipe.eval.sets)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hone.errors import HoneError
+from hone.model.documents import document_positions
 from hone.model.llama import fast_path_refusal
 from hone.model.loss import fused_linear_cross_entropy
 from hone.plan.shapes import ModelShape
@@ -157,9 +159,15 @@ class HFCausalLM(nn.Module):
     (unlike the cross-entropy) it depends on how a step's batch is split. The per-token losses
     stay pure cross-entropy. Models without that function (aux-loss-free balancing) train on
     the cross-entropy alone.
+
+    Packed documents (``doc_eos_id``, as :class:`hone.model.llama.Llama`): the training forward
+    passes position ids that restart at each document, from which transformers' masking utilities
+    (``find_packed_sequence_indices``) build block-causal masks; a probe at construction checks that
+    this model really keeps packed documents apart (:meth:`packed_documents_refusal`).
     """
 
     backend = "transformers"
+    doc_eos_id: int | None = None
 
     def __init__(self, hf_model: nn.Module, reason: str = "") -> None:
         super().__init__()
@@ -181,6 +189,7 @@ class HFCausalLM(nn.Module):
         self.logit_factor = (getattr(text, "logit_scale", None) or 1.0) / (getattr(text, "logits_scaling", None) or 1.0)
         self.__dict__["_balance"] = _router_balance(hf_model)
         self.fused_head = self._head_matches()
+        self._packing = self._packing_refusal()
 
     # ------------------------------------------------------------------ building and saving
 
@@ -254,6 +263,8 @@ class HFCausalLM(nn.Module):
             return self.hf_model(input_ids=input_ids, use_cache=False).logits
         weight = token_weight if token_weight is not None else 1.0 / targets.numel()
         extra = {"output_router_logits": True} if self._balance is not None else {}
+        if self.doc_eos_id is not None and self._packing is None:
+            extra["position_ids"] = document_positions(input_ids, self.doc_eos_id)[0]
         if self.fused_head:
             out = self.model(input_ids=input_ids, use_cache=False, **extra)
             head, hidden = self._head_weight(), out.last_hidden_state.flatten(0, 1)
@@ -273,6 +284,10 @@ class HFCausalLM(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def packed_documents_refusal(self) -> str | None:
+        """None when this model keeps packed documents apart (see the class docstring), else why not."""
+        return self._packing
 
     # ------------------------------------------------------------------ internals
 
@@ -302,6 +317,32 @@ class HFCausalLM(nn.Module):
             self.train(was)
         scale = max(1.0, float(theirs.abs().max()))
         return ours.shape == theirs.shape and bool(torch.allclose(ours, theirs, rtol=1e-3, atol=1e-3 * scale))
+
+    @torch.no_grad()
+    def _packing_refusal(self) -> str | None:
+        """Whether two documents packed in one row, given restarting position ids, give the second
+        document the hidden states it has alone (a few tokens, eval mode); None when they do."""
+        name = type(self.hf_model).__name__
+        if "position_ids" not in inspect.signature(self.model.forward).parameters:
+            return f"{name}'s forward takes no position_ids"
+        ref = next(self.parameters())
+        if ref.device.type == "meta":
+            return None  # nothing to run yet: transformers' masking utilities decide, as for the other families
+        was = self.training
+        self.eval()
+        try:
+            n = min(4, self.lm_head.weight.shape[0] - 1)
+            doc = torch.arange(1, n + 1, device=ref.device)[None]
+            packed = self.model(input_ids=torch.cat([doc.flip(1), doc], dim=1), use_cache=False,
+                                position_ids=torch.arange(n, device=ref.device).repeat(1, 2)).last_hidden_state
+            alone = self.model(input_ids=doc, use_cache=False).last_hidden_state
+        finally:
+            self.train(was)
+        scale = max(1.0, float(alone.abs().max()))
+        if torch.allclose(packed[:, n:].float(), alone.float(), rtol=1e-3, atol=1e-3 * scale):
+            return None
+        impl = getattr(self.config, "_attn_implementation", None)
+        return f"transformers' {name} (attention {impl!r}) does not keep packed documents apart"
 
     def _sync_checkpointing(self) -> None:
         """Follow ``self.model.activation_checkpointing`` (the switch Hone's Llama has, set by

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hone.errors import HoneError
+from hone.model.documents import attention_mask as document_mask, document_positions, flex_attention, uses_flex
 from hone.model.loss import fused_linear_cross_entropy
 
 # Positions precomputed at init; longer inputs grow the cache on demand.
@@ -463,7 +464,9 @@ class Attention(nn.Module):
         self.window = cfg.window_of(layer_idx)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, doc_mask=None) -> torch.Tensor:
+        """``doc_mask``: packed documents' attention (:mod:`hone.model.documents`), a boolean
+        ``[B, 1, T, T]`` mask or a flex_attention BlockMask; None: causal (and windowed) as usual."""
         b, t, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
@@ -474,10 +477,12 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
+        if doc_mask is not None and not isinstance(doc_mask, torch.Tensor):  # a BlockMask: flex_attention (GPU)
+            return self.o_proj(flex_attention(q, k, v, doc_mask).transpose(1, 2).reshape(b, t, -1))
         n_past = 0
         if cache is not None:
             k, v, n_past = cache.extend(self.layer_idx, k, v, self.window)
-        mask, causal = _attention_mask(t, n_past, self.window, x.device)
+        mask, causal = (doc_mask, False) if doc_mask is not None else _attention_mask(t, n_past, self.window, x.device)
         gqa = {}
         if k.shape[1] != q.shape[1]:
             if x.is_cuda:  # flash attention reads shared K/V heads directly
@@ -510,8 +515,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+                cache: KVCache | None = None, doc_mask=None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, doc_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -553,22 +558,53 @@ class LlamaModel(nn.Module):
             self.rope_sin = sin.to(self.rope_sin.device, self.rope_sin.dtype)
         return self.rope_cos[offset:end].to(dtype), self.rope_sin[offset:end].to(dtype)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def document_inputs(self, position_ids: torch.Tensor, document_ids: torch.Tensor,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(cos, sin ``[B, 1, T, head_dim]`` at ``position_ids``, ``{window: mask}``) of packed documents
+        (:func:`hone.model.documents.document_positions`): what each layer gets instead of plain causal inputs."""
+        cfg = self.config
+        # Positions restart per document, so the tables need only reach the longest document (dynamic
+        # NTK depends on that length, as transformers takes it from the largest position id).
+        dynamic = cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "dynamic"
+        cos, sin = self.rope(int(position_ids.max()) + 1 if dynamic else position_ids.shape[1], dtype)
+        flex = uses_flex(document_ids.device)
+        windows = {cfg.window_of(i) for i in range(cfg.num_hidden_layers)}
+        masks = {w: document_mask(document_ids, w, flex=flex) for w in windows}
+        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1), masks
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states; with ``position_ids`` and ``document_ids`` (``[B, T]``, no cache) packed
+        documents are kept apart."""
         x = self.embed_tokens(input_ids)
         offset = cache.offset if cache is not None else 0
-        cos, sin = self.rope(input_ids.shape[1], x.dtype, offset)
+        if document_ids is not None:
+            if cache is not None or position_ids is None:
+                raise HoneError("packed documents need position_ids with document_ids, and no KV cache")
+            cos, sin, masks = self.document_inputs(position_ids, document_ids, x.dtype)
+        else:
+            (cos, sin), masks = self.rope(input_ids.shape[1], x.dtype, offset), {}
         for layer in self.layers:
+            mask = masks.get(layer.self_attn.window)
             if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, None, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, cache)
+                x = layer(x, cos, sin, cache, mask)
         if cache is not None:
             cache.offset = offset + input_ids.shape[1]
         return self.norm(x)
 
 
 class Llama(nn.Module):
-    """Causal LM: ``forward(input_ids [B, T]) -> logits [B, T, V]``; HF parameter names."""
+    """Causal LM: ``forward(input_ids [B, T]) -> logits [B, T, V]``; HF parameter names.
+
+    ``doc_eos_id`` (None, or set by :func:`hone.model.documents.set_doc_eos_id` when training
+    starts): the training forward ``model(ids, targets)`` keeps the documents packed in ``ids``
+    apart at that end-of-document id. Logits, the decoder body and the KV cache (evaluation,
+    generation: one document at a time) never do.
+    """
+
+    doc_eos_id: int | None = None
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -588,7 +624,11 @@ class Llama(nn.Module):
         if targets is None:
             return self.lm_head(self.model(input_ids, cache))
 
-        hidden = self.model(input_ids, cache)
+        if self.doc_eos_id is not None and cache is None:
+            position_ids, document_ids = document_positions(input_ids, self.doc_eos_id)
+            hidden = self.model(input_ids, position_ids=position_ids, document_ids=document_ids)
+        else:
+            hidden = self.model(input_ids, cache)
         weight = token_weight if token_weight is not None else 1.0 / targets.numel()
         loss, per_token = fused_linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, targets.flatten(),
                                                      token_weight=weight)

@@ -29,6 +29,7 @@ class TokenStream:
     seq_len: int
     pos: int = 0
     epoch: int = 0
+    eos_id: int | None = None  # the id that ends each document in ``tokens`` (None: not known)
 
     def __post_init__(self) -> None:
         if len(self.tokens) < self.seq_len + 1:
@@ -164,6 +165,12 @@ class MixtureLoader:
         self.step += 1
         batch = torch.from_numpy(np.stack(windows))
         return batch[:, :-1], batch[:, 1:], names
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-document id every stream shares (None when one is unknown or they differ)."""
+        ids = {s.eos_id for s in self.streams.values()}
+        return ids.pop() if len(ids) == 1 else None
 
     def state_dict(self) -> dict:
         return {

@@ -27,11 +27,12 @@ import torch
 import torch.distributed as dist
 
 from hone.errors import HoneError
+from hone.model.documents import set_doc_eos_id
 from hone.model.llama import LlamaConfig
 from hone.model.shape import shape_of
 from hone.plan.hardware import gpu_for_device_name
 from hone.plan.shapes import ModelShape, flops_per_token
-from hone.recipe import TrainConfig
+from hone.recipe import TrainConfig, device_settings
 from hone.rundir import append_event, append_jsonl, ensure_dir
 from hone.train.checkpoint import checkpoint_step, latest_checkpoint, resume_from_newest, save_checkpoint
 from hone.train.data import MixtureLoader
@@ -229,11 +230,29 @@ def _preempted(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoad
                      f"run the same command again to resume")
 
 
+def doc_masks(model: torch.nn.Module, cfg: TrainConfig, loader: MixtureLoader) -> str:
+    """Keep packed documents apart in ``model`` as ``train.doc_mask`` says, at the token streams'
+    end-of-document id; returns what was done, for the start line."""
+    eos = loader.eos_id if cfg.doc_mask else None
+    refusal = set_doc_eos_id(model, eos)
+    if not cfg.doc_mask:
+        return "document masks off (train.doc_mask = false)"
+    if eos is None:
+        return "document masks off: the token streams name no end-of-document id"
+    if refusal:
+        return f"document masks off: {refusal} (causal attention over whole sequences)"
+    return f"document masks on (end of document: id {eos})"
+
+
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
           total_steps: int, resume: bool = False, max_steps: int | None = None,
           ctx: DistContext | None = None, log: Callable[[str], None] = print) -> dict:
     """Train ``model`` (already parallelized for ``ctx``) for ``total_steps`` or until ``max_steps``."""
     ctx = ctx or DistContext(device=next(model.parameters()).device)
+    cfg, settings = device_settings(cfg, ctx.device.type)
+    if ctx.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the matmuls left in fp32
+    documents = doc_masks(model, cfg, loader)
     workdir = ensure_dir(Path(workdir)) if ctx.is_main else Path(workdir)
     ctx.barrier()
     ckpt_root = workdir / "checkpoints"
@@ -276,6 +295,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         f"threads {torch.get_num_threads()}"
         + (f" | {fpt / 1e9:.2f} GFLOP/token" if fpt else "")
         + (f" | peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""))
+    say(f"train: {settings}; {documents}")
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()

@@ -17,9 +17,10 @@ from typing import Callable
 import torch
 
 from hone.errors import HoneError
-from hone.recipe import Recipe, TrainConfig, domain_ratio, training_streams
+from hone.recipe import Recipe, TrainConfig, device_settings, domain_ratio, training_streams
 from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, stream_tokens_dir, write_json
 from hone.tokens import load_tokens
+from hone.tokens.shards import read_index
 from hone.train.checkpoint import latest_checkpoint, load_model_weights
 from hone.train.data import MixtureLoader, TokenStream, schedule_phases
 from hone.train.loop import train
@@ -38,9 +39,11 @@ def plan_from_recipe(t: TrainConfig, world_size: int) -> ParallelPlan:
     """The parallel plan for ``world_size`` processes from the recipe's train section."""
     if world_size % t.tp:
         raise HoneError(f"train.tp ({t.tp}) does not divide the number of processes ({world_size})")
+    # mixed_precision / compile left to the device (None) count as the CPU's until
+    # device_settings resolves them where the device is known.
     return ParallelPlan(dp=world_size // t.tp, tp=t.tp, data_parallel=t.data_parallel,
-                        activation_checkpointing=t.activation_checkpointing, compile=t.compile,
-                        mixed_precision=t.mixed_precision)
+                        activation_checkpointing=t.activation_checkpointing, compile=bool(t.compile),
+                        mixed_precision=t.mixed_precision or "fp32")
 
 
 def mixture_phases(recipe: Recipe) -> list[tuple[int, float]]:
@@ -67,7 +70,7 @@ def stream_tokens(recipe: Recipe, workdir: Path, names: list[str], seq_len: int)
         if not (path / "index.json").exists():
             raise HoneError(f"the training mixture needs '{name}' tokens, but the corpus has no '{name}' documents "
                             f"(lower the domain ratio, or check the source's inputs and filters)")
-        streams[name] = TokenStream(load_tokens(path), seq_len)
+        streams[name] = TokenStream(load_tokens(path), seq_len, eos_id=read_index(path).get("eos_id"))
     return streams
 
 
@@ -89,8 +92,9 @@ def build_loader(recipe: Recipe, workdir: Path, phases: list[tuple[int, float]] 
 def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log) -> dict:
     """Train ``model`` here; one process applies only activation checkpointing and compile,
     both keep the parameter names, so evaluation and the HF export use the same object."""
-    t = recipe.train
-    loader, plan = build_loader(recipe, workdir), plan_from_recipe(t, 1)
+    t = recipe.train  # the loop resolves the device defaults again, to say which it chose and why
+    loader = build_loader(recipe, workdir)
+    plan = plan_from_recipe(device_settings(t, next(model.parameters()).device.type)[0], 1)
     parallelize(model, plan, DistContext(device=next(model.parameters()).device))
     torch.manual_seed(recipe.run.seed)
     try:

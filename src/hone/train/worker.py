@@ -23,8 +23,8 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from hone.errors import HoneError
-from hone.model.load import load_base_model
-from hone.recipe import Recipe, load_recipe
+from hone.model.load import load_base_model, pick_device
+from hone.recipe import Recipe, device_settings, load_recipe
 from hone.rundir import LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_json
 from hone.train.hooks import NonFiniteLoss
 from hone.train.loop import train
@@ -51,7 +51,7 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     # Processes on one host share its cores; oversubscribing threads slows every rank.
     torch.set_num_threads(t.threads or max(1, (os.cpu_count() or 1) // local_world))
-    plan = plan_from_recipe(t, world)
+    plan = plan_from_recipe(device_settings(t, pick_device(t.device).type)[0], world)
     ctx = init_distributed(plan, t.device)
     def quiet(msg: str) -> None:
         pass
