@@ -1,7 +1,8 @@
 """Where the trainer's parallel plan and the planner's configuration meet.
 
-:class:`ParallelPlan` is what `hone train` applies (``hone.train.parallelize``): dp x tp over
-the processes, DDP or FSDP2, whole-layer activation checkpointing. :class:`hone.plan.config.Config`
+:class:`ParallelPlan` is what `hone train` applies (``hone.train.parallelize``): pp x dp x tp over
+the processes, pipeline stages (1F1B / interleaved / GPipe), DDP or FSDP2, tensor (+ sequence)
+parallelism, whole-layer activation checkpointing. :class:`hone.plan.config.Config`
 is what the planner searches (tp, pp, dp, micro-batch, recompute, ZeRO stage, ...). The two
 mappings between them live here and nowhere else:
 
@@ -28,34 +29,66 @@ __all__ = ["ParallelPlan", "fixed_fields", "train_fields"]
 class ParallelPlan:
     dp: int = 1                                  # data-parallel degree
     tp: int = 1                                  # tensor-parallel degree
+    pp: int = 1                                  # pipeline stages (ranks)
+    pp_schedule: Literal["1f1b", "interleaved", "gpipe"] = "1f1b"
+    vpp: int = 1                                 # virtual stages per pipeline rank (interleaved)
+    sequence_parallel: bool = False              # with tp > 1
     data_parallel: Literal["fsdp", "ddp"] = "fsdp"
     activation_checkpointing: bool = False
     compile: bool = False
     mixed_precision: Literal["fp32", "bf16"] = "fp32"
 
-    def validate(self, world_size: int, *, heads: int, kv_heads: int, ffn: int, batch_size: int) -> None:
-        if self.dp * self.tp != world_size:
-            raise HoneError(f"dp({self.dp}) * tp({self.tp}) = {self.dp * self.tp} != world_size {world_size}")
+    def validate(self, world_size: int, *, heads: int, kv_heads: int, ffn: int, batch_size: int,
+                 layers: int | None = None, micro_batch: int = 0) -> None:
+        if self.dp * self.tp * self.pp != world_size:
+            raise HoneError(f"dp({self.dp}) * tp({self.tp}) * pp({self.pp}) = {self.dp * self.tp * self.pp} "
+                            f"!= world_size {world_size}")
         for what, n in (("attention heads", heads), ("key/value heads", kv_heads), ("FFN size", ffn)):
             if n % self.tp:
                 raise HoneError(f"tp={self.tp} does not divide {n} {what}")
         if batch_size % self.dp:
             raise HoneError(f"train.batch_size ({batch_size}) is not divisible by dp ({self.dp})")
+        if self.pp > 1:
+            self._validate_pipeline(batch_size // self.dp, layers, micro_batch)
+
+    def _validate_pipeline(self, rows: int, layers: int | None, micro_batch: int) -> None:
+        if self.vpp > 1 and self.pp_schedule != "interleaved":
+            raise HoneError(f"train.vpp = {self.vpp} needs train.pp_schedule = \"interleaved\"")
+        if layers is not None and layers < self.pp * self.vpp:
+            raise HoneError(f"train.pp ({self.pp}) x train.vpp ({self.vpp}) = {self.pp * self.vpp} pipeline stages "
+                            f"for {layers} layers: every stage needs at least one layer")
+        micro = micro_batch or rows
+        chunks = rows // micro if rows % micro == 0 else 0
+        if chunks < self.pp:
+            raise HoneError(f"train.pp = {self.pp} needs at least {self.pp} micro-batches per step: train.batch_size "
+                            f"/ dp = {rows} sequences per rank in micro-batches of train.micro_batch = {micro} "
+                            f"give {rows / micro:g}")
+        if self.data_parallel != "fsdp" and self.dp > 1:
+            raise HoneError(f"train.pp = {self.pp} with dp = {self.dp}: use train.data_parallel = \"fsdp\" (ddp has "
+                            "no pipeline support here)")
 
 
 def train_fields(config: Config | Mapping[str, Any]) -> dict:
     """The recipe's ``[train]`` layout fields (names as ``hone.recipe.TrainConfig``) for a planner
     configuration (a :class:`Config` or a plan record with its fields). `hone train` has no
-    pipeline, ZeRO-1/2 or selective recompute: ZeRO-3 is FSDP, anything less DDP; any recompute
-    is whole-layer checkpointing (``hone.plan.commands.hone_train_notes`` says where that differs)."""
+    ZeRO-1/2 or selective recompute: ZeRO-3 is FSDP, anything less DDP (FSDP under a pipeline,
+    which has no DDP); any recompute is whole-layer checkpointing (``hone.plan.commands.hone_train_notes``
+    says where that differs). A pipeline with vpp > 1 is the interleaved 1F1B schedule, else 1F1B."""
     c = config.as_dict() if isinstance(config, Config) else config
-    return {"micro_batch": c["micro_batch"], "tp": c["tp"], "data_parallel": "fsdp" if c["zero"] >= 3 else "ddp",
-            "activation_checkpointing": c["recompute"] != "none"}
+    fields = {"micro_batch": c["micro_batch"], "tp": c["tp"], "pp": c["pp"],
+              "data_parallel": "fsdp" if c["zero"] >= 3 or c["pp"] > 1 else "ddp",
+              "activation_checkpointing": c["recompute"] != "none",
+              "sequence_parallel": bool(c["sequence_parallel"]) and c["tp"] > 1}
+    if c["pp"] > 1:
+        fields |= {"pp_schedule": "interleaved" if c["vpp"] > 1 else "1f1b", "vpp": c["vpp"]}
+    return fields
 
 
 def fixed_fields(plan: ParallelPlan) -> dict:
     """The planner's configuration fields (all of :class:`Config`'s but the micro-batch) that the
-    trainer's plan fixes: no pipeline or sequence parallelism, FSDP over more than one data-parallel
-    rank is ZeRO-3 (else 0), activation checkpointing is full recompute."""
-    return {"tp": plan.tp, "pp": 1, "dp": plan.dp, "recompute": "full" if plan.activation_checkpointing else "none",
-            "zero": 3 if plan.data_parallel == "fsdp" and plan.dp > 1 else 0, "vpp": 1, "sequence_parallel": False}
+    trainer's plan fixes: FSDP over more than one data-parallel rank is ZeRO-3 (else 0), activation
+    checkpointing is full recompute; GPipe is planned as 1F1B (same bubble, more activations held)."""
+    return {"tp": plan.tp, "pp": plan.pp, "dp": plan.dp,
+            "recompute": "full" if plan.activation_checkpointing else "none",
+            "zero": 3 if plan.data_parallel == "fsdp" and plan.dp > 1 else 0, "vpp": plan.vpp,
+            "sequence_parallel": plan.sequence_parallel and plan.tp > 1}

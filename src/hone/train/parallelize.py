@@ -1,5 +1,5 @@
 """Apply parallelism to a single-device model from a plan value, in a fixed order:
-tensor parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP).
+pipeline split → tensor parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP).
 
 The model never reads the plan (STYLE.md rule 1); the plan is a pure value validated on
 the CPU with the numbers in its error (:class:`hone.plan.layout.ParallelPlan`, where it meets
@@ -17,6 +17,7 @@ from torch import nn
 
 from hone.errors import HoneError
 from hone.plan.layout import ParallelPlan
+from hone.train.pipeline_parallel import Pipeline, split_stages
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: object | None = None  # DeviceMesh with dims ("dp", "tp") when distributed
+    mesh: object | None = None  # DeviceMesh with dims ("pp", "dp", "tp") when distributed
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +45,7 @@ class DistContext:
 
 
 def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistContext:
-    """Join the torchrun job (gloo on CPU, NCCL on GPU) and build the (dp, tp) mesh."""
+    """Join the torchrun job (gloo on CPU, NCCL on GPU) and build the (pp, dp, tp) mesh."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and device_choice != "cpu"
     if world == 1:
@@ -57,14 +58,15 @@ def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistCon
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device_type = "cuda" if use_cuda else "cpu"
-    mesh = init_device_mesh(device_type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local, device=device, mesh=mesh)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The repeated decoder blocks: Hone's Llama's ``model.layers``, the transformers backend's ``decoder_layers``."""
-    return getattr(model, "decoder_layers", None) or model.model.layers
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks the model holds: Hone's Llama's ``model.layers`` (less those a
+    pipeline split deleted), the transformers backend's ``decoder_layers``."""
+    return [layer for layer in getattr(model, "decoder_layers", None) or model.model.layers if layer is not None]
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
@@ -75,12 +77,12 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         raise HoneError(f"train.tp = {tp_mesh.size()}: the {model.backend} backend (model_type "
                         f"{getattr(model.config, 'model_type', '?')!r}) has no tensor-parallel plan; use train.tp = 1 "
                         "(FSDP2 or DDP over every process)")
-    if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in model.model.layers):
+    if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in decoder_layers(model)):
         # Each rank holds some heads; the replicated q/k norm weights would need their gradients
         # summed over the tp group, which this plan does not do yet.
         raise HoneError(f"train.tp = {tp_mesh.size()}: Qwen3's q/k norms are not tensor-parallel yet; use train.tp = 1 "
                         "(FSDP2 or DDP over every process)")
-    for layer in model.model.layers:
+    for layer in decoder_layers(model):
         parallelize_module(layer, tp_mesh, {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
             "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
@@ -95,7 +97,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.model.activation_checkpointing = True
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str, roots: list[nn.Module] | None = None) -> None:
+    """One FSDP2 unit per decoder layer, then the roots: the model, or each pipeline stage."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -103,11 +106,15 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     # The root unit holds embeddings, final norm and the (possibly tied) head.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    for root in roots or [model]:
+        fully_shard(root, mesh=dp_mesh, mp_policy=mp)
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Module:
-    """Return the model wrapped as the plan says (the same object when nothing applies)."""
+    """Return the model wrapped as the plan says (the same object when nothing applies). Under a
+    pipeline the model keeps only its stages' parts and carries their schedule as ``model.pipeline``
+    (:class:`hone.train.pipeline_parallel.Pipeline`), which the training loop runs."""
+    stages = split_stages(model, plan, ctx.mesh["pp"].get_local_rank()) if plan.pp > 1 else None
     model.to(ctx.device)
     if plan.tp > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
@@ -116,7 +123,11 @@ def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Mo
     if plan.compile:
         for layer in decoder_layers(model):
             layer.compile()
-    if plan.dp > 1 and plan.data_parallel == "fsdp":
+    if stages is not None:
+        if plan.dp > 1:
+            apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision, roots=stages)
+        model.pipeline = Pipeline(stages, plan, ctx.mesh, ctx.device, tied=model.config.tie_word_embeddings)
+    elif plan.dp > 1 and plan.data_parallel == "fsdp":
         apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision)
     elif plan.dp > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
