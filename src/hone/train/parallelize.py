@@ -69,9 +69,22 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return [layer for layer in getattr(model, "decoder_layers", None) or model.model.layers if layer is not None]
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Megatron-style: column-parallel q/k/v and gate/up, row-parallel o and down."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False,
+                          runs: list[list[nn.Module]] | None = None) -> None:
+    """Megatron-style: column-parallel q/k/v and gate/up, row-parallel o and down. With sequence
+    parallelism the norms and the residual stream between them are split along the sequence over
+    the tp ranks: all-gather before attention / MLP, reduce-scatter after (torch's SequenceParallel
+    and Shard(1) layouts). ``runs``: the consecutive layers each forward goes through (the model's,
+    or each pipeline stage's); the sequence is split as a run starts and gathered as it ends, so
+    embeddings, final norm and head see whole sequences as without it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     if getattr(model, "backend", "hone") != "hone":  # fused qkv / gate_up, q/k norms, experts: no one plan fits
         raise HoneError(f"train.tp = {tp_mesh.size()}: the {model.backend} backend (model_type "
@@ -82,13 +95,49 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         # summed over the tp group, which this plan does not do yet.
         raise HoneError(f"train.tp = {tp_mesh.size()}: Qwen3's q/k norms are not tensor-parallel yet; use train.tp = 1 "
                         "(FSDP2 or DDP over every process)")
+    out = Shard(1) if sequence_parallel else Replicate()
     for layer in decoder_layers(model):
-        parallelize_module(layer, tp_mesh, {
+        plan = {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=out),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
-        })
+            "mlp.down_proj": RowwiseParallel(output_layouts=out),
+        }
+        if sequence_parallel:
+            plan |= {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                     "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                                     desired_input_layouts=(Replicate(), None, None, None)),
+                     "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
+        parallelize_module(layer, tp_mesh, plan)
+    if sequence_parallel:
+        for run in runs if runs is not None else [decoder_layers(model)]:
+            if run:
+                run[0].register_forward_pre_hook(_split_sequence(tp_mesh))
+                run[-1].register_forward_hook(_gather_sequence(tp_mesh))
+
+
+def _split_sequence(tp_mesh):
+    """Forward pre-hook: the whole sequence (the same on every tp rank) -> this rank's slice."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(_module, args):
+        x = args[0]
+        if x.shape[1] % tp_mesh.size():
+            raise HoneError(f"train.sequence_parallel: the sequence length {x.shape[1]} is not divisible by "
+                            f"train.tp ({tp_mesh.size()})")
+        whole = DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+        return (whole.redistribute(tp_mesh, [Shard(1)]).to_local(), *args[1:])
+    return hook
+
+
+def _gather_sequence(tp_mesh):
+    """Forward hook: this rank's slice of the sequence -> the whole sequence (all-gather)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(_module, _args, out):
+        return DTensor.from_local(out, tp_mesh, [Shard(1)], run_check=False).redistribute(
+            tp_mesh, [Replicate()]).to_local()
+    return hook
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -117,7 +166,8 @@ def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Mo
     stages = split_stages(model, plan, ctx.mesh["pp"].get_local_rank()) if plan.pp > 1 else None
     model.to(ctx.device)
     if plan.tp > 1:
-        apply_tensor_parallel(model, ctx.mesh["tp"])
+        runs = [list(stage.layers) for stage in stages] if stages is not None else None
+        apply_tensor_parallel(model, ctx.mesh["tp"], plan.sequence_parallel, runs)
     if plan.activation_checkpointing:
         apply_activation_checkpointing(model)
     if plan.compile:
