@@ -63,6 +63,10 @@ class ParallelPlan:
             raise HoneError(f"train.pp = {self.pp} needs at least {self.pp} micro-batches per step: train.batch_size "
                             f"/ dp = {rows} sequences per rank in micro-batches of train.micro_batch = {micro} "
                             f"give {rows / micro:g}")
+        rounds = max(1, chunks // self.pp)
+        if self.pp_schedule == "interleaved" and chunks % rounds:
+            raise HoneError(f"train.pp_schedule = \"interleaved\" runs micro-batches in rounds of train.pp "
+                            f"({self.pp}): {chunks} micro-batches per step is not a multiple of {rounds} rounds")
         if self.data_parallel != "fsdp" and self.dp > 1:
             raise HoneError(f"train.pp = {self.pp} with dp = {self.dp}: use train.data_parallel = \"fsdp\" (ddp has "
                             "no pipeline support here)")

@@ -30,7 +30,6 @@ from torch import nn
 
 from hone.errors import HoneError
 from hone.model.loss import fused_linear_cross_entropy
-from hone.model.shape import shape_of
 from hone.plan.config import Config
 from hone.plan.layout import ParallelPlan
 from hone.plan.memory import stage_layout
