@@ -20,11 +20,10 @@ from safetensors.torch import load_file
 from hone.errors import HoneError
 from hone.model.llama import Llama, LlamaConfig
 from hone.plan.config import Config
-from hone.plan.layout import fixed_fields
+from hone.plan.layout import fixed_fields, stage_layers
 from hone.plan.memory import stage_layout
 from hone.plan.shapes import PRESETS
 from hone.recipe import TrainConfig, load_recipe
-from hone.train.pipeline_parallel import stage_layers
 from hone.train.run import plan_from_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,7 +173,8 @@ def test_bad_pipeline_fields_are_one_line_errors(prepared, tmp_path):
     with pytest.raises(HoneError, match=r"train.pp = 4 needs at least 4 micro-batches per step: .* train.micro_batch "
                                         r"= 4 give 2"):
         plan_from_recipe(t, 4).validate(4, heads=4, kv_heads=2, ffn=8, batch_size=8, layers=4, micro_batch=4)
-    with pytest.raises(HoneError, match=r"train.pp \(2\) x train.vpp \(4\) = 8 pipeline stages for 4 layers"):
+    with pytest.raises(HoneError, match=r"train.pp \(2\) x train.vpp \(4\) = 8 pipeline stages for 4 layers: every "
+                                        r"stage but the first and last needs at least one layer"):
         p = plan_from_recipe(TrainConfig(pp=2, pp_schedule="interleaved", vpp=4), 2)
         p.validate(2, heads=4, kv_heads=2, ffn=8, batch_size=8, layers=4, micro_batch=2)
     with pytest.raises(HoneError, match=r"train.pp = 2 with dp = 2: use train.data_parallel = \"fsdp\""):
@@ -196,6 +196,10 @@ def test_stage_layers_follow_the_planners_layout():
         assert [r.start for r in ranges[1:]] == [r.stop for r in ranges[:-1]] and ranges[-1].stop == shape.layers
         per_rank = [sum(len(ranges[j * pp + r]) for j in range(vpp)) for r in range(pp)]
         assert tuple(per_rank) == stage_layout(shape, Config(1, pp, 1, 1, vpp=vpp))
+    # Every configuration the planner accepts (pp * vpp <= layers + 2) leaves no middle stage empty.
+    for layers, pp, vpp in ((6, 2, 4), (126, 16, 8), (80, 4, 7), (32, 8, 4)):
+        ranges = stage_layers(layers, pp, vpp)
+        assert all(ranges[1:-1]) and sum(map(len, ranges)) == layers, (layers, pp, vpp)
 
 
 def test_recipe_out_round_trip(tmp_path, capsys):

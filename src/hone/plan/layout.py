@@ -21,8 +21,38 @@ from typing import Any, Literal, Mapping
 
 from hone.errors import HoneError
 from hone.plan.config import Config
+from hone.plan.memory import stage_layout
 
-__all__ = ["ParallelPlan", "fixed_fields", "train_fields"]
+__all__ = ["ParallelPlan", "fixed_fields", "stage_layers", "train_fields"]
+
+
+def stage_layers(n_layers: int, pp: int, vpp: int = 1) -> list[range]:
+    """The decoder layers of each of the ``pp * vpp`` pipeline stages, in stage order (stage ``s``
+    runs on rank ``s % pp``): per rank, the planner's :func:`hone.plan.memory.stage_layout`
+    (evenly; where the layers do not divide, fewer on the first and last ranks, which also hold
+    the embedding and the head), split evenly between the rank's virtual stages. A stage with no
+    layer can only be the first (embedding only) or the last (norm, head and loss only)."""
+    per_rank = stage_layout(_Layers(n_layers), Config(1, pp, 1, 1, vpp=vpp))
+    sizes = [0] * (pp * vpp)
+    for r, total in enumerate(per_rank):
+        base, extra = divmod(total, vpp)
+        chunks = [base + (1 if j < extra else 0) for j in range(vpp)]
+        if r == 0 and pp > 1:
+            chunks.reverse()  # a short chunk of the first rank is stage 0, which also embeds
+        for j, n in enumerate(chunks):
+            sizes[j * pp + r] = n
+    out, lo = [], 0
+    for n in sizes:
+        out.append(range(lo, lo + n))
+        lo += n
+    return out
+
+
+class _Layers:
+    """The one field of a model shape that :func:`hone.plan.memory.stage_layout` reads."""
+
+    def __init__(self, layers: int) -> None:
+        self.layers = layers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,9 +84,10 @@ class ParallelPlan:
     def _validate_pipeline(self, rows: int, layers: int | None, micro_batch: int) -> None:
         if self.vpp > 1 and self.pp_schedule != "interleaved":
             raise HoneError(f"train.vpp = {self.vpp} needs train.pp_schedule = \"interleaved\"")
-        if layers is not None and layers < self.pp * self.vpp:
-            raise HoneError(f"train.pp ({self.pp}) x train.vpp ({self.vpp}) = {self.pp * self.vpp} pipeline stages "
-                            f"for {layers} layers: every stage needs at least one layer")
+        stages = self.pp * self.vpp
+        if layers is not None and any(not r for r in stage_layers(layers, self.pp, self.vpp)[1:-1]):
+            raise HoneError(f"train.pp ({self.pp}) x train.vpp ({self.vpp}) = {stages} pipeline stages for {layers} "
+                            "layers: every stage but the first and last needs at least one layer")
         micro = micro_batch or rows
         chunks = rows // micro if rows % micro == 0 else 0
         if chunks < self.pp:

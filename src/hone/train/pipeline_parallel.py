@@ -15,10 +15,7 @@ micro-batch's ``input_ids`` and ``targets`` as keyword arguments (int tensors, n
 stage after the first sees only hidden states, and anything per token (positions, document ids)
 can be computed from the ids on every stage.
 
-Layers split as the planner lays them out (:func:`hone.plan.memory.stage_layout`): evenly, and
-where they do not divide, one layer fewer on the first and last ranks, which also hold the
-embedding and the head. With ``vpp`` virtual stages per rank (interleaved), rank ``r`` holds
-stages ``r, r + pp, ...`` and its layers split evenly between them.
+Layers split as the planner lays them out (:func:`hone.plan.layout.stage_layers`).
 """
 
 from __future__ import annotations
@@ -30,34 +27,9 @@ from torch import nn
 
 from hone.errors import HoneError
 from hone.model.loss import fused_linear_cross_entropy
-from hone.plan.config import Config
-from hone.plan.layout import ParallelPlan
-from hone.plan.memory import stage_layout
+from hone.plan.layout import ParallelPlan, stage_layers
 
-__all__ = ["Pipeline", "StageModule", "stage_layers", "split_stages"]
-
-
-def stage_layers(n_layers: int, pp: int, vpp: int = 1) -> list[range]:
-    """The layer indices of each of the ``pp * vpp`` stages, in stage order (stage ``s`` runs on
-    rank ``s % pp``); per rank, the planner's stage layout."""
-    per_rank = stage_layout(_Layers(n_layers), Config(1, pp, 1, 1, vpp=vpp))
-    sizes = [0] * (pp * vpp)
-    for r, total in enumerate(per_rank):
-        base, extra = divmod(total, vpp)
-        for j in range(vpp):
-            sizes[j * pp + r] = base + (1 if j < extra else 0)
-    out, lo = [], 0
-    for n in sizes:
-        out.append(range(lo, lo + n))
-        lo += n
-    return out
-
-
-class _Layers:
-    """The one field of a model shape that :func:`hone.plan.memory.stage_layout` reads."""
-
-    def __init__(self, layers: int) -> None:
-        self.layers = layers
+__all__ = ["Pipeline", "StageModule", "split_stages"]
 
 
 class StageModule(nn.Module):
