@@ -51,9 +51,17 @@ def test_model_info_reads_back_new_and_old_files():
 def test_layout_maps_both_ways():
     c = Config(tp=2, pp=1, dp=4, micro_batch=2, recompute="full", zero=3, sequence_parallel=False)
     fields = train_fields(c)
-    assert fields == train_fields(c.as_dict()) == {"micro_batch": 2, "tp": 2, "data_parallel": "fsdp",
-                                                   "activation_checkpointing": True}
+    assert fields == train_fields(c.as_dict()) == {"micro_batch": 2, "tp": 2, "pp": 1, "data_parallel": "fsdp",
+                                                   "activation_checkpointing": True, "sequence_parallel": False}
     plan = ParallelPlan(dp=4, tp=fields["tp"], data_parallel=fields["data_parallel"],
                         activation_checkpointing=fields["activation_checkpointing"])
     assert Config(**fixed_fields(plan), micro_batch=fields["micro_batch"]) == c
     assert fixed_fields(ParallelPlan(dp=1, data_parallel="fsdp"))["zero"] == 0  # FSDP over one rank shards nothing
+    # A pipeline with interleaving and sequence parallelism maps both ways too.
+    c = Config(tp=2, pp=4, dp=2, micro_batch=1, recompute="none", zero=3, vpp=2, sequence_parallel=True)
+    fields = train_fields(c)
+    assert fields | {"micro_batch": 1} == {"micro_batch": 1, "tp": 2, "pp": 4, "data_parallel": "fsdp",
+                                           "activation_checkpointing": False, "sequence_parallel": True,
+                                           "pp_schedule": "interleaved", "vpp": 2}
+    plan = ParallelPlan(dp=2, **{k: v for k, v in fields.items() if k != "micro_batch"})
+    assert Config(**fixed_fields(plan), micro_batch=1) == c

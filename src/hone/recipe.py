@@ -393,7 +393,16 @@ class TrainConfig(_Section):
                                                                         "CUDA, fp32 on the CPU).")
     data_parallel: Literal["fsdp", "ddp"] = Field("fsdp",
                                                   description="How data-parallel ranks hold the model under torchrun.")
-    tp: int = Field(1, ge=1, description="Tensor-parallel degree under torchrun (dp = nproc / tp).")
+    tp: int = Field(1, ge=1, description="Tensor-parallel degree under torchrun (dp = nproc / (tp x pp)).")
+    pp: int = Field(1, ge=1, description="Pipeline-parallel stages under torchrun (torch.distributed.pipelining); "
+                                         "the layers split as `hone plan` lays them out.")
+    pp_schedule: Literal["1f1b", "interleaved", "gpipe"] = Field("1f1b",
+                                                                 description="Pipeline schedule when pp > 1: 1f1b, "
+                                                                             "interleaved (Interleaved1F1B, vpp "
+                                                                             "stages per rank) or gpipe.")
+    vpp: int = Field(1, ge=1, description="Virtual pipeline stages per rank (pp_schedule = \"interleaved\" only).")
+    sequence_parallel: bool = Field(False, description="With tp > 1: shard norms' and residuals' activations "
+                                                       "along the sequence over the tp ranks.")
     activation_checkpointing: bool = Field(False,
                                            description="Recompute each layer's activations in the backward pass.")
     compile: bool | None = Field(None, description="torch.compile each transformer layer (default: on with CUDA, off "
@@ -411,6 +420,13 @@ class TrainConfig(_Section):
     upsample_ratio: float | None = Field(None, ge=0, le=1,
                                          description="Domain ratio of the upsampling phase (default: twice the ratio, "
                                                      "at most 1).")
+
+    @model_validator(mode="after")
+    def _pipeline(self) -> "TrainConfig":
+        if self.vpp > 1 and self.pp_schedule != "interleaved":
+            raise ValueError(f"train.vpp = {self.vpp} needs train.pp_schedule = \"interleaved\" "
+                             f"(got \"{self.pp_schedule}\")")
+        return self
 
     @field_validator("checkpoint_every", mode="before")
     @classmethod

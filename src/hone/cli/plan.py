@@ -5,6 +5,7 @@
         --fix tp=1,pp=1,mb=1,recompute=none,zero=3 --json
     hone plan calibrate -o profile.json
     hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
+    hone plan --model llama3-8b --cluster 2x8xH100 --seq 8192 --global-batch 64 --recipe-out train.toml
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import typer
 
 from hone.errors import HoneError
 from hone.plan.api import format_text, make_plan
-from hone.rundir import write_json
+from hone.plan.commands import recipe_section
+from hone.rundir import write_json, write_text
 from hone.train.calibrate import run_calibration
 
 plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, invoke_without_command=True,
@@ -55,7 +57,12 @@ def plan(ctx: typer.Context,
          price: float = typer.Option(2.0, "--price", help="Price per GPU-hour for --tokens."),
          place: bool = typer.Option(False, "--placement",
                                     help="Also assign ranks to GPUs from the cluster's link matrix."),
-         const: Optional[List[str]] = typer.Option(None, "--const", help=CONSTANT_HELP)):
+         const: Optional[List[str]] = typer.Option(None, "--const", help=CONSTANT_HELP),
+         recipe_out: Optional[Path] = typer.Option(None, "--recipe-out",
+                                                   help="Write the chosen configuration's [train] section (a recipe "
+                                                        "fragment for hone train) to this file."),
+         pick: int = typer.Option(1, "--pick", min=1,
+                                  help="Which printed configuration --recipe-out writes (1: the best).")):
     """Search every valid tp / pp / dp / micro-batch / recompute / ZeRO / vpp; print the best."""
     if ctx.invoked_subcommand is not None:
         return
@@ -66,12 +73,26 @@ def plan(ctx: typer.Context,
                        tokens=tokens, price=price, placement=place, constants=_constants(const or []))
     if out:
         write_json(Path(out), result)
+    if recipe_out is not None:
+        write_text(recipe_out, _chosen_section(result, pick, seq, global_batch))
     if as_json:
         print(json.dumps(result["configs"], indent=2))
     else:
         print(format_text(result))
         if out:
             print(f"wrote {out}")
+        if recipe_out is not None:
+            print(f"wrote {recipe_out} ([train] of configuration #{pick})")
+
+
+def _chosen_section(result: dict, pick: int, seq: int, global_batch: int) -> str:
+    configs = result["configs"]
+    if pick > len(configs):
+        raise HoneError(f"--pick {pick}: the plan printed {len(configs)} configuration(s)")
+    rec = configs[pick - 1]
+    if not rec["fits"] or rec["memory_gib_per_gpu"] is None:
+        raise HoneError(f"--pick {pick}: configuration #{pick} ({rec['reason']}) cannot be written as a recipe")
+    return recipe_section(rec, seq, global_batch, pick)
 
 
 def _constants(items: list[str]) -> dict:

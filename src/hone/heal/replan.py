@@ -82,13 +82,14 @@ class Replanner:
 
     def _plan(self, world: int) -> dict:
         t = self.t
-        base = {"world": world, "tp": t.tp, "dp": world // t.tp if world % t.tp == 0 else None,
+        width = t.tp * t.pp
+        base = {"world": world, "tp": t.tp, "dp": world // width if world % width == 0 else None,
                 "global_batch": t.batch_size}
         try:
             p = plan_from_recipe(t, world)
             if self.shape is not None:
                 p.validate(world, heads=self.shape.heads, kv_heads=self.shape.kv_heads, ffn=self.shape.ffn,
-                           batch_size=t.batch_size)
+                           batch_size=t.batch_size, layers=self.shape.layers, micro_batch=t.micro_batch)
             elif t.batch_size % p.dp:
                 raise HoneError(f"train.batch_size ({t.batch_size}) is not divisible by dp ({p.dp})")
         except HoneError as e:

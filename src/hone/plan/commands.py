@@ -18,14 +18,15 @@ def hone_train_settings(rec: dict, seq: int, global_batch: int) -> dict:
 
 
 def hone_train_notes(rec: dict) -> list[str]:
-    """Where the plan asks for more than `hone train` does (it has DDP / FSDP2, TP and full recompute)."""
+    """Where `hone train` does not do exactly what the plan models (it has DDP / FSDP2, TP with
+    sequence parallelism, pipelines with 1F1B / interleaved 1F1B, and full recompute)."""
     notes = []
-    if rec["pp"] > 1 or rec["vpp"] > 1:
-        notes.append(f"hone train has no pipeline parallelism: pp={rec['pp']} vpp={rec['vpp']} needs Megatron-LM "
-                     "(arguments below)")
     if rec["zero"] in (1, 2):
-        notes.append(f"zero={rec['zero']} has no hone train equivalent: data_parallel=ddp keeps the optimizer state "
-                     "unsharded, fsdp shards everything (zero=3)")
+        way = ("under a pipeline hone train shards everything with fsdp (zero=3)" if rec["pp"] > 1 else
+               "data_parallel=ddp keeps the optimizer state unsharded, fsdp shards everything (zero=3)")
+        notes.append(f"zero={rec['zero']} has no hone train equivalent: {way}")
+    if rec["zero"] == 0 and rec["pp"] > 1 and rec["dp"] > 1:
+        notes.append("zero=0 under a pipeline: hone train's data parallelism there is fsdp (zero=3)")
     if rec["recompute"] == "selective":
         notes.append("hone train recomputes whole layers (activation_checkpointing); selective recompute is Megatron's")
     if rec["recompute"] == "op":
@@ -33,14 +34,22 @@ def hone_train_notes(rec: dict) -> list[str]:
                      "per-op "
                      "selective checkpointing (--activation_checkpoint.mode selective "
                      "--activation_checkpoint.selective_ac_option op)")
-    if rec["sequence_parallel"]:
-        notes.append("hone train's tensor parallelism has no sequence parallelism: activations are larger than planned")
     return notes
 
 
 def hone_train_toml(settings: dict) -> str:
     val = lambda v: str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else str(v)  # noqa: E731
     return "[train]\n" + "".join(f"{k} = {val(v)}\n" for k, v in settings.items())
+
+
+def recipe_section(rec: dict, seq: int, global_batch: int, index: int) -> str:
+    """The ``[train]`` section of a recipe for one configuration the planner printed (``index``,
+    1-based), with what the plan predicted and where `hone train` differs as comments."""
+    head = [f"# hone plan configuration #{index}: {_label(rec)}",
+            f"# predicted: {rec['tokens_per_s']:.0f} tokens/s, MFU {rec['mfu']:.1%}, "
+            f"{rec['memory_gib_per_gpu']:.1f} GiB/GPU on {rec['gpus']} GPUs (torchrun --nproc-per-node x nodes)"]
+    head += [f"# note: {n}" for n in hone_train_notes(rec)]
+    return "\n".join(head) + "\n" + hone_train_toml(hone_train_settings(rec, seq, global_batch))
 
 
 WORKER_MODULE = "hone.train.worker"  # the torchrun entry point of a training worker

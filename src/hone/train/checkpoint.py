@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from hone.errors import HoneError
 from hone.rundir import read_json, write_json
@@ -41,6 +41,17 @@ def _set_rng_state(blob: str) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(blob)), dtype=torch.uint8))
 
 
+def _options(path: Path | None = None) -> StateDictOptions:
+    """Optimizer state keyed by each parameter's name ("flattened"): a checkpoint then loads into
+    another pipeline split, whose ranks hold other parameters and other param_groups lists.
+    A checkpoint written before keys its groups by index (``optim.param_groups.0.params``) and is
+    read back in that form."""
+    legacy = path is not None and any(
+        k.startswith("optim.param_groups.") and k.endswith(".params")
+        for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+    return StateDictOptions(flatten_optimizer_state_dict=not legacy)
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoader, ctx: DistContext) -> Path:
     target = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".step_{step:06d}.tmp"
@@ -48,7 +59,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: Mixtur
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     maybe_fail("ckpt", step, ctx.rank, Path(ckpt_root).parent / "heal")  # fires once per run
     if ctx.is_main:
@@ -101,10 +112,11 @@ def load_checkpoint(path: Path, model, optimizer, loader: MixtureLoader) -> int:
     # model resumed in the same process after training (a mixture sweep's next budget) still
     # holds its last gradients, and its Adam moments would silently start from zero.
     model.zero_grad(set_to_none=True)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = _options(path)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = read_json(path / STATE_FILE)
     loader.load_state_dict(trainer["loader"])
     _set_rng_state(trainer["rng"])

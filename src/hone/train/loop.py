@@ -103,15 +103,16 @@ def model_shape(model: torch.nn.Module) -> ModelShape | None:
 def _gather_rows(per_seq: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """All ranks' per-sequence losses in global row order.
 
-    The (dp, tp) mesh is row-major over ranks 0..world-1, so data-parallel index i lives on
-    ranks i*tp .. i*tp+tp-1, which hold identical copies; take the first of each.
+    The (pp, dp, tp) mesh is row-major over ranks 0..world-1: the last pipeline stage (the one
+    whose losses are real) holds ranks (pp-1)*dp*tp onwards, and there data-parallel index i lives
+    on tp ranks which hold identical copies; take the first of each.
     """
     if not ctx.distributed:
         return per_seq
     parts = [torch.empty_like(per_seq) for _ in range(ctx.world_size)]
     dist.all_gather(parts, per_seq)
-    tp = ctx.mesh["tp"].size()
-    return torch.cat(parts[::tp])
+    pp, dp, tp = (ctx.mesh[d].size() for d in ("pp", "dp", "tp"))
+    return torch.cat(parts[(pp - 1) * dp * tp::tp])
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -148,16 +149,24 @@ def _no_grad_sync(model):
     return contextlib.nullcontext()
 
 
-def clip_grad_norm(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None,
+                   uncounted: list[torch.Tensor] = ()) -> torch.Tensor:
     """Global gradient-norm clipping that also works when tensor parallelism leaves some
-    parameters plain tensors (norms, embeddings) and others DTensors (sharded matrices)."""
+    parameters plain tensors (norms, embeddings) and others DTensors (sharded matrices), and,
+    given the pipeline's process group, over the parameters of every stage (``uncounted``: a
+    tensor another stage holds too, counted there, clipped here alike)."""
     grads = [p.grad for p in params if p.grad is not None]
     kinds = {hasattr(g, "full_tensor") for g in grads}
-    if len(kinds) < 2:
+    if len(kinds) < 2 and pp_group is None:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    squares = [torch.linalg.vector_norm(g.float()) for g in grads]
-    total = torch.stack([(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2 for n in squares]).sum().sqrt()
+    squares = [torch.linalg.vector_norm(p.grad.float()) for p in params
+               if p.grad is not None and all(p is not u for u in uncounted)]
+    total = torch.stack([(n.full_tensor() if hasattr(n, "full_tensor") else n) ** 2 for n in squares]).sum() \
+        if squares else torch.zeros((), device=params[0].device)
+    if pp_group is not None:  # each stage holds some of the parameters: sum their squares over the stages
+        dist.all_reduce(total, group=pp_group)
+    total = total.sqrt()
     coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
     if coef < 1.0:
         for g in grads:
@@ -278,9 +287,12 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     micro = micro_batch(cfg, rows)
     if rows % micro:
         raise HoneError(f"train.micro_batch ({micro}) does not divide the {rows} sequences each rank gets per step")
+    pipe = getattr(model, "pipeline", None)  # hone.train.pipeline_parallel.Pipeline under pp > 1
     n_params = sum(p.numel() for p in model.parameters())
     if ctx.distributed:  # sharded parameters count their global size
         n_params = sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
+    if pipe is not None:
+        n_params = pipe.total_params(model)
     shape = model_shape(getattr(model, "module", model))
     # Model FLOPs per token, the planner's convention (causal attention counted in full).
     fpt = flops_per_token(shape, seq_len) if shape is not None else None
@@ -291,7 +303,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         write_model_info(fault_dir, shape, ctx.device)  # what the supervisor's re-planning needs
     say(f"train: {n_params / 1e6:.1f}M params | {tokens_per_step} tokens/step ({dp} dp x {rows // micro} "
         f"micro-batches x {micro} seqs x {seq_len}) | {total_steps} steps = {total_steps * tokens_per_step:,} tokens | "
-        f"domain ratio {loader.ratio:.2f} | lr {cfg.lr:g} | world {ctx.world_size} | {ctx.device} | "
+        f"domain ratio {loader.ratio:.2f} | lr {cfg.lr:g} | world {ctx.world_size}"
+        + (f" (pp {pipe.plan.pp} {pipe.plan.pp_schedule})" if pipe is not None else "") + f" | {ctx.device} | "
         f"threads {torch.get_num_threads()}"
         + (f" | {fpt / 1e9:.2f} GFLOP/token" if fpt else "")
         + (f" | peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""))
@@ -323,7 +336,10 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         x, y = inputs[lo:lo + rows].to(ctx.device), targets[lo:lo + rows].to(ctx.device)
         optimizer.zero_grad(set_to_none=True)
         per_seq_parts = []
-        for i in range(0, rows, micro):
+        if pipe is not None:
+            with autocast:
+                per_seq_parts.append(pipe.step(x, y, micro=micro, token_weight=1.0 / (rows * seq_len), poison=poison))
+        for i in range(0, rows if pipe is None else 0, micro):
             sync = contextlib.nullcontext() if i + micro >= rows else _no_grad_sync(model)
             with sync:
                 with autocast:
@@ -334,7 +350,9 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
                     loss = loss * float("nan")
                 loss.backward()
             per_seq_parts.append(per_token.mean(dim=1))
-        gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+        gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
+                               pp_group=pipe.group if pipe is not None else None,
+                               uncounted=pipe.uncounted() if pipe is not None else ())
         bad = None
         if not math.isfinite(float(gnorm)):  # the norm is global: every rank stops here alike
             bad = {"loss": float(torch.cat(per_seq_parts).float().mean()), "grad_norm": float(gnorm)}

@@ -1,5 +1,5 @@
 """Apply parallelism to a single-device model from a plan value, in a fixed order:
-tensor parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP).
+pipeline split → tensor parallel → activation checkpointing → compile → data parallel (FSDP2 or DDP).
 
 The model never reads the plan (STYLE.md rule 1); the plan is a pure value validated on
 the CPU with the numbers in its error (:class:`hone.plan.layout.ParallelPlan`, where it meets
@@ -17,6 +17,7 @@ from torch import nn
 
 from hone.errors import HoneError
 from hone.plan.layout import ParallelPlan
+from hone.train.pipeline_parallel import Pipeline, split_stages
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class DistContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    mesh: object | None = None  # DeviceMesh with dims ("dp", "tp") when distributed
+    mesh: object | None = None  # DeviceMesh with dims ("pp", "dp", "tp") when distributed
 
     @property
     def is_main(self) -> bool:
@@ -44,7 +45,7 @@ class DistContext:
 
 
 def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistContext:
-    """Join the torchrun job (gloo on CPU, NCCL on GPU) and build the (dp, tp) mesh."""
+    """Join the torchrun job (gloo on CPU, NCCL on GPU) and build the (pp, dp, tp) mesh."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     use_cuda = torch.cuda.is_available() and device_choice != "cpu"
     if world == 1:
@@ -57,36 +58,86 @@ def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistCon
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     device_type = "cuda" if use_cuda else "cpu"
-    mesh = init_device_mesh(device_type, (plan.dp, plan.tp), mesh_dim_names=("dp", "tp"))
+    mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local, device=device, mesh=mesh)
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The repeated decoder blocks: Hone's Llama's ``model.layers``, the transformers backend's ``decoder_layers``."""
-    return getattr(model, "decoder_layers", None) or model.model.layers
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks the model holds: Hone's Llama's ``model.layers`` (less those a
+    pipeline split deleted), the transformers backend's ``decoder_layers``."""
+    return [layer for layer in getattr(model, "decoder_layers", None) or model.model.layers if layer is not None]
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
-    """Megatron-style: column-parallel q/k/v and gate/up, row-parallel o and down."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = False,
+                          runs: list[list[nn.Module]] | None = None) -> None:
+    """Megatron-style: column-parallel q/k/v and gate/up, row-parallel o and down. With sequence
+    parallelism the norms and the residual stream between them are split along the sequence over
+    the tp ranks: all-gather before attention / MLP, reduce-scatter after (torch's SequenceParallel
+    and Shard(1) layouts). ``runs``: the consecutive layers each forward goes through (the model's,
+    or each pipeline stage's); the sequence is split as a run starts and gathered as it ends, so
+    embeddings, final norm and head see whole sequences as without it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     if getattr(model, "backend", "hone") != "hone":  # fused qkv / gate_up, q/k norms, experts: no one plan fits
         raise HoneError(f"train.tp = {tp_mesh.size()}: the {model.backend} backend (model_type "
                         f"{getattr(model.config, 'model_type', '?')!r}) has no tensor-parallel plan; use train.tp = 1 "
                         "(FSDP2 or DDP over every process)")
-    if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in model.model.layers):
+    if any(getattr(layer.self_attn, "q_norm", None) is not None for layer in decoder_layers(model)):
         # Each rank holds some heads; the replicated q/k norm weights would need their gradients
         # summed over the tp group, which this plan does not do yet.
         raise HoneError(f"train.tp = {tp_mesh.size()}: Qwen3's q/k norms are not tensor-parallel yet; use train.tp = 1 "
                         "(FSDP2 or DDP over every process)")
-    for layer in model.model.layers:
-        parallelize_module(layer, tp_mesh, {
+    out = Shard(1) if sequence_parallel else Replicate()
+    for layer in decoder_layers(model):
+        plan = {
             "self_attn.q_proj": ColwiseParallel(), "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(), "self_attn.o_proj": RowwiseParallel(output_layouts=out),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(),
-        })
+            "mlp.down_proj": RowwiseParallel(output_layouts=out),
+        }
+        if sequence_parallel:
+            plan |= {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
+                     "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                                     desired_input_layouts=(Replicate(), None, None, None)),
+                     "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
+        parallelize_module(layer, tp_mesh, plan)
+    if sequence_parallel:
+        for run in runs if runs is not None else [decoder_layers(model)]:
+            if run:
+                run[0].register_forward_pre_hook(_split_sequence(tp_mesh))
+                run[-1].register_forward_hook(_gather_sequence(tp_mesh))
+
+
+def _split_sequence(tp_mesh):
+    """Forward pre-hook: the whole sequence (the same on every tp rank) -> this rank's slice."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(_module, args):
+        x = args[0]
+        if x.shape[1] % tp_mesh.size():
+            raise HoneError(f"train.sequence_parallel: the sequence length {x.shape[1]} is not divisible by "
+                            f"train.tp ({tp_mesh.size()})")
+        whole = DTensor.from_local(x, tp_mesh, [Replicate()], run_check=False)
+        return (whole.redistribute(tp_mesh, [Shard(1)]).to_local(), *args[1:])
+    return hook
+
+
+def _gather_sequence(tp_mesh):
+    """Forward hook: this rank's slice of the sequence -> the whole sequence (all-gather)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    def hook(_module, _args, out):
+        return DTensor.from_local(out, tp_mesh, [Shard(1)], run_check=False).redistribute(
+            tp_mesh, [Replicate()]).to_local()
+    return hook
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -95,7 +146,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
     model.model.activation_checkpointing = True
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str, roots: list[nn.Module] | None = None) -> None:
+    """One FSDP2 unit per decoder layer, then the roots: the model, or each pipeline stage."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
@@ -103,20 +155,29 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=dp_mesh, mp_policy=mp)
     # The root unit holds embeddings, final norm and the (possibly tied) head.
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp)
+    for root in roots or [model]:
+        fully_shard(root, mesh=dp_mesh, mp_policy=mp)
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Module:
-    """Return the model wrapped as the plan says (the same object when nothing applies)."""
+    """Return the model wrapped as the plan says (the same object when nothing applies). Under a
+    pipeline the model keeps only its stages' parts and carries their schedule as ``model.pipeline``
+    (:class:`hone.train.pipeline_parallel.Pipeline`), which the training loop runs."""
+    stages = split_stages(model, plan, ctx.mesh["pp"].get_local_rank()) if plan.pp > 1 else None
     model.to(ctx.device)
     if plan.tp > 1:
-        apply_tensor_parallel(model, ctx.mesh["tp"])
+        runs = [list(stage.layers) for stage in stages] if stages is not None else None
+        apply_tensor_parallel(model, ctx.mesh["tp"], plan.sequence_parallel, runs)
     if plan.activation_checkpointing:
         apply_activation_checkpointing(model)
     if plan.compile:
         for layer in decoder_layers(model):
             layer.compile()
-    if plan.dp > 1 and plan.data_parallel == "fsdp":
+    if stages is not None:
+        if plan.dp > 1:
+            apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision, roots=stages)
+        model.pipeline = Pipeline(stages, plan, ctx.mesh, ctx.device, tied=model.config.tie_word_embeddings)
+    elif plan.dp > 1 and plan.data_parallel == "fsdp":
         apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision)
     elif plan.dp > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP

@@ -39,9 +39,13 @@ def plan_from_recipe(t: TrainConfig, world_size: int) -> ParallelPlan:
     """The parallel plan for ``world_size`` processes from the recipe's train section."""
     if world_size % t.tp:
         raise HoneError(f"train.tp ({t.tp}) does not divide the number of processes ({world_size})")
+    if world_size % (t.tp * t.pp):
+        raise HoneError(f"train.pp ({t.pp}) x train.tp ({t.tp}) = {t.pp * t.tp} does not divide the number of "
+                        f"processes ({world_size})")
     # mixed_precision / compile left to the device (None) count as the CPU's until
     # device_settings resolves them where the device is known.
-    return ParallelPlan(dp=world_size // t.tp, tp=t.tp, data_parallel=t.data_parallel,
+    return ParallelPlan(dp=world_size // (t.tp * t.pp), tp=t.tp, pp=t.pp, pp_schedule=t.pp_schedule, vpp=t.vpp,
+                        sequence_parallel=t.sequence_parallel, data_parallel=t.data_parallel,
                         activation_checkpointing=t.activation_checkpointing, compile=bool(t.compile),
                         mixed_precision=t.mixed_precision or "fp32")
 

@@ -35,7 +35,8 @@ Log = Callable[[str], None]
 
 # Train fields that change how the work is laid out, not what is computed: changing them
 # resumes (on another world size, with or without compile, ...) instead of starting over.
-LAYOUT_FIELDS = {"data_parallel", "tp", "activation_checkpointing", "compile", "device", "threads",
+LAYOUT_FIELDS = {"data_parallel", "tp", "pp", "pp_schedule", "vpp", "sequence_parallel", "activation_checkpointing",
+                 "compile", "device", "threads",
                  "log_every", "checkpoint_every", "micro_batch", "worker_mtbf_hours"}
 
 

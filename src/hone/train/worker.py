@@ -63,7 +63,8 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = cfg.num_attention_heads
         plan.validate(world, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                      ffn=getattr(cfg, "intermediate_size", None) or heads, batch_size=t.batch_size)
+                      ffn=getattr(cfg, "intermediate_size", None) or heads, batch_size=t.batch_size,
+                      layers=getattr(cfg, "num_hidden_layers", None), micro_batch=t.micro_batch)
         model = parallelize(model, plan, ctx)
         loader = build_loader(recipe, workdir)
         torch.manual_seed(recipe.run.seed)

@@ -1,0 +1,233 @@
+"""Pipeline parallel (`train.pp`) and sequence parallel on the CPU with gloo: pp=2, pp=2 x dp=2,
+interleaved 1F1B and tp=2 with sequence parallelism equal one process on the same batches; kill -9
+then resume under pp=2 is bitwise identical; checkpoints reshard pp=2 -> pp=1 -> pp=2; bad
+pipeline fields are one-line errors; `hone plan --recipe-out` writes a [train] the trainer accepts."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file
+
+from hone.errors import HoneError
+from hone.model.llama import Llama, LlamaConfig
+from hone.plan.config import Config
+from hone.plan.layout import fixed_fields, stage_layers
+from hone.plan.memory import stage_layout
+from hone.plan.shapes import PRESETS
+from hone.recipe import TrainConfig, load_recipe
+from hone.train.run import plan_from_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 8
+LAYERS = 4
+
+
+def _recipe_text(workdir: Path, **train) -> str:
+    """tiny-cpu with 4 layers (two stages of two, or four virtual stages of one) and 4 micro-batches."""
+    text = (ROOT / "recipes" / "tiny-cpu.toml").read_text().replace("layers = 2", f"layers = {LAYERS}")
+    text = text.replace('workdir = "runs/tiny"', f'workdir = "{workdir}"')
+    fields = {"seq_len": 64, "batch_size": 8, "micro_batch": 2, "max_tokens": STEPS * 8 * 64, "checkpoint_every": 4,
+              "threads": 1, "log_every": 1, **train}
+    head, _, tail = text.partition("[train]\n")
+    body, _, rest = tail.partition("\n[eval]")
+    lines = [ln for ln in body.splitlines() if ln.split(" = ")[0] not in fields]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    return head + "[train]\n" + "\n".join(lines) + "\n\n[eval]" + rest
+
+
+RECIPES = {"one": {}, "pp2": {"pp": 2}, "vpp": {"pp": 2, "pp_schedule": "interleaved", "vpp": 2},
+           "sp": {"tp": 2, "sequence_parallel": True}}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A run directory whose data stages are done, and one recipe per layout."""
+    from hone.pipeline import run_recipe
+
+    root = tmp_path_factory.mktemp("pipe")
+    for name, fields in RECIPES.items():
+        (root / f"{name}.toml").write_text(_recipe_text(root / "base", **fields))
+    run_recipe(load_recipe(root / "one.toml"), root / "base", max_steps=1, log=lambda m: None)
+    return root
+
+
+def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | (env or {})
+    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True,
+                          text=True, env=full_env, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hone {' '.join(map(str, args))} failed "
+                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def _train(prepared: Path, recipe: str, name: str, *args, nproc: int = 1, **kw) -> Path:
+    wd = prepared / name
+    if not wd.exists():
+        shutil.copytree(prepared / "base", wd)
+    _hone("train", prepared / f"{recipe}.toml", "--workdir", wd, *args,
+          *(("--nproc", nproc) if nproc > 1 else ()), **kw)
+    return wd
+
+
+def _metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_same_run(a: Path, b: Path, *, exact: bool) -> None:
+    ma, mb = _metrics(a), _metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
+    assert [m["batch"] for m in ma] == [m["batch"] for m in mb], "the loader served different batches"
+    wa, wb = (load_file(str(w / "final" / "model.safetensors")) for w in (a, b))
+    assert wa.keys() == wb.keys()
+    if exact:
+        assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+        assert [m["grad_norm"] for m in ma] == [m["grad_norm"] for m in mb]
+        for k in wa:
+            assert wa[k].equal(wb[k]), f"{k} differs"
+    else:
+        for x, y in zip(ma, mb):
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x["step"], x["loss"], y["loss"])
+            assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x["step"], x["grad_norm"], y["grad_norm"])
+        for k in wa:
+            assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+
+
+@pytest.fixture(scope="module")
+def one_process(prepared):
+    return _train(prepared, "one", "one", "--fresh")
+
+
+@pytest.fixture(scope="module")
+def pp2(prepared):
+    return _train(prepared, "pp2", "pp2", "--fresh", nproc=2)
+
+
+def test_pp2_matches_one_process_and_checkpoints_keep_hf_names(one_process, pp2):
+    _assert_same_run(one_process, pp2, exact=False)
+    assert json.loads((pp2 / "train_summary.json").read_text())["plan"]["pp"] == 2
+    # The stages' DCP shards together hold every parameter of the whole model under its HF name,
+    # and the optimizer's state is keyed by those names too.
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=64, intermediate_size=172, num_hidden_layers=LAYERS,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    whole = set(Llama(cfg).state_dict())
+    keys = set(dcp.FileSystemReader(str(pp2 / "checkpoints" / "step_000008")).read_metadata().state_dict_metadata)
+    assert {k[len("model."):] for k in keys if k.startswith("model.")} == whole
+    optim = {k[len("optim.state."):].rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
+    assert optim and optim <= whole and "model.layers.3.mlp.up_proj.weight" in optim
+
+
+def test_pp2_times_dp2_matches_one_process(prepared, one_process):
+    _assert_same_run(one_process, _train(prepared, "pp2", "pp2dp2", "--fresh", nproc=4), exact=False)
+
+
+def test_interleaved_vpp2_matches_one_process(prepared, one_process):
+    wd = _train(prepared, "vpp", "vpp", "--fresh", nproc=2)
+    _assert_same_run(one_process, wd, exact=False)
+    assert json.loads((wd / "train_summary.json").read_text())["plan"]["pp_schedule"] == "interleaved"
+
+
+def test_sequence_parallel_matches_one_process(prepared, one_process):
+    """tp=2 with sequence parallelism equals one process (and so tp=2 without it, which
+    tests/test_train_distributed.py compares with one process)."""
+    _assert_same_run(one_process, _train(prepared, "sp", "sp", "--fresh", nproc=2), exact=False)
+
+
+def test_kill9_then_resume_under_pp2_is_bitwise_identical(prepared, pp2):
+    wd = prepared / "killed"
+    shutil.copytree(prepared / "base", wd)
+    proc = _hone("train", prepared / "pp2.toml", "--workdir", wd, "--fresh", "--nproc", 2,
+                 env={"HONE_FAULT": "kill:step=6:rank=1"}, check=False)
+    assert proc.returncode == 2 and "killed by SIGKILL" in proc.stderr
+    out = _hone("train", prepared / "pp2.toml", "--workdir", wd, "--nproc", 2)
+    assert "step_000004" in out.stdout
+    _assert_same_run(pp2, wd, exact=True)
+
+
+def test_checkpoints_reshard_pp2_to_pp1_to_pp2(prepared, one_process):
+    wd = _train(prepared, "pp2", "reshard", "--fresh", "--max-steps", 4, nproc=2)
+    out = _hone("train", prepared / "one.toml", "--workdir", wd, "--max-steps", 6)
+    assert "resumed from" in out.stdout and "step_000004" in out.stdout
+    _train(prepared, "pp2", "reshard", nproc=2)
+    _assert_same_run(one_process, wd, exact=False)
+
+
+def test_bad_pipeline_fields_are_one_line_errors(prepared, tmp_path):
+    recipe = tmp_path / "pp3.toml"
+    recipe.write_text(_recipe_text(tmp_path / "run", pp=3))
+    shutil.copytree(prepared / "base", tmp_path / "run")  # the data stages are done: only the check runs
+    proc = _hone("train", recipe, "--nproc", 2, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == ("error: train.pp (3) x train.tp (1) = 3 does not divide the number of "
+                                   "processes (2)")
+    t = TrainConfig(batch_size=8, micro_batch=4, pp=4)
+    with pytest.raises(HoneError, match=r"train.pp = 4 needs at least 4 micro-batches per step: .* train.micro_batch "
+                                        r"= 4 give 2"):
+        plan_from_recipe(t, 4).validate(4, heads=4, kv_heads=2, ffn=8, batch_size=8, layers=4, micro_batch=4)
+    with pytest.raises(HoneError, match=r"train.pp \(2\) x train.vpp \(4\) = 8 pipeline stages for 4 layers: every "
+                                        r"stage but the first and last needs at least one layer"):
+        p = plan_from_recipe(TrainConfig(pp=2, pp_schedule="interleaved", vpp=4), 2)
+        p.validate(2, heads=4, kv_heads=2, ffn=8, batch_size=8, layers=4, micro_batch=2)
+    with pytest.raises(HoneError, match=r"train.pp = 2 with dp = 2: use train.data_parallel = \"fsdp\""):
+        plan_from_recipe(TrainConfig(pp=2, data_parallel="ddp"), 4).validate(
+            4, heads=4, kv_heads=2, ffn=8, batch_size=8, layers=4, micro_batch=1)
+    bad = tmp_path / "vpp.toml"
+    bad.write_text(_recipe_text(tmp_path / "run", pp=2, vpp=2))
+    with pytest.raises(HoneError, match=r"train.vpp = 2 needs train.pp_schedule = \"interleaved\""):
+        load_recipe(bad)
+
+
+def test_stage_layers_follow_the_planners_layout():
+    assert stage_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert stage_layers(4, 2, 2) == [range(0, 1), range(1, 2), range(2, 3), range(3, 4)]
+    # 126 layers on 16 stages: one layer fewer on the first and last (Llama 3 405B), as the planner says.
+    shape = PRESETS["llama3.1-405b"]
+    for pp, vpp in ((16, 1), (8, 2), (4, 3)):
+        ranges = stage_layers(shape.layers, pp, vpp)
+        assert [r.start for r in ranges[1:]] == [r.stop for r in ranges[:-1]] and ranges[-1].stop == shape.layers
+        per_rank = [sum(len(ranges[j * pp + r]) for j in range(vpp)) for r in range(pp)]
+        assert tuple(per_rank) == stage_layout(shape, Config(1, pp, 1, 1, vpp=vpp))
+    # Every configuration the planner accepts (pp * vpp <= layers + 2) leaves no middle stage empty.
+    for layers, pp, vpp in ((6, 2, 4), (126, 16, 8), (80, 4, 7), (32, 8, 4)):
+        ranges = stage_layers(layers, pp, vpp)
+        assert all(ranges[1:-1]) and sum(map(len, ranges)) == layers, (layers, pp, vpp)
+
+
+def test_recipe_out_round_trip(tmp_path, capsys):
+    from conftest import run_hone
+
+    out = tmp_path / "train.toml"
+    code, stdout, stderr = run_hone(capsys, "plan", "--model", "llama3-70b", "--cluster", "8x8xH100", "--seq", "8192",
+                                    "--global-batch", "64", "--top", "3", "--out", str(tmp_path / "plan.json"),
+                                    "--recipe-out", out, "--pick", "2")
+    assert code == 0, stderr
+    chosen = json.loads((tmp_path / "plan.json").read_text())["configs"][1]
+    section = tomllib.loads(out.read_text())["train"]
+    t = TrainConfig(**section)
+    assert (t.tp, t.pp, t.vpp, t.micro_batch) == (chosen["tp"], chosen["pp"], chosen["vpp"], chosen["micro_batch"])
+    # The trainer accepts it for the planned world size and shape, and maps it back to the planned
+    # configuration (ZeRO aside: under a pipeline hone train shards with FSDP, as the note says).
+    shape = PRESETS["llama3-70b"]
+    plan = plan_from_recipe(t, chosen["gpus"])
+    plan.validate(chosen["gpus"], heads=shape.heads, kv_heads=shape.kv_heads, ffn=shape.ffn, batch_size=t.batch_size,
+                  layers=shape.layers, micro_batch=t.micro_batch)
+    back = fixed_fields(plan)
+    assert {k: back[k] for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")} == \
+        {k: chosen[k] for k in ("tp", "pp", "dp", "vpp", "sequence_parallel")}
+    assert t.activation_checkpointing == (chosen["recompute"] != "none")
+    # The written file is also a complete recipe's [train] once joined to the other sections.
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(_recipe_text(tmp_path / "run").partition("[train]")[0] + out.read_text())
+    assert load_recipe(recipe).train.pp == chosen["pp"]
+    code, _, stderr = run_hone(capsys, "plan", "--model", "llama3-70b", "--cluster", "8x8xH100", "--seq", "8192",
+                               "--global-batch", "64", "--top", "3", "--out", "", "--recipe-out", out, "--pick", "9")
+    assert code == 2 and "--pick 9: the plan printed 3 configuration(s)" in stderr
