@@ -26,6 +26,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from hone.errors import HoneError
+from hone.model.documents import document_positions
 from hone.model.loss import fused_linear_cross_entropy
 from hone.plan.layout import ParallelPlan, stage_layers
 
@@ -53,18 +54,25 @@ class StageModule(nn.Module):
         # The body's rope tables and recompute switch, not its parameters (object.__setattr__
         # keeps it out of this module's children).
         object.__setattr__(self, "_body", body)
+        object.__setattr__(self, "_top", model)  # its doc_eos_id: packed documents kept apart
         self.per_token: list[torch.Tensor] = []
         self.token_weight = 1.0
 
     def forward(self, h: torch.Tensor, *, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         if self.first:
             h = self.embed_tokens(h)
-        cos, sin = self._body.rope(h.shape[1], h.dtype)
+        eos = self._top.doc_eos_id  # set when training starts (train.doc_mask)
+        if eos is not None:  # every stage derives the documents from the micro-batch's ids
+            position_ids, document_ids = document_positions(input_ids, eos)
+            cos, sin, masks = self._body.document_inputs(position_ids, document_ids, h.dtype)
+        else:
+            (cos, sin), masks = self._body.rope(h.shape[1], h.dtype), {}
         for layer in self.layers:
+            mask = masks.get(layer.self_attn.window)
             if self._body.activation_checkpointing and torch.is_grad_enabled():
-                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, use_reentrant=False)
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, None, mask, use_reentrant=False)
             else:
-                h = layer(h, cos, sin)
+                h = layer(h, cos, sin, None, mask)
         if not self.last:
             return h
         h = self.norm(h)
