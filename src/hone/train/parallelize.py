@@ -62,6 +62,10 @@ def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistCon
     return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local, device=device, mesh=mesh)
 
 
+def on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The repeated decoder blocks: Hone's Llama's ``model.layers``, the transformers backend's ``decoder_layers``."""
     return getattr(model, "decoder_layers", None) or model.model.layers
@@ -107,8 +111,11 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
 
 
 def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Module:
-    """Return the model wrapped as the plan says (the same object when nothing applies)."""
-    model.to(ctx.device)
+    """Return the model wrapped as the plan says (the same object when nothing applies). A model
+    built on the meta device stays there: :func:`hone.model.weights.materialize` gives it storage
+    afterwards, so each rank allocates only its shards."""
+    if not on_meta(model):
+        model.to(ctx.device)
     if plan.tp > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
     if plan.activation_checkpointing:
