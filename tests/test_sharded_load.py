@@ -18,10 +18,11 @@ from hone.errors import HoneError
 from hone.model.hf import load_hf, meta_hf, save_hf
 from hone.model.llama import Llama, LlamaConfig
 from hone.model.weights import SafetensorsDir, TensorDict, load_weights, materialize
+from hone.train.dry_run import dry_run
 
 
 def _config(tied: bool) -> LlamaConfig:
-    return LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    return LlamaConfig(vocab_size=255, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                        tie_word_embeddings=tied)
 
@@ -43,21 +44,35 @@ def _rank_main(rank: int, world: int, tp: int, port: int, model_dir: str, out: s
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from hone.recipe import TrainConfig
+    from hone.train.loop import make_optimizer
     from hone.train.parallelize import ParallelPlan, init_distributed, parallelize
 
     plan = ParallelPlan(dp=world // tp, tp=tp, data_parallel="fsdp")
     ctx = init_distributed(plan, "cpu")
     try:
-        model = parallelize(meta_hf(model_dir), plan, ctx)
-        assert all(p.is_meta for p in model.parameters())
-        materialize(model, ctx.device)
-        load_weights(model, SafetensorsDir(model_dir))
-        ids = torch.arange(24).view(2, 12) % 256
+        def load(materialized: torch.nn.Module) -> None:
+            # materialized after sharding: this rank allocated only its part of every parameter
+            assert all(p.to_local().numel() < p.numel() for p in materialized.parameters())
+            load_weights(materialized, SafetensorsDir(model_dir))
+
+        model = parallelize(meta_hf(model_dir), plan, ctx, load=load)
+        ids = torch.arange(24).view(2, 12) % 255
         with torch.no_grad():
-            loss, per_token = model(ids, (ids + 1) % 256)
+            loss, per_token = model(ids, (ids + 1) % 255)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
             torch.save({"state": {k: v.clone() for k, v in full.items()}, "per_token": per_token}, out)
+        # what this rank really holds after a training step, for the dry run's figures
+        optimizer = make_optimizer(model, TrainConfig())
+        model(ids, (ids + 1) % 255)[0].backward()
+        optimizer.step()
+        local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+        held = {"params": sum(local(p).numel() * 4 for p in model.parameters()),
+                "grads": sum(local(p.grad).numel() * 4 for p in model.parameters()),
+                "optimizer": sum(local(v).numel() * 4 for st in optimizer.state.values()
+                                 for k, v in st.items() if k != "step")}
+        Path(f"{out}.{rank}.json").write_text(json.dumps(held))
     finally:
         dist.destroy_process_group()
 
@@ -73,10 +88,23 @@ def test_sharded_load_on_gloo_ranks_equals_one_process(tmp_path: Path, world: in
     got = torch.load(out, weights_only=True)
     for name, t in ref.state_dict().items():
         assert torch.equal(got["state"][name], t), name
-    ids = torch.arange(24).view(2, 12) % 256
+    ids = torch.arange(24).view(2, 12) % 255
     with torch.no_grad():
-        _, per_token = ref(ids, (ids + 1) % 256)
+        _, per_token = ref(ids, (ids + 1) % 255)
     torch.testing.assert_close(got["per_token"], per_token, rtol=1e-5, atol=1e-6)
+    # `hone train --dry-run` for the same layout, without processes: each rank's bytes as held
+    held = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
+    report = dry_run(_hf_recipe(tmp_path, model_dir, tp=tp, batch_size=world), world, log=lambda m: None)
+    assert report["ranks"] == held
+    assert len({json.dumps(h) for h in held}) > 1  # uneven FSDP chunks: the ranks differ, and the dry run says how
+
+
+def _hf_recipe(tmp_path: Path, model_dir: Path, **train):
+    from hone.recipe import load_recipe
+
+    recipe = load_recipe(Path(__file__).parents[1] / "src/hone/recipes/tiny-cpu.toml")
+    return recipe.model_copy(update={"model": recipe.model.model_copy(update={"source": "hf", "path": str(model_dir)}),
+                                     "train": recipe.train.model_copy(update=train)})
 
 
 def test_meta_build_then_load_equals_the_model(tmp_path: Path) -> None:

@@ -73,9 +73,11 @@ def base_tokenizer(recipe: Recipe, workdir: Path) -> Tokenizer:
     return random_model_tokenizer(recipe, workdir)
 
 
-def random_model_config(recipe: Recipe, tok: Tokenizer) -> LlamaConfig:
+def random_model_config(recipe: Recipe, tok: Tokenizer | None) -> LlamaConfig:
+    """The random model's config; without its tokenizer (a dry run) the vocabulary is model.random.vocab,
+    the size the tokenizer is trained to."""
     r = recipe.model.random
-    return LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=r.hidden, intermediate_size=r.ffn,
+    return LlamaConfig(vocab_size=tok.get_vocab_size() if tok is not None else r.vocab, hidden_size=r.hidden, intermediate_size=r.ffn,
                        num_hidden_layers=r.layers, num_attention_heads=r.heads, num_key_value_heads=r.kv_heads,
                        max_position_embeddings=max(recipe.train.seq_len, recipe.eval.seq_len) + 1,
                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
@@ -83,7 +85,8 @@ def random_model_config(recipe: Recipe, tok: Tokenizer) -> LlamaConfig:
 
 def base_meta_model(recipe: Recipe, tok: Tokenizer | None = None) -> torch.nn.Module:
     """The recipe's base model on the meta device (shapes and names, no storage): Hone's Llama,
-    or the transformers backend for an HF directory it chooses. ``tok`` is needed for a random model."""
+    or the transformers backend for an HF directory it chooses (config.json alone is read). A random
+    model's vocabulary is ``tok``'s."""
     src = recipe.model
     if src.source == "hf":
         return meta_hf(Path(src.path), backend=src.backend)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hone.errors import HoneError
+from hone.model.weights import materialize
 from hone.plan.layout import ParallelPlan
 
 
@@ -110,11 +112,16 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str) -> None:
     fully_shard(model, mesh=dp_mesh, mp_policy=mp)
 
 
-def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Module:
-    """Return the model wrapped as the plan says (the same object when nothing applies). A model
-    built on the meta device stays there: :func:`hone.model.weights.materialize` gives it storage
-    afterwards, so each rank allocates only its shards."""
-    if not on_meta(model):
+def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext,
+                load: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Return the model wrapped as the plan says (the same object when nothing applies).
+
+    A model built on the meta device is sharded there, then, given ``load``, materialized on the
+    device (each rank allocates only its shards: :func:`hone.model.weights.materialize`) and
+    ``load`` fills it, before DDP (which broadcasts real weights) wraps it. Without ``load`` it
+    stays on the meta device and is not wrapped in DDP (`hone train --dry-run` counts its bytes)."""
+    meta = on_meta(model)
+    if not meta:
         model.to(ctx.device)
     if plan.tp > 1:
         apply_tensor_parallel(model, ctx.mesh["tp"])
@@ -125,7 +132,10 @@ def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Mo
             layer.compile()
     if plan.dp > 1 and plan.data_parallel == "fsdp":
         apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision)
-    elif plan.dp > 1:
+    if meta and load is not None:
+        materialize(model, ctx.device)
+        load(model)
+    if plan.dp > 1 and plan.data_parallel == "ddp" and not on_meta(model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, process_group=ctx.mesh["dp"].get_group(),

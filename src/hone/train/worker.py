@@ -25,7 +25,7 @@ from torch.distributed.run import get_args_parser, run
 
 from hone.errors import HoneError
 from hone.model.load import base_meta_model, base_tokenizer, base_weights
-from hone.model.weights import load_weights, materialize
+from hone.model.weights import load_weights
 from hone.recipe import Recipe, load_recipe
 from hone.rundir import CHECKPOINTS_DIR, LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_json
 from hone.train.checkpoint import checkpoints_newest_first
@@ -79,11 +79,13 @@ def build_sharded(recipe: Recipe, workdir: Path, plan, ctx) -> torch.nn.Module:
     there, training resumes from it and the base weights are not read at all."""
     model = base_meta_model(recipe, base_tokenizer(recipe, workdir) if recipe.model.source == "random" else None)
     validate_plan(plan, model, recipe.train.batch_size, ctx.world_size)
-    model = parallelize(model, plan, ctx)
-    materialize(model, ctx.device)
-    if not checkpoints_newest_first(workdir / CHECKPOINTS_DIR):
-        load_weights(model, base_weights(recipe, workdir))
-    return model
+    resuming = bool(checkpoints_newest_first(workdir / CHECKPOINTS_DIR))  # its weights replace the base's
+
+    def load(materialized: torch.nn.Module) -> None:
+        if not resuming:
+            load_weights(materialized, base_weights(recipe, workdir))
+
+    return parallelize(model, plan, ctx, load=load)
 
 
 def validate_plan(plan, model, batch_size: int, world: int) -> None:
