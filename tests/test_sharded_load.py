@@ -195,3 +195,55 @@ def test_random_base_is_the_seeded_init(tmp_path: Path) -> None:
     want = Llama(random_model_config(recipe, Tok())).init_weights(seed=5)
     for name, t in want.state_dict().items():
         assert torch.equal(model.state_dict()[name], t), name
+
+
+def _transformers_dir(tmp_path: Path, family: str) -> Path:
+    """A tiny random model of a family the transformers backend builds, as transformers saves it."""
+    tf = pytest.importorskip("transformers")
+    common = dict(vocab_size=255, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    config = {"gemma2": lambda: tf.Gemma2Config(**common, head_dim=8, sliding_window=4, final_logit_softcapping=1.0,
+                                                initializer_range=0.1),
+              "phi": lambda: tf.PhiConfig(**common),  # a bias on the LM head
+              "mixtral": lambda: tf.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)}[family]()
+    torch.manual_seed(0)
+    path = tmp_path / family
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.mark.parametrize("family", ["gemma2", "phi", "mixtral"])
+def test_transformers_backend_meta_load_equals_from_pretrained(tmp_path: Path, family: str) -> None:
+    """The transformers backend's base through the meta-device path; Mixtral's files name its experts
+    apart while transformers fuses them: those weights come whole through transformers instead."""
+    from hone.model.hf_backend import HFCausalLM
+    from hone.model.load import base_weights
+
+    path = _transformers_dir(tmp_path, family)
+    want = HFCausalLM.from_pretrained(path, torch.float32)
+    model = materialize(meta_hf(path), "cpu")
+    recipe = _hf_recipe(tmp_path, path)
+    source = base_weights(recipe, tmp_path)
+    assert isinstance(source, TensorDict if family == "mixtral" else SafetensorsDir)
+    load_weights(model, source)
+    assert model.fused_head == want.fused_head  # decided by the probe once the weights are there
+    ids = torch.arange(20).view(2, 10) % 255
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), want(ids), rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, ids)[1], want(ids, ids)[1], rtol=0, atol=0)
+
+
+def test_transformers_backend_on_two_fsdp_ranks(tmp_path: Path) -> None:
+    from hone.model.hf_backend import HFCausalLM
+
+    path = _transformers_dir(tmp_path, "gemma2")
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_rank_main, args=(2, 1, _free_port(), str(path), str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    want = HFCausalLM.from_pretrained(path, torch.float32)
+    for name, t in want.state_dict().items():
+        assert torch.equal(got["state"][name], t), name
+    ids = torch.arange(24).view(2, 12) % 255
+    with torch.no_grad():
+        _, per_token = want(ids, (ids + 1) % 255)
+    torch.testing.assert_close(got["per_token"], per_token, rtol=1e-5, atol=1e-6)

@@ -13,9 +13,10 @@ from tokenizers import Tokenizer
 from hone.errors import HoneError
 from hone.model.gguf import gguf_config, gguf_reader, load_gguf, smollm2_gguf_path, tokenizer_from_gguf
 from hone.model.hf import meta_hf
+from hone.model.hf_backend import HFCausalLM
 from hone.model.llama import Llama, LlamaConfig
 from hone.model.tokenizer_files import conventions_of, gguf_tokenizer_files, hf_tokenizer_files, trained_tokenizer_files
-from hone.model.weights import SafetensorsDir, TensorDict, WeightSource, load_weights, materialize
+from hone.model.weights import SafetensorsDir, TensorDict, WeightSource, load_weights, materialize, names_match
 from hone.recipe import Recipe
 from hone.rundir import CORPUS_DIR, TOKENIZER_FILE, read_json, source_train_dir, write_text
 from hone.tokens import read_corpus, train_bpe
@@ -101,7 +102,13 @@ def base_weights(recipe: Recipe, workdir: Path, tok: Tokenizer | None = None) ->
     a GGUF file (dequantized whole: small models) or the seeded random init, in memory."""
     src = recipe.model
     if src.source == "hf":
-        return SafetensorsDir(Path(src.path))
+        files = SafetensorsDir(Path(src.path))
+        model = meta_hf(Path(src.path), backend=src.backend)
+        if getattr(model, "backend", "hone") == "hone" or names_match(model, files):
+            return files
+        # transformers converts this family's stored tensors on load (fused experts, ...): whole, in memory
+        files.close()
+        return TensorDict(HFCausalLM.from_pretrained(Path(src.path), torch.float32).state_dict(), src.path)
     if src.source in ("smollm2", "gguf"):
         model, _ = load_gguf(_gguf_path(recipe))
         return TensorDict(model.state_dict(), str(_gguf_path(recipe)))

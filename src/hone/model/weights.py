@@ -163,6 +163,14 @@ def _holders(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]
     return out, aliases
 
 
+def names_match(model: nn.Module, source: WeightSource) -> bool:
+    """Whether the source has a tensor for each of the model's (transformers renames or fuses some
+    families' tensors on load, e.g. Mixtral's experts: their files do not match their modules)."""
+    holders, aliases = _holders(model)
+    shapes = source.shapes()
+    return all(_source_name(name, aliases, shapes) is not None for name in holders)
+
+
 def local_index(t: torch.Tensor) -> tuple[slice, ...]:
     """The slice of the global tensor this rank holds: all of a plain tensor, this rank's shard of
     a DTensor (FSDP2's dim-0 chunk, TP's row or column block, or both)."""
@@ -212,16 +220,24 @@ def _source_name(name: str, aliases: dict[str, str], shapes: dict) -> str | None
 
 def _after_load(model: nn.Module) -> None:
     """The transformers backend decides whether its fused loss matches transformers' head by a
-    probe forward, which needs real weights: run it now (every rank alike, gathering FSDP shards)."""
+    probe forward, which needs real weights: run it now, every rank alike. Under FSDP2 the probe
+    goes around the root module, so one forward through it first sets FSDP up (lazily, as the
+    first step would), and the shards are gathered for the probe."""
     if not hasattr(model, "fused_head") or not hasattr(model, "hf_model"):
         return
     from torch.distributed.fsdp import FSDPModule
 
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in sharded:
-        m.unshard()
+    was = model.training
+    model.eval()
     try:
+        if sharded:
+            with torch.no_grad():
+                model(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
+            for m in sharded:
+                m.unshard()
         model.fused_head = model._head_matches()  # noqa: SLF001
     finally:
         for m in sharded:
             m.reshard()
+        model.train(was)
