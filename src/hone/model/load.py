@@ -78,8 +78,9 @@ def random_model_config(recipe: Recipe, tok: Tokenizer | None) -> LlamaConfig:
     """The random model's config; without its tokenizer (a dry run) the vocabulary is model.random.vocab,
     the size the tokenizer is trained to."""
     r = recipe.model.random
-    return LlamaConfig(vocab_size=tok.get_vocab_size() if tok is not None else r.vocab, hidden_size=r.hidden, intermediate_size=r.ffn,
-                       num_hidden_layers=r.layers, num_attention_heads=r.heads, num_key_value_heads=r.kv_heads,
+    return LlamaConfig(vocab_size=tok.get_vocab_size() if tok is not None else r.vocab, hidden_size=r.hidden,
+                       intermediate_size=r.ffn, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+                       num_key_value_heads=r.kv_heads,
                        max_position_embeddings=max(recipe.train.seq_len, recipe.eval.seq_len) + 1,
                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -225,8 +226,6 @@ def _after_load(model: nn.Module) -> None:
     first step would), and the shards are gathered for the probe."""
     if not hasattr(model, "fused_head") or not hasattr(model, "hf_model"):
         return
-    from torch.distributed.fsdp import FSDPModule
-
     sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
     was = model.training
     model.eval()

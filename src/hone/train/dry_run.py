@@ -18,7 +18,6 @@ import os
 from contextlib import contextmanager
 from dataclasses import replace
 from itertools import product
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -47,6 +46,7 @@ OPTIMIZER_STATES = 2
 @contextmanager
 def fake_job(world_size: int) -> Iterator[None]:
     """This process as rank 0 of a ``world_size`` job whose collectives do nothing."""
+    # torch's test helpers: imported only for a dry run, not whenever the CLI starts
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():

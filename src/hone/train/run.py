@@ -18,9 +18,9 @@ from typing import Callable
 import torch
 
 from hone.errors import HoneError
-from hone.recipe import Recipe, TrainConfig, domain_ratio, training_streams
 from hone.model.load import base_meta_model, pick_device
 from hone.model.weights import materialize
+from hone.recipe import Recipe, TrainConfig, domain_ratio, training_streams
 from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, read_json, stream_tokens_dir, write_json
 from hone.tokens import load_tokens
 from hone.train.checkpoint import STATE_FILE, latest_checkpoint, load_model_weights

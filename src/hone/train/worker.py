@@ -6,8 +6,9 @@ starts ``torchrun --standalone --nproc-per-node N -m hone.train.worker --workdir
 meta device, applies the recipe's parallel plan (FSDP2 or DDP over dp, tensor parallel over
 tp), materializes its own shards and reads only those from the base's weights
 (:mod:`hone.model.weights`), builds the loader and trains; checkpoints are DCP, so the
-calling process (or a later run on another world size) reads them back. For several nodes, :func:`hone.plan.commands.multinode_commands`
-writes the torchrun line to run on every node and a Slurm script.
+calling process (or a later run on another world size) reads them back. For several nodes,
+:func:`hone.plan.commands.multinode_commands` writes the torchrun line to run on every node
+and a Slurm script.
 """
 
 from __future__ import annotations
