@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import run_hone
 
 from hone.errors import HoneError
 from hone.model.hf import load_hf, meta_hf, save_hf
@@ -247,3 +248,13 @@ def test_transformers_backend_on_two_fsdp_ranks(tmp_path: Path) -> None:
     with torch.no_grad():
         _, per_token = want(ids, (ids + 1) % 255)
     torch.testing.assert_close(got["per_token"], per_token, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_dry_run_starts_nothing_and_reads_no_data(tmp_path: Path, capsys) -> None:
+    recipe = Path(__file__).parents[1] / "src/hone/recipes/tiny-cpu.toml"
+    code, out, err = run_hone(capsys, "train", recipe, "--workdir", tmp_path / "wd", "--dry-run", "--nproc", 2)
+    assert code == 0, err
+    assert "dry run: 2 processes, dp=2 x tp=1 (fsdp)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("0-1", "planner"))]
+    assert [r[0] for r in rows] == ["0-1", "planner"] and rows[0][1:5] == rows[1][1:5]  # FSDP, even: equal
+    assert not (tmp_path / "wd").exists()
