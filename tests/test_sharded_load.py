@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import run_hone
 
+from conftest import run_hone
 from hone.errors import HoneError
 from hone.model.hf import load_hf, meta_hf, save_hf
 from hone.model.llama import Llama, LlamaConfig
