@@ -16,6 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from hone.model.llama import LlamaConfig
+from hone.model.shape import shape_of
+from hone.plan.config import Config, Constants
+from hone.plan.layout import ParallelPlan, fixed_fields
+from hone.plan.memory import static_bytes
 from hone.recipe import load_recipe
 from hone.train.dry_run import dry_run
 
@@ -59,11 +64,16 @@ def main() -> None:
             r = dry_run(recipe, nodes * gpus, lambda m: print(m, file=sys.stderr))
             worst = max(sum(b.values()) for b in r["ranks"])
             planner = sum(r["planner"].values())
+            # the planner's default constants (Megatron: bf16 weights + fp32 master, TP splits the vocabulary)
+            c = Config(micro_batch=1, **fixed_fields(ParallelPlan(**r["plan"])))
+            default = sum(static_bytes(shape_of(LlamaConfig.from_hf_dict({**LLAMA3, **fields})), c, Constants()))
             rows.append({"model": name, "nodes": nodes, "gpus_per_node": gpus, "tp": tp, "dp": r["plan"]["dp"],
                          "dry_run_gib_max_rank": round(worst / 2**30, 3),
                          "dry_run_gib_min_rank": round(min(sum(b.values()) for b in r["ranks"]) / 2**30, 3),
                          "planner_static_gib": round(planner / 2**30, 3),
                          "planner_vs_dry_run_pct": round((planner - worst) / worst * 100, 3),
+                         "planner_default_constants_gib": round(default / 2**30, 3),
+                         "default_vs_dry_run_pct": round((default - worst) / worst * 100, 2),
                          "seconds": round(time.perf_counter() - t0, 2)})
     print(json.dumps({"benchmark": "dry_run_vs_planner", "rows": rows}, indent=1))
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -31,7 +30,12 @@ SHARD_BYTES = 500 * 10**6
 
 
 def peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """This process's peak resident set (VmHWM, bytes). Not getrusage's ru_maxrss: Linux carries
+    that over exec from the parent at fork time, so a fresh rank would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise SystemExit("no VmHWM in /proc/self/status (Linux only)")
 
 
 def write_checkpoint(path: Path) -> int:

@@ -108,8 +108,12 @@ def _hf_recipe(tmp_path: Path, model_dir: Path, **train):
                                      "train": recipe.train.model_copy(update=train)})
 
 
-def test_meta_build_then_load_equals_the_model(tmp_path: Path) -> None:
-    """One process, the path load_base_model takes: bf16 files become fp32 parameters."""
+def test_meta_build_then_load_equals_the_model(tmp_path: Path, monkeypatch) -> None:
+    """One process, the path load_base_model takes: bf16 files become fp32 parameters (read a few
+    rows at a time here, as a large tensor is)."""
+    import hone.model.weights
+
+    monkeypatch.setattr(hone.model.weights, "READ_CHUNK_BYTES", 200)
     ref = _reference(tied=True)
     save_hf(ref.to(torch.bfloat16), None, tmp_path / "m")
     model = meta_hf(tmp_path / "m")

@@ -17,11 +17,12 @@ does not own, or tensors already in memory (a GGUF file, a random init: small mo
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
+import math
+import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -44,6 +45,10 @@ class WeightSource:
     def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
         raise NotImplementedError
 
+    def copy_into(self, name: str, index: tuple[slice, ...], out: torch.Tensor) -> None:
+        """``out.copy_(self.read(name, index))``, which a file source does in bounded pieces."""
+        out.copy_(self.read(name, index))
+
     def file_of(self, name: str) -> str:
         return self.where
 
@@ -64,9 +69,20 @@ class TensorDict(WeightSource):
         return self.tensors[name][index]
 
 
+# The safetensors format's dtype names (little-endian, row-major)
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# Rows of a tensor are read this many bytes at a time into the destination (bounded extra memory).
+READ_CHUNK_BYTES = 32 << 20
+
+
 class SafetensorsDir(WeightSource):
-    """An HF directory's ``model.safetensors`` or its shards listed in ``model.safetensors.index.json``;
-    files are memory-mapped and only the slices asked for are read."""
+    """An HF directory's ``model.safetensors`` or its shards listed in ``model.safetensors.index.json``.
+
+    Only the rows a slice needs are read, with ``pread`` in chunks of ``READ_CHUNK_BYTES`` straight
+    into the destination: no memory map, whose touched pages would stay in the process's resident
+    memory, and no copy of a whole tensor for a rank that holds a part of it."""
 
     def __init__(self, path: Path | str) -> None:
         path = Path(path)
@@ -85,31 +101,71 @@ class SafetensorsDir(WeightSource):
         else:
             raise HoneError(f"{single}: file not found (nor {index.name}; only safetensors weights are read)")
         self.where = str(single if single.is_file() else index)
-        self._stack = ExitStack()
-        self._handles: dict[str, object] = {}  # tensor name -> open file
-        self._files: dict[str, str] = {}
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        for f in files:
-            try:
-                handle = self._stack.enter_context(safe_open(str(f), framework="pt"))
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
-                raise HoneError(f"{f}: not a readable safetensors file ({e})") from None
-            for name in handle.keys():
-                self._handles[name], self._files[name] = handle, str(f)
-                self._shapes[name] = tuple(handle.get_slice(name).get_shape())
+        self._fds: list[int] = []
+        # tensor name -> (file, fd, dtype, shape, byte offset of its data)
+        self._entries: dict[str, tuple[str, int, torch.dtype, tuple[int, ...], int]] = {}
+        try:
+            for f in files:
+                self._read_header(f)
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_header(self, f: Path) -> None:
+        fd = os.open(f, os.O_RDONLY)
+        self._fds.append(fd)
+        try:
+            (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+            header = json.loads(os.pread(fd, n, 8))
+            for name, e in header.items():
+                if name != "__metadata__":
+                    self._entries[name] = (str(f), fd, SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]),
+                                           8 + n + e["data_offsets"][0])
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise HoneError(f"{f}: not a readable safetensors file ({type(e).__name__}: {e})") from None
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
-        return self._shapes
+        return {name: e[3] for name, e in self._entries.items()}
+
+    def _rows(self, name: str, first: int, last: int) -> torch.Tensor:
+        """Rows ``first:last`` (dim 0) of a tensor, read from its file."""
+        file, fd, dtype, shape, offset = self._entries[name]
+        row = dtype.itemsize * math.prod(shape[1:])
+        buf = bytearray(row * (last - first) if shape else dtype.itemsize)
+        done, start = 0, offset + row * first
+        while done < len(buf):
+            got = os.preadv(fd, [memoryview(buf)[done:]], start + done)
+            if got == 0:
+                raise HoneError(f"{file}: tensor {name!r} is cut short (the file ends early)")
+            done += got
+        if not buf:
+            return torch.empty((0, *shape[1:]), dtype=dtype)
+        t = torch.frombuffer(buf, dtype=dtype)
+        return t.view(last - first, *shape[1:]) if shape else t.view(())
 
     def read(self, name: str, index: tuple[slice, ...]) -> torch.Tensor:
-        sl = self._handles[name].get_slice(name)
-        return sl[index] if index else sl[:]
+        if not index:  # a scalar
+            return self._rows(name, 0, 1)
+        return self._rows(name, index[0].start, index[0].stop)[(slice(None), *index[1:])]
+
+    def copy_into(self, name: str, index: tuple[slice, ...], out: torch.Tensor) -> None:
+        if not index:
+            out.copy_(self._rows(name, 0, 1))
+            return
+        _, _, dtype, shape, _ = self._entries[name]
+        first, last = index[0].start, index[0].stop
+        step = max(1, READ_CHUNK_BYTES // max(1, dtype.itemsize * math.prod(shape[1:])))
+        for i in range(first, last, step):
+            j = min(last, i + step)
+            out[i - first:j - first].copy_(self._rows(name, i, j)[(slice(None), *index[1:])])
 
     def file_of(self, name: str) -> str:
-        return self._files.get(name, self.where)
+        return self._entries[name][0] if name in self._entries else self.where
 
     def close(self) -> None:
-        self._stack.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
 
 
 def materialize(model: nn.Module, device: torch.device | str) -> nn.Module:
@@ -205,7 +261,7 @@ def load_weights(model: nn.Module, source: WeightSource) -> None:
                                 f"wants {tuple(t.shape)}")
             local = t.to_local() if isinstance(t, DTensor) else t
             if local.numel():
-                local.copy_(source.read(src, local_index(t)))
+                source.copy_into(src, local_index(t), local)
     finally:
         source.close()
     _after_load(model)
