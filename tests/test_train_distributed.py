@@ -186,3 +186,29 @@ def test_multinode_prints_torchrun_and_writes_slurm(prepared, tmp_path):
     assert "trap 'signalled=1; kill -USR1 \"$pid\" 2>/dev/null' USR1 TERM" in script
     assert 'if [ "$status" -eq 75 ]; then' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     assert not (tmp_path / "mn" / "checkpoints").exists()
+
+
+def test_parent_holds_no_weights_while_workers_train(prepared, monkeypatch):
+    """`hone train --nproc 2`: the calling process lets go of the base model before torchrun
+    starts (each worker loads only its shards) and builds the trained one from the checkpoint."""
+    import gc
+
+    import hone.train.run as run_mod
+    from hone.pipeline import run_recipe
+
+    def live_models() -> list:
+        gc.collect()
+        return [o for o in gc.get_objects() if type(o).__name__ in ("Llama", "HFCausalLM")
+                and any(not p.is_meta for p in o.parameters(recurse=True))]
+
+    real_launch, seen = run_mod.launch_local, []
+
+    def launch(*args, **kwargs):
+        seen.append(len(live_models()))
+        return real_launch(*args, **kwargs)
+
+    monkeypatch.setattr(run_mod, "launch_local", launch)
+    wd = _workdir(prepared, "no_weights")
+    table = run_recipe(load_recipe(prepared / "fsdp.toml"), wd, nproc=2, fresh_training=True, log=lambda m: None)
+    assert seen == [0]
+    assert table and (wd / "final" / "model.safetensors").is_file()

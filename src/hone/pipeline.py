@@ -6,6 +6,7 @@ stopped (training resumes from its newest checkpoint).
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from hone.model.generate import complete
 from hone.model.gguf import smollm2_gguf_path
 from hone.model.hf import save_hf
 from hone.model.hf_backend import choose_backend
-from hone.model.load import base_conventions, base_tokenizer_files, load_base_model
+from hone.model.load import base_conventions, base_tokenizer, base_tokenizer_files, load_base_model
 from hone.model.tokenizer_files import with_pad_token
 from hone.recipe import Recipe, device_settings, domain_ratio, training_streams
 from hone.report import write_report
@@ -57,7 +58,7 @@ from hone.rundir import (
 from hone.tokens import token_ledger, tokenize_corpus
 from hone.tokens.conventions import TokenConventions
 from hone.train.checkpoint import STATE_FILE, latest_checkpoint
-from hone.train.run import mixture_phases, plan_from_recipe, read_back, total_steps, train_recipe
+from hone.train.run import mixture_phases, plan_from_recipe, read_back, total_steps, train_recipe, trained_model
 from hone.train.workdir import prepare_workdir
 
 Log = Callable[[str], None]
@@ -198,8 +199,8 @@ def stage_eval(recipe: Recipe, model, tok: Tokenizer, conventions: TokenConventi
 
 def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1,
                 supervise: bool = False) -> dict:
-    """Train in this process, or in ``nproc`` torchrun workers (under the self-healing
-    supervisor with ``supervise``); the newest weights end up in ``model``."""
+    """Train ``model`` in this process, or in ``nproc`` torchrun workers (under the self-healing
+    supervisor with ``supervise``; ``model`` None: this process holds no weights meanwhile)."""
     if not supervise:
         return train_recipe(recipe, workdir, model, max_steps, log, nproc=nproc)
     plan_from_recipe(recipe.train, nproc)  # a bad tp fails here, before workers start
@@ -217,7 +218,7 @@ class Prepared:
     sets: EvalSets
     manifest: dict
     sources: dict[str, dict]
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None when prepared without it (torchrun workers load their own)
     tokenizer: Tokenizer
     conventions: TokenConventions
     tokenizer_files: dict[str, bytes]
@@ -228,18 +229,19 @@ class Prepared:
 
 
 def prepare(recipe: Recipe, workdir: Path, log: Log, *, fresh: bool = False, fresh_training: bool = False,
-            tokenize: bool = True, check_sets: Callable[[dict[str, Path]], None] | None = None) -> Prepared:
+            tokenize: bool = True, check_sets: Callable[[dict[str, Path]], None] | None = None,
+            load_model: bool = True) -> Prepared:
     """The run directory and every data stage (each skipped when its artifact is there):
     pool, curate, sources, base model, tokenize. ``fresh`` starts the run directory over,
     ``fresh_training`` removes what training wrote (see :func:`prepare_workdir`); ``check_sets``
-    sees the evaluation sets before the base model loads."""
+    sees the evaluation sets before the base model loads; ``load_model`` False: only its tokenizer."""
     prepare_workdir(recipe, workdir, fresh, log, fresh_training=fresh_training)
     inputs, sets = stage_pool(recipe, workdir, log)
     manifest = stage_curate(recipe, workdir, inputs, log)
     sources = stage_sources(recipe, workdir, sets, log)
     if check_sets is not None:
         check_sets(sets.paths)
-    model, tok = load_base_model(recipe, workdir, log)
+    model, tok = load_base_model(recipe, workdir, log) if load_model else (None, base_tokenizer(recipe, workdir))
     files = base_tokenizer_files(recipe, tok)
     conventions = base_conventions(recipe, tok, files)
     files = with_pad_token(files, conventions)
@@ -250,10 +252,14 @@ def prepare(recipe: Recipe, workdir: Path, log: Log, *, fresh: bool = False, fre
     return Prepared(inputs, sets, manifest, sources, model, tok, conventions, files)
 
 
+def needs_base_dir(recipe: Recipe, workdir: Path) -> bool:
+    return recipe.model.source in ("smollm2", "gguf") and not (workdir / BASE_DIR).exists()
+
+
 def save_base(recipe: Recipe, workdir: Path, data: Prepared, log: Log) -> None:
     """A base that came from a GGUF file also goes to base/ in HF format (dequantized), so that
     `hone eval --base` and any HF tool can read the model the run started from."""
-    if recipe.model.source not in ("smollm2", "gguf") or (workdir / BASE_DIR).exists():
+    if not needs_base_dir(recipe, workdir):
         return
     save_hf(data.model, data.tokenizer, workdir / BASE_DIR, tokenizer_files=data.tokenizer_files)
     log(f"saved the base model (dequantized from GGUF, HF format) to {workdir / BASE_DIR}")
@@ -297,17 +303,25 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     if all((workdir / name).exists() for name in (FINAL_DIR, EVAL_FILE, REPORT_FILE)):
         log(f"training is already finished in {workdir}: nothing to do (--fresh to train again)")
         return read_json(workdir / EVAL_FILE)
-    data = prepare(recipe, workdir, log)
+    workers = nproc > 1 or supervise
+    # With workers, this process loads the base weights only for what is still to do before
+    # training (the "before" evaluation, base/), and lets go of them before the workers start.
+    data = prepare(recipe, workdir, log, load_model=not workers or needs_base_weights(recipe, workdir))
     model, tok, conv = data.model, data.tokenizer, data.conventions
     save_base(recipe, workdir, data, log)
     before = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_BEFORE_FILE, "before", log)
     prompts = completion_prompts(recipe, data.sets)
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "before", log)
     log_training_start(recipe, workdir, log)
+    if workers:
+        model = data.model = None
+        gc.collect()
     summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc, supervise=supervise)
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']} (--max-steps); run again to resume")
         return {}
+    if model is None:
+        model = trained_model(recipe, workdir, tok, log)
     write_ledger(recipe, workdir, log)
     after = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_AFTER_FILE, "after", log)
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "after", log)
@@ -319,6 +333,14 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     log_table(table, log)
     log(f"done in {time.perf_counter() - t_start:.0f}s; report: {report}")
     return table
+
+
+def needs_base_weights(recipe: Recipe, workdir: Path) -> bool:
+    """Whether the base model's weights are still needed before training: for the "before"
+    evaluation or completions, or to write base/."""
+    samples = workdir / SAMPLES_TEXT_FILE
+    done_before = samples.exists() and "before" in read_json(samples)
+    return not (workdir / EVAL_BEFORE_FILE).exists() or not done_before or needs_base_dir(recipe, workdir)
 
 
 def log_training_start(recipe: Recipe, workdir: Path, log: Log) -> None:

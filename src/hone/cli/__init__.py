@@ -29,6 +29,7 @@ from hone.plan.commands import multinode_commands
 from hone.recipe import describe_fields, load_recipe, shipped_recipe
 from hone.report import write_report
 from hone.rundir import LAUNCH_DIR, ensure_dir, write_text
+from hone.train.dry_run import dry_run as train_dry_run
 from hone.train.faults import parse as parse_faults
 from hone.train.preempt import Preempted, quick_exit
 from hone.train.run import plan_from_recipe
@@ -90,7 +91,11 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
                                               "by the cheapest plan (events.jsonl)."),
           fault: Optional[str] = typer.Option(None, "--fault",
                                               help="Inject faults (as HONE_FAULT): kill|hang|nan:step=N[:rank=R], "
-                                                   "kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several.")):
+                                                   "kill:ckpt=N, slow:step=N:rank=R:ms=M; ';' between several."),
+          dry_run: bool = typer.Option(False, "--dry-run",
+                                       help="Build the sharded model on the meta device for --nproc x --nnodes "
+                                            "processes (none started, no weights or data read) and print each rank's "
+                                            "parameter, gradient and optimizer bytes beside the planner's.")):
     """Train as the recipe says (runs the data stages first if their artifacts are missing).
 
     Training continues from the newest good checkpoint (on any number of processes) and a finished
@@ -102,6 +107,9 @@ def train(recipe: Path = typer.Argument(..., help="Recipe TOML file."), workdir:
     r, wd = _load(recipe, workdir)
 
     plan_from_recipe(r.train, nproc * nnodes)  # a bad tp fails now, before any data stage runs
+    if dry_run:
+        train_dry_run(r, nproc * nnodes, _log)
+        return
     if fault is not None:
         parse_faults(fault)  # a bad spec is a one-line error now, not in every worker
         os.environ["HONE_FAULT"] = fault

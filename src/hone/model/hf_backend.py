@@ -220,11 +220,28 @@ class HFCausalLM(nn.Module):
                                 f"({len(bad)} in all)")
         return cls(hf_model, reason)
 
-    def save_pretrained(self, outdir: Path | str) -> None:
-        """Weights (model.safetensors, sharded with an index when large) under HF names and the
-        model's own config.json / generation_config.json, by transformers' ``save_pretrained``."""
+    @classmethod
+    def on_meta(cls, path: Path | str, reason: str = "") -> HFCausalLM:
+        """The directory's model from its config.json alone, on the meta device in fp32 (no weights
+        read; :mod:`hone.model.weights` materializes and loads it, sharded or not)."""
+        try:
+            from transformers import AutoConfig, AutoModelForCausalLM
+        except ImportError:
+            raise HoneError(f"the transformers backend needs transformers: {INSTALL_HINT}") from None
+        try:
+            config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            with torch.device("meta"):
+                hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except (ValueError, KeyError, OSError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise HoneError(f"{path}: transformers cannot build a causal LM from it ({first})") from None
+        return cls(hf_model, reason)
+
+    def save_pretrained(self, outdir: Path | str, max_shard_size: int | str = "5GB") -> None:
+        """Weights (model.safetensors, sharded with an index beyond ``max_shard_size``) under HF names
+        and the model's own config.json / generation_config.json, by transformers' ``save_pretrained``."""
         with _no_progress_bars():
-            self.hf_model.save_pretrained(str(outdir), safe_serialization=True)
+            self.hf_model.save_pretrained(str(outdir), safe_serialization=True, max_shard_size=max_shard_size)
 
     # ------------------------------------------------------------------ Hone's model interface
 

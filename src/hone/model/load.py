@@ -11,10 +11,12 @@ import torch
 from tokenizers import Tokenizer
 
 from hone.errors import HoneError
-from hone.model.gguf import load_gguf, smollm2_gguf_path
-from hone.model.hf import load_hf
+from hone.model.gguf import gguf_config, gguf_reader, load_gguf, smollm2_gguf_path, tokenizer_from_gguf
+from hone.model.hf import meta_hf
+from hone.model.hf_backend import HFCausalLM
 from hone.model.llama import Llama, LlamaConfig
 from hone.model.tokenizer_files import conventions_of, gguf_tokenizer_files, hf_tokenizer_files, trained_tokenizer_files
+from hone.model.weights import SafetensorsDir, TensorDict, WeightSource, load_weights, materialize, names_match
 from hone.recipe import Recipe
 from hone.rundir import CORPUS_DIR, TOKENIZER_FILE, read_json, source_train_dir, write_text
 from hone.tokens import read_corpus, train_bpe
@@ -33,34 +35,87 @@ def pick_device(choice: str) -> torch.device:
 
 
 def load_base_model(recipe: Recipe, workdir: Path, log: Log) -> tuple[torch.nn.Module, Tokenizer]:
-    """The recipe's ``[model]`` and its tokenizer, on ``train.device``."""
-    src = recipe.model
+    """The recipe's ``[model]`` and its tokenizer, on ``train.device``: built on the meta device,
+    materialized there and its weights loaded by name, the path every torchrun worker takes too
+    (:func:`hone.model.weights.load_weights`)."""
     t0 = time.perf_counter()
-    if src.source == "smollm2":
-        model, tok = load_gguf(smollm2_gguf_path())
-    elif src.source == "gguf":
-        if not Path(src.path).exists():
-            raise HoneError(f"model.path: {src.path}: GGUF file not found")
-        model, tok = load_gguf(Path(src.path))
-    elif src.source == "hf":
-        model, tok = load_hf(Path(src.path), backend=recipe.model.backend)
-        if tok is None:
-            raise HoneError(f"model.path: {src.path}: no tokenizer.json beside the weights")
-    else:
-        tok = random_model_tokenizer(recipe, workdir)
-        r = src.random
-        cfg = LlamaConfig(vocab_size=tok.get_vocab_size(), hidden_size=r.hidden, intermediate_size=r.ffn,
-                          num_hidden_layers=r.layers, num_attention_heads=r.heads, num_key_value_heads=r.kv_heads,
-                          max_position_embeddings=max(recipe.train.seq_len, recipe.eval.seq_len) + 1,
-                          tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
-        model = Llama(cfg)
-        model.init_weights(seed=recipe.run.seed)
-    n = sum(p.numel() for p in model.parameters()) / 1e6
+    tok = base_tokenizer(recipe, workdir)
+    model = base_meta_model(recipe, tok)
     device = pick_device(recipe.train.device)
-    model.to(device)
-    log(f"model: {src.source} ({n:.1f}M params, vocab {tok.get_vocab_size()}) loaded in "
+    materialize(model, device)
+    load_weights(model, base_weights(recipe, workdir, tok))
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    log(f"model: {recipe.model.source} ({n:.1f}M params, vocab {tok.get_vocab_size()}) loaded in "
         f"{time.perf_counter() - t0:.1f}s, on {device}")
     return model, tok
+
+
+def _gguf_path(recipe: Recipe) -> Path:
+    if recipe.model.source == "smollm2":
+        return smollm2_gguf_path()
+    if not Path(recipe.model.path).exists():
+        raise HoneError(f"model.path: {recipe.model.path}: GGUF file not found")
+    return Path(recipe.model.path)
+
+
+def base_tokenizer(recipe: Recipe, workdir: Path) -> Tokenizer:
+    """The base model's tokenizer, without its weights."""
+    src = recipe.model
+    if src.source in ("smollm2", "gguf"):
+        return tokenizer_from_gguf(gguf_reader(_gguf_path(recipe)))
+    if src.source == "hf":
+        tok_path = Path(src.path) / "tokenizer.json"
+        if not tok_path.is_file():
+            if not (Path(src.path) / "config.json").is_file():
+                raise HoneError(f"{Path(src.path) / 'config.json'}: file not found (not a Hugging Face model "
+                                "directory?)")
+            raise HoneError(f"model.path: {src.path}: no tokenizer.json beside the weights")
+        return Tokenizer.from_file(str(tok_path))
+    return random_model_tokenizer(recipe, workdir)
+
+
+def random_model_config(recipe: Recipe, tok: Tokenizer | None) -> LlamaConfig:
+    """The random model's config; without its tokenizer (a dry run) the vocabulary is model.random.vocab,
+    the size the tokenizer is trained to."""
+    r = recipe.model.random
+    return LlamaConfig(vocab_size=tok.get_vocab_size() if tok is not None else r.vocab, hidden_size=r.hidden,
+                       intermediate_size=r.ffn, num_hidden_layers=r.layers, num_attention_heads=r.heads,
+                       num_key_value_heads=r.kv_heads,
+                       max_position_embeddings=max(recipe.train.seq_len, recipe.eval.seq_len) + 1,
+                       tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+
+
+def base_meta_model(recipe: Recipe, tok: Tokenizer | None = None) -> torch.nn.Module:
+    """The recipe's base model on the meta device (shapes and names, no storage): Hone's Llama,
+    or the transformers backend for an HF directory it chooses (config.json alone is read). A random
+    model's vocabulary is ``tok``'s."""
+    src = recipe.model
+    if src.source == "hf":
+        return meta_hf(Path(src.path), backend=src.backend)
+    cfg = gguf_config(gguf_reader(_gguf_path(recipe))) if src.source in ("smollm2", "gguf") \
+        else random_model_config(recipe, tok)
+    with torch.device("meta"):
+        return Llama(cfg)
+
+
+def base_weights(recipe: Recipe, workdir: Path, tok: Tokenizer | None = None) -> WeightSource:
+    """Where the base model's weights come from: an HF directory's safetensors, read slice by slice;
+    a GGUF file (dequantized whole: small models) or the seeded random init, in memory."""
+    src = recipe.model
+    if src.source == "hf":
+        files = SafetensorsDir(Path(src.path))
+        model = meta_hf(Path(src.path), backend=src.backend)
+        if getattr(model, "backend", "hone") == "hone" or names_match(model, files):
+            return files
+        # transformers converts this family's stored tensors on load (fused experts, ...): whole, in memory
+        files.close()
+        return TensorDict(HFCausalLM.from_pretrained(Path(src.path), torch.float32).state_dict(), src.path)
+    if src.source in ("smollm2", "gguf"):
+        model, _ = load_gguf(_gguf_path(recipe))
+        return TensorDict(model.state_dict(), str(_gguf_path(recipe)))
+    model = Llama(random_model_config(recipe, tok or random_model_tokenizer(recipe, workdir)))
+    model.init_weights(seed=recipe.run.seed)
+    return TensorDict(model.state_dict(), f"random init (seed {recipe.run.seed})")
 
 
 def base_tokenizer_files(recipe: Recipe, tokenizer: Tokenizer) -> dict[str, bytes]:

@@ -80,6 +80,7 @@ class Constants:
     logits_bytes: float = 6.0      # bf16 logits + fp32 copy for the loss, per vocab entry per token
     dp_comm_bytes: float = 2.0     # gradient reduce dtype (bf16)
     flash_attention: bool = True
+    vocab_parallel: bool = True    # TP splits the embedding and LM head (Megatron); Hone's trainer keeps them whole
     # Measured by `hone plan calibrate` on Hone's own layer (0: the formulas above), bytes per
     # token per layer kept for the backward: without recompute, and under whole-layer recompute.
     act_bytes_per_token: float = 0.0
@@ -87,6 +88,13 @@ class Constants:
     # ... and the extra bytes at the peak of a layer's backward, without and with recompute.
     backward_bytes_per_token: float = 0.0
     recompute_backward_bytes_per_token: float = 0.0
+
+    @classmethod
+    def hone_trainer(cls, **kw) -> "Constants":
+        """What `hone train` holds per parameter: fp32 parameters (bf16 is only FSDP2's compute
+        copy, gathered per layer), fp32 gradients, AdamW's two fp32 moments (the parameters are
+        their own master copy); tensor parallel splits the decoder layers only."""
+        return cls(weight_bytes=4.0, grad_bytes=4.0, optim_bytes=8.0, vocab_parallel=False).with_(**kw)
 
     def with_(self, **kw) -> "Constants":
         names = {f.name for f in fields(self)}

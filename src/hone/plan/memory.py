@@ -130,17 +130,20 @@ def _layout(layers: int, p: int, v: int) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def stage_params(m: ModelShape, c: Config, stage) -> float:
-    """Parameters on one GPU of a pipeline stage (an index, or 'first' / 'last'); TP splits every matrix."""
+def stage_params(m: ModelShape, c: Config, stage, vocab_parallel: bool = True) -> float:
+    """Parameters on one GPU of a pipeline stage (an index, or 'first' / 'last'). TP splits every
+    matrix of the layers; the embedding and LM head too with ``vocab_parallel`` (Megatron), else
+    (Hone's trainer) they and the final norm are whole on every TP rank."""
     i = {"first": 0, "last": c.pp - 1}.get(stage, stage)
-    n = stage_layout(m, c)[i] * m.layer_params()
+    layers = stage_layout(m, c)[i] * m.layer_params()
+    n = 0.0
     if i == 0:
         n += m.embedding_params()
     if i == c.pp - 1:
         n += m.head_params()
         if m.tied_embeddings and c.pp > 1:
             n += m.vocab * m.hidden  # the last stage keeps its own copy of the tied embedding
-    return n / c.tp
+    return (layers + n) / c.tp if vocab_parallel else layers / c.tp + n
 
 
 def stage_layers(m: ModelShape, c: Config) -> int:
@@ -240,12 +243,17 @@ def memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Constants) 
     return worst
 
 
+def static_bytes(m: ModelShape, c: Config, k: Constants, i: int = 0) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer state) bytes on one GPU of pipeline stage ``i``: what ZeRO
+    shards over dp (stage 1: the optimizer state, 2: + gradients, 3: + weights)."""
+    n, d = stage_params(m, c, i, k.vocab_parallel), c.dp
+    return (k.weight_bytes * n / (d if c.zero >= 3 else 1), k.grad_bytes * n / (d if c.zero >= 2 else 1),
+            k.optim_bytes * n / (d if c.zero >= 1 else 1))
+
+
 def _stage_memory(m: ModelShape, c: Config, seq: int, global_batch: int, k: Constants, i: int) -> Memory:
-    n = stage_params(m, c, i)
+    weights, grads, optim = static_bytes(m, c, k, i)
     d = c.dp
-    weights = k.weight_bytes * n / (d if c.zero >= 3 else 1)
-    grads = k.grad_bytes * n / (d if c.zero >= 2 else 1)
-    optim = k.optim_bytes * n / (d if c.zero >= 1 else 1)
     mbs = global_batch // (c.dp * c.micro_batch)
     layers = stage_layout(m, c)[i]
     held_l = held_layers(m, c, mbs, i)

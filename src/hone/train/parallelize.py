@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from hone.errors import HoneError
+from hone.model.weights import materialize
 from hone.plan.layout import ParallelPlan
 from hone.train.pipeline_parallel import Pipeline, split_stages
 
@@ -61,6 +63,10 @@ def init_distributed(plan: ParallelPlan, device_choice: str = "auto") -> DistCon
     mesh = init_device_mesh(device_type, (plan.pp, plan.dp, plan.tp), mesh_dim_names=("pp", "dp", "tp"))
     device = torch.device(f"cuda:{local}" if use_cuda else "cpu")
     return DistContext(rank=dist.get_rank(), world_size=world, local_rank=local, device=device, mesh=mesh)
+
+
+def on_meta(model: nn.Module) -> bool:
+    return any(p.is_meta for p in model.parameters())
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -159,12 +165,20 @@ def apply_fsdp(model: nn.Module, dp_mesh, mixed_precision: str, roots: list[nn.M
         fully_shard(root, mesh=dp_mesh, mp_policy=mp)
 
 
-def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Module:
+def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext,
+                load: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Return the model wrapped as the plan says (the same object when nothing applies). Under a
     pipeline the model keeps only its stages' parts and carries their schedule as ``model.pipeline``
-    (:class:`hone.train.pipeline_parallel.Pipeline`), which the training loop runs."""
+    (:class:`hone.train.pipeline_parallel.Pipeline`), which the training loop runs.
+
+    A model built on the meta device is split and sharded there, then, given ``load``, materialized
+    on the device (each rank allocates only its shards: :func:`hone.model.weights.materialize`) and
+    ``load`` fills it, before DDP (which broadcasts real weights) wraps it. Without ``load`` it
+    stays on the meta device and is not wrapped in DDP (`hone train --dry-run` counts its bytes)."""
+    meta = on_meta(model)
     stages = split_stages(model, plan, ctx.mesh["pp"].get_local_rank()) if plan.pp > 1 else None
-    model.to(ctx.device)
+    if not meta:
+        model.to(ctx.device)
     if plan.tp > 1:
         runs = [list(stage.layers) for stage in stages] if stages is not None else None
         apply_tensor_parallel(model, ctx.mesh["tp"], plan.sequence_parallel, runs)
@@ -173,13 +187,17 @@ def parallelize(model: nn.Module, plan: ParallelPlan, ctx: DistContext) -> nn.Mo
     if plan.compile:
         for layer in decoder_layers(model):
             layer.compile()
-    if stages is not None:
-        if plan.dp > 1:
-            apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision, roots=stages)
-        model.pipeline = Pipeline(stages, plan, ctx.mesh, ctx.device, tied=model.config.tie_word_embeddings)
+    if stages is not None and plan.dp > 1:
+        apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision, roots=stages)
     elif plan.dp > 1 and plan.data_parallel == "fsdp":
         apply_fsdp(model, ctx.mesh["dp"], plan.mixed_precision)
-    elif plan.dp > 1:
+    if meta and load is not None:
+        materialize(model, ctx.device)
+        load(model)
+    if stages is not None and not on_meta(model):
+        # After materializing: the schedule keeps the tied tensor itself, which materialize replaces.
+        model.pipeline = Pipeline(stages, plan, ctx.mesh, ctx.device, tied=model.config.tie_word_embeddings)
+    elif plan.dp > 1 and plan.data_parallel == "ddp" and not on_meta(model):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         model = DDP(model, process_group=ctx.mesh["dp"].get_group(),

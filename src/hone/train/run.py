@@ -1,8 +1,9 @@
 """A recipe's training: its step count, parallel plan and loader, and the run itself, in
 this process or in ``nproc`` torchrun workers on this machine (:mod:`hone.train.worker`).
 
-Either way the newest checkpoint's weights end up in the caller's ``model``, for evaluation
-and the HF export.
+In this process the caller's ``model`` is trained. With workers the caller holds no weights
+while they train (each worker loads only its shards); afterwards :func:`trained_model` builds
+the model from the newest checkpoint, for evaluation and the HF export.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from typing import Callable
 import torch
 
 from hone.errors import HoneError
+from hone.model.load import base_meta_model, pick_device
+from hone.model.weights import materialize
 from hone.recipe import Recipe, TrainConfig, device_settings, domain_ratio, training_streams
-from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, stream_tokens_dir, write_json
+from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, read_json, stream_tokens_dir, write_json
 from hone.tokens import load_tokens
 from hone.tokens.shards import read_index
-from hone.train.checkpoint import latest_checkpoint, load_model_weights
+from hone.train.checkpoint import STATE_FILE, latest_checkpoint, load_model_weights
 from hone.train.data import MixtureLoader, TokenStream, schedule_phases
 from hone.train.loop import train
 from hone.train.mixture import load_mixture
@@ -111,17 +114,31 @@ def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None
         model.model.activation_checkpointing = False
 
 
-def read_back(recipe: Recipe, workdir: Path, model, log: Log) -> dict:
-    """The newest checkpoint's weights into ``model``, after workers trained."""
+def _newest(workdir: Path, log: Log) -> Path:
     newest = latest_checkpoint(workdir / CHECKPOINTS_DIR, log)
     if newest is None:
         raise HoneError(f"{workdir / CHECKPOINTS_DIR}: the workers left no checkpoint")
-    state = load_model_weights(newest, model)
+    return newest
+
+
+def read_back(recipe: Recipe, workdir: Path, model, log: Log) -> dict:
+    """The newest checkpoint's weights into ``model`` (None: only its step), after workers trained."""
+    newest = _newest(workdir, log)
+    state = load_model_weights(newest, model) if model is not None else read_json(newest / STATE_FILE)
     return {"steps": int(state["step"]), "total_steps": total_steps(recipe.train)}
 
 
+def trained_model(recipe: Recipe, workdir: Path, tokenizer, log: Log) -> torch.nn.Module:
+    """The model the workers trained: built on the meta device, materialized on ``train.device``,
+    the newest checkpoint's weights loaded into it."""
+    model = materialize(base_meta_model(recipe, tokenizer), pick_device(recipe.train.device))
+    load_model_weights(_newest(workdir, log), model)
+    return model
+
+
 def train_recipe(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:
-    """Train in this process, or in ``nproc`` torchrun workers and read their weights back."""
+    """Train ``model`` in this process, or in ``nproc`` torchrun workers (``model`` None: the
+    caller holds no weights meanwhile; else the newest weights are read back into it)."""
     if nproc == 1:
         return train_in_process(recipe, workdir, model, max_steps, log)
     plan_from_recipe(recipe.train, nproc)  # a bad tp fails here, before workers start

@@ -2,11 +2,13 @@
 
 ``hone train RECIPE --nproc N`` runs the data stages once in the calling process, then
 starts ``torchrun --standalone --nproc-per-node N -m hone.train.worker --workdir DIR``
-(:func:`hone.train.run.launch_local`) and waits. Every worker builds the same base model
-and loader, applies the recipe's parallel plan (FSDP2 or DDP over dp, tensor parallel over
-tp) and trains; checkpoints are DCP, so the calling process (or a later run on another
-world size) reads them back. For several nodes, :func:`hone.plan.commands.multinode_commands`
-writes the torchrun line to run on every node and a Slurm script.
+(:func:`hone.train.run.launch_local`) and waits. Every worker builds the base model on the
+meta device, applies the recipe's parallel plan (FSDP2 or DDP over dp, tensor parallel over
+tp), materializes its own shards and reads only those from the base's weights
+(:mod:`hone.model.weights`), builds the loader and trains; checkpoints are DCP, so the
+calling process (or a later run on another world size) reads them back. For several nodes,
+:func:`hone.plan.commands.multinode_commands` writes the torchrun line to run on every node
+and a Slurm script.
 """
 
 from __future__ import annotations
@@ -23,9 +25,11 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import get_args_parser, run
 
 from hone.errors import HoneError
-from hone.model.load import load_base_model, pick_device
-from hone.recipe import Recipe, device_settings, load_recipe
-from hone.rundir import LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_json
+from hone.model.load import base_meta_model, base_tokenizer, base_weights, pick_device
+from hone.model.weights import load_weights
+from hone.recipe import Recipe, TrainConfig, device_settings, load_recipe
+from hone.rundir import CHECKPOINTS_DIR, LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_json
+from hone.train.checkpoint import checkpoints_newest_first
 from hone.train.hooks import NonFiniteLoss
 from hone.train.loop import train
 from hone.train.parallelize import init_distributed, parallelize
@@ -58,14 +62,7 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
 
     log = print if ctx.is_main else quiet
     try:
-        model, _ = load_base_model(recipe, workdir, quiet)
-        # A transformers config (the transformers backend) keeps the decoder's keys in its text config.
-        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        heads = cfg.num_attention_heads
-        plan.validate(world, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
-                      ffn=getattr(cfg, "intermediate_size", None) or heads, batch_size=t.batch_size,
-                      layers=getattr(cfg, "num_hidden_layers", None), micro_batch=t.micro_batch)
-        model = parallelize(model, plan, ctx)
+        model = build_sharded(recipe, workdir, plan, ctx)
         loader = build_loader(recipe, workdir)
         torch.manual_seed(recipe.run.seed)
         summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True,
@@ -76,6 +73,30 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def build_sharded(recipe: Recipe, workdir: Path, plan, ctx) -> torch.nn.Module:
+    """The base model built on the meta device, parallelized, materialized on this rank's device
+    with only its shards, which are read from the base's weights by name; when a checkpoint is
+    there, training resumes from it and the base weights are not read at all."""
+    model = base_meta_model(recipe, base_tokenizer(recipe, workdir) if recipe.model.source == "random" else None)
+    validate_plan(plan, model, recipe.train, ctx.world_size)
+    resuming = bool(checkpoints_newest_first(workdir / CHECKPOINTS_DIR))  # its weights replace the base's
+
+    def load(materialized: torch.nn.Module) -> None:
+        if not resuming:
+            load_weights(materialized, base_weights(recipe, workdir))
+
+    return parallelize(model, plan, ctx, load=load)
+
+
+def validate_plan(plan, model, t: TrainConfig, world: int) -> None:
+    # A transformers config (the transformers backend) keeps the decoder's keys in its text config.
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    plan.validate(world, heads=heads, kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+                  ffn=getattr(cfg, "intermediate_size", None) or heads, batch_size=t.batch_size,
+                  layers=getattr(cfg, "num_hidden_layers", None), micro_batch=t.micro_batch)
 
 
 def run_torchrun(args: list[str]) -> int:
