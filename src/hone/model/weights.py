@@ -21,6 +21,7 @@ import math
 import os
 import struct
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -238,10 +239,12 @@ def local_index(t: torch.Tensor) -> tuple[slice, ...]:
 
 
 @torch.no_grad()
-def load_weights(model: nn.Module, source: WeightSource) -> None:
+def load_weights(model: nn.Module, source: WeightSource, whole: Iterable[str] | None = None) -> None:
     """Copy into each of the model's tensors (materialized) the part of the source's tensor of the
     same name that this rank holds, converting the dtype. A tensor missing from the source, one
-    the model does not have, or a shape that differs is a one-line HoneError naming the file."""
+    the model does not have, or a shape that differs is a one-line HoneError naming the file.
+    ``whole``: every tensor name of the whole model, when ``model`` holds only part of it (a
+    pipeline stage); the source's other tensors are then another stage's, not unexpected."""
     try:
         holders, aliases = _holders(model)
         shapes = source.shapes()
@@ -249,7 +252,7 @@ def load_weights(model: nn.Module, source: WeightSource) -> None:
         missing = sorted(n for n, src in names.items() if src is None)
         if missing:
             raise HoneError(f"{source.where}: no tensor {missing[0]!r} (the model needs it; {len(missing)} missing)")
-        known = set(holders) | set(aliases)
+        known = set(whole) if whole is not None else set(holders) | set(aliases)
         extra = sorted(set(shapes) - known)
         if extra:
             raise HoneError(f"{source.file_of(extra[0])}: tensor {extra[0]!r} is not in the model "

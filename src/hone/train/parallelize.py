@@ -111,8 +111,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool = F
         }
         if sequence_parallel:
             plan |= {"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel(),
-                     "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                                     desired_input_layouts=(Replicate(), None, None, None)),
+                     # (x, cos, sin, cache, doc_mask): only the hidden states change layout
+                     "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                                     desired_input_layouts=(Replicate(), None, None, None, None)),
                      "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))}
         parallelize_module(layer, tp_mesh, plan)
     if sequence_parallel:

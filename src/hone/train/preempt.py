@@ -49,7 +49,8 @@ def alive(pid: int) -> bool:
 @contextlib.contextmanager
 def _handling(handler, signals=SIGNALS):
     """``handler`` for ``signals`` inside the block (the main thread only: Python runs
-    handlers there), the previous handlers afterwards."""
+    handlers there), the previous handlers afterwards; what was noted is forgotten after the
+    block (the job it was meant for has stopped; a later run in this process must not stop)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -59,23 +60,20 @@ def _handling(handler, signals=SIGNALS):
     finally:
         for s, previous in old.items():
             signal.signal(s, previous)
+        _seen.clear()
 
 
 @contextlib.contextmanager
 def catching():
-    """Note SIGTERM / SIGUSR1 while training instead of dying; the note is forgotten after
-    the block (the job it was meant for has stopped).
+    """Note SIGTERM / SIGUSR1 while training instead of dying.
 
     A torchrun worker notes SIGUSR1 only: torchrun stops the surviving workers with SIGTERM
     after one failed, and that must kill at once (a Python handler does not even run while
     the worker waits in a collective for its dead peer); the processes above the workers pass
     any notice on as SIGUSR1 (:func:`forwarding`)."""
     signals = (signal.SIGUSR1,) if os.environ.get("LOCAL_WORLD_SIZE") else SIGNALS
-    try:
-        with _handling(_note, signals):
-            yield
-    finally:
-        _seen.clear()
+    with _handling(_note, signals):
+        yield
 
 
 def quick_exit(status: int = EXIT_PREEMPTED) -> SystemExit:

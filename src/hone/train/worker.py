@@ -82,10 +82,11 @@ def build_sharded(recipe: Recipe, workdir: Path, plan, ctx) -> torch.nn.Module:
     model = base_meta_model(recipe, base_tokenizer(recipe, workdir) if recipe.model.source == "random" else None)
     validate_plan(plan, model, recipe.train, ctx.world_size)
     resuming = bool(checkpoints_newest_first(workdir / CHECKPOINTS_DIR))  # its weights replace the base's
+    whole = set(model.state_dict())  # a pipeline stage keeps some of these names
 
     def load(materialized: torch.nn.Module) -> None:
         if not resuming:
-            load_weights(materialized, base_weights(recipe, workdir))
+            load_weights(materialized, base_weights(recipe, workdir), whole)
 
     return parallelize(model, plan, ctx, load=load)
 
