@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from hone.recipe import load_recipe
 from hone.rundir import read_events
 from hone.train.preempt import EXIT_PREEMPTED
+from tiny_runs import clean_env, hone_process, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -27,15 +28,7 @@ SLOW = "slow:step=1:ms=150"  # every step 150 ms longer: time to signal mid-run 
 
 
 def _recipe_text(workdir: Path, **train) -> str:
-    text = (ROOT / "recipes" / "tiny-cpu.toml").read_text()
-    text = text.replace('workdir = "runs/tiny"', f'workdir = "{workdir}"')
-    fields = {"seq_len": 64, "batch_size": 8, "max_tokens": STEPS * 8 * 64, "checkpoint_every": 4,
-              "threads": 1, "log_every": 1, **train}
-    head, _, tail = text.partition("[train]\n")
-    body, _, rest = tail.partition("\n[eval]")
-    lines = [ln for ln in body.splitlines() if ln.split(" = ")[0] not in fields]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    return head + "[train]\n" + "\n".join(lines) + "\n\n[eval]" + rest
+    return tiny_recipe_text(workdir, steps=STEPS, **train)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +41,9 @@ def prepared(tmp_path_factory):
     return root
 
 
-def _env(**extra) -> dict:
-    return {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | extra
-
 
 def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True, text=True,
-                          env=_env(**(env or {})), timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hone {' '.join(map(str, args))} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
-    return proc
+    return hone_process(*args, env=env, check=check, timeout=300)
 
 
 def _workdir(prepared: Path, name: str) -> Path:
@@ -86,7 +71,7 @@ def _assert_bitwise(a: Path, b: Path) -> None:
 def _signal_after_step(args: list, workdir: Path, step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
     """Start `hone ARGS`, send ``sig`` to it once metrics.jsonl shows ``step``, wait for its exit."""
     proc = subprocess.Popen([sys.executable, "-m", "hone.cli", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(HONE_FAULT=SLOW))
+                            stderr=subprocess.PIPE, text=True, env=clean_env(HONE_FAULT=SLOW))
     deadline = time.time() + 240
     while len(_metrics(workdir)) < step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -196,7 +181,7 @@ def _fake_slurm(tmp_path: Path, script_text: str) -> tuple[Path, dict]:
         (bin_dir / name).chmod(0o755)
     script = tmp_path / "job.sbatch"
     script.write_text(script_text)
-    return script, _env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+    return script, clean_env(PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
                         SLURM_JOB_NODELIST="localhost", MASTER_PORT=str(_free_port()),
                         SCONTROL_LOG=str(tmp_path / "requeued"), OMP_NUM_THREADS="1")
 
@@ -209,7 +194,7 @@ def test_two_nodes_of_two_ranks_from_the_slurm_script_preempt_requeue_and_match_
     from hone.train.run import torchrun_argv
 
     ref = _workdir(prepared, "one_node_4")
-    subprocess.run(torchrun_argv(ref, 4, None), env=_env(OMP_NUM_THREADS="1"), check=True, capture_output=True,
+    subprocess.run(torchrun_argv(ref, 4, None), env=clean_env(OMP_NUM_THREADS="1"), check=True, capture_output=True,
                    timeout=300)
     wd = _workdir(prepared, "two_nodes")
     script, env = _fake_slurm(tmp_path, multinode_commands(str(prepared / "fsdp.toml"), str(wd), 2, 2)["slurm"])

@@ -5,31 +5,22 @@ between world sizes, and the multi-node launch material."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from hone.recipe import load_recipe
+from tiny_runs import hone_process, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
 def _recipe_text(workdir: Path, **train) -> str:
-    text = (ROOT / "recipes" / "tiny-cpu.toml").read_text()
-    text = text.replace('workdir = "runs/tiny"', f'workdir = "{workdir}"')
-    fields = {"seq_len": 64, "batch_size": 8, "max_tokens": STEPS * 8 * 64, "checkpoint_every": 4,
-              "threads": 1, "log_every": 1, **train}
-    head, _, tail = text.partition("[train]\n")
-    body, _, rest = tail.partition("\n[eval]")
-    lines = [ln for ln in body.splitlines() if ln.split(" = ")[0] not in fields]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    return head + "[train]\n" + "\n".join(lines) + "\n\n[eval]" + rest
+    return tiny_recipe_text(workdir, steps=STEPS, **train)
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +39,7 @@ def prepared(tmp_path_factory):
 
 
 def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | (env or {})
-    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hone {' '.join(map(str, args))} failed "
-                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return hone_process(*args, env=env, check=check, timeout=300)
 
 
 def _workdir(prepared: Path, name: str) -> Path:

@@ -6,10 +6,8 @@ pipeline fields are one-line errors; `hone plan --recipe-out` writes a [train] t
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from hone.plan.memory import stage_layout
 from hone.plan.shapes import PRESETS
 from hone.recipe import TrainConfig, load_recipe
 from hone.train.run import plan_from_recipe
+from tiny_runs import hone_process, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -33,15 +32,7 @@ LAYERS = 4
 
 def _recipe_text(workdir: Path, **train) -> str:
     """tiny-cpu with 4 layers (two stages of two, or four virtual stages of one) and 4 micro-batches."""
-    text = (ROOT / "recipes" / "tiny-cpu.toml").read_text().replace("layers = 2", f"layers = {LAYERS}")
-    text = text.replace('workdir = "runs/tiny"', f'workdir = "{workdir}"')
-    fields = {"seq_len": 64, "batch_size": 8, "micro_batch": 2, "max_tokens": STEPS * 8 * 64, "checkpoint_every": 4,
-              "threads": 1, "log_every": 1, **train}
-    head, _, tail = text.partition("[train]\n")
-    body, _, rest = tail.partition("\n[eval]")
-    lines = [ln for ln in body.splitlines() if ln.split(" = ")[0] not in fields]
-    lines += [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    return head + "[train]\n" + "\n".join(lines) + "\n\n[eval]" + rest
+    return tiny_recipe_text(workdir, steps=STEPS, layers=LAYERS, **{"micro_batch": 2, **train})
 
 
 RECIPES = {"one": {}, "pp2": {"pp": 2}, "vpp": {"pp": 2, "pp_schedule": "interleaved", "vpp": 2},
@@ -61,13 +52,7 @@ def prepared(tmp_path_factory):
 
 
 def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | (env or {})
-    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hone {' '.join(map(str, args))} failed "
-                             f"({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
+    return hone_process(*args, env=env, check=check, timeout=600)
 
 
 def _train(prepared: Path, recipe: str, name: str, *args, nproc: int = 1, **kw) -> Path:
