@@ -8,10 +8,12 @@ Writes a random Llama-shaped checkpoint (Qwen2.5-0.5B's shape, tied embeddings, 
 with an index) to a temporary directory first, one shard at a time.
 
     python benchmarks/sharded_load.py            # ~2 GB of disk in /tmp, ~10 GB of RAM for the old path at 4 ranks
+    python benchmarks/sharded_load.py --ranks 4 --paths sharded
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -111,14 +113,14 @@ def run_ranks(mode: str, world: int, model_dir: Path) -> list[dict]:
     return sorted(out, key=lambda r: r["rank"])
 
 
-def main() -> None:
+def main(worlds: tuple[int, ...] = (2, 4), paths: tuple[str, ...] = ("sharded", "whole")) -> None:
     with tempfile.TemporaryDirectory(prefix="hone-sharded-load-") as tmp:
         model_dir = Path(tmp)
         model_bytes = write_checkpoint(model_dir)
         rows = []
-        for world in (2, 4):
+        for world in worlds:
             overhead = max(r["peak_rss"] for r in run_ranks("none", world, model_dir))
-            for mode in ("sharded", "whole"):
+            for mode in paths:
                 ranks = run_ranks(mode, world, model_dir)
                 peak = max(r["peak_rss"] for r in ranks)
                 target = 1.2 * model_bytes / world + overhead
@@ -138,4 +140,8 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--rank"]:
         rank_main(sys.argv[2], sys.argv[3])
     else:
-        main()
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
+        ap.add_argument("--paths", default="sharded,whole", help="sharded, whole or both")
+        a = ap.parse_args()
+        main(tuple(int(w) for w in a.ranks.split(",")), tuple(a.paths.split(",")))
