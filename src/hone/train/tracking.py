@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class WandbBackend:
     def __init__(self, workdir: Path, tracking: Tracking, state: dict) -> None:
         self.wandb = _import("wandb")
         mine = state.setdefault("wandb", {})
-        mine.setdefault("id", self.wandb.util.generate_id())
+        mine.setdefault("id", secrets.token_hex(6))  # W&B ids: lowercase letters and digits
         self.run = self.wandb.init(project=tracking.project, name=tracking.run_name, id=mine["id"], resume="allow",
                                    dir=str(workdir), config=tracking.config)
 
