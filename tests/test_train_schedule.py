@@ -173,3 +173,19 @@ def test_base_optimizer_that_does_not_fit_is_one_line(base_run, tmp_path):
     cfg = CFG.model_copy(update={"reset_optimizer": False})
     with pytest.raises(HoneError, match=r"train.reset_optimizer = false: the optimizer state in .* does not fit"):
         use_base_optimizer(cfg, state_of(run / "final"), other, make_optimizer(other, cfg))
+
+
+def test_report_plots_the_learning_rate(tmp_path):
+    from hone.report import write_report
+    from hone.rundir import write_json
+
+    cfg = TrainConfig(lr=1.0, warmup_steps=2, schedule="wsd")
+    write_json(tmp_path / "recipe.json", {"recipe": {"run": {"name": "r"}, "train": {"schedule": "wsd"}}})
+    rows = [{"step": s + 1, "loss": 5.0, "lr": lr_at(s, 10, cfg), "tokens": 64 * (s + 1), "tokens_per_s": 1.0,
+             "elapsed_s": 1.0} for s in range(10)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert 'alt="learning rate"' in write_report(tmp_path).read_text()
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "lr"}) + "\n"
+                                                    for r in rows))
+    html = write_report(tmp_path).read_text()
+    assert 'alt="training loss"' in html and 'alt="learning rate"' not in html
