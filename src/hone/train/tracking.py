@@ -76,9 +76,10 @@ def check_backends(tracking: Tracking | None) -> list[str]:
     return list(dict.fromkeys(tracking.backends))
 
 
-def _import(name: str):
+def _import(name: str, module: str | None = None):
+    """Backend ``name``'s library (or its submodule ``module``), imported only when that backend runs."""
     try:
-        return importlib.import_module(NEEDS[name][0])
+        return importlib.import_module(module or NEEDS[name][0])
     except ImportError:
         raise _missing_error(name) from None
 
@@ -107,9 +108,7 @@ class Backend(Protocol):
 class TensorBoardBackend:
     def __init__(self, workdir: Path, tracking: Tracking, state: dict) -> None:
         _import("tensorboard")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(workdir / TENSORBOARD_DIR))
+        self.writer = _import("tensorboard", "torch.utils.tensorboard").SummaryWriter(str(workdir / TENSORBOARD_DIR))
 
     def log(self, values: dict[str, float], step: int) -> None:
         for key, value in values.items():
@@ -163,14 +162,12 @@ class MlflowBackend:
     WORKDIR/mlruns, the store that works with mlflow-skinny alone (no database)."""
 
     def __init__(self, workdir: Path, tracking: Tracking, state: dict) -> None:
-        _import("mlflow")
-        from mlflow.tracking import MlflowClient
-
+        self.metric = _import("mlflow", "mlflow.entities").Metric
         uri = tracking.mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (workdir / MLFLOW_DIR).as_uri()
         if uri.startswith("file:") or "://" not in uri:
             # MLflow 3 refuses a file store unless told that it is wanted; here it is the chosen default.
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = _import("mlflow", "mlflow.tracking").MlflowClient(tracking_uri=uri)
         mine = state.setdefault("mlflow", {})
         if mine.get("run_id") and mine.get("tracking_uri") == uri:
             self.run_id = mine["run_id"]
@@ -183,10 +180,8 @@ class MlflowBackend:
             mine.update(run_id=self.run_id, tracking_uri=uri)
 
     def log(self, values: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in values.items()])
+        self.client.log_batch(self.run_id, metrics=[self.metric(k, v, now, step) for k, v in values.items()])
 
     def log_table(self, table: dict[str, dict], step: int) -> None:
         self.log(scalars(table, "eval/"), step)
