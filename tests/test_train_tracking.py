@@ -14,7 +14,7 @@ from hone.recipe import TrainConfig
 from hone.tokens import load_tokens
 from hone.train.data import MixtureLoader, TokenStream
 from hone.train.loop import train
-from hone.train.tracking import Tracking, check_backends, finish_tracking, scalars
+from hone.train.tracking import Tracking, check_backends, finish_tracking, redact, scalars
 
 CFG = TrainConfig(seq_len=16, batch_size=4, lr=3e-3, warmup_steps=2, log_every=100, checkpoint_every=2)
 TABLE = {"domain": {"ppl_before": 12.5, "ppl_after": 10.0, "ppl_change": -0.2},
@@ -46,6 +46,11 @@ def test_scalars_are_the_metrics_numbers():
            "batch": "abc123", "world": 1, "tokens_per_s": float("nan")}
     assert scalars(row) == {"loss": 2.5, "loss_by_domain/bio": 2.0, "loss_by_domain/gen": 3.0, "lr": 1e-3,
                             "world": 1.0}
+
+
+def test_credentials_in_a_tracking_uri_are_never_shown():
+    assert redact("https://alice:s3cret@mlflow.example:5000/path") == "https://***@mlflow.example:5000/path"
+    assert redact("file:///tmp/mlruns") == "file:///tmp/mlruns"
 
 
 def wandb_records(workdir) -> list:

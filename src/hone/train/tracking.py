@@ -84,6 +84,14 @@ def _import(name: str, module: str | None = None):
         raise _missing_error(name) from None
 
 
+def redact(uri: str) -> str:
+    """``uri`` without the credentials a URL may carry (``https://user:token@host`` -> ``https://***@host``)."""
+    scheme, sep, rest = uri.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return uri
+
+
 def scalars(row: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of one ``metrics.jsonl`` line (or ``eval.json``), flat: ``{"loss": ..,
     "loss_by_domain/domain": .., ...}``; ``step``, strings, None and non-finite values left out."""
@@ -169,7 +177,7 @@ class MlflowBackend:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         self.client = _import("mlflow", "mlflow.tracking").MlflowClient(tracking_uri=uri)
         mine = state.setdefault("mlflow", {})
-        if mine.get("run_id") and mine.get("tracking_uri") == uri:
+        if mine.get("run_id") and mine.get("tracking_uri") == redact(uri):
             self.run_id = mine["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
@@ -177,7 +185,7 @@ class MlflowBackend:
             exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(tracking.project)
             self.run_id = self.client.create_run(exp_id, run_name=tracking.run_name).info.run_id
             self.client.log_dict(self.run_id, tracking.config, "recipe.json")
-            mine.update(run_id=self.run_id, tracking_uri=uri)
+            mine.update(run_id=self.run_id, tracking_uri=redact(uri))  # never a password on disk or screen
 
     def log(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
