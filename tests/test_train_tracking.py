@@ -110,7 +110,7 @@ def test_wandb_offline_gets_every_metric_then_eval_and_report(token_dirs, tmp_pa
     assert any(a.type == "report" for a in artifacts)
 
 
-def test_mlflow_file_store_gets_every_metric_once_across_a_resume(token_dirs, tmp_path):
+def test_mlflow_file_store_gets_every_metric_once_across_a_resume(token_dirs, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     workdir = tmp_path / "run"
@@ -123,6 +123,7 @@ def test_mlflow_file_store_gets_every_metric_once_across_a_resume(token_dirs, tm
     finish_tracking(tracking, workdir, TABLE, [workdir / "report.html"], lambda m: None)
 
     state = json.loads((workdir / "tracking.json").read_text())["mlflow"]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as the backend did for its own default store
     assert state["tracking_uri"] == (workdir / "mlruns").as_uri()
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     metrics = client.get_run(state["run_id"]).data.metrics
