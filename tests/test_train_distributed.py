@@ -197,3 +197,32 @@ def test_parent_holds_no_weights_while_workers_train(prepared, monkeypatch):
     table = run_recipe(load_recipe(prepared / "fsdp.toml"), wd, nproc=2, fresh_training=True, log=lambda m: None)
     assert seen == [0]
     assert table and (wd / "final" / "model.safetensors").is_file()
+
+
+def test_two_processes_track_from_rank_zero_only(prepared, monkeypatch):
+    """[log] mlflow under torchrun: one MLflow run (rank 0's) holding each step of metrics.jsonl
+    once, then the evaluation table and report.html from the end of the run."""
+    from mlflow.tracking import MlflowClient
+
+    from hone.train.tracking import scalars
+
+    recipe = prepared / "tracked.toml"
+    recipe.write_text(_recipe_text(prepared / "base") + '\n[log]\nbackends = ["mlflow"]\nproject = "dist"\n')
+    wd = _workdir(prepared, "tracked")
+    _hone("train", recipe, "--workdir", wd, "--fresh", "--nproc", 2)
+    state = json.loads((wd / "tracking.json").read_text())["mlflow"]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when told to
+    client = MlflowClient(tracking_uri=state["tracking_uri"])
+    runs = client.search_runs([client.get_experiment_by_name("dist").experiment_id])
+    assert [r.info.run_id for r in runs] == [state["run_id"]]
+    got = {}
+    for key in client.get_run(state["run_id"]).data.metrics:
+        for m in client.get_metric_history(state["run_id"], key):
+            assert (m.key, m.step) not in got, f"{m.key} step {m.step} sent twice"
+            got[(m.key, m.step)] = m.value
+    want = {(k, row["step"]): v for row in _metrics(wd) for k, v in scalars(row).items()}
+    assert {k: v for k, v in got.items() if not k[0].startswith("eval/")} == want
+    table = json.loads((wd / "eval.json").read_text())
+    assert {k: v for k, v in got.items() if k[0].startswith("eval/")} == {
+        (f"eval/{k}", STEPS): v for k, v in scalars(table).items()}
+    assert {a.path for a in client.list_artifacts(state["run_id"])} == {"eval.json", "recipe.json", "report.html"}

@@ -59,6 +59,7 @@ from hone.tokens import token_ledger, tokenize_corpus
 from hone.tokens.conventions import TokenConventions
 from hone.train.checkpoint import STATE_FILE, latest_checkpoint
 from hone.train.run import mixture_phases, plan_from_recipe, read_back, total_steps, train_recipe, trained_model
+from hone.train.tracking import check_backends, finish_tracking, tracking_for
 from hone.train.workdir import prepare_workdir
 
 Log = Callable[[str], None]
@@ -299,6 +300,7 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     workdir = Path(workdir or recipe.run.workdir)
     torch.set_num_threads(recipe.train.threads or os.cpu_count() or 1)
     t_start = time.perf_counter()
+    check_backends(tracking_for(recipe))  # a [log] backend that is not installed stops the run before any work
     prepare_workdir(recipe, workdir, fresh, log, fresh_training=fresh_training)
     if all((workdir / name).exists() for name in (FINAL_DIR, EVAL_FILE, REPORT_FILE)):
         log(f"training is already finished in {workdir}: nothing to do (--fresh to train again)")
@@ -330,6 +332,7 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     save_hf(model, tok, workdir / FINAL_DIR, tokenizer_files=data.tokenizer_files)
     log(f"saved the trained model (HF format, with the base's tokenizer files) to {workdir / FINAL_DIR}")
     report = write_report(workdir)
+    finish_tracking(tracking_for(recipe), workdir, table, [report], log)
     log_table(table, log)
     log(f"done in {time.perf_counter() - t_start:.0f}s; report: {report}")
     return table
@@ -456,6 +459,9 @@ def check_recipe(recipe: Recipe, workdir: Path) -> list[str]:
     t = recipe.train
     lines.append(f"training: {t.max_tokens:,} tokens = {total_steps(t):,} steps of {t.batch_size} x {t.seq_len} "
                  f"tokens")
+    lines.append(f"learning rate: {t.schedule} schedule" + (f" (decay over the last {t.decay_fraction:.0%})"
+                                                            if t.schedule == "wsd" else "")
+                 + f"; tracking: {', '.join(check_backends(tracking_for(recipe))) or 'metrics.jsonl only'}")
     device = t.device if t.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
     lines.append(f"training on {device}: {device_settings(t, device)[1]}; document masks "
                  + ("on (attention within each packed document)" if t.doc_mask else "off (train.doc_mask = false)"))

@@ -420,6 +420,17 @@ class TrainConfig(_Section):
     upsample_ratio: float | None = Field(None, ge=0, le=1,
                                          description="Domain ratio of the upsampling phase (default: twice the ratio, "
                                                      "at most 1).")
+    # CPT learning-rate schedules (hone.train.schedule).
+    schedule: Literal["cosine", "wsd", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warm-up: cosine decay to lr x min_lr_ratio; wsd "
+                              "(warm-up, stable, decay: constant, then 1-sqrt decay over the last decay_fraction of "
+                              "the steps); constant.")
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: fraction of all steps spent decaying at the end.")
+    warmup_from: float | Literal["base"] = Field(
+        0.0, description="Learning rate the warm-up starts from (re-warming): a number, or \"base\": the base's final "
+                         "learning rate when its training state is there (else 0).")
+    reset_optimizer: bool = Field(True, description="Start AdamW fresh; false: load the base's optimizer state when "
+                                                    "the base has one (a Hone run's final/ beside its checkpoints/).")
 
     @model_validator(mode="after")
     def _pipeline(self) -> "TrainConfig":
@@ -455,6 +466,18 @@ def device_settings(t: TrainConfig, device_type: str) -> tuple[TrainConfig, str]
         shown = ("on" if value else "off") if isinstance(value, bool) else value
         why.append(f"{name.replace('_', ' ')} {shown} ({source})")
     return t.model_copy(update=chosen), ", ".join(why)
+
+
+class LogConfig(_Section):
+    """Experiment tracking (hone.train.tracking): every scalar of metrics.jsonl, then eval.json and report.html."""
+
+    backends: list[Literal["tensorboard", "wandb", "mlflow"]] | None = Field(
+        None, description="Where to send the run (default: tensorboard when it is installed, else nowhere); a listed "
+                          "backend that is not installed stops the run before training.")
+    project: str = Field("hone", min_length=1, description="W&B project / MLflow experiment name.")
+    run_name: str | None = Field(None, description="Name of the tracked run (default: run.name).")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI (default: MLFLOW_TRACKING_URI, "
+                                                              "else a local file store WORKDIR/mlruns).")
 
 
 class MixConfig(_Section):
@@ -611,6 +634,7 @@ class Recipe(_Section):
     mix: MixConfig = Field(default_factory=MixConfig)
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     heal: HealConfig = Field(default_factory=HealConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
 
     @model_validator(mode="after")
     def _pool_needs_domain(self) -> "Recipe":

@@ -31,6 +31,7 @@ CHECKPOINTS_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "train_summary.json"      # steps, tokens, wall time of the last training run
 TENSORBOARD_DIR = "tensorboard"
+TRACKING_FILE = "tracking.json"          # the W&B / MLflow run ids of [log] backends, the last step sent
 LOGS_DIR = "logs"                        # a worker's traceback: logs/rankR.err
 EVENTS_FILE = "events.jsonl"             # failures, decisions, recoveries
 SAMPLES_FILE = "samples.jsonl"           # the sample ledger
@@ -62,7 +63,8 @@ def parts_manifest(parts_dir: Path) -> Path:
 
 # What training writes; `hone train --fresh` removes these and keeps the data stages.
 TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,
-                      REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE)
+                      REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE,
+                      TRACKING_FILE)
 
 
 def source_train_dir(workdir: Path, source: str) -> Path:

@@ -118,6 +118,9 @@ def build_context(workdir: Path) -> dict:
     metrics = read_jsonl(workdir / "metrics.jsonl")
     if metrics:
         ctx["figures"]["loss"] = plots.loss_curves(metrics)
+        if any(m.get("lr") is not None for m in metrics):
+            schedule = ctx.get("recipe", {}).get("train", {}).get("schedule", "cosine")
+            ctx["figures"]["lr"] = plots.learning_rate(metrics, schedule)
         ctx["train"] = metrics[-1]
     if (workdir / "eval.json").exists():
         table = read_json(workdir / "eval.json")

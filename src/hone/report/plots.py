@@ -84,6 +84,19 @@ def loss_curves(metrics: list[dict]) -> str:
     return _png(fig)
 
 
+def learning_rate(metrics: list[dict], schedule: str = "") -> str:
+    """The learning rate of every logged step (metrics.jsonl's ``lr``)."""
+    fig, ax = plt.subplots(figsize=(7, 2.4))
+    pts = [(m["step"], m["lr"]) for m in metrics if m.get("lr") is not None]
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#DD8452", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_ylim(bottom=0)
+    ax.set_title("Learning rate" + (f" ({schedule} schedule)" if schedule else ""))
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
 def perplexity(table: dict[str, dict]) -> str:
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     names = list(table)

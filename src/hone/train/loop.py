@@ -1,5 +1,6 @@
-"""The training loop: AdamW, warm-up + cosine schedule, per-domain loss, metrics.jsonl, a
-dense progress line, and resumable DCP checkpoints.
+"""The training loop: AdamW, the learning-rate schedule (hone.train.schedule), per-domain loss,
+metrics.jsonl and its tracking backends (hone.train.tracking), a dense progress line, and
+resumable DCP checkpoints.
 
 One code path for 1 process and for N under torchrun: every rank builds the same global
 batch from the deterministic mixture loader and keeps its data-parallel slice of rows, so
@@ -52,18 +53,10 @@ from hone.train.hooks import (
 )
 from hone.train.parallelize import DistContext
 from hone.train.preempt import Preempted, received, stop_requested
+from hone.train.schedule import BaseState, lr_at, use_base_optimizer, warmup_start
+from hone.train.tracking import Tracking, open_tracking
 
 __all__ = ["train", "lr_at", "latest_checkpoint"]
-
-
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up to ``cfg.lr`` then cosine decay to ``cfg.lr * cfg.min_lr_ratio``."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
-    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _fmt_time(seconds: float) -> str:
@@ -174,14 +167,6 @@ def clip_grad_norm(params: list[torch.Tensor], max_norm: float, pp_group=None,
     return total
 
 
-def _tensorboard(workdir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
-        return None
-    return SummaryWriter(str(workdir / "tensorboard"))
-
-
 def _batch_digest(inputs: torch.Tensor) -> str:
     return hashlib.sha1(inputs.numpy().tobytes()).hexdigest()[:12]
 
@@ -255,8 +240,10 @@ def doc_masks(model: torch.nn.Module, cfg: TrainConfig, loader: MixtureLoader) -
 
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
           total_steps: int, resume: bool = False, max_steps: int | None = None,
-          ctx: DistContext | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train ``model`` (already parallelized for ``ctx``) for ``total_steps`` or until ``max_steps``."""
+          ctx: DistContext | None = None, log: Callable[[str], None] = print,
+          base: BaseState | None = None, tracking: Tracking | None = None) -> dict:
+    """Train ``model`` (already parallelized for ``ctx``) for ``total_steps`` or until ``max_steps``;
+    ``base``: the base's training state (re-warm-up, optimizer); ``tracking``: the run's [log] backends."""
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     cfg, settings = device_settings(cfg, ctx.device.type)
     if ctx.device.type == "cuda":
@@ -269,6 +256,9 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     say = log if ctx.is_main else (lambda m: None)
     optimizer = make_optimizer(model, cfg)
     start = resume_from_newest(ckpt_root, model, optimizer, loader, say) if resume else 0
+    warm_lr, warm_why = warmup_start(cfg, base)
+    if start == 0:  # the base's optimizer state only before the run's own first checkpoint
+        say(f"train: {cfg.schedule} schedule, {warm_why}; {use_base_optimizer(cfg, base, model, optimizer)}")
     skips, first_batch = load_skips(workdir), loader.step
     ledger = SampleLedger(workdir, ctx.is_main)
     ledger.start(loader.step, start, fresh=not resume)
@@ -312,7 +302,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
-    board = _tensorboard(workdir) if ctx.is_main else None
+    board = open_tracking(tracking, workdir, say) if ctx.is_main else None
     schedule = CheckpointSchedule(cfg, total_steps=total_steps, start=start, world=ctx.world_size, n_params=n_params,
                                   broadcast=_broadcaster(ctx), say=say, workdir=workdir if ctx.is_main else None)
     t0, last = time.perf_counter(), {}
@@ -321,7 +311,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     step = start
     while step < stop:
         t_begin = time.perf_counter()
-        lr = lr_at(step, total_steps, cfg)
+        lr = lr_at(step, total_steps, cfg, warm_lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
         while loader.step in skips:  # a window that gave a non-finite loss: consumed, never trained on
@@ -404,10 +394,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         if ctx.is_main:
             append_jsonl(metrics_path, last)
             if board is not None:
-                for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gib") + (("mfu",) if mfu else ()):
-                    board.add_scalar(f"train/{key}", last[key], step + 1)
-                for name, v in by_domain.items():
-                    board.add_scalar(f"loss/{name}", v, step + 1)
+                board.log_step(last)
         if (step + 1) % cfg.log_every == 0 or step + 1 == stop:
             eta = (stop - step - 1) * elapsed / done
             dom = " ".join(f"{k[:3]} {v:.3f}" for k, v in sorted(by_domain.items()))

@@ -30,6 +30,8 @@ from hone.train.loop import train
 from hone.train.mixture import load_mixture
 from hone.train.parallelize import DistContext, ParallelPlan, parallelize
 from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, forwarding
+from hone.train.schedule import base_state
+from hone.train.tracking import tracking_for
 
 Log = Callable[[str], None]
 
@@ -107,7 +109,7 @@ def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None
     try:
         with catching():  # a preemption signal stops training after a step and a checkpoint
             summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps,
-                            log=log)
+                            log=log, base=base_state(recipe), tracking=tracking_for(recipe))
         write_json(workdir / SUMMARY_FILE, {**summary, "world_size": 1, "plan": plan.__dict__})
         return summary
     finally:

@@ -42,8 +42,9 @@ LAYOUT_FIELDS = {"data_parallel", "tp", "pp", "pp_schedule", "vpp", "sequence_pa
 
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of everything but the train section (and [mix] / [experts], read only by `hone mix` /
-    `hone branch`, so adding an expert keeps the run): a change redoes the data stages."""
-    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts", "heal"}))
+    `hone branch`, so adding an expert keeps the run; [heal] and [log], which change no result): a
+    change redoes the data stages."""
+    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts", "heal", "log"}))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -53,7 +54,8 @@ def train_hash(recipe: Recipe) -> str:
     # Mixture fields at their defaults keep the hash runs had before they existed; a
     # mixture file counts by the schedule it holds, not by its path.
     for key, default in (("mixture", None), ("upsample_fraction", 0.0), ("upsample_ratio", None),
-                         ("nan_skip_batches", 1)):
+                         ("nan_skip_batches", 1), ("schedule", "cosine"), ("decay_fraction", 0.2),
+                         ("warmup_from", 0.0), ("reset_optimizer", True)):
         if data.get(key) == default:
             data.pop(key, None)
     if recipe.train.mixture:
@@ -128,7 +130,7 @@ def changed_fields(old: dict, recipe: Recipe, data: bool) -> str:
     sections with ``data``, else the train fields that change the result."""
     new = json.loads(recipe.model_dump_json())
     if data:
-        keep = lambda key: key.split(".")[0] not in ("train", "mix", "experts", "heal")  # noqa: E731
+        keep = lambda key: key.split(".")[0] not in ("train", "mix", "experts", "heal", "log")  # noqa: E731
     else:
         keep = lambda key: key.startswith("train.") and key.split(".")[1] not in LAYOUT_FIELDS  # noqa: E731
     if "recipe" not in old:

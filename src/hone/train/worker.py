@@ -35,6 +35,8 @@ from hone.train.loop import train
 from hone.train.parallelize import init_distributed, parallelize
 from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, children, forwarding, quick_exit
 from hone.train.run import build_loader, plan_from_recipe, total_steps
+from hone.train.schedule import base_state
+from hone.train.tracking import tracking_for
 
 
 def recipe_for(recipe_path: Path | None, workdir: Path | None) -> tuple[Recipe, Path]:
@@ -66,7 +68,8 @@ def run_worker(recipe: Recipe, workdir: Path, max_steps: int | None) -> dict:
         loader = build_loader(recipe, workdir)
         torch.manual_seed(recipe.run.seed)
         summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True,
-                        max_steps=max_steps, ctx=ctx, log=lambda m: log(m) or sys.stdout.flush())
+                        max_steps=max_steps, ctx=ctx, log=lambda m: log(m) or sys.stdout.flush(),
+                        base=base_state(recipe), tracking=tracking_for(recipe))
         if ctx.is_main:
             write_json(workdir / SUMMARY_FILE, {**summary, "world_size": world, "plan": plan.__dict__})
         return summary
