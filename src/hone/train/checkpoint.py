@@ -55,6 +55,16 @@ def _options(path: Path | None = None, model=None) -> StateDictOptions:
     return StateDictOptions(flatten_optimizer_state_dict=not legacy, ignore_frozen_params=frozen, strict=not frozen)
 
 
+def _trained_only(model, model_sd: dict) -> dict:
+    """``model_sd`` without the frozen parameters: DCP's ``ignore_frozen_params`` misses a frozen
+    tensor's second name (a tied LM head), which would put the whole embedding in every checkpoint."""
+    if not has_frozen(model):
+        return model_sd
+    frozen = {n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}
+
+
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoader, ctx: DistContext) -> Path:
     target = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".step_{step:06d}.tmp"
@@ -63,7 +73,7 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: Mixtur
         tmp.mkdir(parents=True)
     ctx.barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model=model))
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    dcp.save({"model": _trained_only(model, model_sd), "optim": optim_sd}, checkpoint_id=str(tmp))
     maybe_fail("ckpt", step, ctx.rank, Path(ckpt_root).parent / "heal")  # fires once per run
     if ctx.is_main:
         write_json(tmp / STATE_FILE, {"step": step, "world_size": ctx.world_size,
@@ -117,7 +127,7 @@ def load_checkpoint(path: Path, model, optimizer, loader: MixtureLoader) -> int:
     model.zero_grad(set_to_none=True)
     options = _options(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": _trained_only(model, model_sd), "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = read_json(path / STATE_FILE)
@@ -151,7 +161,7 @@ def load_model_weights(path: Path, model) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     options = _options(model=model)  # without an optimizer: only the model's flags matter
-    state = {"model": get_model_state_dict(model, options=options)}
+    state = {"model": _trained_only(model, get_model_state_dict(model, options=options))}
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(model, state["model"], options=options)
     return read_json(path / STATE_FILE)
