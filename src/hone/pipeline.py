@@ -31,6 +31,7 @@ from hone.model.gguf import smollm2_gguf_path
 from hone.model.hf import save_hf
 from hone.model.hf_backend import choose_backend
 from hone.model.load import base_conventions, base_tokenizer, base_tokenizer_files, load_base_model
+from hone.model.lora import merge_lora, save_adapter
 from hone.model.tokenizer_files import with_pad_token
 from hone.recipe import Recipe, device_settings, domain_ratio, training_streams
 from hone.report import write_report
@@ -41,6 +42,7 @@ from hone.rundir import (
     EVAL_AFTER_FILE,
     EVAL_BEFORE_FILE,
     EVAL_FILE,
+    FINAL_ADAPTER_DIR,
     FINAL_DIR,
     HELDOUT_DIR,
     POOL_DIR,
@@ -329,6 +331,8 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "after", log)
     table = compare(before, after)
     write_json(workdir / EVAL_FILE, table)
+    if recipe.train.lora is not None:
+        model = export_adapter(recipe, model, workdir, log)  # the adapter, then the merged model for final/
     save_hf(model, tok, workdir / FINAL_DIR, tokenizer_files=data.tokenizer_files)
     log(f"saved the trained model (HF format, with the base's tokenizer files) to {workdir / FINAL_DIR}")
     report = write_report(workdir)
@@ -336,6 +340,15 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     log_table(table, log)
     log(f"done in {time.perf_counter() - t_start:.0f}s; report: {report}")
     return table
+
+
+def export_adapter(recipe: Recipe, model, workdir: Path, log: Log):
+    """Under train.lora: final-adapter/ in PEFT's format, then the adapters folded into the weights
+    (the model final/ holds, which transformers loads with no adapter code)."""
+    base = str(workdir / BASE_DIR) if (workdir / BASE_DIR).exists() else recipe.model.path
+    save_adapter(model, recipe.train.lora, workdir / FINAL_ADAPTER_DIR, base_path=base)
+    log(f"saved the LoRA adapter (PEFT format) to {workdir / FINAL_ADAPTER_DIR}; final/ is the merged model")
+    return merge_lora(model)
 
 
 def needs_base_weights(recipe: Recipe, workdir: Path) -> bool:

@@ -355,6 +355,24 @@ class ModelConfig(_Section):
         return self
 
 
+class LoraConfig(_Section):
+    """LoRA continual pretraining: low-rank adapters on the blocks' linear layers, the base frozen."""
+
+    r: int = Field(16, ge=1, description="Rank of each adapter (A: r x in, B: out x r).")
+    alpha: float = Field(32.0, gt=0, description="Adapter scale numerator: the update is alpha / r x B A "
+                                                 "(alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on each adapter's input (0: off).")
+    targets: list[str] = Field(default_factory=list,
+                               description="Linear layers to adapt, by name or dotted suffix as PEFT matches them "
+                                           "(e.g. [\"q_proj\", \"v_proj\"]; empty: every linear layer of the blocks).")
+    rslora: bool = Field(False, description="Rank-stabilized scale alpha / sqrt(r) instead of alpha / r.")
+    train_embeddings: bool = Field(False, description="Train the input embedding matrix too (every row).")
+    train_lm_head: bool = Field(False, description="Train the LM head too (every row; with tied embeddings it is the "
+                                                   "embedding matrix).")
+    embedding_lr_ratio: float = Field(0.1, gt=0, description="Learning rate of the trained embeddings / LM head as a "
+                                                             "fraction of train.lr (unsloth: 0.1).")
+
+
 class TrainConfig(_Section):
     seq_len: int = Field(256, ge=8, description="Tokens per training sequence (documents packed with EOS).")
     batch_size: int = Field(4, ge=1, description="Sequences per optimizer step (global, over all data-parallel ranks).")
@@ -431,12 +449,18 @@ class TrainConfig(_Section):
                          "learning rate when its training state is there (else 0).")
     reset_optimizer: bool = Field(True, description="Start AdamW fresh; false: load the base's optimizer state when "
                                                     "the base has one (a Hone run's final/ beside its checkpoints/).")
+    lora: LoraConfig | None = Field(None, description="[train.lora]: train LoRA adapters (and optionally the "
+                                                      "embeddings / head) instead of every parameter.")
 
     @model_validator(mode="after")
     def _pipeline(self) -> "TrainConfig":
         if self.vpp > 1 and self.pp_schedule != "interleaved":
             raise ValueError(f"train.vpp = {self.vpp} needs train.pp_schedule = \"interleaved\" "
                              f"(got \"{self.pp_schedule}\")")
+        if self.lora is not None and (self.tp > 1 or self.pp > 1):
+            which, value = ("train.tp", self.tp) if self.tp > 1 else ("train.pp", self.pp)
+            raise ValueError(f"{which} = {value} is not supported with [train.lora] (LoRA trains with FSDP2 or DDP "
+                             "over every process); set it to 1")
         return self
 
     @field_validator("checkpoint_every", mode="before")

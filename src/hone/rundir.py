@@ -45,6 +45,7 @@ EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_AFTER_FILE = "eval_after.json"
 EVAL_FILE = "eval.json"
 FINAL_DIR = "final"                      # the trained model, HF format
+FINAL_ADAPTER_DIR = "final-adapter"      # under train.lora: the adapter in PEFT's format (final/ is merged)
 REPORT_FILE = "report.html"
 
 # Every directory of Parquet parts Hone writes holds only part-*.parquet at its top; its manifest,
@@ -64,7 +65,7 @@ def parts_manifest(parts_dir: Path) -> Path:
 # What training writes; `hone train --fresh` removes these and keeps the data stages.
 TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,
                       REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE,
-                      TRACKING_FILE)
+                      TRACKING_FILE, FINAL_ADAPTER_DIR)
 
 
 def source_train_dir(workdir: Path, source: str) -> Path:

@@ -31,6 +31,7 @@ from hone.experts.data import build_expert_data, interleave, read_done, training
 from hone.experts.merge import average
 from hone.model.hf import load_hf, save_hf
 from hone.model.load import load_base_model
+from hone.model.lora import merge_lora
 from hone.plan.commands import expert_commands
 from hone.recipe import ExpertDomain, Recipe
 from hone.rundir import EXPERTS_DIR, ensure_dir, read_json, write_json, write_text
@@ -81,7 +82,7 @@ def _train_run(erecipe: Recipe, edir: Path, resume: bool, max_steps: int | None,
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']}; run again with --resume")
         return None
-    save_hf(model.to("cpu"), tok, edir / "final")
+    save_hf(merge_lora(model).to("cpu"), tok, edir / "final")  # an expert trained with train.lora: merged
     t = erecipe.train
     metrics = [json.loads(x) for x in (edir / "metrics.jsonl").read_text().splitlines() if x.strip()] \
         if (edir / "metrics.jsonl").exists() else []

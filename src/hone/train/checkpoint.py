@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from hone.errors import HoneError
+from hone.model.lora import has_frozen
 from hone.rundir import read_json, write_json
 from hone.train.data import MixtureLoader
 from hone.train.faults import maybe_fail
@@ -41,15 +42,27 @@ def _set_rng_state(blob: str) -> None:
     torch.set_rng_state(torch.frombuffer(bytearray(base64.b64decode(blob)), dtype=torch.uint8))
 
 
-def _options(path: Path | None = None) -> StateDictOptions:
+def _options(path: Path | None = None, model=None) -> StateDictOptions:
     """Optimizer state keyed by each parameter's name ("flattened"): a checkpoint then loads into
     another pipeline split, whose ranks hold other parameters and other param_groups lists.
     A checkpoint written before keys its groups by index (``optim.param_groups.0.params``) and is
-    read back in that form."""
+    read back in that form. A model with frozen parameters (LoRA) saves and loads only the ones
+    that train: the frozen ones are the base's, read from the base again."""
     legacy = path is not None and any(
         k.startswith("optim.param_groups.") and k.endswith(".params")
         for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata)
-    return StateDictOptions(flatten_optimizer_state_dict=not legacy)
+    frozen = model is not None and has_frozen(model)
+    return StateDictOptions(flatten_optimizer_state_dict=not legacy, ignore_frozen_params=frozen, strict=not frozen)
+
+
+def _trained_only(model, model_sd: dict) -> dict:
+    """``model_sd`` without the frozen parameters: DCP's ``ignore_frozen_params`` misses a frozen
+    tensor's second name (a tied LM head), which would put the whole embedding in every checkpoint."""
+    if not has_frozen(model):
+        return model_sd
+    frozen = {n.removeprefix("module.") for n, p in model.named_parameters(remove_duplicate=False)
+              if not p.requires_grad}
+    return {k: v for k, v in model_sd.items() if k not in frozen}
 
 
 def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoader, ctx: DistContext) -> Path:
@@ -59,8 +72,8 @@ def save_checkpoint(ckpt_root: Path, step: int, model, optimizer, loader: Mixtur
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ctx.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(model=model))
+    dcp.save({"model": _trained_only(model, model_sd), "optim": optim_sd}, checkpoint_id=str(tmp))
     maybe_fail("ckpt", step, ctx.rank, Path(ckpt_root).parent / "heal")  # fires once per run
     if ctx.is_main:
         write_json(tmp / STATE_FILE, {"step": step, "world_size": ctx.world_size,
@@ -112,9 +125,9 @@ def load_checkpoint(path: Path, model, optimizer, loader: MixtureLoader) -> int:
     # model resumed in the same process after training (a mixture sweep's next budget) still
     # holds its last gradients, and its Adam moments would silently start from zero.
     model.zero_grad(set_to_none=True)
-    options = _options(path)
+    options = _options(path, model)
     model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = {"model": _trained_only(model, model_sd), "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     trainer = read_json(path / STATE_FILE)
@@ -147,7 +160,8 @@ def load_model_weights(path: Path, model) -> dict:
     evaluate and export, in one process, what torchrun workers trained); returns its state."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
-    state = {"model": get_model_state_dict(model)}
+    options = _options(model=model)  # without an optimizer: only the model's flags matter
+    state = {"model": _trained_only(model, get_model_state_dict(model, options=options))}
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(model, state["model"])
+    set_model_state_dict(model, state["model"], options=options)
     return read_json(path / STATE_FILE)

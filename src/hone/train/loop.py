@@ -73,15 +73,27 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (decay if p.dim() >= 2 else no_decay).append(p)
+    """AdamW over the parameters that train (all, or LoRA's): weight decay on matrices only; a
+    parameter the model scales (``model.lr_scales``: LoRA's embeddings / head) gets its own group
+    whose ``lr_scale`` the loop multiplies the schedule's learning rate by."""
+    inner = getattr(model, "module", model)  # DDP keeps the model's names under .module
+    scales = getattr(inner, "lr_scales", {})
+    decay, no_decay, scaled = [], [], {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name in scales:
+            scaled.setdefault(scales[name], []).append(p)
+        else:
+            (decay if p.dim() >= 2 else no_decay).append(p)
     # Fused (one kernel for all parameters) on CUDA; DTensor parameters take the default path.
-    on_cuda = all(p.is_cuda for p in decay + no_decay)
-    plain = not any(hasattr(p, "full_tensor") for p in decay + no_decay)
-    return torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=tuple(cfg.betas), fused=True if on_cuda and plain else None)
+    every = decay + no_decay + [p for ps in scaled.values() for p in ps]
+    on_cuda = all(p.is_cuda for p in every)
+    plain = not any(hasattr(p, "full_tensor") for p in every)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [{"params": ps, "weight_decay": cfg.weight_decay, "lr_scale": s} for s, ps in scaled.items()]
+    return torch.optim.AdamW([g for g in groups if g["params"]],
+                             lr=cfg.lr, betas=tuple(cfg.betas), fused=True if on_cuda and plain else None)
 
 
 def model_shape(model: torch.nn.Module) -> ModelShape | None:
@@ -313,7 +325,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         t_begin = time.perf_counter()
         lr = lr_at(step, total_steps, cfg, warm_lr)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         while loader.step in skips:  # a window that gave a non-finite loss: consumed, never trained on
             skipped_batch = loader.step
             loader.next_batch()

@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 
 from hone.errors import HoneError
-from hone.model.load import base_meta_model, pick_device
-from hone.model.weights import materialize
+from hone.model.load import base_meta_model, base_weights, pick_device
+from hone.model.lora import apply_lora, init_lora, lora_modules, with_lora_init
+from hone.model.weights import load_weights, materialize
 from hone.recipe import Recipe, TrainConfig, device_settings, domain_ratio, training_streams
 from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, read_json, stream_tokens_dir, write_json
 from hone.tokens import load_tokens
@@ -103,6 +104,7 @@ def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None
     both keep the parameter names, so evaluation and the HF export use the same object."""
     t = recipe.train  # the loop resolves the device defaults again, to say which it chose and why
     loader = build_loader(recipe, workdir)
+    add_lora(recipe, model, log)
     plan = plan_from_recipe(device_settings(t, next(model.parameters()).device.type)[0], 1)
     parallelize(model, plan, DistContext(device=next(model.parameters()).device))
     torch.manual_seed(recipe.run.seed)
@@ -126,6 +128,8 @@ def _newest(workdir: Path, log: Log) -> Path:
 def read_back(recipe: Recipe, workdir: Path, model, log: Log) -> dict:
     """The newest checkpoint's weights into ``model`` (None: only its step), after workers trained."""
     newest = _newest(workdir, log)
+    if model is not None:
+        add_lora(recipe, model, log)
     state = load_model_weights(newest, model) if model is not None else read_json(newest / STATE_FILE)
     return {"steps": int(state["step"]), "total_steps": total_steps(recipe.train)}
 
@@ -133,9 +137,21 @@ def read_back(recipe: Recipe, workdir: Path, model, log: Log) -> dict:
 def trained_model(recipe: Recipe, workdir: Path, tokenizer, log: Log) -> torch.nn.Module:
     """The model the workers trained: built on the meta device, materialized on ``train.device``,
     the newest checkpoint's weights loaded into it."""
-    model = materialize(base_meta_model(recipe, tokenizer), pick_device(recipe.train.device))
+    model = base_meta_model(recipe, tokenizer)
+    if recipe.train.lora is not None:  # checkpoints hold only the adapters (and embeddings): the rest is the base's
+        apply_lora(model, recipe.train.lora)
+    materialize(model, pick_device(recipe.train.device))
+    if recipe.train.lora is not None:
+        load_weights(model, with_lora_init(model, base_weights(recipe, workdir, tokenizer), recipe.run.seed))
     load_model_weights(_newest(workdir, log), model)
     return model
+
+
+def add_lora(recipe: Recipe, model, log: Log) -> None:
+    """Put the recipe's adapters (initialized) on a model holding the base's weights, once."""
+    if recipe.train.lora is not None and not lora_modules(model):
+        log(apply_lora(model, recipe.train.lora))
+        init_lora(model, recipe.run.seed)
 
 
 def train_recipe(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:

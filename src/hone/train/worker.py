@@ -26,6 +26,7 @@ from torch.distributed.run import get_args_parser, run
 
 from hone.errors import HoneError
 from hone.model.load import base_meta_model, base_tokenizer, base_weights, pick_device
+from hone.model.lora import apply_lora, with_lora_init
 from hone.model.weights import load_weights
 from hone.recipe import Recipe, TrainConfig, device_settings, load_recipe
 from hone.rundir import CHECKPOINTS_DIR, LOGS_DIR, RECIPE_STAMP, SUMMARY_FILE, read_json, write_json
@@ -84,12 +85,19 @@ def build_sharded(recipe: Recipe, workdir: Path, plan, ctx) -> torch.nn.Module:
     there, training resumes from it and the base weights are not read at all."""
     model = base_meta_model(recipe, base_tokenizer(recipe, workdir) if recipe.model.source == "random" else None)
     validate_plan(plan, model, recipe.train, ctx.world_size)
-    resuming = bool(checkpoints_newest_first(workdir / CHECKPOINTS_DIR))  # its weights replace the base's
+    lora = recipe.train.lora
+    if lora is not None:  # adapters on the meta device, before FSDP2 shards them with the rest
+        line = apply_lora(model, lora)
+        if ctx.is_main:
+            print(line)
+    # A checkpoint's weights replace the base's; under LoRA it holds only what trains.
+    resuming = bool(checkpoints_newest_first(workdir / CHECKPOINTS_DIR)) and lora is None
     whole = set(model.state_dict())  # a pipeline stage keeps some of these names
 
     def load(materialized: torch.nn.Module) -> None:
         if not resuming:
-            load_weights(materialized, base_weights(recipe, workdir), whole)
+            load_weights(materialized, with_lora_init(materialized, base_weights(recipe, workdir), recipe.run.seed),
+                         whole)
 
     return parallelize(model, plan, ctx, load=load)
 
