@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from conftest import run_hone, tiny_llama
+from hone.cli.eval import load_scored_model
 from hone.corpus.tasks import CHOICES, MASK, PACKAGED_TASKS, build_packaged_tasks, write_task
 from hone.errors import HoneError
 from hone.evaluate_tasks import check_task_file, compare_tasks, run_tasks
 from hone.tokens import train_bpe
 from hone.tokens.conventions import TokenConventions
+from model_dirs import write_model_dir
 
 pytest.importorskip("lm_eval")
 
@@ -143,10 +145,6 @@ def test_a_file_that_is_not_an_lm_eval_task_is_one_line_naming_it(tmp_path, mode
 
 
 def test_hone_eval_tasks_on_a_model_directory(tmp_path, capsys):
-    from model_dirs import write_model_dir
-
-    from hone.cli.eval import load_scored_model
-
     path = write_model_dir(tmp_path / "llama", "llama3")
     yaml = write_task(tmp_path / "tasks", "tiny_mc", ITEMS, PROMPT, "a tiny test task")
     out = tmp_path / "eval.json"

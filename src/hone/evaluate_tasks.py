@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from hone.errors import HoneError
+from hone.model.llama import Llama
 from hone.tokens.conventions import TokenConventions
 
 Log = Callable[[str], None]
@@ -42,6 +43,7 @@ def _lm_eval():
     try:
         import lm_eval
         import lm_eval.api.model  # noqa: F401  (LM, subclassed below)
+        import lm_eval.evaluator  # noqa: F401
     except ImportError as e:
         raise HoneError(f"eval.tasks needs lm-evaluation-harness ({e.name} is not installed): {FIX_EXTRA}") from None
     return lm_eval
@@ -59,8 +61,14 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return whole[:len(ctx)], whole[len(ctx):]
 
 
-def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return model(ids).float()
+def _span_logprobs(model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """Log-probabilities ``[b - a, V]`` of each row's positions ``a:b``. Hone's Llama applies its
+    head to those positions only (the whole ``[B, T, V]`` logits tensor is never built)."""
+    if isinstance(model, Llama):
+        hidden = model.model(ids)
+        return [F.log_softmax(model.lm_head(hidden[r, a:b]).float(), -1) for r, (a, b) in enumerate(spans)]
+    logits = model(ids)
+    return [F.log_softmax(logits[r, a:b].float(), -1) for r, (a, b) in enumerate(spans)]
 
 
 @torch.no_grad()
@@ -82,11 +90,11 @@ def continuation_scores(model: torch.nn.Module, pairs: list[tuple[list[int], lis
             batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             for row, i in enumerate(chunk):
                 batch[row, :len(seqs[i]) - 1] = torch.tensor(seqs[i][:-1])
-            logprobs = F.log_softmax(_logits(model, batch.to(device)), dim=-1).cpu()
-            for row, i in enumerate(chunk):
-                n, end = len(pairs[i][1]), len(seqs[i]) - 1
-                lp = logprobs[row, end - n:end]
-                target = torch.tensor(seqs[i][-n:])
+            # a continuation longer than the window is scored on what fits
+            n = {i: min(len(pairs[i][1]), len(seqs[i]) - 1) for i in chunk}
+            spans = [(len(seqs[i]) - 1 - n[i], len(seqs[i]) - 1) for i in chunk]
+            for i, lp in zip(chunk, _span_logprobs(model, batch.to(device), spans)):
+                lp, target = lp.cpu(), torch.tensor(seqs[i][-n[i]:])
                 out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
     finally:
         model.train(was_training)
@@ -156,9 +164,9 @@ def task_manager(names: list[str], dirs: list[Path]):
     from lm_eval.tasks import TaskManager
 
     paths = [str(d) for d in dirs if d.is_dir()]
-    tm = TaskManager(verbosity="ERROR", include_path=paths or None, include_defaults=False)
+    tm = TaskManager(include_path=paths or None, include_defaults=False)
     if not set(names) <= set(tm.all_tasks):
-        tm = TaskManager(verbosity="ERROR", include_path=paths or None, include_defaults=True)
+        tm = TaskManager(include_path=paths or None, include_defaults=True)
     missing = [n for n in names if n not in tm.all_tasks]
     if missing:
         where = f" in {', '.join(paths)}" if paths else ""
@@ -168,16 +176,21 @@ def task_manager(names: list[str], dirs: list[Path]):
 
 
 def _load_tasks(names: list[str], tm) -> dict:
-    from lm_eval.tasks import get_task_dict
-
+    """lm-eval's loaded tasks (a group's leaf tasks), their data read, zero-shot unless a task
+    file says otherwise; a one-line error when lm-eval cannot load one."""
     try:
-        return get_task_dict(names, tm)
+        loaded = tm.load(names)
     except HoneError:
         raise
     except Exception as e:  # a config lm-eval cannot build, a data file it cannot read
         first = str(e).splitlines()[0] if str(e) else ""
         raise HoneError(f"eval.tasks {', '.join(names)}: lm-eval could not load it: {type(e).__name__}: {first}"
                         ) from None
+    for task in loaded["tasks"].values():
+        if task.get_config("num_fewshot") is None:
+            task.set_config(key="num_fewshot", value=0)
+        task.set_fewshot_seed(seed=1234)
+    return loaded
 
 
 def _row(metrics: dict, n: int, source: str | None) -> dict:
@@ -196,11 +209,12 @@ def run_tasks(model: torch.nn.Module, tok: Tokenizer, conventions: TokenConventi
     lm_eval = _lm_eval()
     names, dirs = resolve_tasks(tasks, include)
     tm = task_manager(names, dirs)
-    task_dict = _load_tasks(names, tm)
+    loaded = _load_tasks(names, tm)
     t0 = time.perf_counter()
-    out = lm_eval.simple_evaluate(model=hone_lm(model, tok, conventions, max_len=max_len, batch_size=batch_size),
-                                  tasks=list(task_dict.values()), task_manager=tm, num_fewshot=0, limit=limit,
-                                  log_samples=False, verbosity="ERROR", random_seed=0)
+    # evaluate(), not simple_evaluate(): the latter also collects pip's and torch's environment
+    # report for its log (seconds of subprocesses on every call).
+    out = lm_eval.evaluator.evaluate(hone_lm(model, tok, conventions, max_len=max_len, batch_size=batch_size),
+                                     loaded, limit=limit, log_samples=False, verbosity="ERROR")
     results = {}
     for name, metrics in out["results"].items():
         if not any(f"{m},none" in metrics for m in METRICS):
