@@ -158,3 +158,24 @@ def test_hone_eval_tasks_on_a_model_directory(tmp_path, capsys):
     assert row["acc_change"] == 0 and row["n"] == len(ITEMS)  # the same model on both sides
     code, _, err = run_hone(capsys, "eval", path, "--tasks", tmp_path / "eval_tasks.json")
     assert code != 0 and len(err.strip().splitlines()) == 1 and "eval_tasks.json" in err
+
+
+def test_the_report_shows_task_accuracy_beside_perplexity(tmp_path):
+    from hone.report import write_report
+    from hone.rundir import write_json
+
+    write_json(tmp_path / "eval.json", {"domain": {"ppl_before": 40.0, "ppl_after": 20.0, "bpb_before": 1.2,
+                                                   "bpb_after": 1.0, "ppl_change": -0.5, "tokens": 100, "docs": 3}})
+    before = {"hone_go_term": {"acc": 0.30, "acc_stderr": 0.03, "acc_norm": 0.32, "acc_norm_stderr": 0.03, "n": 150},
+              "hone_wiki_title": {"acc": 0.80, "acc_stderr": 0.05, "n": 60}}
+    after = {"hone_go_term": {"acc": 0.50, "acc_stderr": 0.04, "acc_norm": 0.52, "acc_norm_stderr": 0.04, "n": 150},
+             "hone_wiki_title": {"acc": 0.78, "acc_stderr": 0.05, "n": 60}}
+    write_json(tmp_path / "eval_tasks.json", compare_tasks(before, after))
+    html = write_report(tmp_path).read_text()
+    assert html.index('id="eval-table"') < html.index('id="tasks-table"')
+    table = html[html.index('id="tasks-table"'):]
+    table = table[:table.index("</table>")]
+    # the gain of 0.20 is 4 standard errors of the difference (0.05): coloured; the drop of 0.02 is noise
+    assert '<td class="good">+0.200 ± 0.050</td>' in table
+    assert '<td class="">-0.020 ± 0.071</td>' in table
+    assert "0.300 ± 0.030" in table and "0.520" in table
