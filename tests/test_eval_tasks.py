@@ -179,3 +179,9 @@ def test_the_report_shows_task_accuracy_beside_perplexity(tmp_path):
     assert '<td class="good">+0.200 ± 0.050</td>' in table
     assert '<td class="">-0.020 ± 0.071</td>' in table
     assert "0.300 ± 0.030" in table and "0.520" in table
+
+
+def test_without_lm_eval_the_error_names_the_extra(monkeypatch, model, tok):
+    monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(HoneError, match=r"lm-evaluation-harness .*pip install 'hone\[eval\]'"):
+        run_tasks(model, tok, conventions(tok), ["anything"], log=lambda s: None)

@@ -24,7 +24,7 @@ from hone.corpus.sources import build_demo_pool
 from hone.corpus.tasks import PACKAGED_TASKS, build_packaged_tasks
 from hone.errors import HoneError
 from hone.evaluate import compare, evaluate_sets, read_texts
-from hone.evaluate_tasks import compare_tasks, run_tasks
+from hone.evaluate_tasks import compare_tasks, resolve_tasks, run_tasks
 from hone.experts.branch import check_branch, run_branch
 from hone.heal.supervisor import supervise as supervise_run
 from hone.mix import sweep as mix_sweep
@@ -521,6 +521,9 @@ def check_recipe(recipe: Recipe, workdir: Path) -> list[str]:
         raise HoneError("no evaluation sets: give a data source a heldout share, use data.packaged, or give eval.sets")
     cap = recipe.eval.max_tokens_per_set
     lines.append(f"evaluation sets: {', '.join(sets)} ({'whole' if cap is None else f'at most {cap:,} tokens each'})")
+    if recipe.eval.tasks:
+        resolve_tasks(recipe.eval.tasks)  # a task file that is missing or not an lm-eval task: one line here
+        lines.append(f"tasks (lm-evaluation-harness, before and after): {', '.join(recipe.eval.tasks)}")
     lines.append(f"run directory {workdir}: {describe_progress(workdir)}")
     return lines
 
