@@ -220,7 +220,7 @@ def run_tasks(model: torch.nn.Module, tok: Tokenizer, conventions: TokenConventi
         if not any(f"{m},none" in metrics for m in METRICS):
             continue  # a group's own row, or a task without accuracy
         n = int(out.get("n-samples", {}).get(name, {}).get("effective", 0))
-        source = getattr(getattr(tm, "_index", {}).get(name), "yaml_path", None) if hasattr(tm, "_index") else None
+        source = getattr(getattr(tm, "_index", {}).get(name), "yaml_path", None)  # the task file, where lm-eval says
         results[name] = _row(metrics, n, str(source) if source else None)
         r = results[name]
         norm = f", acc_norm {r['acc_norm']:.3f}" if "acc_norm" in r else ""
