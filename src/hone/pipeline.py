@@ -21,8 +21,10 @@ from hone.corpus.pipeline import curate
 from hone.corpus.read import Quarantine, StepStats, read_inputs
 from hone.corpus.runner import quarantine_file
 from hone.corpus.sources import build_demo_pool
+from hone.corpus.tasks import PACKAGED_TASKS, build_packaged_tasks
 from hone.errors import HoneError
 from hone.evaluate import compare, evaluate_sets, read_texts
+from hone.evaluate_tasks import compare_tasks, resolve_tasks, run_tasks
 from hone.experts.branch import check_branch, run_branch
 from hone.heal.supervisor import supervise as supervise_run
 from hone.mix import sweep as mix_sweep
@@ -43,12 +45,16 @@ from hone.rundir import (
     EVAL_BEFORE_FILE,
     EVAL_FILE,
     FINAL_ADAPTER_DIR,
+    EVAL_TASKS_FILE,
     FINAL_DIR,
     HELDOUT_DIR,
     POOL_DIR,
     REPORT_FILE,
     SAMPLES_TEXT_FILE,
     SOURCES_DIR,
+    TASKS_AFTER_FILE,
+    TASKS_BEFORE_FILE,
+    TASKS_DIR,
     TOKENS_DIR,
     is_done,
     mark_done,
@@ -200,6 +206,47 @@ def stage_eval(recipe: Recipe, model, tok: Tokenizer, conventions: TokenConventi
     return results
 
 
+def build_tasks(recipe: Recipe, workdir: Path, log: Log) -> None:
+    """The packaged tasks eval.tasks names, built once into WORKDIR/tasks/ from the held-out sets."""
+    wanted = {s.name for s in PACKAGED_TASKS} & set(recipe.eval.tasks)
+    marker = workdir / TASKS_DIR
+    if not wanted or is_done(marker):
+        return
+    if recipe.data.packaged is None:
+        raise HoneError(f"eval.tasks: {', '.join(sorted(wanted))}: built from data.packaged's held-out sets, and this "
+                        f"recipe has no [data.packaged]")
+    built = build_packaged_tasks(workdir / HELDOUT_DIR, workdir / TASKS_DIR, recipe.eval.task_items, recipe.run.seed)
+    if missing := wanted - set(built):
+        raise HoneError(f"eval.tasks: {', '.join(sorted(missing))}: its held-out set is empty (data.packaged."
+                        f"heldout_domain / heldout_general is 0)")
+    mark_done(marker, built)
+    log(f"tasks: built {', '.join(f'{k} ({v} items)' for k, v in built.items())} into {workdir / TASKS_DIR}")
+
+
+def stage_tasks(recipe: Recipe, workdir: Path, model, tok: Tokenizer, conventions: TokenConventions, out: Path,
+                label: str, log: Log) -> dict:
+    """eval.tasks through lm-evaluation-harness (multiple-choice accuracy), kept in ``out``."""
+    if not recipe.eval.tasks:
+        return {}
+    if out.exists():
+        return read_json(out)
+    build_tasks(recipe, workdir, log)
+    log(f"tasks ({label}):")
+    results = run_tasks(model, tok, conventions, recipe.eval.tasks,
+                        include=[workdir / TASKS_DIR, *map(Path, recipe.eval.task_dirs)], limit=recipe.eval.task_limit,
+                        max_len=recipe.eval.seq_len, batch_size=2 * recipe.eval.batch_size, log=log)
+    write_json(out, results)
+    return results
+
+
+def log_task_table(table: dict[str, dict], log: Log) -> None:
+    for name, r in table.items():
+        norm = (f"; acc_norm {r['acc_norm_before']:.3f} -> {r['acc_norm_after']:.3f}"
+                if "acc_norm_before" in r else "")
+        log(f"task {name}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f} ({r['acc_change']:+.3f} "
+            f"± {r['acc_stderr_after'] or 0:.3f}, {r['n']} items){norm}")
+
+
 def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1,
                 supervise: bool = False) -> dict:
     """Train ``model`` in this process, or in ``nproc`` torchrun workers (under the self-healing
@@ -314,6 +361,7 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     model, tok, conv = data.model, data.tokenizer, data.conventions
     save_base(recipe, workdir, data, log)
     before = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_BEFORE_FILE, "before", log)
+    tasks_before = stage_tasks(recipe, workdir, model, tok, conv, workdir / TASKS_BEFORE_FILE, "before", log)
     prompts = completion_prompts(recipe, data.sets)
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "before", log)
     log_training_start(recipe, workdir, log)
@@ -328,16 +376,21 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
         model = trained_model(recipe, workdir, tok, log)
     write_ledger(recipe, workdir, log)
     after = stage_eval(recipe, model, tok, conv, data.sets, workdir / EVAL_AFTER_FILE, "after", log)
+    tasks_after = stage_tasks(recipe, workdir, model, tok, conv, workdir / TASKS_AFTER_FILE, "after", log)
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "after", log)
     table = compare(before, after)
     write_json(workdir / EVAL_FILE, table)
     if recipe.train.lora is not None:
         model = export_adapter(recipe, model, workdir, log)  # the adapter, then the merged model for final/
+    if recipe.eval.tasks:
+        write_json(workdir / EVAL_TASKS_FILE, compare_tasks(tasks_before, tasks_after))
     save_hf(model, tok, workdir / FINAL_DIR, tokenizer_files=data.tokenizer_files)
     log(f"saved the trained model (HF format, with the base's tokenizer files) to {workdir / FINAL_DIR}")
     report = write_report(workdir)
     finish_tracking(tracking_for(recipe), workdir, table, [report], log)
     log_table(table, log)
+    if recipe.eval.tasks:
+        log_task_table(read_json(workdir / EVAL_TASKS_FILE), log)
     log(f"done in {time.perf_counter() - t_start:.0f}s; report: {report}")
     return table
 
@@ -356,7 +409,9 @@ def needs_base_weights(recipe: Recipe, workdir: Path) -> bool:
     evaluation or completions, or to write base/."""
     samples = workdir / SAMPLES_TEXT_FILE
     done_before = samples.exists() and "before" in read_json(samples)
-    return not (workdir / EVAL_BEFORE_FILE).exists() or not done_before or needs_base_dir(recipe, workdir)
+    tasks_to_do = bool(recipe.eval.tasks) and not (workdir / TASKS_BEFORE_FILE).exists()
+    return (not (workdir / EVAL_BEFORE_FILE).exists() or not done_before or needs_base_dir(recipe, workdir)
+            or tasks_to_do)
 
 
 def log_training_start(recipe: Recipe, workdir: Path, log: Log) -> None:
@@ -485,6 +540,9 @@ def check_recipe(recipe: Recipe, workdir: Path) -> list[str]:
         raise HoneError("no evaluation sets: give a data source a heldout share, use data.packaged, or give eval.sets")
     cap = recipe.eval.max_tokens_per_set
     lines.append(f"evaluation sets: {', '.join(sets)} ({'whole' if cap is None else f'at most {cap:,} tokens each'})")
+    if recipe.eval.tasks:
+        resolve_tasks(recipe.eval.tasks)  # a task file that is missing or not an lm-eval task: one line here
+        lines.append(f"tasks (lm-evaluation-harness, before and after): {', '.join(recipe.eval.tasks)}")
     lines.append(f"run directory {workdir}: {describe_progress(workdir)}")
     return lines
 

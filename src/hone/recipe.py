@@ -539,6 +539,16 @@ class EvalConfig(_Section):
                                                         "report (default: openings of held-out domain documents; [] "
                                                         "for none).")
     completion_tokens: int = Field(40, ge=1, description="Tokens generated per prompt (greedy).")
+    tasks: list[str] = Field(default_factory=list,
+                             description="lm-eval multiple-choice tasks scored before and after training: task YAML "
+                                         "files, names in eval.task_dirs, or lm-eval tasks with their data on this "
+                                         "machine; with data.packaged also hone_go_term (domain) and hone_wiki_title "
+                                         "(general), built into WORKDIR/tasks/.")
+    task_dirs: list[str] = Field(default_factory=list,
+                                 description="Directories of lm-eval task files where eval.tasks names are looked up.")
+    task_items: int = Field(100, ge=4, description="Items of each packaged task (one held-out document each; at most "
+                                                   "the held-out set's size).")
+    task_limit: int | None = Field(None, ge=1, description="Items scored per task (default: every item).")
 
 
 EXPERT_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"

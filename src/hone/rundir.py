@@ -44,6 +44,10 @@ EXPERTS_DIR = "experts"                  # hone branch
 EVAL_BEFORE_FILE = "eval_before.json"
 EVAL_AFTER_FILE = "eval_after.json"
 EVAL_FILE = "eval.json"
+TASKS_DIR = "tasks"                      # the packaged lm-eval tasks: NAME.yaml + NAME.jsonl
+TASKS_BEFORE_FILE = "eval_tasks_before.json"  # task accuracy of the base (eval.tasks)
+TASKS_AFTER_FILE = "eval_tasks_after.json"
+EVAL_TASKS_FILE = "eval_tasks.json"      # task accuracy before and after, and the change
 FINAL_DIR = "final"                      # the trained model, HF format
 FINAL_ADAPTER_DIR = "final-adapter"      # under train.lora: the adapter in PEFT's format (final/ is merged)
 REPORT_FILE = "report.html"
@@ -65,7 +69,7 @@ def parts_manifest(parts_dir: Path) -> Path:
 # What training writes; `hone train --fresh` removes these and keeps the data stages.
 TRAINING_ARTIFACTS = (CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE, EVAL_AFTER_FILE, EVAL_FILE, FINAL_DIR,
                       REPORT_FILE, TENSORBOARD_DIR, HEAL_DIR, EVENTS_FILE, SAMPLES_FILE, SAMPLES_TEXT_FILE,
-                      TRACKING_FILE, FINAL_ADAPTER_DIR)
+                      TRACKING_FILE, FINAL_ADAPTER_DIR, TASKS_AFTER_FILE, EVAL_TASKS_FILE)
 
 
 def source_train_dir(workdir: Path, source: str) -> Path:

@@ -14,6 +14,7 @@ from hone.errors import HoneError
 from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
 from hone.mix.laws import load_runs
 from hone.report import plots
+from hone.report.tasks import task_rows
 from hone.rundir import SAMPLES_TEXT_FILE, SOURCES_DIR, TOKENS_DIR, parts_manifest, read_json, read_jsonl, write_text
 
 
@@ -126,6 +127,8 @@ def build_context(workdir: Path) -> dict:
         table = read_json(workdir / "eval.json")
         ctx["eval"] = table
         ctx["figures"]["ppl"] = plots.perplexity(table)
+    if (workdir / "eval_tasks.json").exists():  # eval.tasks: multiple-choice accuracy before and after
+        ctx["tasks"] = task_rows(read_json(workdir / "eval_tasks.json"))
     ctx["domain_sets"] = domain_sets(ctx.get("recipe") or {})
     ctx["base_note"] = base_note(ctx.get("recipe") or {})
     if sources := source_summaries(workdir):
