@@ -6,7 +6,7 @@ from torch import nn
 
 from hone.model.hf import read_safetensors, save_hf
 from hone.model.llama import Llama, LlamaConfig, set_fused_projections
-from hone.model.sdpa import sdpa_order, pin_sdpa_backend
+from hone.model.sdpa import pin_sdpa_backend, sdpa_order
 
 
 def _cfg(**kw):

@@ -542,7 +542,10 @@ class MLP(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = fused_linear(x, (self.gate_proj, self.up_proj)) if self.fused else (self.gate_proj(x), self.up_proj(x))
+        if self.fused:
+            gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
 

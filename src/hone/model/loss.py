@@ -154,5 +154,6 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     if compile is None:
         compile = hidden.is_cuda
     with torch.autocast(hidden.device.type, enabled=False):
+        cap = None if softcap is None else float(softcap)
         return _FusedLinearCrossEntropy.apply(hidden.to(dtype), weight.to(dtype), targets, float(token_weight),
-                                              int(chunk), None if softcap is None else float(softcap), bool(compile))
+                                              int(chunk), cap, bool(compile))
