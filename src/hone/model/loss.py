@@ -143,7 +143,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targe
     Equal to ``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` (computed in
     fp32 from the matmul's dtype), with gradients for ``hidden`` and ``weight``; the
     per-token losses carry no gradient; a target ``IGNORE_INDEX`` (-100) has loss 0 and no gradient
-    (``token_weight`` is not renormalized: the caller chooses it). ``softcap`` c: the logits are ``c * tanh(hidden @ weight.T / c)``.
+    (``token_weight`` is not renormalized: the caller chooses it). ``softcap`` c: the logits are
+    ``c * tanh(hidden @ weight.T / c)``.
     ``compile``: run each chunk's element-wise work as one compiled graph (None: on CUDA only, where
     a compiler is always at hand; on CPU Inductor needs a C++ compiler).
     """

@@ -31,7 +31,7 @@ def step_unless_nonfinite(optimizer: torch.optim.Optimizer, grad_norm: torch.Ten
     free on a CPU) and returns whether the step was taken."""
     if takes_found_inf(optimizer):
         # The fused kernel leaves parameters, moments and step counts as they were when found_inf is 1.
-        optimizer.found_inf = (~torch.isfinite(grad_norm.detach().float())).float().reshape(1)
+        optimizer.found_inf = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
         try:
             optimizer.step()
         finally:
