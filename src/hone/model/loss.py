@@ -73,8 +73,9 @@ def _chunk_eager(h, weight, y, token_weight, softcap, need_grad):
 
 @functools.cache
 def _chunk_compiled():
-    # dynamic=False: one graph for the full chunks, one more for the last, shorter one.
-    return torch.compile(_chunk_loss_and_grad, dynamic=False)
+    # Default dynamic shapes: one graph for the full chunks, at most one more (dynamic in the
+    # token count) for shorter last chunks, whatever the batch.
+    return torch.compile(_chunk_loss_and_grad)
 
 
 @functools.cache
@@ -110,7 +111,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
             if weight.requires_grad else None
         need_grad = grad_hidden is not None or grad_weight is not None
-        step = _chunk_compiled() if compile else _chunk_eager
+        # Only training compiles: evaluation's no-gradient pass is one matmul and a logsumexp.
+        step = _chunk_compiled() if compile and need_grad else _chunk_eager
         for lo in range(0, n, chunk):
             h = hidden[lo:lo + chunk]
             per_token[lo:lo + chunk], grad_logits = step(h, weight, targets[lo:lo + chunk], token_weight, softcap,
