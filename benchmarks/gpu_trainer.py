@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import statistics
 import sys
@@ -192,11 +193,7 @@ def main() -> int:
     seq = 64 if args.smoke else 2048
     shapes = ["tiny"] if args.smoke else args.shapes.split(",")
     steps, warmup = (2, 1) if args.smoke else (args.steps, args.warmup)
-    try:
-        import transformers  # noqa: F401
-        have_hf = True
-    except ImportError:
-        have_hf = False
+    have_hf = importlib.util.find_spec("transformers") is not None
     out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "seq": seq, "sdpa": sdpa, "peak_tflops": PEAK / 1e12, "shapes": {}}
     t_start = time.perf_counter()
