@@ -451,6 +451,14 @@ class TrainConfig(_Section):
                                                     "the base has one (a Hone run's final/ beside its checkpoints/).")
     lora: LoraConfig | None = Field(None, description="[train.lora]: train LoRA adapters (and optionally the "
                                                       "embeddings / head) instead of every parameter.")
+    # Trainer speed (issue 17); results are the same with each of these off.
+    overlap_steps: bool = Field(True, description="Read, check and log step n while step n+1 runs (no host sync per "
+                                                  "step on a GPU; false: one step at a time).")
+    fused_projections: bool | None = Field(None, description="One matmul for q/k/v and one for gate/up in Hone's "
+                                                             "Llama (default: on with CUDA, off on the CPU; off under "
+                                                             "tp > 1 and LoRA).")
+    float8: bool = Field(False, description="float8 matmuls in the decoder layers via torchao (CUDA, compute "
+                                            "capability 8.9+; the `float8` extra).")
 
     @model_validator(mode="after")
     def _pipeline(self) -> "TrainConfig":

@@ -433,6 +433,39 @@ def _attention_mask(t: int, n_past: int, window: int | None,
 # --------------------------------------------------------------------------- the model
 
 
+def fused_linear(x: torch.Tensor, linears: tuple[nn.Linear, ...]) -> tuple[torch.Tensor, ...]:
+    """``tuple(lin(x) for lin in linears)`` as one matmul over their weights stacked by rows.
+
+    The parameters stay the separate HF-named ones (load, export, checkpoints, optimizer state
+    unchanged); only the forward reads x once and launches one GEMM instead of several. The stack
+    costs one copy of these weights per forward, small next to the activations it saves reading."""
+    weight = torch.cat([lin.weight for lin in linears])
+    bias = torch.cat([lin.bias for lin in linears]) if linears[0].bias is not None else None
+    return F.linear(x, weight, bias).split([lin.out_features for lin in linears], dim=-1)
+
+
+def set_fused_projections(model: nn.Module, on: bool) -> str | None:
+    """Compute q/k/v and gate/up with one matmul each in every layer of ``model`` (on) or one
+    per projection (off). Returns why fusion was refused, None when the choice was applied.
+
+    Refused (left off) when a projection is not a plain ``nn.Linear`` (LoRA adapters wrap them)
+    or its weight is a DTensor before any data-parallel wrapping (tensor parallel shards each
+    projection on its own: a stack of shards is not the shard of the stack)."""
+    attn = [m for m in model.modules() if isinstance(m, Attention)]
+    mlps = [m for m in model.modules() if isinstance(m, MLP)]
+    if on:
+        projections = [p for m in attn for p in (m.q_proj, m.k_proj, m.v_proj)] \
+            + [p for m in mlps for p in (m.gate_proj, m.up_proj)]
+        if any(type(p) is not nn.Linear for p in projections):
+            return "a projection is wrapped (LoRA)"
+        if any(hasattr(p.weight, "device_mesh") and "tp" in (p.weight.device_mesh.mesh_dim_names or ())
+               for p in projections):
+            return "tensor parallel shards the projections"
+    for m in attn + mlps:
+        m.fused = on
+    return None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -462,16 +495,21 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.layer_idx = layer_idx
         self.window = cfg.window_of(layer_idx)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None = None, doc_mask=None) -> torch.Tensor:
         """``doc_mask``: packed documents' attention (:mod:`hone.model.documents`), a boolean
         ``[B, 1, T, T]`` mask or a flex_attention BlockMask; None: causal (and windowed) as usual."""
         b, t, _ = x.shape
+        if self.fused:  # one matmul for q, k and v (see set_fused_projections)
+            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         # -1 heads: under tensor parallelism each rank holds n_heads / tp of them.
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = q.view(b, t, -1, self.head_dim)
+        k = k.view(b, t, -1, self.head_dim)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)
@@ -501,9 +539,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -606,13 +649,16 @@ class Llama(nn.Module):
 
     doc_eos_id: int | None = None
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self, cfg: LlamaConfig, *, fused_projections: bool = False) -> None:
+        """``fused_projections``: one matmul for q/k/v and one for gate/up (:func:`set_fused_projections`;
+        the parameters and their names are the same either way)."""
         super().__init__()
         self.config = cfg
         self.model = LlamaModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        set_fused_projections(self, fused_projections)
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 token_weight: float | None = None, cache: KVCache | None = None):

@@ -54,6 +54,8 @@ from hone.train.hooks import (
 from hone.train.parallelize import DistContext
 from hone.train.preempt import Preempted, received, stop_requested
 from hone.train.schedule import BaseState, lr_at, use_base_optimizer, warmup_start
+from hone.train.speed import speed_options
+from hone.train.step_sync import HostCopy, step_unless_nonfinite, to_device
 from hone.train.tracking import Tracking, open_tracking
 
 __all__ = ["train", "lr_at", "latest_checkpoint"]
@@ -236,6 +238,21 @@ def _preempted(ckpt_root: Path, step: int, model, optimizer, loader: MixtureLoad
                      f"run the same command again to resume")
 
 
+@contextlib.contextmanager
+def _loader_at(loader: MixtureLoader, state: dict | None):
+    """``loader`` as it was in ``state`` inside the block (None: as it is), then as it is again:
+    with the next step already fetched, a checkpoint still records the finished step's position."""
+    if state is None:
+        yield
+        return
+    now = loader.state_dict()
+    loader.load_state_dict(state)
+    try:
+        yield
+    finally:
+        loader.load_state_dict(now)
+
+
 def doc_masks(model: torch.nn.Module, cfg: TrainConfig, loader: MixtureLoader) -> str:
     """Keep packed documents apart in ``model`` as ``train.doc_mask`` says, at the token streams'
     end-of-document id; returns what was done, for the start line."""
@@ -261,6 +278,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     if ctx.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 for the matmuls left in fp32
     documents = doc_masks(model, cfg, loader)
+    speed = speed_options(model, cfg, ctx.device, ctx.mesh["tp"].size() if ctx.mesh is not None else 1)
     workdir = ensure_dir(Path(workdir)) if ctx.is_main else Path(workdir)
     ctx.barrier()
     ckpt_root = workdir / "checkpoints"
@@ -310,7 +328,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         f"threads {torch.get_num_threads()}"
         + (f" | {fpt / 1e9:.2f} GFLOP/token" if fpt else "")
         + (f" | peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""))
-    say(f"train: {settings}; {documents}")
+    say(f"train: {settings}; {documents}; {speed}")
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
@@ -320,22 +338,29 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     t0, last = time.perf_counter(), {}
     t_step = t0
     rolled_back: dict | None = None  # a NaN roll-back in place, until its first completed step
-    step = start
-    while step < stop:
+    # Overlapped (train.overlap_steps): step n+1's forward and backward are queued before step n's
+    # numbers are read, logged and checked, so the host never idles the GPU. Step n's optimizer
+    # update was queued before n+1's forward, skipped on the device when its gradient norm is not
+    # finite; when the host then finds it bad, it rolls back and n+1's gradients are dropped.
+    overlap = cfg.overlap_steps
+    step = start  # the next step to compute
+    pending: dict | None = None  # a step computed and updated, whose numbers are not read yet
+
+    def compute(step: int) -> dict:
+        """Batch, forward and backward of ``step``; the gradients are left on the model."""
         t_begin = time.perf_counter()
-        lr = lr_at(step, total_steps, cfg, warm_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        skipped = []
         while loader.step in skips:  # a window that gave a non-finite loss: consumed, never trained on
             skipped_batch = loader.step
             loader.next_batch()
-            ledger.record(skipped_batch, None, loader.last_ids, "skipped")
+            skipped.append((skipped_batch, loader.last_ids))
         batch_index = loader.step
         inputs, targets, names = loader.next_batch()
-        ids = loader.last_ids
+        run = {"step": step, "t_begin": t_begin, "skipped": skipped, "batch": batch_index, "names": names,
+               "ids": loader.last_ids, "digest": _batch_digest(inputs), "loader": loader.state_dict(),
+               "lr": lr_at(step, total_steps, cfg, warm_lr)}
         poison = poison_loss(step + 1, ctx.rank, fault_dir)
-        digest = _batch_digest(inputs)
-        x, y = inputs[lo:lo + rows].to(ctx.device), targets[lo:lo + rows].to(ctx.device)
+        x, y = to_device(inputs[lo:lo + rows], ctx.device), to_device(targets[lo:lo + rows], ctx.device)
         optimizer.zero_grad(set_to_none=True)
         per_seq_parts = []
         if pipe is not None:
@@ -352,38 +377,61 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
                     loss = loss * float("nan")
                 loss.backward()
             per_seq_parts.append(per_token.mean(dim=1))
+        run["per_seq"] = per_seq_parts
+        return run
+
+    def update(run: dict) -> None:
+        """Clip and step (skipped when the norm is not finite), then start the numbers' way to the host."""
+        for group in optimizer.param_groups:
+            group["lr"] = run["lr"] * group.get("lr_scale", 1.0)
         gnorm = clip_grad_norm(list(model.parameters()), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"),
                                pp_group=pipe.group if pipe is not None else None,
                                uncounted=pipe.uncounted() if pipe is not None else ())
-        bad = None
-        if not math.isfinite(float(gnorm)):  # the norm is global: every rank stops here alike
-            bad = {"loss": float(torch.cat(per_seq_parts).float().mean()), "grad_norm": float(gnorm)}
-        else:
-            optimizer.step()
-        if bad is None and (stall := slow_down(step + 1, ctx.rank)):
+        step_unless_nonfinite(optimizer, gnorm)
+        numbers = torch.cat(run.pop("per_seq") + [gnorm.detach().reshape(1).to(torch.float32)]).float()
+        run["numbers"] = HostCopy(numbers)
+        run["t_launched"] = time.perf_counter()
+
+    while step < stop or pending is not None:
+        launched = compute(step) if step < stop and (pending is None or overlap) else None
+        if pending is None:
+            update(launched)
+            pending, step = launched, step + 1
+            continue
+        done_step = pending["step"]  # finish it: read, check, log, checkpoint
+        for skipped_batch, skipped_ids in pending["skipped"]:
+            ledger.record(skipped_batch, None, skipped_ids, "skipped")
+        numbers = pending["numbers"].values()
+        per_seq, gnorm = numbers[:-1], float(numbers[-1])
+        bad = None if math.isfinite(gnorm) else {"loss": float(per_seq.mean()), "grad_norm": gnorm}
+        stall = slow_down(done_step + 1, ctx.rank) if bad is None else 0.0
+        if stall:
             time.sleep(stall)
         if bad is None:
-            maybe_fail("step", step + 1, ctx.rank, fault_dir)
+            maybe_fail("step", done_step + 1, ctx.rank, fault_dir)
         t_gather = time.perf_counter()
-        all_seq = _gather_rows(torch.cat(per_seq_parts).float().cpu(), ctx)
+        all_seq = _gather_rows(per_seq.clone(), ctx)
         now = time.perf_counter()
         # Work and wait of this rank: a straggler is the rank the others wait for at the gather.
-        busy_s, wait_s = t_gather - t_begin, now - t_gather
+        busy_s, wait_s = pending["t_launched"] - pending["t_begin"] + stall, now - t_gather
         elapsed, step_s = now - t0, now - t_step
         t_step = now
-        done = step + 1 - start
+        done = done_step + 1 - start
         tps = done * tokens_per_step / elapsed
+        names, lr = pending["names"], pending["lr"]
         by_domain = {name: float(all_seq[[i for i, n in enumerate(names) if n == name]].mean()) for name in set(names)}
         loss_value = float(all_seq.mean())
-        if bad is not None or not check_finite(loss_value, float(gnorm)):
-            bad = bad or {"loss": loss_value, "grad_norm": float(gnorm)}
-            error = _non_finite(workdir, ctx, cfg, step=step + 1, batch=batch_index, first_batch=first_batch, **bad)
-            t_bad, failed = time.time(), step + 1
-            heartbeat.beat(step, state="rollback")
+        if bad is not None or not check_finite(loss_value, gnorm):
+            bad = bad or {"loss": loss_value, "grad_norm": gnorm}
+            error = _non_finite(workdir, ctx, cfg, step=done_step + 1, batch=pending["batch"], first_batch=first_batch,
+                                **bad)
+            t_bad, failed = time.time(), done_step + 1
+            heartbeat.beat(done_step, state="rollback")
             back = _roll_back(ckpt_root, model, optimizer, loader, say)
             if back is None:
-                heartbeat.beat(step, state="stopping")
+                heartbeat.beat(done_step, state="stopping")
                 raise error
+            pending = None  # and the step computed after it is dropped with its gradients
             step = start = schedule.last = back
             skips, first_batch = load_skips(workdir), loader.step
             ledger.start(loader.step, start, fresh=False)
@@ -398,38 +446,43 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
             t0 = t_step = time.perf_counter()
             continue
         mfu = fpt * tokens_per_step / step_s / (peak * ctx.world_size) if fpt and peak else None
-        last = {"step": step + 1, "loss": loss_value, "loss_by_domain": by_domain, "lr": lr,
-                "grad_norm": float(gnorm), "tokens": (step + 1) * tokens_per_step,
+        last = {"step": done_step + 1, "loss": loss_value, "loss_by_domain": by_domain, "lr": lr,
+                "grad_norm": gnorm, "tokens": (done_step + 1) * tokens_per_step,
                 "tokens_per_s": tps, "step_s": step_s, "mfu": mfu, "mem_gib": round(memory_gib(ctx.device), 3),
-                "elapsed_s": elapsed, "batch": digest, "world": ctx.world_size}
-        ledger.record(batch_index, step + 1, ids, "trained")
+                "elapsed_s": elapsed, "batch": pending["digest"], "world": ctx.world_size}
+        ledger.record(pending["batch"], done_step + 1, pending["ids"], "trained")
         if ctx.is_main:
             append_jsonl(metrics_path, last)
             if board is not None:
                 board.log_step(last)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == stop:
-            eta = (stop - step - 1) * elapsed / done
+        if (done_step + 1) % cfg.log_every == 0 or done_step + 1 == stop:
+            eta = (stop - done_step - 1) * elapsed / done
             dom = " ".join(f"{k[:3]} {v:.3f}" for k, v in sorted(by_domain.items()))
-            say(f"step {step + 1:>5}/{total_steps} | loss {loss_value:.4f} ({dom}) | lr {lr:.2e} | "
-                f"gnorm {float(gnorm):.2f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
+            say(f"step {done_step + 1:>5}/{total_steps} | loss {loss_value:.4f} ({dom}) | lr {lr:.2e} | "
+                f"gnorm {gnorm:.2f} | {tps:,.0f} tok/s" + (f" | MFU {mfu:.1%}" if mfu else "")
                 + f" | {last['mem_gib']:.2f} GiB | {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
-        if schedule.due(step + 1, stop, step_s):
-            t_ckpt = time.perf_counter()
-            save_checkpoint(ckpt_root, step + 1, model, optimizer, loader, ctx)
-            schedule.saved(step + 1, time.perf_counter() - t_ckpt)
-        heartbeat.beat(step + 1, step_s=step_s, busy_s=busy_s, wait_s=wait_s)
-        if rolled_back is not None:
-            if ctx.is_main:
-                append_event(workdir, "recovered", failure="nonfinite", step=step + 1, world=ctx.world_size,
-                             recovery_s=round(time.time() - rolled_back["time"], 3), detect_s=0.0,
-                             restart_s=0.0, lost_steps=rolled_back["lost_steps"])
-            say(f"recovered from a non-finite loss in place: step {step + 1} done "
-                f"{time.time() - rolled_back['time']:.1f} s after it")
-            rolled_back = None
-        if stop_requested(ctx.distributed, ctx.device):  # every rank alike, after the same step
-            heartbeat.beat(step + 1, state="stopping")
-            raise _preempted(ckpt_root, step + 1, model, optimizer, loader, ctx, workdir, say)
-        step += 1
+        # A checkpoint or a stop here is of step done_step: the loader as it was after that step's batch.
+        with _loader_at(loader, pending["loader"] if launched is not None else None):
+            if schedule.due(done_step + 1, stop, step_s):
+                t_ckpt = time.perf_counter()
+                save_checkpoint(ckpt_root, done_step + 1, model, optimizer, loader, ctx)
+                schedule.saved(done_step + 1, time.perf_counter() - t_ckpt)
+            heartbeat.beat(done_step + 1, step_s=step_s, busy_s=busy_s, wait_s=wait_s)
+            if rolled_back is not None:
+                if ctx.is_main:
+                    append_event(workdir, "recovered", failure="nonfinite", step=done_step + 1, world=ctx.world_size,
+                                 recovery_s=round(time.time() - rolled_back["time"], 3), detect_s=0.0,
+                                 restart_s=0.0, lost_steps=rolled_back["lost_steps"])
+                say(f"recovered from a non-finite loss in place: step {done_step + 1} done "
+                    f"{time.time() - rolled_back['time']:.1f} s after it")
+                rolled_back = None
+            if stop_requested(ctx.distributed, ctx.device):  # every rank alike, after the same step
+                heartbeat.beat(done_step + 1, state="stopping")
+                raise _preempted(ckpt_root, done_step + 1, model, optimizer, loader, ctx, workdir, say)
+        pending = None
+        if launched is not None:
+            update(launched)
+            pending, step = launched, step + 1
     if stop > start:
         save_checkpoint(ckpt_root, stop, model, optimizer, loader, ctx)
     if board is not None:
