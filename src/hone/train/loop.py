@@ -255,8 +255,10 @@ def doc_masks(model: torch.nn.Module, cfg: TrainConfig, loader: MixtureLoader) -
 
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
           total_steps: int, resume: bool = False, max_steps: int | None = None,
-          ctx: DistContext | None = None, log: Callable[[str], None] = print) -> dict:
-    """Train ``model`` (already parallelized for ``ctx``) for ``total_steps`` or until ``max_steps``."""
+          ctx: DistContext | None = None, log: Callable[[str], None] = print,
+          on_step: Callable[[dict], None] | None = None) -> dict:
+    """Train ``model`` (already parallelized for ``ctx``) for ``total_steps`` or until ``max_steps``;
+    ``on_step`` sees each step's metrics row on the main rank (the budget's re-decision)."""
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     cfg, settings = device_settings(cfg, ctx.device.type)
     if ctx.device.type == "cuda":
@@ -403,6 +405,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         ledger.record(batch_index, step + 1, ids, "trained")
         if ctx.is_main:
             append_jsonl(metrics_path, last)
+            if on_step is not None:
+                on_step(last)
             if board is not None:
                 for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mem_gib") + (("mfu",) if mfu else ()):
                     board.add_scalar(f"train/{key}", last[key], step + 1)
