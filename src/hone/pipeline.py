@@ -27,7 +27,7 @@ from hone.evaluate import compare, evaluate_sets, read_texts
 from hone.evaluate_tasks import compare_tasks, resolve_tasks, run_tasks
 from hone.experts.branch import check_branch, run_branch
 from hone.heal.supervisor import supervise as supervise_run
-from hone.mix import sweep as mix_sweep
+from hone.mix import budget, sweep as mix_sweep
 from hone.model.generate import complete
 from hone.model.gguf import smollm2_gguf_path
 from hone.model.hf import save_hf
@@ -44,8 +44,8 @@ from hone.rundir import (
     EVAL_AFTER_FILE,
     EVAL_BEFORE_FILE,
     EVAL_FILE,
-    FINAL_ADAPTER_DIR,
     EVAL_TASKS_FILE,
+    FINAL_ADAPTER_DIR,
     FINAL_DIR,
     HELDOUT_DIR,
     POOL_DIR,
@@ -248,11 +248,11 @@ def log_task_table(table: dict[str, dict], log: Log) -> None:
 
 
 def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1,
-                supervise: bool = False) -> dict:
+                supervise: bool = False, on_step: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` in this process, or in ``nproc`` torchrun workers (under the self-healing
     supervisor with ``supervise``; ``model`` None: this process holds no weights meanwhile)."""
     if not supervise:
-        return train_recipe(recipe, workdir, model, max_steps, log, nproc=nproc)
+        return train_recipe(recipe, workdir, model, max_steps, log, nproc=nproc, on_step=on_step)
     plan_from_recipe(recipe.train, nproc)  # a bad tp fails here, before workers start
     supervise_run(recipe, workdir, nproc, max_steps, log)
     return read_back(recipe, workdir, model, log)
@@ -355,6 +355,9 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
         log(f"training is already finished in {workdir}: nothing to do (--fresh to train again)")
         return read_json(workdir / EVAL_FILE)
     workers = nproc > 1 or supervise
+    if recipe.budget is not None and workers:
+        raise HoneError("budget: the decision stage trains in this process (no --nproc / --supervise yet); "
+                        "price the layout with `hone plan --recipe` and give it in [train]")
     # With workers, this process loads the base weights only for what is still to do before
     # training (the "before" evaluation, base/), and lets go of them before the workers start.
     data = prepare(recipe, workdir, log, load_model=not workers or needs_base_weights(recipe, workdir))
@@ -364,11 +367,19 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     tasks_before = stage_tasks(recipe, workdir, model, tok, conv, workdir / TASKS_BEFORE_FILE, "before", log)
     prompts = completion_prompts(recipe, data.sets)
     stage_completions(model, tok, conv, prompts, recipe.eval.completion_tokens, workdir, "before", log)
+    decision = None
+    if recipe.budget is not None:  # the decision stage: layout, tokens and ratio from the budget
+        decision = budget.decide_run(recipe, workdir, model, tok, data.eval_sets, log)
+        recipe = budget.decided_recipe(recipe, decision)
+        budget.reset_peak_rss()
     log_training_start(recipe, workdir, log)
     if workers:
         model = data.model = None
         gc.collect()
-    summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc, supervise=supervise)
+    on_step = budget.Redecide(recipe, workdir, decision, log) if decision is not None else None
+    summary = stage_train(recipe, workdir, model, max_steps, log, nproc=nproc, supervise=supervise, on_step=on_step)
+    # On the CPU the prediction is per process: the peak RSS of training (reset before it).
+    peak_gib = budget.peak_rss_gib() if decision is not None and not torch.cuda.is_available() else None
     if summary["steps"] < summary["total_steps"]:
         log(f"stopped at step {summary['steps']} of {summary['total_steps']} (--max-steps); run again to resume")
         return {}
@@ -386,6 +397,8 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
         write_json(workdir / EVAL_TASKS_FILE, compare_tasks(tasks_before, tasks_after))
     save_hf(model, tok, workdir / FINAL_DIR, tokenizer_files=data.tokenizer_files)
     log(f"saved the trained model (HF format, with the base's tokenizer files) to {workdir / FINAL_DIR}")
+    if decision is not None:
+        budget.finish_decision(recipe, workdir, log, peak_gib)
     report = write_report(workdir)
     finish_tracking(tracking_for(recipe), workdir, table, [report], log)
     log_table(table, log)

@@ -459,6 +459,10 @@ class TrainConfig(_Section):
                                                              "tp > 1 and LoRA).")
     float8: bool = Field(False, description="float8 matmuls in the decoder layers via torchao (CUDA, compute "
                                             "capability 8.9+; the `float8` extra).")
+    layout: Literal["auto", "recipe"] = Field("auto",
+                                              description="With [budget]: auto: the planner's best layout (tp, pp, "
+                                                          "micro_batch, activation_checkpointing, data_parallel) "
+                                                          "except the fields the recipe sets; recipe: the recipe's.")
 
     @model_validator(mode="after")
     def _pipeline(self) -> "TrainConfig":
@@ -666,6 +670,41 @@ class HealConfig(_Section):
                                       "calibrate` profile.")
 
 
+class ClusterConfig(_Section):
+    """Where the run trains, for the decision stage (`hone run` and `hone plan --recipe`)."""
+
+    spec: str = Field("local", min_length=1,
+                      description="A preset such as 2x8xH100, a cluster TOML, a `hone plan calibrate` profile, or "
+                                  "local (this machine: its step time measured by a short probe).")
+
+
+class BudgetConfig(_Section):
+    """One budget: Hone chooses the layout, the token count and the domain ratio that fit it."""
+
+    gpu_hours: float | None = Field(None, gt=0, description="GPU-hours to spend (sweep included); one of gpu_hours, "
+                                                            "tokens, days.")
+    tokens: int | None = Field(None, ge=1, description="Training tokens to spend; one of gpu_hours, tokens, days.")
+    days: float | None = Field(None, gt=0, description="Wall-clock days to spend (sweep included); one of "
+                                                       "gpu_hours, tokens, days.")
+    price_per_gpu_hour: float = Field(2.0, ge=0, description="Price of one GPU-hour, for the predicted cost.")
+    general_tolerance: float = Field(0.05, ge=0, description="Largest rise of the predicted general loss allowed "
+                                                             "over the reference, nats.")
+    general_tolerance_reference: Literal["base", "best"] = Field(
+        "base", description="base: the general loss before training; best: the lowest predicted general loss any "
+                            "ratio reaches at the budget.")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "BudgetConfig":
+        given = [k for k in ("gpu_hours", "tokens", "days") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of gpu_hours, tokens, days (got {', '.join(given) or 'none'})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("gpu_hours", "tokens", "days") if getattr(self, k) is not None)
+
+
 class Recipe(_Section):
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig
@@ -677,6 +716,9 @@ class Recipe(_Section):
     experts: ExpertsConfig = Field(default_factory=ExpertsConfig)
     heal: HealConfig = Field(default_factory=HealConfig)
     log: LogConfig = Field(default_factory=LogConfig)
+    cluster: ClusterConfig | None = Field(None, description="Cluster of the decision stage (with [budget]).")
+    budget: BudgetConfig | None = Field(None, description="The run's budget: `hone run` decides layout, tokens and "
+                                                          "ratio before training (plan/decision.json).")
 
     @model_validator(mode="after")
     def _pool_needs_domain(self) -> "Recipe":

@@ -270,9 +270,11 @@ def doc_masks(model: torch.nn.Module, cfg: TrainConfig, loader: MixtureLoader) -
 def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workdir: Path, *,
           total_steps: int, resume: bool = False, max_steps: int | None = None,
           ctx: DistContext | None = None, log: Callable[[str], None] = print,
-          base: BaseState | None = None, tracking: Tracking | None = None) -> dict:
+          base: BaseState | None = None, tracking: Tracking | None = None,
+          on_step: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` (already parallelized for ``ctx``) for ``total_steps`` or until ``max_steps``;
-    ``base``: the base's training state (re-warm-up, optimizer); ``tracking``: the run's [log] backends."""
+    ``base``: the base's training state (re-warm-up, optimizer); ``tracking``: the run's [log] backends;
+    ``on_step`` sees each step's metrics row on the main rank (the budget's re-decision)."""
     ctx = ctx or DistContext(device=next(model.parameters()).device)
     cfg, settings = device_settings(cfg, ctx.device.type)
     if ctx.device.type == "cuda":
@@ -453,6 +455,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         ledger.record(pending["batch"], done_step + 1, pending["ids"], "trained")
         if ctx.is_main:
             append_jsonl(metrics_path, last)
+            if on_step is not None:
+                on_step(last)
             if board is not None:
                 board.log_step(last)
         if (done_step + 1) % cfg.log_every == 0 or done_step + 1 == stop:

@@ -99,7 +99,8 @@ def build_loader(recipe: Recipe, workdir: Path, phases: list[tuple[int, float]] 
                          weights={s.name: s.weight for s in streams})
 
 
-def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log) -> dict:
+def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log,
+                     on_step: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` here; one process applies only activation checkpointing and compile,
     both keep the parameter names, so evaluation and the HF export use the same object."""
     t = recipe.train  # the loop resolves the device defaults again, to say which it chose and why
@@ -111,7 +112,7 @@ def train_in_process(recipe: Recipe, workdir: Path, model, max_steps: int | None
     try:
         with catching():  # a preemption signal stops training after a step and a checkpoint
             summary = train(model, loader, t, workdir, total_steps=total_steps(t), resume=True, max_steps=max_steps,
-                            log=log, base=base_state(recipe), tracking=tracking_for(recipe))
+                            log=log, base=base_state(recipe), tracking=tracking_for(recipe), on_step=on_step)
         write_json(workdir / SUMMARY_FILE, {**summary, "world_size": 1, "plan": plan.__dict__})
         return summary
     finally:
@@ -154,11 +155,12 @@ def add_lora(recipe: Recipe, model, log: Log) -> None:
         init_lora(model, recipe.run.seed)
 
 
-def train_recipe(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1) -> dict:
+def train_recipe(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1,
+                 on_step: Callable[[dict], None] | None = None) -> dict:
     """Train ``model`` in this process, or in ``nproc`` torchrun workers (``model`` None: the
     caller holds no weights meanwhile; else the newest weights are read back into it)."""
     if nproc == 1:
-        return train_in_process(recipe, workdir, model, max_steps, log)
+        return train_in_process(recipe, workdir, model, max_steps, log, on_step)
     plan_from_recipe(recipe.train, nproc)  # a bad tp fails here, before workers start
     launch_local(workdir, nproc, max_steps, log)
     return read_back(recipe, workdir, model, log)

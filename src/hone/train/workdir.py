@@ -37,14 +37,14 @@ Log = Callable[[str], None]
 # resumes (on another world size, with or without compile, ...) instead of starting over.
 LAYOUT_FIELDS = {"data_parallel", "tp", "pp", "pp_schedule", "vpp", "sequence_parallel", "activation_checkpointing",
                  "compile", "device", "threads",
-                 "log_every", "checkpoint_every", "micro_batch", "worker_mtbf_hours"}
+                 "log_every", "checkpoint_every", "micro_batch", "worker_mtbf_hours", "layout"}
 
 
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of everything but the train section (and [mix] / [experts], read only by `hone mix` /
-    `hone branch`, so adding an expert keeps the run; [heal] and [log], which change no result): a
-    change redoes the data stages."""
-    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts", "heal", "log"}))
+    `hone branch`, so adding an expert keeps the run; [heal] and [log], which change no result;
+    [cluster] and [budget], read by the decision stage): a change redoes the data stages."""
+    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts", "heal", "log", "cluster", "budget"}))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
