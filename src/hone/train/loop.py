@@ -264,6 +264,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     ledger.start(loader.step, start, fresh=not resume)
     heartbeat = Heartbeat(workdir, ctx.rank)
     fault_dir = heal_dir(workdir)
+    # Before the metrics past the checkpoint are forgotten: they say which steps the trackers have.
+    board = open_tracking(tracking, workdir, say, fresh=not resume) if ctx.is_main else None
     if ctx.is_main:
         if not resume and metrics_path.exists():
             metrics_path.unlink()
@@ -302,7 +304,6 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
-    board = open_tracking(tracking, workdir, say) if ctx.is_main else None
     schedule = CheckpointSchedule(cfg, total_steps=total_steps, start=start, world=ctx.world_size, n_params=n_params,
                                   broadcast=_broadcaster(ctx), say=say, workdir=workdir if ctx.is_main else None)
     t0, last = time.perf_counter(), {}
