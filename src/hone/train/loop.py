@@ -257,8 +257,9 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     optimizer = make_optimizer(model, cfg)
     start = resume_from_newest(ckpt_root, model, optimizer, loader, say) if resume else 0
     warm_lr, warm_why = warmup_start(cfg, base)
-    if start == 0:  # the base's optimizer state only before the run's own first checkpoint
-        say(f"train: {cfg.schedule} schedule, {warm_why}; {use_base_optimizer(cfg, base, model, optimizer)}")
+    if start == 0:  # the base's optimizer state only before the run's own first checkpoint (all ranks read it)
+        optimizer_why = use_base_optimizer(cfg, base, model, optimizer)
+        say(f"train: {cfg.schedule} schedule, {warm_why}; {optimizer_why}")
     skips, first_batch = load_skips(workdir), loader.step
     ledger = SampleLedger(workdir, ctx.is_main)
     ledger.start(loader.step, start, fresh=not resume)
