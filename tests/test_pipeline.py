@@ -125,7 +125,9 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
 OTHER_COMMANDS = ("mix/", "experts/", "plan.json", "mixture.json", "launch/", "logs/", "heal/", "sources/", "base/",
                   "tokens/sources/", "heldout/NAME",
                   # written when it happens: an unreadable input line (tests/test_silent.py), a failure or decision
-                  "corpus/.hone/quarantine/", "events.jsonl")
+                  "corpus/.hone/quarantine/", "events.jsonl",
+                  # written only with [log] backends (tests/test_train_tracking.py)
+                  "tracking.json", "wandb/", "mlruns/")
 
 
 def readme_run_directory_paths() -> list[str]:

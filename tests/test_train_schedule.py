@@ -189,3 +189,12 @@ def test_report_plots_the_learning_rate(tmp_path):
                                                     for r in rows))
     html = write_report(tmp_path).read_text()
     assert 'alt="training loss"' in html and 'alt="learning rate"' not in html
+
+
+@pytest.mark.parametrize("value", ["bse", -1e-4, True])
+def test_bad_warmup_from_is_one_line(value):
+    from hone.recipe import parse_recipe
+
+    with pytest.raises(HoneError, match=r'train.warmup_from: must be a learning rate >= 0 or "base"'):
+        parse_recipe({"data": {"packaged": {}}, "curate": {"domain": {"keywords": ["g"]}},
+                      "train": {"warmup_from": value}}, "r.toml")

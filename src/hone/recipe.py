@@ -475,6 +475,14 @@ class TrainConfig(_Section):
                              "over every process); set it to 1")
         return self
 
+    @field_validator("warmup_from", mode="before")
+    @classmethod
+    def _warmup_from(cls, v):
+        # One clear message instead of pydantic's one error per member of the union.
+        if v == "base" or (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0):
+            return v
+        raise ValueError('must be a learning rate >= 0 or "base"')
+
     @field_validator("checkpoint_every", mode="before")
     @classmethod
     def _every(cls, v):

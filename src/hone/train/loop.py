@@ -289,13 +289,16 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     optimizer = make_optimizer(model, cfg)
     start = resume_from_newest(ckpt_root, model, optimizer, loader, say) if resume else 0
     warm_lr, warm_why = warmup_start(cfg, base)
-    if start == 0:  # the base's optimizer state only before the run's own first checkpoint
-        say(f"train: {cfg.schedule} schedule, {warm_why}; {use_base_optimizer(cfg, base, model, optimizer)}")
+    if start == 0:  # the base's optimizer state only before the run's own first checkpoint (all ranks read it)
+        optimizer_why = use_base_optimizer(cfg, base, model, optimizer)
+        say(f"train: {cfg.schedule} schedule, {warm_why}; {optimizer_why}")
     skips, first_batch = load_skips(workdir), loader.step
     ledger = SampleLedger(workdir, ctx.is_main)
     ledger.start(loader.step, start, fresh=not resume)
     heartbeat = Heartbeat(workdir, ctx.rank)
     fault_dir = heal_dir(workdir)
+    # Before the metrics past the checkpoint are forgotten: they say which steps the trackers have.
+    board = open_tracking(tracking, workdir, say, fresh=not resume) if ctx.is_main else None
     if ctx.is_main:
         if not resume and metrics_path.exists():
             metrics_path.unlink()
@@ -334,7 +337,6 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
-    board = open_tracking(tracking, workdir, say) if ctx.is_main else None
     schedule = CheckpointSchedule(cfg, total_steps=total_steps, start=start, world=ctx.world_size, n_params=n_params,
                                   broadcast=_broadcaster(ctx), say=say, workdir=workdir if ctx.is_main else None)
     t0, last = time.perf_counter(), {}

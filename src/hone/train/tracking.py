@@ -25,7 +25,7 @@ from typing import Callable, Protocol
 
 from hone.errors import HoneError
 from hone.recipe import Recipe
-from hone.rundir import TENSORBOARD_DIR, TRACKING_FILE, read_json, write_json
+from hone.rundir import METRICS_FILE, TENSORBOARD_DIR, TRACKING_FILE, read_json, write_json
 
 __all__ = ["Tracking", "tracking_for", "check_backends", "scalars", "open_tracking", "finish_tracking"]
 
@@ -206,7 +206,8 @@ BACKENDS = {"tensorboard": TensorBoardBackend, "wandb": WandbBackend, "mlflow": 
 
 
 class Trackers:
-    """The run's backends together; remembers in tracking.json the last step sent."""
+    """The run's backends together, and the last step they were sent (kept in tracking.json at the
+    end; after a crash, the last step of metrics.jsonl, which each step reaches just before them)."""
 
     def __init__(self, backends: list[Backend], workdir: Path, state: dict) -> None:
         self.backends, self.path, self.state = backends, workdir / TRACKING_FILE, state
@@ -221,7 +222,6 @@ class Trackers:
         for backend in self.backends:
             backend.log(values, step)
         self.state["sent_step"] = step
-        write_json(self.path, self.state)
 
     def finish(self, table: dict | None, files: list[Path]) -> None:
         step = self.state.get("sent_step", 0)
@@ -238,14 +238,28 @@ class Trackers:
         write_json(self.path, self.state)
 
 
-def open_tracking(tracking: Tracking | None, workdir: Path, say: Say = print) -> Trackers | None:
-    """The run's backends, continuing the runs recorded in tracking.json; None when there is none."""
+def _last_logged_step(workdir: Path) -> int:
+    path = workdir / METRICS_FILE
+    lines = path.read_text().split("\n") if path.is_file() else []
+    last = next((line for line in reversed(lines) if line.strip()), None)
+    try:
+        return int(json.loads(last)["step"]) if last else 0
+    except (ValueError, KeyError, TypeError):  # a line cut by a crash
+        return 0
+
+
+def open_tracking(tracking: Tracking | None, workdir: Path, say: Say = print, *,
+                  fresh: bool = False) -> Trackers | None:
+    """The run's backends, continuing the runs recorded in tracking.json (``fresh``: new runs);
+    None when there is none. Open it before a resume forgets the metrics lines past its checkpoint."""
     names = check_backends(tracking)
     if not names:
         return None
     tracking = tracking or Tracking()
     workdir = Path(workdir)
-    state = read_json(workdir / TRACKING_FILE) if (workdir / TRACKING_FILE).is_file() else {}
+    state = read_json(workdir / TRACKING_FILE) if (workdir / TRACKING_FILE).is_file() and not fresh else {}
+    if state:
+        state["sent_step"] = max(state.get("sent_step", 0), _last_logged_step(workdir))
     backends = [BACKENDS[name](workdir, tracking, state) for name in names]
     write_json(workdir / TRACKING_FILE, state)
     if tracking.backends is not None:
