@@ -4,6 +4,7 @@ parameter + gradient + AdamW bytes, tokens/s and wall time. Prints one JSON obje
 
     python benchmarks/lora_vs_full.py                          # the demo recipes as shipped (40 steps)
     python benchmarks/lora_vs_full.py --steps 8 --eval-tokens 8192   # shortened, for a loaded CPU
+    python benchmarks/lora_vs_full.py --tiny --repeats 2            # the tiny random model (a smoke test)
 
 The data stages and the "before" evaluation run once (``hone run --max-steps 1`` on
 recipes/demo-biomed.toml); each variant then trains with ``hone train --fresh`` in a copy of that
@@ -28,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"full": ROOT / "recipes" / "demo-biomed.toml", "lora": ROOT / "recipes" / "demo-biomed-lora.toml"}
+# --tiny: the tiny random model of recipes/tiny-cpu.toml, with the demo's [train.lora] section added.
+TINY = ROOT / "recipes" / "tiny-cpu.toml"
 
 
 def _toml_value(v) -> str:
@@ -89,14 +92,21 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the recipe's max_tokens)")
     p.add_argument("--eval-tokens", type=int, default=0, help="eval.max_tokens_per_set (0: every document)")
     p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--tiny", action="store_true", help="the tiny random model instead of SmolLM2 (a loaded CPU)")
     args = p.parse_args()
     root = args.workdir
     root.mkdir(parents=True, exist_ok=True)
-    base_train = tomllib.loads(RECIPES["full"].read_text())["train"]
+    sources = dict(RECIPES)
+    if args.tiny:
+        lora = RECIPES["lora"].read_text().partition("[train.lora]")[2].partition("\n[eval]")[0]
+        text = TINY.read_text()
+        (root / "tiny-lora-src.toml").write_text(text.replace("\n[eval]", "\n[train.lora]" + lora + "\n[eval]", 1))
+        sources = {"full": TINY, "lora": root / "tiny-lora-src.toml"}
+    base_train = tomllib.loads(sources["full"].read_text())["train"]
     train = {"max_tokens": args.steps * base_train["seq_len"] * base_train["batch_size"]} if args.steps else {}
     eval_ = {"max_tokens_per_set": args.eval_tokens} if args.eval_tokens else {}
     recipes = {name: write_recipe(src, root / f"{name}.toml", root / "base", train, eval_)
-               for name, src in RECIPES.items()}
+               for name, src in sources.items()}
     prepare_s = hone("run", recipes["full"], "--workdir", root / "base", "--max-steps", 1)
     results: dict[str, list[dict]] = {"full": [], "lora": []}
     for i in range(args.repeats):
@@ -114,6 +124,7 @@ def main() -> None:
         "train_s_lora_over_full": round(lora["train_s"] / full["train_s"], 3),
     }
     print(json.dumps({"machine": f"{platform.machine()} {os.cpu_count()} cores", "date": time.strftime("%Y-%m-%d"),
+                      "model": "tiny random (recipes/tiny-cpu.toml)" if args.tiny else "SmolLM2-135M (demo)",
                       "steps": args.steps or "recipe", "eval_tokens_per_set": args.eval_tokens or "all",
                       "prepare_s": round(prepare_s, 1), "results": results, "ratios": ratios}, indent=1))
 

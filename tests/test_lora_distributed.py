@@ -52,6 +52,7 @@ def test_two_process_fsdp_lora_matches_one_process(prepared):
         assert wa.keys() == wb.keys()
         for k in wa:
             assert (wa[k] - wb[k]).abs().max() < 1e-5, (part, k)
+    assert not any("lora" in k for k in load_file(str(two / "final" / "model.safetensors")))  # merged
     adapter = load_file(str(two / "final-adapter" / "adapter_model.safetensors"))
     assert len([k for k in adapter if ".lora_A." in k]) == 2 * 7
     assert "base_model.model.model.embed_tokens.weight" in adapter
