@@ -5,12 +5,14 @@
 
 In one process, on the run's packaged tasks (WORKDIR/tasks/) and held-out sets (WORKDIR/heldout/):
 
-- ``hone``: ``run_tasks`` through Hone's lm-eval ``LM`` on Hone's Llama (the head applied only
-  at the continuation's positions);
-- ``full_logits``: the same ``LM`` on the same weights through the generic path (the model's
-  whole ``[B, T, V]`` logits, as for a transformers-backend model): accuracy must be equal;
-- ``perplexity``: the perplexity evaluation of the ``domain`` and ``general`` sets, the cost the
-  run already pays before and after training (the baseline the tasks add to);
+- ``hone``: ``run_tasks`` through Hone's lm-eval ``LM`` on Hone's Llama (each question read once
+  into a KV cache its four choices share);
+- ``full_logits``: the same ``LM`` on the same weights through the generic path (every
+  question + choice read whole, the model's whole logits, as for a transformers-backend model):
+  accuracy must be equal;
+- ``perplexity``: the perplexity evaluation of the ``domain`` and ``general`` sets (their first
+  ``--limit`` documents), the cost the run already pays before and after training (the
+  baseline the tasks add to);
 - ``hflm`` (``--hflm``): lm-eval's own HFLM on the HF directory (transformers), the reference
   implementation; its log-likelihoods lack Hone's end-of-text prefix, so its accuracy may differ
   by a few items.
@@ -83,7 +85,8 @@ def main() -> None:
     quiet = dict(include=include, limit=args.limit, max_len=512, batch_size=8, log=lambda m: None)
     hone, t_hone = timed(lambda: run_tasks(model, tok, conv, TASKS, **quiet))
     full, t_full = timed(lambda: run_tasks(Generic(model), tok, conv, TASKS, **quiet))
-    sets = {n: read_texts(args.workdir / "heldout" / f"{n}.jsonl") for n in ("domain", "general")}
+    # the perplexity baseline scores as many held-out documents as the tasks have items
+    sets = {n: read_texts(args.workdir / "heldout" / f"{n}.jsonl")[:args.limit] for n in ("domain", "general")}
     _, t_ppl = timed(lambda: evaluate_sets(model, tok, sets, seq_len=512, batch_size=4, conventions=conv,
                                            log=lambda m: None))
     out = {"model": str(args.model), "limit": args.limit, "threads": torch.get_num_threads(),

@@ -13,7 +13,7 @@ from conftest import run_hone, tiny_llama
 from hone.cli.eval import load_scored_model
 from hone.corpus.tasks import CHOICES, MASK, PACKAGED_TASKS, build_packaged_tasks, write_task
 from hone.errors import HoneError
-from hone.evaluate_tasks import check_task_file, compare_tasks, run_tasks
+from hone.evaluate_tasks import check_task_file, compare_tasks, continuation_scores, encode_pair, run_tasks
 from hone.tokens import train_bpe
 from hone.tokens.conventions import TokenConventions
 from model_dirs import write_model_dir
@@ -41,10 +41,10 @@ def conventions(tok) -> TokenConventions:
     return TokenConventions.detect(tok)
 
 
-def hand_scores(model, tok, conv, items) -> tuple[list[float], list[float]]:
-    """acc and acc_norm per item: each choice's log-likelihood from a forward pass of its own
-    (no batching, no padding), after the prompt and lm-eval's target delimiter " "."""
-    acc, norm = [], []
+def hand_scores(model, tok, conv, items) -> tuple[list[float], list[float], list[float]]:
+    """acc and acc_norm per item, and every choice's log-likelihood: each from a forward pass of
+    its own (no batching, no padding, no cache), after the prompt and lm-eval's delimiter " "."""
+    acc, norm, every = [], [], []
     for item in items:
         context = PROMPT.replace("{{question}}", item["question"])
         ctx = tok.encode(context, add_special_tokens=False).ids
@@ -58,11 +58,12 @@ def hand_scores(model, tok, conv, items) -> tuple[list[float], list[float]]:
             n = len(whole) - len(ctx)
             targets = torch.tensor(ids[-n:])
             lls.append(float(logp[-n:].gather(1, targets[:, None]).sum()))
+        every += lls
         best = max(range(CHOICES), key=lambda i: lls[i])
         best_norm = max(range(CHOICES), key=lambda i: lls[i] / len(item["choices"][i]))
         acc.append(float(best == item["label"]))
         norm.append(float(best_norm == item["label"]))
-    return acc, norm
+    return acc, norm, every
 
 
 def stderr(xs: list[float]) -> float:
@@ -70,12 +71,30 @@ def stderr(xs: list[float]) -> float:
     return math.sqrt(sum((x - mu) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
 
 
-def test_lm_eval_accuracy_equals_the_hand_computation(model, tok, tmp_path):
+class Generic(torch.nn.Module):
+    """The tiny Llama behind a module that is not Hone's Llama (as the transformers backend is):
+    scored from whole logits, (context, choice) pairs batched, instead of a shared KV cache."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, ids):
+        return self.inner(ids)
+
+
+@pytest.mark.parametrize("path", ["llama_kv_cache", "generic_logits"])
+def test_lm_eval_accuracy_equals_the_hand_computation(model, tok, tmp_path, path):
     yaml = write_task(tmp_path, "tiny_mc", ITEMS, PROMPT, "a tiny test task")
     conv = conventions(tok)
+    scored = model if path == "llama_kv_cache" else Generic(model)
     # batch_size 3: batches mix lengths, so padding must not change a score
-    got = run_tasks(model, tok, conv, [str(yaml)], batch_size=3, log=lambda s: None)["tiny_mc"]
-    acc, norm = hand_scores(model, tok, conv, ITEMS)
+    got = run_tasks(scored, tok, conv, [str(yaml)], batch_size=3, log=lambda s: None)["tiny_mc"]
+    acc, norm, lls = hand_scores(model, tok, conv, ITEMS)
+    pairs = [encode_pair(tok, PROMPT.replace("{{question}}", it["question"]), " " + c)
+             for it in ITEMS for c in it["choices"]]
+    scores = continuation_scores(scored, pairs, prefix=conv.context(), max_len=512, batch_size=3, pad_id=conv.pad)
+    assert [s for s, _ in scores] == pytest.approx(lls, abs=1e-4)
     assert got["n"] == len(ITEMS)
     assert got["acc"] == pytest.approx(sum(acc) / len(acc))
     assert got["acc_norm"] == pytest.approx(sum(norm) / len(norm))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from hone.errors import HoneError
-from hone.model.llama import Llama
+from hone.model.llama import KVCache, Llama
 from hone.tokens.conventions import TokenConventions
 
 Log = Callable[[str], None]
@@ -61,12 +61,32 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return whole[:len(ctx)], whole[len(ctx):]
 
 
+def _shared_context_scores(model: Llama, ctx: list[int], conts: list[list[int]], pad_id: int
+                           ) -> list[tuple[float, bool]]:
+    """Scores of the continuations ``conts`` of one context with Hone's Llama: the context is read
+    once into a KV cache that every continuation row shares, so a 4-way multiple-choice item costs
+    one context instead of four (the choices are short, the question is long)."""
+    cache = KVCache(model.config.num_hidden_layers)
+    device = model.lm_head.weight.device
+    hidden = model.model(torch.tensor([ctx], device=device), cache)
+    first = F.log_softmax(model.lm_head(hidden[0, -1]).float(), -1)  # predicts each continuation's first token
+    rows = len(conts)
+    cache.keys = [k.expand(rows, -1, -1, -1) for k in cache.keys]
+    cache.values = [v.expand(rows, -1, -1, -1) for v in cache.values]
+    batch = torch.full((rows, max(map(len, conts))), pad_id, dtype=torch.long)
+    for row, cont in enumerate(conts):
+        batch[row, :len(cont)] = torch.tensor(cont)
+    hidden = model.model(batch.to(device), cache)  # right padding: causal, never seen by a real token
+    out = []
+    for row, cont in enumerate(conts):
+        rest = F.log_softmax(model.lm_head(hidden[row, :len(cont) - 1]).float(), -1)
+        lp, target = torch.cat([first[None], rest]).cpu(), torch.tensor(cont)
+        out.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+    return out
+
+
 def _span_logprobs(model: torch.nn.Module, ids: torch.Tensor, spans: list[tuple[int, int]]) -> list[torch.Tensor]:
-    """Log-probabilities ``[b - a, V]`` of each row's positions ``a:b``. Hone's Llama applies its
-    head to those positions only (the whole ``[B, T, V]`` logits tensor is never built)."""
-    if isinstance(model, Llama):
-        hidden = model.model(ids)
-        return [F.log_softmax(model.lm_head(hidden[r, a:b]).float(), -1) for r, (a, b) in enumerate(spans)]
+    """Log-probabilities ``[b - a, V]`` of each row's positions ``a:b``, from the model's logits."""
     logits = model(ids)
     return [F.log_softmax(logits[r, a:b].float(), -1) for r, (a, b) in enumerate(spans)]
 
@@ -76,8 +96,12 @@ def continuation_scores(model: torch.nn.Module, pairs: list[tuple[list[int], lis
                         max_len: int, batch_size: int, pad_id: int) -> list[tuple[float, bool]]:
     """For each (context ids, continuation ids): the summed log-probability of the continuation
     after ``prefix`` + context, and whether greedy decoding would produce it. Sequences longer
-    than ``max_len`` lose context from the left; batches take the longest first."""
+    than ``max_len`` lose context from the left. Hone's Llama reads each context once for all its
+    continuations; any other model reads every (context, continuation) whole, in batches of
+    ``batch_size``, longest first."""
     device = next(model.parameters(), torch.empty(0)).device
+    if isinstance(model, Llama):
+        return _llama_scores(model, pairs, prefix=prefix, max_len=max_len, pad_id=pad_id)
     seqs = [(prefix + ctx + cont)[-(max_len + 1):] for ctx, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
@@ -96,6 +120,27 @@ def continuation_scores(model: torch.nn.Module, pairs: list[tuple[list[int], lis
             for i, lp in zip(chunk, _span_logprobs(model, batch.to(device), spans)):
                 lp, target = lp.cpu(), torch.tensor(seqs[i][-n[i]:])
                 out[i] = (float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _llama_scores(model: Llama, pairs: list[tuple[list[int], list[int]]], *, prefix: list[int], max_len: int,
+                  pad_id: int) -> list[tuple[float, bool]]:
+    """:func:`continuation_scores` for Hone's Llama: requests grouped by context, each context read
+    once (:func:`_shared_context_scores`), cut from the left so context + continuation fit ``max_len + 1``."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        groups.setdefault(tuple(ctx), []).append(i)
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+    was_training = model.training
+    model.eval()
+    try:
+        for ctx, members in groups.items():
+            conts = [pairs[i][1][-max_len:] for i in members]
+            context = (prefix + list(ctx))[-(max_len + 1 - max(map(len, conts))):]
+            for i, score in zip(members, _shared_context_scores(model, context, conts, pad_id)):
+                out[i] = score
     finally:
         model.train(was_training)
     return out

@@ -26,7 +26,7 @@ from hone.rundir import read_jsonl, write_jsonl, write_text
 
 CHOICES = 4
 MASK = "___"
-QUESTION_CHARS = 400  # a question is cut here (at a word boundary): scoring stays cheap on a CPU
+QUESTION_CHARS = 300  # a question is cut here (at a word boundary): scoring stays cheap on a CPU
 
 
 @dataclass(frozen=True)
