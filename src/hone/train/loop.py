@@ -326,7 +326,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         f"threads {torch.get_num_threads()}"
         + (f" | {fpt / 1e9:.2f} GFLOP/token" if fpt else "")
         + (f" | peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""))
-    say(f"train: {settings}; {documents}; {speed}")
+    say(f"train: {settings}; {documents}")
+    say(f"train: {speed}")
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
