@@ -452,8 +452,9 @@ class TrainConfig(_Section):
     lora: LoraConfig | None = Field(None, description="[train.lora]: train LoRA adapters (and optionally the "
                                                       "embeddings / head) instead of every parameter.")
     # Trainer speed (issue 17); results are the same with each of these off.
-    overlap_steps: bool = Field(True, description="Read, check and log step n while step n+1 runs (no host sync per "
-                                                  "step on a GPU; false: one step at a time).")
+    overlap_steps: bool | None = Field(None, description="Read, check and log step n while step n+1 runs (no host "
+                                                         "sync per step; default: on with CUDA, off on the CPU, where "
+                                                         "there is no sync to save; same results either way).")
     fused_projections: bool | None = Field(None, description="One matmul for q/k/v and one for gate/up in Hone's "
                                                              "Llama (default: on with CUDA, off on the CPU; off under "
                                                              "tp > 1 and LoRA).")

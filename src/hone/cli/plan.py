@@ -114,9 +114,12 @@ def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--outp
                                                   help="Measure GEMMs at this model's shapes (default hone-1b)."),
               seq: int = typer.Option(2048, "--seq", help="Tokens per GEMM row block (micro-batch x sequence)."),
               device: str = typer.Option("auto", "--device", help="auto (CUDA if visible), cuda or cpu."),
-              quick: bool = typer.Option(False, "--quick", help="Small sizes, few repeats (seconds on a CPU).")):
+              quick: bool = typer.Option(False, "--quick", help="Small sizes, few repeats (seconds on a CPU)."),
+              compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                                     help="Time Hone's layer torch.compile'd as train.compile runs it "
+                                                          "(default: on with CUDA, as the trainer).")):
     """Measure this machine (GEMM FLOP/s, memory bandwidth, device-to-device bandwidth) into a profile."""
-    prof = run_calibration(model or "hone-1b", seq=seq, device=device, quick=quick)
+    prof = run_calibration(model or "hone-1b", seq=seq, device=device, quick=quick, compile=compile)
 
     write_json(output, prof)
     c = prof["cluster"]

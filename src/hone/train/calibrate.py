@@ -34,7 +34,10 @@ def time_call(fn, sync, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False) -> dict:
+def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bool = False,
+                    compile: bool | None = None) -> dict:
+    """``compile``: time the layer torch.compile'd, as ``train.compile`` runs it (None: on with CUDA,
+    the trainer's default)."""
     m = load_shape(model)
     cuda = torch.cuda.is_available() and device != "cpu"
     dev = torch.device("cuda" if cuda else "cpu")
@@ -81,14 +84,17 @@ def run_calibration(model: str, seq: int = 2048, device: str = "auto", quick: bo
     if n > 1:
         cluster["matrix"] = [[v if i != j else 0.0 for j, v in enumerate(r)] for i, r in enumerate(matrix)]
 
-    cluster["trainer"] = measure(m, dev, quick=quick)  # Hone's own layer, loss and optimizer at this shape
+    # Hone's own layer, loss and optimizer at this shape
+    cluster["trainer"] = measure(m, dev, quick=quick, compile=cuda if compile is None else compile)
     return {"cluster": cluster, "measured": {"device": str(dev), "dtype": str(dtype), "model": m.name,
                                              "gemm_tflops": gemm_tflops, "gemms": gemms, "memory_gbps": mem_gbps,
                                              "link_matrix_gbps": matrix}}
 
 
-def measure(m: ModelShape, device, quick: bool = False) -> dict:
-    """Measure the table on ``device`` (seconds on a GPU; ``quick`` keeps a CPU run short)."""
+def measure(m: ModelShape, device, quick: bool = False, compile: bool = False) -> dict:
+    """Measure the table on ``device`` (seconds on a GPU; ``quick`` keeps a CPU run short). ``compile``:
+    the layer as the trainer runs it on CUDA, torch.compile'd with fused projections (a warm-up call
+    per point compiles before the timing)."""
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeats = 1 if quick else 2 if not cuda else 5
@@ -98,6 +104,9 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
     with torch.device(device):
         layer = DecoderLayer(cfg)
         head = torch.nn.Linear(m.hidden, m.vocab, bias=False)
+    if compile:
+        layer.self_attn.fused = layer.mlp.fused = cuda  # the trainer's default (hone.train.speed)
+        layer.compile()
     cos_all, sin_all = (t.to(device) for t in rope_tables(rope_inv_freq(cfg).to(device), max(seqs)))
     # As `hone train` runs: bf16 autocast on a GPU; fp32 on a CPU (bf16 matmuls are slow there).
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
@@ -175,7 +184,8 @@ def measure(m: ModelShape, device, quick: bool = False) -> dict:
 
     n = sum(p.numel() for p in params)
     per_param = timed(opt_step) / n
-    table = {"shape": shape_key(m), "device": str(device), "stack": STACK, "points": [list(p) for p in points],
+    table = {"shape": shape_key(m), "device": str(device), "stack": STACK, "compiled": compile,
+             "points": [list(p) for p in points],
              "head_tokens": list(head_tokens),
              "act_bytes_per_token": kept[False], "ckpt_bytes_per_token": kept[True],
              # Extra bytes at the peak of the backward (gradients of activations, a recomputed

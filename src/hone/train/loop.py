@@ -333,7 +333,8 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
         f"threads {torch.get_num_threads()}"
         + (f" | {fpt / 1e9:.2f} GFLOP/token" if fpt else "")
         + (f" | peak {peak / 1e12:.0f} TFLOP/s per device" if peak else ""))
-    say(f"train: {settings}; {documents}; {speed}")
+    say(f"train: {settings}; {documents}")
+    say(f"train: {speed}")
     model.train()
     autocast = torch.autocast(ctx.device.type, dtype=torch.bfloat16) if cfg.mixed_precision == "bf16" \
         else contextlib.nullcontext()
@@ -346,7 +347,7 @@ def train(model: torch.nn.Module, loader: MixtureLoader, cfg: TrainConfig, workd
     # numbers are read, logged and checked, so the host never idles the GPU. Step n's optimizer
     # update was queued before n+1's forward, skipped on the device when its gradient norm is not
     # finite; when the host then finds it bad, it rolls back and n+1's gradients are dropped.
-    overlap = cfg.overlap_steps
+    overlap = cfg.overlap_steps if cfg.overlap_steps is not None else ctx.device.type == "cuda"
     step = start  # the next step to compute
     pending: dict | None = None  # a step computed and updated, whose numbers are not read yet
 

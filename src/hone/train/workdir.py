@@ -37,7 +37,8 @@ Log = Callable[[str], None]
 # resumes (on another world size, with or without compile, ...) instead of starting over.
 LAYOUT_FIELDS = {"data_parallel", "tp", "pp", "pp_schedule", "vpp", "sequence_parallel", "activation_checkpointing",
                  "compile", "device", "threads",
-                 "log_every", "checkpoint_every", "micro_batch", "worker_mtbf_hours", "layout"}
+                 "log_every", "checkpoint_every", "micro_batch", "worker_mtbf_hours", "layout",
+                 "overlap_steps", "fused_projections"}  # issue 17: speed only, the same results
 
 
 def recipe_hash(recipe: Recipe) -> str:
