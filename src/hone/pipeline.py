@@ -25,8 +25,7 @@ from hone.errors import HoneError
 from hone.evaluate import compare, evaluate_sets, read_texts
 from hone.experts.branch import check_branch, run_branch
 from hone.heal.supervisor import supervise as supervise_run
-from hone.mix import budget
-from hone.mix import sweep as mix_sweep
+from hone.mix import budget, sweep as mix_sweep
 from hone.model.generate import complete
 from hone.model.gguf import smollm2_gguf_path
 from hone.model.hf import save_hf

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -182,7 +183,7 @@ def redecision(decision: dict, step: int, step_s: float) -> dict:
     per_step = decision["tokens"] // steps_total
     budget_s = steps_total * pred["step_time_s"]  # the training time the budget left after the sweep
     spent_s = step * step_s
-    more = max(0, int((budget_s - spent_s) // step_s))
+    more = max(0, math.floor((budget_s - spent_s) / step_s + 1e-9))  # 8.6 / 0.2 is 42.99... in floats
     steps = step + more
     return {"step": step, "measured_step_s": step_s, "predicted_step_s": pred["step_time_s"],
             "steps": steps, "tokens": steps * per_step, "previous_tokens": decision["tokens"], "applied": False}
