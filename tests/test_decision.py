@@ -137,6 +137,16 @@ def test_plan_recipe_prices_llama3_8b_from_its_config_in_under_5s(llama_dir, tmp
     assert "step_time_s" in result.output and "tokens:" in result.output
     bad = CliRunner().invoke(app, ["plan", "--recipe", str(recipe).replace("recipe.toml", "none.toml")])
     assert bad.exit_code != 0
+    # The shipped mixture (fitted up to 40,960 tokens on a 135M proxy) gives negative losses at 65B
+    # tokens: no loss is predicted, the mixture's own ratio is kept, and it says so.
+    shipped = ROOT / "recipes" / "demo-biomed.mixture.json"
+    recipe.write_text(recipe.read_text().replace(str(mixture), str(shipped)))
+    t0 = time.perf_counter()
+    result = CliRunner().invoke(app, ["plan", "--recipe", str(recipe), "-o", str(out)])
+    assert time.perf_counter() - t0 < 5 and result.exit_code == 0, result.output
+    d = json.loads(out.read_text())
+    assert d["predicted"]["domain_loss"] is None and d["ratio"] == json.loads(shipped.read_text())["schedule"]["ratio"]
+    assert any("no fitted law gives positive losses" in n for n in d["notes"])
 
 
 def test_redecide_records_the_tokens_the_remaining_budget_buys(tmp_path):

@@ -27,10 +27,19 @@ from hone.mix import sweep as mix_sweep
 from hone.mix.decision import DECISION_FILE, LOCAL, decide, format_decision, recipe_cluster, recipe_shape, with_measured
 from hone.mix.laws import fit_mixture, load_runs
 from hone.recipe import Recipe
-from hone.rundir import EVAL_AFTER_FILE, METRICS_FILE, MIXTURE_FILE, append_event, read_json, read_jsonl, write_json
+from hone.rundir import (
+    CHECKPOINTS_DIR,
+    EVAL_AFTER_FILE,
+    METRICS_FILE,
+    MIXTURE_FILE,
+    append_event,
+    read_json,
+    read_jsonl,
+    write_json,
+)
+from hone.train.checkpoint import latest_checkpoint
 from hone.train.loop import model_shape
 from hone.train.mixture import load_mixture, make_schedule
-from hone.train.workdir import training_results
 
 Log = Callable[[str], None]
 WARMUP_STEPS = 2      # measured steps skipped before the step time counts (allocator, caches)
@@ -114,10 +123,10 @@ def decide_run(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, P
     if path.exists() and (old := read_json(path)).get("inputs_hash") == key:
         log(f"decision: {path} is up to date (layout, {old['tokens']:,} tokens, ratio {old['ratio']:.3f})")
         return old
-    if path.exists() and (held := training_results(Path(workdir))):
+    if path.exists() and (held := latest_checkpoint(Path(workdir) / CHECKPOINTS_DIR, log=lambda m: None)):
         # Training under the old decision would resume with another token count and schedule.
         raise HoneError(f"budget: the recipe's budget, cluster, model, train or mix changed since {path}, and "
-                        f"{workdir} holds {held} trained under that decision; run again with --fresh to decide and "
+                        f"{workdir} holds checkpoints ({held.name}) trained under that decision; run again with --fresh to decide and "
                         "train again, or use a new --workdir")
     cluster = recipe_cluster(recipe)
     local = cluster.name == LOCAL

@@ -38,6 +38,7 @@ PREDICTED = ("step_time_s", "tokens_per_s", "memory_gib_per_gpu", "hours", "gpu_
 LOCAL = "local"
 CURVE_POINTS = 24
 RATIOS = np.linspace(0.0, 1.0, 101)  # candidate domain ratios
+CMR_REACH = 100  # CMR predicts up to this many times its largest sweep budget (D-CPT has no limit)
 # Layout fields of [train] a recipe may pin; train.layout = "auto" lets the planner choose the rest.
 LAYOUT_KEYS = ("tp", "pp", "micro_batch", "activation_checkpointing", "data_parallel", "vpp")
 
@@ -216,6 +217,9 @@ def choose_mix(mixture: dict, tokens: float, params: float, tolerance: float, re
     # D-CPT first: it models the token count in closed form; CMR interpolates between its budgets
     # with one token-curve fit per ratio (so on a coarser grid of ratios).
     for name in sorted(laws, key=lambda k: k != "dcpt"):
+        if name == "cmr" and (far := _cmr_too_far(mixture["laws"]["cmr"], tokens)):
+            bad.append(far)
+            continue
         ratios = RATIOS if name == "dcpt" else RATIOS[::5]
         grid = ratios[(ratios >= lo - 1e-9) & (ratios <= hi + 1e-9)]
         pred = _law_predict(mixture, name, grid, tokens, params)
@@ -243,6 +247,14 @@ def choose_mix(mixture: dict, tokens: float, params: float, tolerance: float, re
             "reference": used, "reference_general_loss": {"base": base, "best": best},
             "limit": limit, "critical_ratio": float(grid[np.flatnonzero(ok)].max()), "ratio_range": [lo, hi],
             "every_ratio_passes": passes, "size_term": size_term(mixture, law, params)}
+
+
+def _cmr_too_far(fit: dict, tokens: float) -> str | None:
+    """CMR is fitted per sweep budget; its token curves are three-point fits, not extrapolated far."""
+    budgets = [b["tokens"] for b in fit.get("by_tokens", [])]
+    if budgets and tokens > CMR_REACH * max(budgets):
+        return f"cmr is fitted at budgets up to {max(budgets):,.0f} tokens and not extrapolated beyond {CMR_REACH}x"
+    return None
 
 
 def _unpredictable(mixture: dict, tokens: float, why: str) -> dict:
