@@ -126,8 +126,8 @@ def decide_run(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, P
     if path.exists() and (held := latest_checkpoint(Path(workdir) / CHECKPOINTS_DIR, log=lambda m: None)):
         # Training under the old decision would resume with another token count and schedule.
         raise HoneError(f"budget: the recipe's budget, cluster, model, train or mix changed since {path}, and "
-                        f"{workdir} holds checkpoints ({held.name}) trained under that decision; run again with --fresh to decide and "
-                        "train again, or use a new --workdir")
+                        f"{workdir} holds checkpoints ({held.name}) trained under that decision; run again with "
+                        "--fresh to decide and train again, or use a new --workdir")
     cluster = recipe_cluster(recipe)
     local = cluster.name == LOCAL
     probe, _ = mix_sweep._probe(recipe, Path(workdir), model, tok, eval_sets)
