@@ -15,7 +15,16 @@ from hone.heal.summary import heal_context  # events.jsonl: failures, decisions,
 from hone.mix.decision import DECISION_FILE, PREDICTED
 from hone.mix.laws import load_runs
 from hone.report import plots
-from hone.rundir import SAMPLES_TEXT_FILE, SOURCES_DIR, TOKENS_DIR, parts_manifest, read_json, read_jsonl, write_text
+from hone.rundir import (
+    SAMPLES_TEXT_FILE,
+    SOURCES_DIR,
+    TOKENS_DIR,
+    parts_manifest,
+    read_events,
+    read_json,
+    read_jsonl,
+    write_text,
+)
 
 
 def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
@@ -155,6 +164,7 @@ def build_context(workdir: Path) -> dict:
     if (workdir / DECISION_FILE).exists():  # the report's first section: what was decided, and how it went
         decision = read_json(workdir / DECISION_FILE)
         ctx["decision"] = decision_context(decision)
+        ctx["decision"]["redecide"] = [e for e in read_events(workdir) if e.get("kind") == "redecide"]
         ctx["figures"]["decision"] = plots.decision_curve(decision, metrics)
     if (heal := heal_context(workdir)) is not None:
         ctx["heal"] = heal
