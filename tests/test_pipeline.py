@@ -123,7 +123,7 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
 # Rows of the README's run-directory table that a plain `hone run` of tiny-cpu does not write:
 # other commands' outputs, and what needs data sources, a GGUF base or a failure.
 OTHER_COMMANDS = ("mix/", "experts/", "plan.json", "mixture.json", "launch/", "logs/", "heal/", "sources/", "base/",
-                  "tokens/sources/", "heldout/NAME",
+                  "tokens/sources/", "heldout/NAME", "plan/",
                   # written when it happens: an unreadable input line (tests/test_silent.py), a failure or decision
                   "corpus/.hone/quarantine/", "events.jsonl",
                   # written only with [log] backends (tests/test_train_tracking.py)

@@ -370,6 +370,10 @@ def run_recipe(recipe: Recipe, workdir: Path | None = None, *, fresh: bool = Fal
     decision = None
     if recipe.budget is not None:  # the decision stage: layout, tokens and ratio from the budget
         decision = budget.decide_run(recipe, workdir, model, tok, data.eval_sets, log)
+        if decision["layout"]["gpus"] > nproc:
+            raise HoneError(f"cluster.spec: the decision ({budget.decision_path(workdir)}) lays training out on "
+                            f"{decision['layout']['gpus']} GPUs; `hone run` trains here in one process: launch its "
+                            "[train] layout with torchrun on the cluster, or decide for cluster.spec = \"local\"")
         recipe = budget.decided_recipe(recipe, decision)
         budget.reset_peak_rss()
     log_training_start(recipe, workdir, log)

@@ -526,7 +526,7 @@ class LogConfig(_Section):
 
 
 class MixConfig(_Section):
-    """`hone mix sweep` proxy runs; `hone run` ignores this section."""
+    """`hone mix sweep` proxy runs; `hone run` runs them only with a [budget] and no train.mixture."""
 
     ratios: list[Annotated[float, Field(ge=0, le=1)]] = Field([0.0, 0.25, 0.5, 0.75, 1.0], min_length=1,
                                                               description="Domain ratios of the proxy runs.")

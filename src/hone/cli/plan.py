@@ -6,6 +6,7 @@
     hone plan calibrate -o profile.json
     hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
     hone plan --model llama3-8b --cluster 2x8xH100 --seq 8192 --global-batch 64 --recipe-out train.toml
+    hone plan --recipe recipe.toml -o decision.json     # the decision of `hone run` with its [budget], priced
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from typing import List, Optional
 import typer
 
 from hone.errors import HoneError
+from hone.mix.decision import decide, format_decision, recipe_cluster, recipe_shape
 from hone.plan.api import format_text, make_plan
 from hone.plan.commands import recipe_section
+from hone.recipe import load_recipe
 from hone.rundir import write_json, write_text
 from hone.train.calibrate import run_calibration
+from hone.train.mixture import load_mixture
 
 plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, invoke_without_command=True,
                        help="Plan a cluster run: parallel configuration, memory, step time.")
@@ -48,8 +52,9 @@ def plan(ctx: typer.Context,
                                                 "evaluate exactly that configuration."),
          top: int = typer.Option(10, "--top", help="How many configurations to print and keep."),
          as_json: bool = typer.Option(False, "--json", help="Print the configurations as a JSON list."),
-         out: str = typer.Option("plan.json", "--out",
-                                 help="Write the plan here (ranked configs, launch commands); '' writes nothing."),
+         out: Optional[str] = typer.Option(None, "-o", "--out",
+                                           help="Write the plan here (ranked configs, launch commands; default "
+                                                "plan.json, with --recipe decision.json); '' writes nothing."),
          rank: str = typer.Option("throughput", "--rank",
                                   help="throughput, or cost (also tries fewer nodes; needs --tokens)."),
          tokens: Optional[float] = typer.Option(None, "--tokens",
@@ -62,10 +67,18 @@ def plan(ctx: typer.Context,
                                                    help="Write the chosen configuration's [train] section (a recipe "
                                                         "fragment for hone train) to this file."),
          pick: int = typer.Option(1, "--pick", min=1,
-                                  help="Which printed configuration --recipe-out writes (1: the best).")):
+                                  help="Which printed configuration --recipe-out writes (1: the best)."),
+         recipe: Optional[Path] = typer.Option(None, "--recipe",
+                                               help="Decide for this recipe without training: layout, tokens and "
+                                                    "domain ratio from its [budget] and [cluster] (the model read "
+                                                    "from its config alone), written to decision.json.")):
     """Search every valid tp / pp / dp / micro-batch / recompute / ZeRO / vpp; print the best."""
     if ctx.invoked_subcommand is not None:
         return
+    if recipe is not None:
+        _decide(recipe, "decision.json" if out is None else out, as_json)
+        return
+    out = "plan.json" if out is None else out
     if not model or not cluster or global_batch is None:
         raise HoneError("hone plan needs --model, --cluster and --global-batch (see hone plan --help)")
 
@@ -83,6 +96,23 @@ def plan(ctx: typer.Context,
             print(f"wrote {out}")
         if recipe_out is not None:
             print(f"wrote {recipe_out} ([train] of configuration #{pick})")
+
+
+def _decide(recipe_path: Path, out: str, as_json: bool) -> None:
+    """`hone plan --recipe`: the decision of `hone run` as a dry run (no weights, no sweep)."""
+    recipe = load_recipe(recipe_path)
+    if recipe.budget is None:
+        raise HoneError(f"{recipe_path}: budget: the recipe has no [budget] section (gpu_hours, tokens or days)")
+    mixture = load_mixture(Path(recipe.train.mixture)) if recipe.train.mixture else None
+    result = decide(recipe, recipe_shape(recipe), recipe_cluster(recipe), mixture=mixture)
+    if mixture is None and "mix" in recipe.model_fields_set:
+        result["notes"].append("the [mix] sweep runs in `hone run` (its cost counted there); this dry run keeps "
+                               "the recipe's ratio")
+    if out:
+        write_json(Path(out), result)
+    print(json.dumps(result, indent=2) if as_json else format_decision(result))
+    if out and not as_json:
+        print(f"wrote {out}")
 
 
 def _chosen_section(result: dict, pick: int, seq: int, global_batch: int) -> str:

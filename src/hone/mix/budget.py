@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import statistics
 import time
 from pathlib import Path
@@ -26,7 +27,17 @@ from hone.mix import sweep as mix_sweep
 from hone.mix.decision import DECISION_FILE, LOCAL, decide, format_decision, recipe_cluster, recipe_shape, with_measured
 from hone.mix.laws import fit_mixture, load_runs
 from hone.recipe import Recipe
-from hone.rundir import EVAL_AFTER_FILE, METRICS_FILE, MIXTURE_FILE, append_event, read_json, read_jsonl, write_json
+from hone.rundir import (
+    CHECKPOINTS_DIR,
+    EVAL_AFTER_FILE,
+    METRICS_FILE,
+    MIXTURE_FILE,
+    append_event,
+    read_json,
+    read_jsonl,
+    write_json,
+)
+from hone.train.checkpoint import latest_checkpoint
 from hone.train.loop import model_shape
 from hone.train.mixture import load_mixture, make_schedule
 
@@ -112,6 +123,11 @@ def decide_run(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, P
     if path.exists() and (old := read_json(path)).get("inputs_hash") == key:
         log(f"decision: {path} is up to date (layout, {old['tokens']:,} tokens, ratio {old['ratio']:.3f})")
         return old
+    if path.exists() and (held := latest_checkpoint(Path(workdir) / CHECKPOINTS_DIR, log=lambda m: None)):
+        # Training under the old decision would resume with another token count and schedule.
+        raise HoneError(f"budget: the recipe's budget, cluster, model, train or mix changed since {path}, and "
+                        f"{workdir} holds checkpoints ({held.name}) trained under that decision; run again with "
+                        "--fresh to decide and train again, or use a new --workdir")
     cluster = recipe_cluster(recipe)
     local = cluster.name == LOCAL
     probe, _ = mix_sweep._probe(recipe, Path(workdir), model, tok, eval_sets)
@@ -182,7 +198,7 @@ def redecision(decision: dict, step: int, step_s: float) -> dict:
     per_step = decision["tokens"] // steps_total
     budget_s = steps_total * pred["step_time_s"]  # the training time the budget left after the sweep
     spent_s = step * step_s
-    more = max(0, int((budget_s - spent_s) // step_s))
+    more = max(0, math.floor((budget_s - spent_s) / step_s + 1e-9))  # 8.6 / 0.2 is 42.99... in floats
     steps = step + more
     return {"step": step, "measured_step_s": step_s, "predicted_step_s": pred["step_time_s"],
             "steps": steps, "tokens": steps * per_step, "previous_tokens": decision["tokens"], "applied": False}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from hone.errors import HoneError
-from hone.mix.laws import GRID, LOSSES, predict_cmr, predict_dcpt
+from hone.mix.laws import LOSSES, predict_cmr, predict_dcpt
 from hone.plan.config import Constants
 from hone.plan.hardware import GPUS, Cluster, load_cluster
 from hone.plan.search import evaluate_fixed, nothing_fits_message, search
@@ -37,6 +37,8 @@ PREDICTED = ("step_time_s", "tokens_per_s", "memory_gib_per_gpu", "hours", "gpu_
              "general_loss")
 LOCAL = "local"
 CURVE_POINTS = 24
+RATIOS = np.linspace(0.0, 1.0, 101)  # candidate domain ratios
+CMR_REACH = 100  # CMR predicts up to this many times its largest sweep budget (D-CPT has no limit)
 # Layout fields of [train] a recipe may pin; train.layout = "auto" lets the planner choose the rest.
 LAYOUT_KEYS = ("tp", "pp", "micro_batch", "activation_checkpointing", "data_parallel", "vpp")
 
@@ -207,13 +209,27 @@ def size_term(mixture: dict, law: str, params: float) -> str:
 def choose_mix(mixture: dict, tokens: float, params: float, tolerance: float, reference: str) -> dict:
     """The ratio with the lowest predicted domain loss whose general loss is within ``tolerance``
     of the reference; both references are reported, and whether every ratio passes."""
-    law = mixture.get("chosen", {}).get("law") or next(iter(mixture.get("laws", {})), None)
-    if law not in mixture.get("laws", {}):
+    laws = list(mixture.get("laws", {}))
+    if not laws:
         raise HoneError("train.mixture: the mixture file has no fitted law (write one with hone mix fit)")
     lo, hi = mixture.get("chosen", {}).get("ratio_range", [0.0, 1.0])
-    grid = GRID[(GRID >= lo - 1e-9) & (GRID <= hi + 1e-9)]
-    pred = _law_predict(mixture, law, grid, tokens, params)
-    g, d = np.asarray(pred["general_loss"]), np.asarray(pred["domain_loss"])
+    law, g, d, bad = None, None, None, []
+    # D-CPT first: it models the token count in closed form; CMR interpolates between its budgets
+    # with one token-curve fit per ratio (so on a coarser grid of ratios).
+    for name in sorted(laws, key=lambda k: k != "dcpt"):
+        if name == "cmr" and (far := _cmr_too_far(mixture["laws"]["cmr"], tokens)):
+            bad.append(far)
+            continue
+        ratios = RATIOS if name == "dcpt" else RATIOS[::5]
+        grid = ratios[(ratios >= lo - 1e-9) & (ratios <= hi + 1e-9)]
+        pred = _law_predict(mixture, name, grid, tokens, params)
+        g, d = np.asarray(pred["general_loss"], float), np.asarray(pred["domain_loss"], float)
+        if np.all(np.isfinite(g)) and np.all(np.isfinite(d)) and (g > 0).all() and (d > 0).all():
+            law = name
+            break
+        bad.append(f"{name} predicts a domain loss of {float(np.min(d)):.3g} nats")
+    if law is None:
+        return _unpredictable(mixture, tokens, "; ".join(bad))
     base = (mixture.get("loss_before") or {}).get("general_loss")
     best = float(g.min())
     refs = {"base": base, "best": best}
@@ -233,9 +249,30 @@ def choose_mix(mixture: dict, tokens: float, params: float, tolerance: float, re
             "every_ratio_passes": passes, "size_term": size_term(mixture, law, params)}
 
 
+def _cmr_too_far(fit: dict, tokens: float) -> str | None:
+    """CMR is fitted per sweep budget; its token curves are three-point fits, not extrapolated far."""
+    budgets = [b["tokens"] for b in fit.get("by_tokens", [])]
+    if budgets and tokens > CMR_REACH * max(budgets):
+        return f"cmr is fitted at budgets up to {max(budgets):,.0f} tokens and not extrapolated beyond {CMR_REACH}x"
+    return None
+
+
+def _unpredictable(mixture: dict, tokens: float, why: str) -> dict:
+    """No law gives physical losses at ``tokens`` (extrapolated too far): keep the mixture's own
+    ratio and predict no loss, rather than choose by a negative one."""
+    ratio = (mixture.get("schedule") or {}).get("ratio", mixture.get("chosen", {}).get("ratio"))
+    target = mixture.get("target_tokens")
+    return {"law": None, "ratio": float(ratio), "domain_loss": None, "general_loss": None, "reference": None,
+            "reference_general_loss": {"base": (mixture.get("loss_before") or {}).get("general_loss"), "best": None},
+            "limit": None, "critical_ratio": None, "ratio_range": mixture.get("chosen", {}).get("ratio_range"),
+            "every_ratio_passes": {}, "size_term": "",
+            "unpredictable": f"no fitted law gives positive losses at {tokens:,.0f} tokens ({why}): the ratio is the "
+                             f"mixture's own choice at {target:,.0f} tokens and the losses are not predicted"}
+
+
 def loss_curve(mixture: dict, law: str, ratio: float, tokens: float, per_step: int, params: float) -> list[dict]:
     """The law's predicted losses at ``ratio`` from one step to ``tokens`` (geometric spacing)."""
-    ts = np.unique(np.geomspace(per_step, max(tokens, per_step), CURVE_POINTS).round())
+    ts = np.unique(np.geomspace(per_step, max(tokens, per_step), CURVE_POINTS if law == "dcpt" else 8).round())
     out = []
     for t in ts:
         p = _law_predict(mixture, law, np.array([ratio]), float(t), params)
@@ -278,7 +315,10 @@ def decide(recipe: Recipe, shape: ModelShape, cluster: Cluster, *, mixture: dict
         mix = choose_mix(mixture, tokens, params, b.general_tolerance, b.general_tolerance_reference)
         predicted.update(domain_loss=mix["domain_loss"], general_loss=mix["general_loss"])
         schedule = {"ratio": mix["ratio"], "upsample": (mixture.get("schedule") or {}).get("upsample")}
-        curve = loss_curve(mixture, mix["law"], mix["ratio"], tokens, per_step, params)
+        if mix["law"] is not None:
+            curve = loss_curve(mixture, mix["law"], mix["ratio"], tokens, per_step, params)
+        else:
+            notes.append(mix["unpredictable"])
         notes += _mix_notes(mixture, mix, tokens, b.general_tolerance)
     if t.upsample_fraction:
         up = t.upsample_ratio if t.upsample_ratio is not None else min(1.0, 2 * schedule["ratio"])
@@ -307,6 +347,7 @@ def decide(recipe: Recipe, shape: ModelShape, cluster: Cluster, *, mixture: dict
                                     if overhead_gib is not None else ""),
                        "tokens": f"{steps:,} steps = {how}",
                        "ratio": (f"{mix['law']} law from the mixture at {tokens:,} tokens; {mix['size_term']}"
+                                 if mix and mix["law"] else "the mixture's own choice (no law predicts this far)"
                                  if mix else "recipe (train.domain_ratio or the sources' weights)")},
             "notes": notes}
 
@@ -363,7 +404,7 @@ def format_decision(d: dict) -> str:
         s = d["sweep"]
         lines.append(f"mixture sweep: {s['seconds']:.0f} s = {s['gpu_hours']:.4g} GPU-hours, cost "
                      f"{s['cost']:.4g} (counted in the budget)")
-    if (m := d.get("mixture")):
+    if (m := d.get("mixture")) and m.get("law"):
         r = m["reference_general_loss"]
         base = f"{r['base']:.4f}" if r["base"] is not None else "unknown"
         lines.append(f"general loss references: base {base}, best {r['best']:.4f}; tolerance "

@@ -12,10 +12,20 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from hone.errors import HoneError
 from hone.heal.summary import heal_context  # events.jsonl: failures, decisions, recoveries
+from hone.mix.decision import DECISION_FILE, PREDICTED
 from hone.mix.laws import load_runs
 from hone.report import plots
 from hone.report.tasks import task_rows
-from hone.rundir import SAMPLES_TEXT_FILE, SOURCES_DIR, TOKENS_DIR, parts_manifest, read_json, read_jsonl, write_text
+from hone.rundir import (
+    SAMPLES_TEXT_FILE,
+    SOURCES_DIR,
+    TOKENS_DIR,
+    parts_manifest,
+    read_events,
+    read_json,
+    read_jsonl,
+    write_text,
+)
 
 
 def funnel_stages(manifest: dict) -> list[tuple[str, int]]:
@@ -157,9 +167,22 @@ def build_context(workdir: Path) -> dict:
             ctx["experts"] = out
             ctx["figures"]["experts"] = plots.experts(out)
 
+    if (workdir / DECISION_FILE).exists():  # the report's first section: what was decided, and how it went
+        decision = read_json(workdir / DECISION_FILE)
+        ctx["decision"] = decision_context(decision)
+        ctx["decision"]["redecide"] = [e for e in read_events(workdir) if e.get("kind") == "redecide"]
+        ctx["figures"]["decision"] = plots.decision_curve(decision, metrics)
     if (heal := heal_context(workdir)) is not None:
         ctx["heal"] = heal
     return ctx
+
+
+def decision_context(d: dict) -> dict:
+    """The decision's rows, predicted beside measured with the relative error of each."""
+    measured, error = d.get("measured") or {}, d.get("error") or {}
+    rows = [{"key": k, "predicted": d["predicted"].get(k), "measured": measured.get(k), "error": error.get(k)}
+            for k in PREDICTED]
+    return {**d, "rows": rows}
 
 
 def write_report(workdir: Path) -> Path:

@@ -191,3 +191,29 @@ def experts(out: dict) -> str:
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3, axis="y")
     return _png(fig)
+
+
+def decision_curve(decision: dict, metrics: list[dict]) -> str:
+    """The training loss over tokens, the law's predicted eval losses at the chosen ratio over it,
+    and the measured eval losses at the end."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    if metrics:
+        tokens = [m["tokens"] for m in metrics]
+        ax.plot(tokens, _ema([m["loss"] for m in metrics]), color="black", lw=1.5, label="training loss (smoothed)")
+    colors = {"domain_loss": "tab:green", "general_loss": "tab:blue"}
+    curve = decision.get("curve") or []
+    measured = decision.get("measured") or {}
+    for key, color in colors.items():
+        name = key.replace("_loss", "")
+        if curve:
+            ax.plot([c["tokens"] for c in curve], [c[key] for c in curve], ls="--", color=color,
+                    label=f"{name} loss predicted by the law")
+        if measured.get(key) is not None:
+            ax.plot([decision["tokens"]], [measured[key]], "o", color=color, label=f"{name} loss measured")
+    ax.set_xscale("log")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("nats/token")
+    ax.set_title(f"Predicted and measured loss at domain ratio {decision['ratio']:.2f}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _png(fig)
