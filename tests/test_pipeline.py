@@ -127,7 +127,11 @@ OTHER_COMMANDS = ("mix/", "experts/", "plan.json", "mixture.json", "launch/", "l
                   # written when it happens: an unreadable input line (tests/test_silent.py), a failure or decision
                   "corpus/.hone/quarantine/", "events.jsonl",
                   # written only with [log] backends (tests/test_train_tracking.py)
-                  "tracking.json", "wandb/", "mlruns/")
+                  "tracking.json", "wandb/", "mlruns/",
+                  # written only with eval.tasks (tests/test_eval_tasks.py)
+                  "tasks/", "eval_tasks",
+                  # written only under train.lora (tests/test_lora.py)
+                  "final-adapter")
 
 
 def readme_run_directory_paths() -> list[str]:

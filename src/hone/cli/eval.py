@@ -115,6 +115,7 @@ def eval_cmd(model: str = typer.Argument(..., help=f"The model to score: {MODEL_
         raise HoneError("nothing to evaluate: give --data NAME=FILE and/or --tasks TASK")
     paths = parse_data(data)
     resolve_tasks(task_names, include)  # every task file checked before any model loads
+    check_model(model, "MODEL")
     if base is not None:
         check_model(base, "--base")
     sets = {name: read_set(p, text_field) for name, p in paths.items()}

@@ -56,7 +56,7 @@ def train_hash(recipe: Recipe) -> str:
     # mixture file counts by the schedule it holds, not by its path.
     for key, default in (("mixture", None), ("upsample_fraction", 0.0), ("upsample_ratio", None),
                          ("nan_skip_batches", 1), ("schedule", "cosine"), ("decay_fraction", 0.2),
-                         ("warmup_from", 0.0), ("reset_optimizer", True)):
+                         ("warmup_from", 0.0), ("reset_optimizer", True), ("lora", None), ("float8", False)):
         if data.get(key) == default:
             data.pop(key, None)
     if recipe.train.mixture:
