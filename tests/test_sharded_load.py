@@ -38,6 +38,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+
+def _assert_rank0_holds(out: Path, want) -> None:
+    """Rank 0's gathered weights (written to ``out`` by _rank_main) equal ``want``'s exactly, and
+    its per-token losses on a fixed batch equal ``want``'s."""
+    got = torch.load(out, weights_only=True)
+    for name, t in want.state_dict().items():
+        assert torch.equal(got["state"][name], t), name
+    ids = torch.arange(24).view(2, 12) % 255
+    with torch.no_grad():
+        _, per_token = want(ids, (ids + 1) % 255)
+    torch.testing.assert_close(got["per_token"], per_token, rtol=1e-5, atol=1e-6)
+
 def _rank_main(rank: int, world: int, tp: int, port: int, model_dir: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -86,13 +98,7 @@ def test_sharded_load_on_gloo_ranks_equals_one_process(tmp_path: Path, world: in
     assert (model_dir / "model.safetensors.index.json").is_file()
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank_main, args=(world, tp, _free_port(), str(model_dir), str(out)), nprocs=world)
-    got = torch.load(out, weights_only=True)
-    for name, t in ref.state_dict().items():
-        assert torch.equal(got["state"][name], t), name
-    ids = torch.arange(24).view(2, 12) % 255
-    with torch.no_grad():
-        _, per_token = ref(ids, (ids + 1) % 255)
-    torch.testing.assert_close(got["per_token"], per_token, rtol=1e-5, atol=1e-6)
+    _assert_rank0_holds(out, ref)
     # `hone train --dry-run` for the same layout, without processes: each rank's bytes as held
     held = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(world)]
     report = dry_run(_hf_recipe(tmp_path, model_dir, tp=tp, batch_size=world), world, log=lambda m: None)
@@ -244,14 +250,7 @@ def test_transformers_backend_on_two_fsdp_ranks(tmp_path: Path) -> None:
     path = _transformers_dir(tmp_path, "gemma2")
     out = tmp_path / "rank0.pt"
     mp.spawn(_rank_main, args=(2, 1, _free_port(), str(path), str(out)), nprocs=2)
-    got = torch.load(out, weights_only=True)
-    want = HFCausalLM.from_pretrained(path, torch.float32)
-    for name, t in want.state_dict().items():
-        assert torch.equal(got["state"][name], t), name
-    ids = torch.arange(24).view(2, 12) % 255
-    with torch.no_grad():
-        _, per_token = want(ids, (ids + 1) % 255)
-    torch.testing.assert_close(got["per_token"], per_token, rtol=1e-5, atol=1e-6)
+    _assert_rank0_holds(out, HFCausalLM.from_pretrained(path, torch.float32))
 
 
 def test_cli_dry_run_starts_nothing_and_reads_no_data(tmp_path: Path, capsys) -> None:
