@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from hone.recipe import load_recipe
-from tiny_runs import hone_process, tiny_recipe_text
+from tiny_runs import assert_same_run, hone_process, run_metrics, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -49,10 +49,6 @@ def _workdir(prepared: Path, name: str) -> Path:
     return dest
 
 
-def _metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _weights(workdir: Path) -> dict:
     return load_file(str(workdir / "final" / "model.safetensors"))
 
@@ -72,20 +68,7 @@ def two_fsdp(prepared):
 
 
 def _assert_same_run(a: Path, b: Path, *, exact: bool) -> None:
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
-    assert [m["batch"] for m in ma] == [m["batch"] for m in mb], "the loader served different batches"
-    wa, wb = _weights(a), _weights(b)
-    assert wa.keys() == wb.keys()
-    if exact:
-        assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
-        for k in wa:
-            assert wa[k].equal(wb[k]), f"{k} differs"
-    else:
-        for x, y in zip(ma, mb):
-            assert abs(x["loss"] - y["loss"]) < 1e-4, (x["step"], x["loss"], y["loss"])
-        for k in wa:
-            assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+    assert_same_run(a, b, steps=STEPS, exact=exact, grad_norm=False)
 
 
 def test_two_process_fsdp_matches_one_process(one_process, two_fsdp):
@@ -220,7 +203,7 @@ def test_two_processes_track_from_rank_zero_only(prepared, monkeypatch):
         for m in client.get_metric_history(state["run_id"], key):
             assert (m.key, m.step) not in got, f"{m.key} step {m.step} sent twice"
             got[(m.key, m.step)] = m.value
-    want = {(k, row["step"]): v for row in _metrics(wd) for k, v in scalars(row).items()}
+    want = {(k, row["step"]): v for row in run_metrics(wd) for k, v in scalars(row).items()}
     assert {k: v for k, v in got.items() if not k[0].startswith("eval/")} == want
     table = json.loads((wd / "eval.json").read_text())
     assert {k: v for k, v in got.items() if k[0].startswith("eval/")} == {

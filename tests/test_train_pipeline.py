@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch.distributed.checkpoint as dcp
-from safetensors.torch import load_file
 
 from hone.errors import HoneError
 from hone.model.llama import Llama, LlamaConfig
@@ -23,7 +22,7 @@ from hone.plan.memory import stage_layout
 from hone.plan.shapes import PRESETS
 from hone.recipe import TrainConfig, load_recipe
 from hone.train.run import plan_from_recipe
-from tiny_runs import hone_process, tiny_recipe_text
+from tiny_runs import assert_same_run, hone_process, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -64,27 +63,8 @@ def _train(prepared: Path, recipe: str, name: str, *args, nproc: int = 1, **kw) 
     return wd
 
 
-def _metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
 def _assert_same_run(a: Path, b: Path, *, exact: bool) -> None:
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
-    assert [m["batch"] for m in ma] == [m["batch"] for m in mb], "the loader served different batches"
-    wa, wb = (load_file(str(w / "final" / "model.safetensors")) for w in (a, b))
-    assert wa.keys() == wb.keys()
-    if exact:
-        assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
-        assert [m["grad_norm"] for m in ma] == [m["grad_norm"] for m in mb]
-        for k in wa:
-            assert wa[k].equal(wb[k]), f"{k} differs"
-    else:
-        for x, y in zip(ma, mb):
-            assert abs(x["loss"] - y["loss"]) < 1e-4, (x["step"], x["loss"], y["loss"])
-            assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x["step"], x["grad_norm"], y["grad_norm"])
-        for k in wa:
-            assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+    assert_same_run(a, b, steps=STEPS, exact=exact, grad_norm=True)
 
 
 @pytest.fixture(scope="module")

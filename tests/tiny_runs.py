@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,3 +46,32 @@ def hone_process(*args, env: dict | None = None, check: bool = True, timeout: in
         raise AssertionError(f"hone {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def run_metrics(workdir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(a: Path, b: Path, *, steps: int, exact: bool, grad_norm: bool = False) -> None:
+    """Runs ``a`` and ``b`` took the same ``steps`` steps on the same batches and reached the same
+    losses (and gradient norms with ``grad_norm``) and final weights: bitwise when ``exact``, else
+    within 1e-4."""
+    ma, mb = run_metrics(a), run_metrics(b)
+    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, steps + 1))
+    assert [m["batch"] for m in ma] == [m["batch"] for m in mb], "the loader served different batches"
+    wa, wb = (load_file(str(w / "final" / "model.safetensors")) for w in (a, b))
+    assert wa.keys() == wb.keys()
+    if exact:
+        assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
+        if grad_norm:
+            assert [m["grad_norm"] for m in ma] == [m["grad_norm"] for m in mb]
+        for k in wa:
+            assert wa[k].equal(wb[k]), f"{k} differs"
+    else:
+        for x, y in zip(ma, mb):
+            assert abs(x["loss"] - y["loss"]) < 1e-4, (x["step"], x["loss"], y["loss"])
+            if grad_norm:
+                assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x["step"], x["grad_norm"], y["grad_norm"])
+        for k in wa:
+            assert (wa[k] - wb[k]).abs().max() < 1e-4, k
