@@ -17,7 +17,8 @@ import pytest
 
 from hone.heal.accounting import audit, effective, read_ledger
 from hone.recipe import load_recipe
-from test_train_distributed import _hone, _metrics, _recipe_text
+from test_train_distributed import _hone, _recipe_text
+from tiny_runs import run_metrics as _metrics
 
 STEPS = 8
 HEAL = "\n[heal]\nrepair_s = 3600\nhang_min_s = 4\nhang_factor = 5\nstraggler_min_s = 0.15\n"
