@@ -55,7 +55,7 @@ def run_hone(capsys, *args) -> tuple[int, str, str]:
     argv, sys.argv = sys.argv, ["hone", *map(str, args)]
     capsys.readouterr()
     try:
-        main()
+        main(exit_fast=False)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1

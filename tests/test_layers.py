@@ -3,7 +3,9 @@ no two packages import each other (directly or round a cycle), and imports sit a
 
 Every import counts, also one inside a function: a lazy import hides a cycle, it does not
 remove it. Only heavy optional libraries may be imported inside functions (never hone's own
-modules), and the planner must stay free of torch.
+modules), and the planner must stay free of torch. One exception, at the very top: `hone`
+loads the module of the subcommand it runs by name (hone.cli.COMMANDS), and that table may
+name only modules of hone.cli, which nothing imports.
 """
 
 from __future__ import annotations
@@ -137,6 +139,25 @@ def test_imports_sit_at_module_top():
             if not at_top and target.split(".")[0] not in LAZY_OK:
                 bad.append(f"{path.relative_to(SRC.parent)}:{line}: import {target} inside a function or block")
     assert not bad, "\n".join(bad)
+
+
+def test_the_cli_loads_only_its_own_modules_by_name():
+    from hone.cli import COMMANDS
+
+    for name, (module, attribute) in COMMANDS.items():
+        assert module.startswith("hone.cli."), f"hone {name}: {module} is not a module of hone.cli"
+        assert (SRC / "cli" / f"{module.rsplit('.', 1)[1]}.py").exists(), f"hone {name}: no {module}"
+    importers = [m for _, m, imports in _all_imports() if not m.startswith("hone.cli")
+                 for target, _, _ in imports if target.startswith("hone.cli")]
+    assert not importers, f"these import the CLI: {importers}"
+
+
+def test_a_subcommand_imports_only_what_it_needs():
+    """A command that needs no model starts without torch, transformers or matplotlib."""
+    code = ("import sys; from hone.cli import build_app; build_app(['cluster', 'fetch-data']); "
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_the_planner_does_not_import_torch():

@@ -85,7 +85,7 @@ def test_cli_plan_file_has_launch_material(tmp_path):
     assert "hone train settings:" in p.stdout and "Megatron-LM:" in p.stdout
     L = json.loads(out.read_text())["launch"]
     assert L["hone_train_toml"].startswith("[train]\nseq_len = 8192\nbatch_size = 64\n")
-    assert (L["torchrun"].startswith("python -m hone.train.worker --torchrun --nnodes 4 --nproc-per-node 8")
+    assert (L["torchrun"].startswith("python -m hone.train.torchrun --nnodes 4 --nproc-per-node 8")
             and "-m hone.train.worker" in L["torchrun"])
     assert "#SBATCH --nodes=4" in L["slurm"] and f"srun {L['torchrun']} &" in L["slurm"]
     assert "--num-query-groups 8" in L["megatron_args"]

@@ -148,7 +148,7 @@ def test_multinode_prints_torchrun_and_writes_slurm(prepared, tmp_path):
     assert "torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d" in proc.stdout
     script = (tmp_path / "mn" / "launch" / "slurm.sbatch").read_text()
     assert "#SBATCH --nodes=4" in script and "#SBATCH --gpus-per-node=8" in script
-    assert "srun python -m hone.train.worker --torchrun --nnodes 4" in script and "-m hone.train.worker" in script
+    assert "srun python -m hone.train.torchrun --nnodes 4" in script and "-m hone.train.worker" in script
     # Preemption: Slurm signals the script 120 s ahead; status 75 (checkpoint written) requeues the job.
     assert "#SBATCH --signal=B:USR1@120" in script and "#SBATCH --requeue" in script
     assert "trap 'signalled=1; kill -USR1 \"$pid\" 2>/dev/null' USR1 TERM" in script

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ from hone.rundir import append_event, read_events
 from hone.train.checkpoint import checkpoint_step, latest_checkpoint
 from hone.train.hooks import ENV_JOB_MTBF, ENV_MICRO_BATCH, ENV_SUPERVISED, MODEL_FILE, heal_dir, read_model_info
 from hone.train.preempt import alive, children, forwarding
-from hone.train.run import torchrun_argv, total_steps
+from hone.train.run import shown, torchrun_argv, total_steps
 
 POLL_S = 0.1
 KILL_GRACE_S = 10.0
@@ -128,7 +127,7 @@ class Supervisor:
         micro = self.replanner().micro_batch_override(self.world) if self.world != self.target else None
         if micro is not None:
             env[ENV_MICRO_BATCH] = str(micro)
-        self.say(f"launch on {self.world} workers: torchrun {shlex.join(argv[4:])}"
+        self.say(f"launch on {self.world} workers: {shown(argv)}"
                  + (f" (micro-batch {micro}, re-planned)" if micro is not None else ""))
         now = time.time()
         a = Attempt(self.world, now, last_progress=now, start_checkpoint=checkpoint_step(newest))

@@ -53,9 +53,10 @@ def recipe_section(rec: dict, seq: int, global_batch: int, index: int) -> str:
 
 
 WORKER_MODULE = "hone.train.worker"  # the torchrun entry point of a training worker
-# torchrun through the worker module's wrapper: a preemption signal reaches the workers (plain
-# torchrun kills them on SIGTERM and dies of SIGUSR1) and their "preempted" status comes back.
-TORCHRUN = f"python -m {WORKER_MODULE} --torchrun"
+# torchrun through Hone's wrapper: a preemption signal reaches the workers (plain torchrun
+# kills them on SIGTERM and dies of SIGUSR1) and their "preempted" status comes back.
+LAUNCHER_MODULE = "hone.train.torchrun"
+TORCHRUN = f"python -m {LAUNCHER_MODULE}"
 GRACE_S = 120  # Slurm's notice before the kill: one step plus one checkpoint must fit in it
 
 

@@ -5,16 +5,24 @@ from __future__ import annotations
 import base64
 import io
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 
 from hone.mix.laws import predict_dcpt
 
 
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported at the first plot: 0.6 s that a process
+    pays only when it draws (every `hone` command that trains imports the report)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _png(fig) -> str:
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=110)
@@ -24,6 +32,7 @@ def _png(fig) -> str:
 
 def funnel(stages: list[tuple[str, int]]) -> str:
     """Documents left after each curation step."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 0.55 * len(stages) + 1))
     names = [s for s, _ in stages][::-1]
     counts = [n for _, n in stages][::-1]
@@ -36,6 +45,7 @@ def funnel(stages: list[tuple[str, int]]) -> str:
 
 
 def drop_reasons(reasons: dict[str, int]) -> str:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 0.4 * max(1, len(reasons)) + 1.2))
     items = sorted(reasons.items(), key=lambda kv: kv[1])
     bars = ax.barh([k for k, _ in items], [v for _, v in items], color="#C44E52")
@@ -47,6 +57,7 @@ def drop_reasons(reasons: dict[str, int]) -> str:
 
 
 def retrieval(metrics: dict) -> str:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(4.5, 3))
     keys = ["precision", "recall", "f1"]
     vals = [metrics.get(k) or 0.0 for k in keys]
@@ -67,6 +78,7 @@ def _ema(values: list[float], alpha: float = 0.2) -> list[float]:
 
 
 def loss_curves(metrics: list[dict]) -> str:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     steps = [m["step"] for m in metrics]
     losses = [m["loss"] for m in metrics]
@@ -86,6 +98,7 @@ def loss_curves(metrics: list[dict]) -> str:
 
 def learning_rate(metrics: list[dict], schedule: str = "") -> str:
     """The learning rate of every logged step (metrics.jsonl's ``lr``)."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 2.4))
     pts = [(m["step"], m["lr"]) for m in metrics if m.get("lr") is not None]
     ax.plot([p[0] for p in pts], [p[1] for p in pts], color="#DD8452", lw=1.5)
@@ -98,6 +111,7 @@ def learning_rate(metrics: list[dict], schedule: str = "") -> str:
 
 
 def perplexity(table: dict[str, dict]) -> str:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     names = list(table)
     x = range(len(names))
@@ -131,6 +145,7 @@ def loss_limits(values: list[float], margin: float = 0.1) -> tuple[float, float]
 def mixture_fits(points: list[dict], mixture: dict | None) -> str:
     """General and domain loss vs domain ratio: the proxy runs' points per token budget, the
     fitted CMR curves (solid) and D-CPT curves (dashed), the tolerance line and the chosen ratio."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 3.8))
     trained = [p for p in points if p["tokens"] > 0]
     budgets = sorted({p["tokens"] for p in trained})
@@ -177,6 +192,7 @@ def mixture_fits(points: list[dict], mixture: dict | None) -> str:
 
 def experts(out: dict) -> str:
     """Domain experts: perplexity per evaluation set (groups) for every variant (bars), log scale."""
+    plt = _pyplot()
     sets, models = list(out["sets"]), list(out["models"])
     fig, ax = plt.subplots(figsize=(min(11, 2.2 + 1.6 * len(sets)), 3.8))
     w = 0.8 / len(models)
@@ -196,6 +212,7 @@ def experts(out: dict) -> str:
 def decision_curve(decision: dict, metrics: list[dict]) -> str:
     """The training loss over tokens, the law's predicted eval losses at the chosen ratio over it,
     and the measured eval losses at the end."""
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 3.6))
     if metrics:
         tokens = [m["tokens"] for m in metrics]

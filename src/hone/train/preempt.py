@@ -15,7 +15,6 @@ the same status.
 from __future__ import annotations
 
 import contextlib
-import gc
 import os
 import signal
 import threading
@@ -26,10 +25,10 @@ from typing import Callable, Iterable
 import torch
 import torch.distributed as dist
 
-from hone.errors import Preempted
+from hone.errors import PREEMPT_SIGNALS, Preempted, fast_exit
 
 EXIT_PREEMPTED = Preempted.exit_code
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = PREEMPT_SIGNALS
 
 _seen: list[tuple[int, float]] = []  # (signal, time) noted in this process
 
@@ -77,16 +76,10 @@ def catching():
 
 
 def quick_exit(status: int = EXIT_PREEMPTED) -> SystemExit:
-    """The exit to raise once the checkpoint is written: the interpreter's final garbage
-    collection of a training process took 8 s of the grace period (tiny model, loaded 2-core
-    machine) and is skipped by freezing what is alive; the run's files are all closed by then.
-    A further notice (or torchrun stopping the other workers once one has left) is ignored: it
-    must not turn the status into a kill."""
-    if threading.current_thread() is threading.main_thread():
-        for s in SIGNALS:
-            signal.signal(s, signal.SIG_IGN)
-    gc.freeze()
-    return SystemExit(status)
+    """The exit to raise once the preemption checkpoint is written (:func:`hone.errors.fast_exit`,
+    further notices ignored: nor they nor torchrun stopping the other workers once one has left
+    may turn the status into a kill)."""
+    return fast_exit(status, ignore=SIGNALS)
 
 
 def received() -> tuple[str, float] | None:

@@ -21,6 +21,7 @@ from hone.errors import HoneError
 from hone.model.load import base_meta_model, base_weights, pick_device
 from hone.model.lora import apply_lora, init_lora, lora_modules, with_lora_init
 from hone.model.weights import load_weights, materialize
+from hone.plan.commands import LAUNCHER_MODULE, WORKER_MODULE
 from hone.recipe import Recipe, TrainConfig, device_settings, domain_ratio, training_streams
 from hone.rundir import CHECKPOINTS_DIR, SUMMARY_FILE, read_json, stream_tokens_dir, write_json
 from hone.tokens import load_tokens
@@ -167,19 +168,24 @@ def train_recipe(recipe: Recipe, workdir: Path, model, max_steps: int | None, lo
 
 
 def torchrun_argv(workdir: Path, nproc: int, max_steps: int | None) -> list[str]:
-    # torchrun, through hone.train.worker's wrapper: a failed worker becomes one line, not a traceback.
-    argv = [sys.executable, "-m", "hone.train.worker", "--torchrun", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "hone.train.worker", "--workdir", str(workdir)]
+    # torchrun, through Hone's wrapper: a failed worker becomes one line, not a traceback.
+    argv = [sys.executable, "-m", LAUNCHER_MODULE, "--standalone", f"--nproc-per-node={nproc}",
+            "-m", WORKER_MODULE, "--workdir", str(workdir)]
     if max_steps:
         argv += ["--max-steps", str(max_steps)]
     return argv
+
+
+def shown(argv: list[str]) -> str:
+    """A :func:`torchrun_argv` as the torchrun line it amounts to, for the log."""
+    return f"torchrun {shlex.join(argv[3:])}"
 
 
 def launch_local(workdir: Path, nproc: int, max_steps: int | None, log: Log = print) -> None:
     """Run ``nproc`` workers on this machine under torchrun on the run directory's recipe;
     raise HoneError if any fails."""
     argv = torchrun_argv(workdir, nproc, max_steps)
-    log(f"launch: torchrun {shlex.join(argv[4:])}")
+    log(f"launch: {shown(argv)}")
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(argv, env=env)

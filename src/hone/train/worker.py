@@ -2,6 +2,7 @@
 
 ``hone train RECIPE --nproc N`` runs the data stages once in the calling process, then
 starts ``torchrun --standalone --nproc-per-node N -m hone.train.worker --workdir DIR``
+(through :mod:`hone.train.torchrun`)
 (:func:`hone.train.run.launch_local`) and waits. Every worker builds the base model on the
 meta device, applies the recipe's parallel plan (FSDP2 or DDP over dp, tensor parallel over
 tp), materializes its own shards and reads only those from the base's weights
@@ -21,10 +22,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import get_args_parser, run
 
-from hone.errors import HoneError
+from hone.errors import HoneError, fast_exit
 from hone.model.load import base_meta_model, base_tokenizer, base_weights, pick_device
 from hone.model.lora import apply_lora, with_lora_init
 from hone.model.weights import load_weights
@@ -34,7 +33,7 @@ from hone.train.checkpoint import checkpoints_newest_first
 from hone.train.hooks import NonFiniteLoss
 from hone.train.loop import train
 from hone.train.parallelize import init_distributed, parallelize
-from hone.train.preempt import EXIT_PREEMPTED, Preempted, catching, children, forwarding, quick_exit
+from hone.train.preempt import Preempted, catching, quick_exit
 from hone.train.run import build_loader, plan_from_recipe, total_steps
 from hone.train.schedule import base_state
 from hone.train.tracking import tracking_for
@@ -111,37 +110,8 @@ def validate_plan(plan, model, t: TrainConfig, world: int) -> None:
                   layers=getattr(cfg, "num_hidden_layers", None), micro_batch=t.micro_batch)
 
 
-def run_torchrun(args: list[str]) -> int:
-    """torchrun's own entry point, with worker failures reported in one line per rank.
-
-    torchrun answers SIGTERM by terminating its workers and dies of SIGUSR1; here both go on to
-    the workers instead, which finish their step, checkpoint and exit with EXIT_PREEMPTED,
-    which becomes this process's status (torchrun keeps SIGINT, SIGHUP and SIGQUIT).
-    """
-    me = os.getpid()
-    try:
-        with forwarding(lambda: children(me)):
-            run(get_args_parser().parse_args(["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *args]))
-    except ChildFailedError as e:
-        if all(f.exitcode == EXIT_PREEMPTED for f in e.failures.values()):
-            return EXIT_PREEMPTED  # rank 0 said so in one line; the caller or the Slurm script acts on it
-        if report := os.environ.get("HONE_FAILURE_REPORT"):  # for the supervisor (hone.heal)
-            write_json(Path(report), [{"rank": rank, "exitcode": f.exitcode, "pid": f.pid, "time": f.timestamp}
-                                      for rank, f in sorted(e.failures.items())])
-        for rank, failure in sorted(e.failures.items()):
-            how = (f"killed by {failure.signal_name()}" if failure.exitcode < 0
-                   else f"exited with status {failure.exitcode}")
-            print(f"worker rank {rank} (pid {failure.pid}) {how}", file=sys.stderr)
-        worst = next(iter(e.failures.values())).exitcode
-        return worst if worst > 0 else 128 - worst
-    return 0
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--torchrun"]:
-        status = run_torchrun(argv[1:])
-        raise quick_exit(status) if status == EXIT_PREEMPTED else SystemExit(status)
     p = argparse.ArgumentParser(prog="python -m hone.train.worker", description=__doc__.split("\n")[0])
     p.add_argument("recipe", type=Path, nargs="?", default=None,
                    help="Recipe TOML (default: the run directory's validated recipe.json)")
@@ -160,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with catching():  # from now on a preemption signal stops the job after a step and a checkpoint
             run_worker(recipe, workdir, args.max_steps)
+        sys.stdout.flush()
+        raise fast_exit(0)
     except Preempted:  # rank 0 has said it in one line
         raise quick_exit()
     except NonFiniteLoss as e:  # every rank stops alike; a distinct status tells the supervisor why
