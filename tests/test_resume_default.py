@@ -6,15 +6,14 @@ finished model are there (naming the changed fields), and only --fresh discards 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from hone.corpus.sources import data_dir
+from tiny_runs import hone_process
 
 ROOT = Path(__file__).resolve().parents[1] / "src" / "hone"
 
@@ -38,13 +37,7 @@ def _recipe(path: Path, **edits: str) -> Path:
 
 
 def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | (env or {})
-    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True, text=True,
-                          env=full_env, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hone {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n"
-                             f"{proc.stderr}")
-    return proc
+    return hone_process(*args, env=env, check=check, timeout=600)
 
 
 def _checkpoints(wd: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""The tiny CPU recipe as the multi-process tests run it, and `hone` in a subprocess.
+"""The tiny CPU recipe as the multi-process tests run it, and `hone` as a user runs it.
 
     text = tiny_recipe_text(workdir, steps=12, tp=2)      # recipes/tiny-cpu.toml, [train] fields set
     proc = hone_process("train", recipe, "--nproc", 2)    # AssertionError with its output on failure
@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
+
+from hone.cli import main as hone_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,14 +42,44 @@ def clean_env(**extra) -> dict:
     return {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | extra
 
 
-def hone_process(*args, env: dict | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """`hone ARGS` in a subprocess (torchrun workers need one), output captured."""
-    proc = subprocess.run([sys.executable, "-m", "hone.cli", *map(str, args)], capture_output=True, text=True,
-                          env=clean_env(**(env or {})), timeout=timeout)
+# What needs a process of its own: workers write to the terminal, a fault kills its process,
+# the supervisor and --fault change the environment.
+OWN_PROCESS = ("--nproc", "--nnodes", "--supervise", "--fault")
+
+
+def hone_process(*args, env: dict | None = None, check: bool = True, timeout: int = 300,
+                 subprocess_only: bool = False) -> subprocess.CompletedProcess:
+    """`hone ARGS`, output captured: in this process when that is the same as a fresh one (one
+    training process, nothing injected: it saves the 5-8 s a new process spends importing), else
+    in a subprocess (torchrun workers and killed processes need one)."""
+    strs = [str(a) for a in args]
+    if subprocess_only or env or any(a in OWN_PROCESS for a in strs):
+        proc = subprocess.run([sys.executable, "-m", "hone.cli", *strs], capture_output=True, text=True,
+                              env=clean_env(**(env or {})), timeout=timeout)
+    else:
+        proc = hone_here(*strs)
     if check and proc.returncode != 0:
-        raise AssertionError(f"hone {' '.join(map(str, args))} failed ({proc.returncode}):\n"
+        raise AssertionError(f"hone {' '.join(strs)} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def hone_here(*args: str) -> subprocess.CompletedProcess:
+    """`hone ARGS` run by the CLI's entry point in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    argv, sys.argv = sys.argv, ["hone", *args]
+    fault = os.environ.pop("HONE_FAULT", None)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            hone_main(exit_fast=False)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+        if fault is not None:
+            os.environ["HONE_FAULT"] = fault
+    return subprocess.CompletedProcess(["hone", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_metrics(workdir: Path) -> list[dict]:
