@@ -89,17 +89,15 @@ def current_rss_gib() -> float | None:
 
 # ---------------------------------------------------------------------------- before training
 
-def _sweep_mixture(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path], probe, log: Log) -> tuple[
-        dict, dict]:
-    """Run the [mix] sweep (priced first) and fit the laws; return mixture.json and the sweep's cost."""
+def _sweep_mixture(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path],
+                   probed: tuple[mix_sweep.Probe, dict], log: Log) -> tuple[dict, dict]:
+    """Run the [mix] sweep (priced first, from ``probed``: :func:`hone.mix.sweep.run_probe`'s
+    answer) and fit the laws; return mixture.json and the sweep's cost."""
     mix_sweep.check_sets(recipe, eval_sets)
     mixdir = Path(workdir) / "mix"
-    done = mix_sweep._done_points(mixdir / "runs.jsonl")
-    pending = mix_sweep._pending(recipe, done, mix_sweep._order_points(mixdir / "orders.jsonl"))
-    base_steps = max(1, recipe.mix.base_tokens // (recipe.train.seq_len * recipe.train.batch_size)) \
-        if recipe.mix.base_tokens > 0 and not (mixdir / "base").exists() else 0
-    line, estimate_s = mix_sweep.estimate_line(recipe, pending, probe, base_steps=base_steps, base_rows=True)
-    log(line)
+    estimate = mix_sweep.sweep_estimate(recipe, workdir, probed[0])
+    estimate_s = estimate["seconds"]
+    log(estimate["line"])
     b = recipe.budget
     limit_s = {"gpu_hours": (b.gpu_hours or 0) * 3600, "days": (b.days or 0) * 86400}.get(b.kind)
     log(f"decision: the mixture sweep is estimated at {estimate_s:.0f} s = {estimate_s / 3600:.4g} GPU-hours "
@@ -108,7 +106,7 @@ def _sweep_mixture(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[st
         raise HoneError(f"budget.{b.kind}: the mixture sweep alone is estimated at {estimate_s / 3600:.4g} "
                         f"GPU-hours, the whole budget; give train.mixture, fewer mix.ratios or smaller mix.tokens")
     t0 = time.perf_counter()
-    runs = mix_sweep.run_sweep(recipe, workdir, model, tok, eval_sets, log=log)
+    runs = mix_sweep.run_sweep(recipe, workdir, model, tok, eval_sets, log=log, probed=probed)
     seconds = time.perf_counter() - t0
     mixture = fit_mixture(load_runs(runs), tolerance=b.general_tolerance, source=str(runs))
     mixture["schedule"] = make_schedule(mixture["chosen"]["ratio"])
@@ -130,19 +128,21 @@ def decide_run(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, P
                         "--fresh to decide and train again, or use a new --workdir")
     cluster = recipe_cluster(recipe)
     local = cluster.name == LOCAL
-    probe, _ = mix_sweep._probe(recipe, Path(workdir), model, tok, eval_sets)
+    sweeping = not recipe.train.mixture and "mix" in recipe.model_fields_set
+    # This machine's step time (cluster "local") and the sweep's price come from real proxy steps.
+    probed = mix_sweep.run_probe(recipe, Path(workdir), model, tok, eval_sets) if local or sweeping else None
     mixture, sweep = None, None
     if recipe.train.mixture:
         mixture = load_mixture(Path(recipe.train.mixture))
-    elif "mix" in recipe.model_fields_set:
-        mixture, sweep = _sweep_mixture(recipe, Path(workdir), model, tok, eval_sets, probe, log)
+    elif sweeping:
+        mixture, sweep = _sweep_mixture(recipe, Path(workdir), model, tok, eval_sets, probed, log)
     shape = model_shape(model) if model is not None else None
     shape = shape or recipe_shape(recipe)
     params = float(sum(p.numel() for p in model.parameters())) if model is not None else None
     overhead = None
     if local and (rss := current_rss_gib()) is not None:
         overhead = max(0.0, rss - (params or 0) * 4 / 2**30)  # the weights are counted by the planner
-    decision = decide(recipe, shape, cluster, mixture=mixture, measured_step_s=probe.step_s if local else None,
+    decision = decide(recipe, shape, cluster, mixture=mixture, measured_step_s=probed[0].step_s if local else None,
                       overhead_gib=overhead, sweep=sweep, params=params)
     decision["inputs_hash"] = key
     write_json(path, decision)
