@@ -6,6 +6,7 @@
     hone plan calibrate -o profile.json
     hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
     hone plan --model llama3-8b --cluster 2x8xH100 --seq 8192 --global-batch 64 --recipe-out train.toml
+    hone plan --model llama3-8b --cluster 2x8xH100 --seq 8192 --global-batch 64 --trainer hone  # what hone train runs
     hone plan --recipe recipe.toml -o decision.json     # the decision of `hone run` with its [budget], priced
 """
 
@@ -66,6 +67,12 @@ def plan(ctx: typer.Context,
          recipe_out: Optional[Path] = typer.Option(None, "--recipe-out",
                                                    help="Write the chosen configuration's [train] section (a recipe "
                                                         "fragment for hone train) to this file."),
+         trainer: Optional[str] = typer.Option(None, "--trainer",
+                                               help="hone: only the layouts hone train runs (recompute none/full, "
+                                                    "ddp or fsdp), with its memory (fp32 weights, gradients and "
+                                                    "AdamW moments), as the decision stage; megatron: every "
+                                                    "configuration with Megatron-LM's constants. Default: hone with "
+                                                    "--recipe-out, else megatron."),
          pick: int = typer.Option(1, "--pick", min=1,
                                   help="Which printed configuration --recipe-out writes (1: the best)."),
          recipe: Optional[Path] = typer.Option(None, "--recipe",
@@ -82,8 +89,13 @@ def plan(ctx: typer.Context,
     if not model or not cluster or global_batch is None:
         raise HoneError("hone plan needs --model, --cluster and --global-batch (see hone plan --help)")
 
+    trainer = trainer or ("hone" if recipe_out is not None else "megatron")
+    if recipe_out is not None and trainer != "hone":
+        raise HoneError(f"--recipe-out {recipe_out}: a recipe is for hone train; plan it with --trainer hone "
+                        "(the default with --recipe-out)")
     result = make_plan(model, cluster, seq=seq, global_batch=global_batch, fix=fix, top=top, rank=rank,
-                       tokens=tokens, price=price, placement=place, constants=_constants(const or []))
+                       tokens=tokens, price=price, placement=place, constants=_constants(const or []),
+                       trainer=trainer)
     if out:
         write_json(Path(out), result)
     if recipe_out is not None:
