@@ -159,6 +159,19 @@ def test_redecide_records_the_tokens_the_remaining_budget_buys(tmp_path):
     # 10 s of training in the budget; 7 steps of 0.2 s spent -> 43 more steps: 50 in all.
     assert event["steps"] == 50 and event["tokens"] == 50 * 1024 and event["applied"] is False
     assert redecision(decision, 7, 0.1)["steps"] == 100  # on time: the same count
+    # A resumed run under the same decision finds its event and records no second one.
+    again = Redecide(recipe, tmp_path, decision, log=lambda m: None)
+    for step in range(8, 20):
+        again({"step": step, "step_s": 0.3})
+    assert len([e for e in read_events(tmp_path) if e.get("kind") == "redecide"]) == 1
+    # Under another decision (another token count) the comparison is made again: 10 s at 0.3 s
+    # per step after 7 steps of 0.3 s -> floor((10 - 2.1) / 0.3) = 26 more, 33 in all.
+    other = {**decision, "tokens": 100 * 1024 + 1}
+    third = Redecide(recipe, tmp_path, other, log=lambda m: None)
+    for step in range(1, 12):
+        third({"step": step, "step_s": 0.3})
+    events = [e for e in read_events(tmp_path) if e.get("kind") == "redecide"]
+    assert len(events) == 2 and events[-1]["steps"] == 33 and events[-1]["previous_tokens"] == 100 * 1024 + 1
 
 
 def test_budget_run_end_to_end_fills_measured_and_error(tmp_path):

@@ -7,7 +7,10 @@
   measured time counted against the budget), then ``plan/decision.json``;
 * on the way: :class:`Redecide` compares the measured step time after warm-up with the
   prediction, and when they differ by more than 10% records the token count the remaining
-  budget buys (an event in events.jsonl);
+  budget buys (an event in events.jsonl, once per decision, also across resumes). It is not
+  applied: the run keeps the decided step count, learning-rate schedule and mixture phases,
+  all fixed at its first step, so that a resumed run repeats the steps an uninterrupted one
+  takes (the loop's step count and schedule length cannot change mid-run);
 * after training: the measured step time, throughput, peak memory, hours, cost and final
   losses beside the predictions, with the relative error of each.
 """
@@ -33,6 +36,7 @@ from hone.rundir import (
     METRICS_FILE,
     MIXTURE_FILE,
     append_event,
+    read_events,
     read_json,
     read_jsonl,
     write_json,
@@ -165,12 +169,14 @@ def decided_recipe(recipe: Recipe, decision: dict) -> Recipe:
 
 class Redecide:
     """After warm-up, compare the measured step time with the prediction; beyond 10% apart,
-    record the token count the remaining budget buys at the measured pace (once)."""
+    record the token count the remaining budget buys at the measured pace (once per decision:
+    a resumed run that finds its event in events.jsonl does not record another)."""
 
     def __init__(self, recipe: Recipe, workdir: Path, decision: dict, log: Log):
         self.recipe, self.workdir, self.decision, self.log = recipe, Path(workdir), decision, log
         self.times: list[float] = []
-        self.done = False
+        self.done = any(e.get("kind") == "redecide" and e.get("previous_tokens") == decision["tokens"]
+                        for e in read_events(self.workdir))
 
     def __call__(self, row: dict) -> None:
         if self.done or self.recipe.budget is None or self.recipe.budget.kind == "tokens":
@@ -188,7 +194,8 @@ class Redecide:
         append_event(self.workdir, "redecide", **event)
         self.log(f"decision: measured {measured:.4g} s per step, {gap:+.0%} off the predicted {predicted:.4g} s: the "
                  f"remaining budget buys {event['tokens']:,} tokens in all ({event['steps']:,} steps) instead of "
-                 f"{self.decision['tokens']:,}; recorded in events.jsonl (this run keeps its learning-rate schedule)")
+                 f"{self.decision['tokens']:,}; recorded in events.jsonl, not applied (this run keeps its step count "
+                 "and learning-rate schedule, so that a resumed run repeats its steps)")
 
 
 def redecision(decision: dict, step: int, step_s: float) -> dict:
