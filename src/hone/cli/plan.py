@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -24,12 +25,12 @@ from hone.plan.api import format_text, make_plan
 from hone.plan.commands import recipe_section
 from hone.recipe import load_recipe
 from hone.rundir import write_json, write_text
-from hone.train.calibrate import run_calibration
 from hone.train.mixture import load_mixture
 
 plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, invoke_without_command=True,
                        help="Plan a cluster run: parallel configuration, memory, step time.")
 
+CALIBRATION = "hone.train.calibrate"  # `hone plan calibrate`'s measurements (torch)
 CONSTANT_HELP = "Override a planner constant, e.g. --const eff_max=0.6 (see hone.plan.config.Constants)."
 
 
@@ -161,6 +162,9 @@ def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--outp
                                                      help="Time Hone's layer torch.compile'd as train.compile runs it "
                                                           "(default: on with CUDA, as the trainer).")):
     """Measure this machine (GEMM FLOP/s, memory bandwidth, device-to-device bandwidth) into a profile."""
+    # Resolved when the command runs, as a lazily loaded subcommand: the calibration needs torch
+    # and Hone's model, which `hone plan` itself (the planner, the decision) never imports.
+    run_calibration = importlib.import_module(CALIBRATION).run_calibration
     prof = run_calibration(model or "hone-1b", seq=seq, device=device, quick=quick, compile=compile)
 
     write_json(output, prof)
