@@ -6,11 +6,13 @@
     hone plan calibrate -o profile.json
     hone plan --model hone-125m --cluster profile.json --seq 2048 --global-batch 16
     hone plan --model llama3-8b --cluster 2x8xH100 --seq 8192 --global-batch 64 --recipe-out train.toml
+    hone plan --model llama3-8b --cluster 2x8xH100 --seq 8192 --global-batch 64 --trainer hone  # what hone train runs
     hone plan --recipe recipe.toml -o decision.json     # the decision of `hone run` with its [budget], priced
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import List, Optional
@@ -23,12 +25,12 @@ from hone.plan.api import format_text, make_plan
 from hone.plan.commands import recipe_section
 from hone.recipe import load_recipe
 from hone.rundir import write_json, write_text
-from hone.train.calibrate import run_calibration
 from hone.train.mixture import load_mixture
 
 plan_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, invoke_without_command=True,
                        help="Plan a cluster run: parallel configuration, memory, step time.")
 
+CALIBRATION = "hone.train.calibrate"  # `hone plan calibrate`'s measurements (torch)
 CONSTANT_HELP = "Override a planner constant, e.g. --const eff_max=0.6 (see hone.plan.config.Constants)."
 
 
@@ -66,6 +68,12 @@ def plan(ctx: typer.Context,
          recipe_out: Optional[Path] = typer.Option(None, "--recipe-out",
                                                    help="Write the chosen configuration's [train] section (a recipe "
                                                         "fragment for hone train) to this file."),
+         trainer: Optional[str] = typer.Option(None, "--trainer",
+                                               help="hone: only the layouts hone train runs (recompute none/full, "
+                                                    "ddp or fsdp), with its memory (fp32 weights, gradients and "
+                                                    "AdamW moments), as the decision stage; megatron: every "
+                                                    "configuration with Megatron-LM's constants. Default: hone with "
+                                                    "--recipe-out, else megatron."),
          pick: int = typer.Option(1, "--pick", min=1,
                                   help="Which printed configuration --recipe-out writes (1: the best)."),
          recipe: Optional[Path] = typer.Option(None, "--recipe",
@@ -82,8 +90,13 @@ def plan(ctx: typer.Context,
     if not model or not cluster or global_batch is None:
         raise HoneError("hone plan needs --model, --cluster and --global-batch (see hone plan --help)")
 
+    trainer = trainer or ("hone" if recipe_out is not None else "megatron")
+    if recipe_out is not None and trainer != "hone":
+        raise HoneError(f"--recipe-out {recipe_out}: a recipe is for hone train; plan it with --trainer hone "
+                        "(the default with --recipe-out)")
     result = make_plan(model, cluster, seq=seq, global_batch=global_batch, fix=fix, top=top, rank=rank,
-                       tokens=tokens, price=price, placement=place, constants=_constants(const or []))
+                       tokens=tokens, price=price, placement=place, constants=_constants(const or []),
+                       trainer=trainer)
     if out:
         write_json(Path(out), result)
     if recipe_out is not None:
@@ -149,6 +162,9 @@ def calibrate(output: Path = typer.Option(Path("hw-profile.json"), "-o", "--outp
                                                      help="Time Hone's layer torch.compile'd as train.compile runs it "
                                                           "(default: on with CUDA, as the trainer).")):
     """Measure this machine (GEMM FLOP/s, memory bandwidth, device-to-device bandwidth) into a profile."""
+    # Resolved when the command runs, as a lazily loaded subcommand: the calibration needs torch
+    # and Hone's model, which `hone plan` itself (the planner, the decision) never imports.
+    run_calibration = importlib.import_module(CALIBRATION).run_calibration
     prof = run_calibration(model or "hone-1b", seq=seq, device=device, quick=quick, compile=compile)
 
     write_json(output, prof)

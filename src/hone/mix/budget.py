@@ -7,7 +7,10 @@
   measured time counted against the budget), then ``plan/decision.json``;
 * on the way: :class:`Redecide` compares the measured step time after warm-up with the
   prediction, and when they differ by more than 10% records the token count the remaining
-  budget buys (an event in events.jsonl);
+  budget buys (an event in events.jsonl, once per decision, also across resumes). It is not
+  applied: the run keeps the decided step count, learning-rate schedule and mixture phases,
+  all fixed at its first step, so that a resumed run repeats the steps an uninterrupted one
+  takes (the loop's step count and schedule length cannot change mid-run);
 * after training: the measured step time, throughput, peak memory, hours, cost and final
   losses beside the predictions, with the relative error of each.
 """
@@ -33,6 +36,7 @@ from hone.rundir import (
     METRICS_FILE,
     MIXTURE_FILE,
     append_event,
+    read_events,
     read_json,
     read_jsonl,
     write_json,
@@ -89,17 +93,15 @@ def current_rss_gib() -> float | None:
 
 # ---------------------------------------------------------------------------- before training
 
-def _sweep_mixture(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path], probe, log: Log) -> tuple[
-        dict, dict]:
-    """Run the [mix] sweep (priced first) and fit the laws; return mixture.json and the sweep's cost."""
+def _sweep_mixture(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path],
+                   probed: tuple[mix_sweep.Probe, dict], log: Log) -> tuple[dict, dict]:
+    """Run the [mix] sweep (priced first, from ``probed``: :func:`hone.mix.sweep.run_probe`'s
+    answer) and fit the laws; return mixture.json and the sweep's cost."""
     mix_sweep.check_sets(recipe, eval_sets)
     mixdir = Path(workdir) / "mix"
-    done = mix_sweep._done_points(mixdir / "runs.jsonl")
-    pending = mix_sweep._pending(recipe, done, mix_sweep._order_points(mixdir / "orders.jsonl"))
-    base_steps = max(1, recipe.mix.base_tokens // (recipe.train.seq_len * recipe.train.batch_size)) \
-        if recipe.mix.base_tokens > 0 and not (mixdir / "base").exists() else 0
-    line, estimate_s = mix_sweep.estimate_line(recipe, pending, probe, base_steps=base_steps, base_rows=True)
-    log(line)
+    estimate = mix_sweep.sweep_estimate(recipe, workdir, probed[0])
+    estimate_s = estimate["seconds"]
+    log(estimate["line"])
     b = recipe.budget
     limit_s = {"gpu_hours": (b.gpu_hours or 0) * 3600, "days": (b.days or 0) * 86400}.get(b.kind)
     log(f"decision: the mixture sweep is estimated at {estimate_s:.0f} s = {estimate_s / 3600:.4g} GPU-hours "
@@ -108,7 +110,7 @@ def _sweep_mixture(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[st
         raise HoneError(f"budget.{b.kind}: the mixture sweep alone is estimated at {estimate_s / 3600:.4g} "
                         f"GPU-hours, the whole budget; give train.mixture, fewer mix.ratios or smaller mix.tokens")
     t0 = time.perf_counter()
-    runs = mix_sweep.run_sweep(recipe, workdir, model, tok, eval_sets, log=log)
+    runs = mix_sweep.run_sweep(recipe, workdir, model, tok, eval_sets, log=log, probed=probed)
     seconds = time.perf_counter() - t0
     mixture = fit_mixture(load_runs(runs), tolerance=b.general_tolerance, source=str(runs))
     mixture["schedule"] = make_schedule(mixture["chosen"]["ratio"])
@@ -130,19 +132,21 @@ def decide_run(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, P
                         "--fresh to decide and train again, or use a new --workdir")
     cluster = recipe_cluster(recipe)
     local = cluster.name == LOCAL
-    probe, _ = mix_sweep._probe(recipe, Path(workdir), model, tok, eval_sets)
+    sweeping = not recipe.train.mixture and "mix" in recipe.model_fields_set
+    # This machine's step time (cluster "local") and the sweep's price come from real proxy steps.
+    probed = mix_sweep.run_probe(recipe, Path(workdir), model, tok, eval_sets) if local or sweeping else None
     mixture, sweep = None, None
     if recipe.train.mixture:
         mixture = load_mixture(Path(recipe.train.mixture))
-    elif "mix" in recipe.model_fields_set:
-        mixture, sweep = _sweep_mixture(recipe, Path(workdir), model, tok, eval_sets, probe, log)
+    elif sweeping:
+        mixture, sweep = _sweep_mixture(recipe, Path(workdir), model, tok, eval_sets, probed, log)
     shape = model_shape(model) if model is not None else None
     shape = shape or recipe_shape(recipe)
     params = float(sum(p.numel() for p in model.parameters())) if model is not None else None
     overhead = None
     if local and (rss := current_rss_gib()) is not None:
         overhead = max(0.0, rss - (params or 0) * 4 / 2**30)  # the weights are counted by the planner
-    decision = decide(recipe, shape, cluster, mixture=mixture, measured_step_s=probe.step_s if local else None,
+    decision = decide(recipe, shape, cluster, mixture=mixture, measured_step_s=probed[0].step_s if local else None,
                       overhead_gib=overhead, sweep=sweep, params=params)
     decision["inputs_hash"] = key
     write_json(path, decision)
@@ -165,12 +169,14 @@ def decided_recipe(recipe: Recipe, decision: dict) -> Recipe:
 
 class Redecide:
     """After warm-up, compare the measured step time with the prediction; beyond 10% apart,
-    record the token count the remaining budget buys at the measured pace (once)."""
+    record the token count the remaining budget buys at the measured pace (once per decision:
+    a resumed run that finds its event in events.jsonl does not record another)."""
 
     def __init__(self, recipe: Recipe, workdir: Path, decision: dict, log: Log):
         self.recipe, self.workdir, self.decision, self.log = recipe, Path(workdir), decision, log
         self.times: list[float] = []
-        self.done = False
+        self.done = any(e.get("kind") == "redecide" and e.get("previous_tokens") == decision["tokens"]
+                        for e in read_events(self.workdir))
 
     def __call__(self, row: dict) -> None:
         if self.done or self.recipe.budget is None or self.recipe.budget.kind == "tokens":
@@ -188,7 +194,8 @@ class Redecide:
         append_event(self.workdir, "redecide", **event)
         self.log(f"decision: measured {measured:.4g} s per step, {gap:+.0%} off the predicted {predicted:.4g} s: the "
                  f"remaining budget buys {event['tokens']:,} tokens in all ({event['steps']:,} steps) instead of "
-                 f"{self.decision['tokens']:,}; recorded in events.jsonl (this run keeps its learning-rate schedule)")
+                 f"{self.decision['tokens']:,}; recorded in events.jsonl, not applied (this run keeps its step count "
+                 "and learning-rate schedule, so that a resumed run repeats its steps)")
 
 
 def redecision(decision: dict, step: int, step_s: float) -> dict:

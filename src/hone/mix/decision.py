@@ -28,7 +28,8 @@ from hone.errors import HoneError
 from hone.mix.laws import LOSSES, predict_cmr, predict_dcpt
 from hone.plan.config import Constants
 from hone.plan.hardware import GPUS, Cluster, load_cluster
-from hone.plan.search import evaluate_fixed, nothing_fits_message, search
+from hone.plan.layout import train_fields
+from hone.plan.search import evaluate_fixed, nothing_fits_message, search_hone_trainer
 from hone.plan.shapes import ModelShape, load_shape
 from hone.recipe import Recipe, domain_ratio
 
@@ -125,34 +126,11 @@ def choose_layout(shape: ModelShape, cluster: Cluster, seq: int, global_batch: i
             raise HoneError(f"cluster.spec: {cluster.name}: the recipe's layout (train.layout = \"recipe\") "
                             f"{rec.get('reason')}")
         return rec
-    best, last = None, None
-    for recompute in ("none", "full"):
-        for zero in (0, 3):
-            want = {"recompute": recompute, "zero": zero}
-            if zero == 0 and "pp" not in fixed:
-                want["pp"] = 1  # under a pipeline hone train's data parallelism is FSDP (zero 3)
-            trial = {**want, **fixed}
-            if trial["recompute"] != recompute or trial["zero"] != zero:
-                continue
-            res = search(shape, cluster, seq, global_batch, constants, fixed=trial, top=1)
-            last = res if last is None or res.smallest else last
-            if res.plans and (best is None or res.plans[0]["tokens_per_s"] > best["tokens_per_s"]):
-                best = res.plans[0]
-    if best is None:
-        why = nothing_fits_message(shape, cluster, seq, global_batch, constants, last, fixed)
+    res = search_hone_trainer(shape, cluster, seq, global_batch, constants, fixed=fixed, top=1)
+    if not res.plans:
+        why = nothing_fits_message(shape, cluster, seq, global_batch, constants, res, fixed)
         raise HoneError(f"cluster.spec: {cluster.name}: no layout of {shape.name} fits: {why}")
-    return best
-
-
-def train_layout(rec: dict) -> dict:
-    """The [train] fields `hone train` runs the configuration with."""
-    fields = {"tp": rec["tp"], "pp": rec["pp"], "micro_batch": rec["micro_batch"],
-              "activation_checkpointing": rec["recompute"] != "none",
-              "data_parallel": "fsdp" if rec["zero"] >= 3 or rec["pp"] > 1 else "ddp",
-              "sequence_parallel": bool(rec.get("sequence_parallel")) and rec["tp"] > 1}
-    if rec["pp"] > 1:
-        fields |= {"pp_schedule": "interleaved" if rec["vpp"] > 1 else "1f1b", "vpp": rec["vpp"]}
-    return fields
+    return res.plans[0]
 
 
 # ---------------------------------------------------------------------------- 2. tokens
@@ -336,7 +314,7 @@ def decide(recipe: Recipe, shape: ModelShape, cluster: Cluster, *, mixture: dict
                        "general_tolerance": b.general_tolerance, "reference": b.general_tolerance_reference},
             "layout": {**{key: rec[key] for key in ("tp", "pp", "dp", "micro_batch", "recompute", "zero", "vpp",
                                                      "gpus", "mfu")},
-                       "train": train_layout(rec)},
+                       "train": train_fields(rec)},
             "ratio": schedule["ratio"], "schedule": schedule, "tokens": tokens, "steps": steps,
             "predicted": predicted, "mixture": mix, "sweep": sweep_out, "curve": curve,
             "inputs": {"layout": _layout_source(recipe, cluster, rec),

@@ -240,7 +240,7 @@ def _tree_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
-def _probe(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path]) -> tuple[Probe, dict[str, float]]:
+def run_probe(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path]) -> tuple[Probe, dict[str, float]]:
     """Time a few real proxy steps on a copy of ``model`` (in mix/.estimate, removed after) and
     one evaluation of ``model``; return the costs and that evaluation's losses."""
     per_step = recipe.train.seq_len * recipe.train.batch_size
@@ -294,26 +294,56 @@ def _run_cost(costs: dict[int, float], left: list[int], probe: Probe) -> float:
     return sum(costs.values()) - (len(costs) - len(left)) * probe.eval_s
 
 
-def estimate_line(recipe: Recipe, pending: list[tuple[float, int, list[int]]], probe: Probe, *, base_steps: int,
-                  base_rows: bool) -> tuple[str, float]:
-    """The one-line estimate printed before any proxy run, and its seconds."""
+@dataclass(frozen=True)
+class SweepLeft:
+    """What the sweep still has to do in a run directory (read from its files, nothing measured)."""
+    done: set[tuple[float, float]]                 # (ratio, tokens) already in mix/runs.jsonl
+    pending: list[tuple[float, int, list[int]]]    # (ratio, order, budgets left) of every run with points left
+    base_steps: int                                # general-only base steps still to train (mix.base_tokens)
+    base_rows: bool                                # some ratio's tokens-0 line (the base's losses) still to write
+
+    @property
+    def points(self) -> int:
+        return sum(len(left) for _, _, left in self.pending)
+
+
+def sweep_left(recipe: Recipe, workdir: Path) -> SweepLeft:
+    """The proxy runs, points and base training the sweep of ``recipe`` has left under ``workdir``/mix."""
+    mixdir = Path(workdir) / "mix"
+    done = _done_points(mixdir / "runs.jsonl")
+    per_step = recipe.train.seq_len * recipe.train.batch_size
+    base_done = recipe.mix.base_tokens <= 0 or is_done(mixdir / "base")
+    return SweepLeft(done=done, pending=_pending(recipe, done, _order_points(mixdir / "orders.jsonl")),
+                     base_steps=0 if base_done else max(1, recipe.mix.base_tokens // per_step),
+                     base_rows=any((round(r, 6), 0.0) not in done for r in recipe.mix.ratios))
+
+
+def sweep_estimate(recipe: Recipe, workdir: Path, probe: Probe) -> dict:
+    """The cost of what the sweep has left, at ``probe``'s measured costs: proxy runs in all and to
+    do, runs.jsonl lines done (the base's included), points to do, base steps to train, ``seconds``
+    (in one process), the one ``line`` printed before any proxy run, and ``left`` (:class:`SweepLeft`).
+    `hone mix sweep` and the decision stage (which counts it in the budget) both price with it."""
+    left = sweep_left(recipe, workdir)
     per_step = recipe.train.seq_len * recipe.train.batch_size
     steps = _budget_steps(budgets(recipe), per_step)
     costs = _point_costs(recipe, probe)
-    seconds = sum(_run_cost(costs, left, probe) for _, _, left in pending)
-    seconds += base_steps * probe.step_s + (probe.call_s if base_steps else 0.0) + (probe.eval_s if base_rows else 0.0)
+    seconds = sum(_run_cost(costs, tokens, probe) for _, _, tokens in left.pending)
+    seconds += left.base_steps * probe.step_s + (probe.call_s if left.base_steps else 0.0)
+    seconds += probe.eval_s if left.base_rows else 0.0
     m = recipe.mix
     total = len(m.ratios) * m.orders
     per_run = min(KEEP_CHECKPOINTS, len(steps)) * probe.checkpoint_bytes
-    points = sum(len(left) for _, _, left in pending)
-    base = f" + {base_steps} general-only base step{'s' if base_steps > 1 else ''}" if base_steps else ""
-    line = (f"mix: estimate: {len(pending)} of {total} proxy runs to do ({len(m.ratios)} ratios x {m.orders} "
+    base = (f" + {left.base_steps} general-only base step{'s' if left.base_steps > 1 else ''}"
+            if left.base_steps else "")
+    line = (f"mix: estimate: {len(left.pending)} of {total} proxy runs to do ({len(m.ratios)} ratios x {m.orders} "
             f"order{'s' if m.orders > 1 else ''}), {steps[-1] * per_step:,} tokens = {steps[-1]} steps each{base}, "
-            f"{points} points | {probe.step_s:.3g} s/step measured, {probe.eval_s:.3g} s per evaluation | "
+            f"{left.points} points | {probe.step_s:.3g} s/step measured, {probe.eval_s:.3g} s per evaluation | "
             f"about {fmt_duration(seconds)} | proxy checkpoints {fmt_bytes(per_run)} at a time "
             f"({min(KEEP_CHECKPOINTS, len(steps))} x {fmt_bytes(probe.checkpoint_bytes)}; each run's removed "
             f"once its points are recorded)")
-    return line, seconds
+    return {"runs_total": total, "runs_pending": len(left.pending), "lines_done": len(left.done),
+            "points_pending": left.points, "base_steps": left.base_steps, "seconds": seconds, "line": line,
+            "left": left}
 
 
 class _Progress:
@@ -349,22 +379,23 @@ def _remove_run(run_dir: Path) -> int:
 
 
 def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Path], log: Log = print, *,
-              dry_run: bool = False) -> Path:
+              dry_run: bool = False, probed: tuple[Probe, dict[str, float]] | None = None) -> Path:
     """Every (ratio, budget) of the recipe's [mix] section not yet in mix/runs.jsonl, from the
     prepared base ``model`` (the data stages have run: the corpus is tokenized with ``tok``).
-    ``dry_run`` prints the estimate only: no proxy run, nothing written to mix/runs.jsonl."""
+    ``dry_run`` prints the estimate only: no proxy run, nothing written to mix/runs.jsonl.
+    ``probed``: :func:`run_probe`'s answer for ``model`` when the caller measured it already and
+    printed the estimate (the decision stage)."""
     workdir = Path(workdir)
     mixdir = ensure_dir(workdir / "mix")
     out = mixdir / "runs.jsonl"
-    done = _done_points(out)
+    todo = sweep_left(recipe, workdir)
+    done, pending = todo.done, todo.pending
     token_budgets = budgets(recipe)
     per_step = recipe.train.seq_len * recipe.train.batch_size
     if min(token_budgets) < per_step:
         raise HoneError(f"mix.tokens: budget {min(token_budgets)} is less than one step ({per_step} tokens)")
     orders = f" x {recipe.mix.orders} data orders" if recipe.mix.orders > 1 else ""
     log(f"mix: sweep of ratios {list(recipe.mix.ratios)} x budgets {token_budgets} tokens{orders} -> {out}")
-    pending = _pending(recipe, done, _order_points(mixdir / "orders.jsonl"))
-    base_rows = any((round(r, 6), 0.0) not in done for r in recipe.mix.ratios)
     all_tokens = [0] + [s * per_step for s in _budget_steps(token_budgets, per_step)]
     freed = [0, 0]  # runs removed, bytes
     if not dry_run:
@@ -373,18 +404,18 @@ def run_sweep(recipe: Recipe, workdir: Path, model, tok, eval_sets: dict[str, Pa
         log(f"mix: every point of the sweep is already in {out}")
         _say_removed(mixdir, freed, log)
         return out
-    base_done = recipe.mix.base_tokens <= 0 or is_done(mixdir / "base")
-    base_steps = 0 if base_done else max(1, recipe.mix.base_tokens // per_step)
-    probe, probed = _probe(recipe, workdir, model, tok, eval_sets)
-    line, seconds = estimate_line(recipe, pending, probe, base_steps=base_steps, base_rows=base_rows)
-    log(line)
+    if probed is None:
+        probed = run_probe(recipe, workdir, model, tok, eval_sets)
+        log(sweep_estimate(recipe, workdir, probed[0])["line"])
+    probe, base_losses = probed
+    estimate = sweep_estimate(recipe, workdir, probe)
     if dry_run:
         return out
     base = _base_model(recipe, workdir, model, log)
     n_params = sum(p.numel() for p in base.parameters())
-    before = probed if recipe.mix.base_tokens <= 0 else None
+    before = base_losses if recipe.mix.base_tokens <= 0 else None
     costs = _point_costs(recipe, probe)
-    progress = _Progress(seconds, sum(len(left) for _, _, left in pending), costs)
+    progress = _Progress(estimate["seconds"], estimate["points_pending"], costs)
     for ratio in recipe.mix.ratios:
         if (round(ratio, 6), 0.0) not in done:
             before = before or _eval_losses(recipe, base, tok, eval_sets)

@@ -9,25 +9,48 @@ from hone.plan.commands import launch
 from hone.plan.config import Constants, parse_fix
 from hone.plan.hardware import load_cluster
 from hone.plan.placement import place
-from hone.plan.search import evaluate_fixed, nothing_fits_message, search
+from hone.plan.search import (
+    TRAINERS,
+    evaluate_fixed,
+    hone_layout_reason,
+    nothing_fits_message,
+    search,
+    search_hone_trainer,
+)
 from hone.plan.shapes import FLOPS_CONVENTION, flops_per_token, load_shape
 from hone.plan.trainer_profile import with_trainer
 
 EXACT = {"tp", "pp", "micro_batch", "recompute", "zero"}
+TRAINER_LINES = {
+    "hone": "priced for hone train: its layouts (recompute none/full, ddp or fsdp) and memory (fp32 weights, "
+            "gradients and AdamW moments; the LM head not split by tp)",
+    "megatron": "priced for Megatron-LM: bf16 weights with fp32 master copy, every recompute and ZeRO stage, "
+                "vocabulary-parallel head (--trainer hone: what hone train runs)",
+}
 
 
 def make_plan(model: str, cluster: str, *, seq: int, global_batch: int, fix: Optional[str] = None, top: int = 10,
               rank: str = "throughput", tokens: Optional[float] = None, price: float = 2.0, placement: bool = False,
-              constants: Optional[dict] = None) -> dict:
+              constants: Optional[dict] = None, trainer: str = "megatron") -> dict:
+    """The ranked configurations of ``model`` on ``cluster`` and the best one's launch material.
+    ``trainer``: "megatron" searches every configuration with Megatron-LM-like constants; "hone"
+    only the layouts `hone train` runs, with its constants (what the decision stage uses)."""
+    if trainer not in TRAINERS:
+        raise HoneError(f"--trainer must be one of {', '.join(TRAINERS)} (got {trainer!r})")
     m, cl = load_shape(model), load_cluster(cluster)
-    k = with_trainer(Constants().with_(**(constants or {})), cl, m)
+    base = Constants.hone_trainer() if trainer == "hone" else Constants()
+    k = with_trainer(base.with_(**(constants or {})), cl, m)
     fixed = parse_fix(fix) if fix else {}
+    if trainer == "hone" and (why := hone_layout_reason(fixed)):
+        raise HoneError(f"--fix {fix}: {why} (--trainer megatron plans it)")
+    find = search_hone_trainer if trainer == "hone" else search
     if rank not in ("throughput", "cost"):
         raise HoneError(f"--rank must be throughput or cost (got {rank!r})")
     if rank == "cost" and not tokens:
         raise HoneError("--rank cost needs --tokens (the run's token budget)")
-    result = {"model": m.summary(), "cluster": cl.to_json(), "seq": seq, "global_batch": global_batch,
-              "flops_per_token": flops_per_token(m, seq), "flops_convention": FLOPS_CONVENTION, "fixed": fixed}
+    result = {"model": m.summary(), "cluster": cl.to_json(), "trainer": trainer, "seq": seq,
+              "global_batch": global_batch, "flops_per_token": flops_per_token(m, seq),
+              "flops_convention": FLOPS_CONVENTION, "fixed": fixed}
     if EXACT <= fixed.keys():
         configs = [evaluate_fixed(m, cl, seq, global_batch, fixed, k)]
         result.update(mode="fixed", evaluated=1, rejected={})
@@ -38,7 +61,7 @@ def make_plan(model: str, cluster: str, *, seq: int, global_batch: int, fix: Opt
         configs, rejected, evaluated, last = [], {}, 0, None
         for nodes in sizes:
             sub = cl if nodes == cl.nodes else cl.with_nodes(nodes)
-            res = search(m, sub, seq, global_batch, k, fixed=fixed, top=None if rank == "cost" else top)
+            res = find(m, sub, seq, global_batch, k, fixed=fixed, top=None if rank == "cost" else top)
             configs += res.plans
             evaluated += res.evaluated
             for r, c in res.rejected.items():
@@ -78,7 +101,8 @@ def format_text(r: dict) -> str:
              "non-embedding), "
              f"{r['flops_per_token'] / 1e9:.1f} GFLOP/token at seq {r['seq']} [{r['flops_convention']}]",
              f"cluster {c['name']}: {c['nodes']} x {c['gpus_per_node']} {c['gpu']} ({c['memory_gib']:g} GiB, "
-             f"{c['peak_tflops']:g} TFLOP/s dense bf16); global batch {r['global_batch']} x {r['seq']} tokens"]
+             f"{c['peak_tflops']:g} TFLOP/s dense bf16); global batch {r['global_batch']} x {r['seq']} tokens",
+             TRAINER_LINES[r.get("trainer", "megatron")]]
     if r["mode"] == "search":
         lines.append(f"{r['evaluated']} configurations evaluated")
     cost = any("cost" in x for x in r["configs"])

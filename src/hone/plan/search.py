@@ -161,6 +161,52 @@ def search(m: ModelShape, cluster: Cluster, seq: int, global_batch: int, k: Cons
     return res
 
 
+# The layouts `hone train` runs as planned (:func:`hone.plan.layout.train_fields` writes them as
+# [train]): whole-layer activation checkpointing or none; DDP (ZeRO 0), which has no pipeline, or
+# FSDP (ZeRO 3). Selective / per-op recompute and ZeRO 1-2 are other trainers' (Megatron-LM's).
+HONE_RECOMPUTE = ("none", "full")
+HONE_ZERO = (0, 3)
+TRAINERS = ("hone", "megatron")
+
+
+def hone_layout_reason(fixed: dict) -> Optional[str]:
+    """Why fixed configuration fields are not a layout `hone train` runs, or None."""
+    if fixed.get("recompute", "none") not in HONE_RECOMPUTE:
+        return f"recompute={fixed['recompute']}: hone train recomputes whole layers (full) or nothing (none)"
+    if fixed.get("zero", 0) not in HONE_ZERO:
+        return f"zero={fixed['zero']}: hone train runs zero=0 (data_parallel = \"ddp\") or zero=3 (\"fsdp\")"
+    if fixed.get("zero") == 0 and fixed.get("pp", 1) > 1 and fixed.get("dp", 2) > 1:
+        return "zero=0 with pp > 1: under a pipeline hone train's data parallelism is fsdp (zero=3)"
+    return None
+
+
+def search_hone_trainer(m: ModelShape, cluster: Cluster, seq: int, global_batch: int, k: Constants,
+                        fixed: Optional[dict] = None, top: Optional[int] = None) -> SearchResult:
+    """:func:`search` over the layouts `hone train` runs (recompute none or full; ZeRO 0 without a
+    pipeline, or 3), honouring ``fixed``: one ranking by throughput, best first. ``k``: normally
+    :meth:`Constants.hone_trainer`. The decision stage and `hone plan --trainer hone` both use it."""
+    fixed = fixed or {}
+    out = SearchResult([])
+    for recompute in HONE_RECOMPUTE:
+        for zero in HONE_ZERO:
+            want = {"recompute": recompute, "zero": zero}
+            if zero == 0 and "pp" not in fixed:
+                want["pp"] = 1
+            trial = {**want, **fixed}
+            if trial["recompute"] != recompute or trial["zero"] != zero or hone_layout_reason(trial):
+                continue
+            res = search(m, cluster, seq, global_batch, k, fixed=trial, top=top)
+            out.plans += res.plans
+            out.rejected.update(res.rejected)
+            out.evaluated += res.evaluated
+            if res.smallest and (out.smallest is None or
+                                 res.smallest["memory_gib_per_gpu"] < out.smallest["memory_gib_per_gpu"]):
+                out.smallest = res.smallest
+    out.plans.sort(key=lambda p: p["tokens_per_s"], reverse=True)  # stable: ties keep the order above
+    out.plans = out.plans[:top] if top else out.plans
+    return out
+
+
 def check_inputs(m: ModelShape, seq: int, global_batch: int) -> None:
     if seq < 1:
         raise HoneError(f"--seq must be at least 1 (got {seq})")
