@@ -15,6 +15,15 @@ def _few_threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="session")
+def tiny12(tmp_path_factory):
+    """The tiny recipe of 12 steps, data stages done, and its one- and two-process reference runs
+    (tests/tiny_runs.py TinyRuns), shared by the multi-process test modules."""
+    from tiny_runs import TinyRuns
+
+    return TinyRuns(tmp_path_factory.mktemp("tiny12"))
+
+
 def tiny_llama(vocab: int = 256, seed: int = 0):
     from hone.model.llama import Llama, LlamaConfig
 

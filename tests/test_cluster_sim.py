@@ -4,8 +4,6 @@ checkpoint-restart loss against its analytic value, traces, seeds, bad JOBS.toml
 import json
 import math
 import random
-import subprocess
-import sys
 
 import pytest
 
@@ -15,6 +13,7 @@ from hone.heal.failures import FailureEvent, RepairTime, generate, load_trace
 from hone.heal.jobs import Job, curve, jobs_from_dict, load_jobs
 from hone.heal.simulate import BUCKETS, run_policy, simulate
 from hone.plan.shapes import PRESETS
+from tiny_runs import hone_process
 
 M = PRESETS["hone-125m"]
 TINY = "layers=2,hidden=64,heads=4,kv_heads=4,ffn=128,vocab=256"
@@ -259,7 +258,7 @@ def test_bad_files_and_traces_name_the_place(tmp_path):
 
 
 def _hone(*args):
-    return subprocess.run([sys.executable, "-m", "hone.cli", *args], capture_output=True, text=True)
+    return hone_process(*args, check=False)
 
 
 def test_cli_end_to_end_and_one_line_errors(tmp_path):

@@ -3,9 +3,10 @@ no two packages import each other (directly or round a cycle), and imports sit a
 
 Every import counts, also one inside a function: a lazy import hides a cycle, it does not
 remove it. Only heavy optional libraries may be imported inside functions (never hone's own
-modules), and the planner must stay free of torch. One exception, at the very top: `hone`
-loads the module of the subcommand it runs by name (hone.cli.COMMANDS), and that table may
-name only modules of hone.cli, which nothing imports.
+modules), and the planner must stay free of torch. One exception, at the very top: the CLI
+loads the module of the subcommand it runs by name (hone.cli.COMMANDS; `hone plan calibrate`
+its torch measurements), so that a command imports only what it needs. Nothing imports the CLI,
+so no cycle can hide there, and only hone.cli may load modules by name.
 """
 
 from __future__ import annotations
@@ -150,11 +151,20 @@ def test_the_cli_loads_only_its_own_modules_by_name():
     importers = [m for _, m, imports in _all_imports() if not m.startswith("hone.cli")
                  for target, _, _ in imports if target.startswith("hone.cli")]
     assert not importers, f"these import the CLI: {importers}"
+    modules = {m for _, m, _ in _all_imports()}
+    by_name = []  # a file outside the CLI that loads modules by name and names one of hone's
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        loads = any(isinstance(n, ast.Attribute) and n.attr == "import_module" for n in ast.walk(tree))
+        named = {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and n.value in modules - {"hone"}}
+        if loads and named and path.parent.name != "cli":
+            by_name.append(f"{path.relative_to(SRC.parent)}: {sorted(named)}")
+    assert not by_name, f"only hone.cli loads hone's modules by name: {by_name}"
 
 
 def test_a_subcommand_imports_only_what_it_needs():
     """A command that needs no model starts without torch, transformers or matplotlib."""
-    code = ("import sys; from hone.cli import build_app; build_app(['cluster', 'fetch-data']); "
+    code = ("import sys; from hone.cli import build_app; build_app(['plan', 'cluster', 'fetch-data']); "
             "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout

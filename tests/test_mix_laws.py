@@ -2,8 +2,6 @@
 choice, predictions, and one-line errors for bad input through the CLI."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,6 +17,7 @@ from hone.mix.laws import (
     predict,
     validate_points,
 )
+from tiny_runs import hone_process
 
 RATIOS = [0.0, 0.1, 0.25, 0.5, 0.75, 1.0]
 BUDGETS = [1e5, 2e5, 4e5, 1e6]
@@ -194,7 +193,7 @@ def test_too_few_points():
 # ---------------------------------------------------------------- CLI
 
 def hone(*args):
-    return subprocess.run([sys.executable, "-m", "hone.cli", "mix", *args], capture_output=True, text=True)
+    return hone_process("mix", *args, check=False)
 
 
 def _write(path, rows):

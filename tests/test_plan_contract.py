@@ -2,8 +2,6 @@
 uneven / interleaved pipeline stages."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -13,10 +11,11 @@ from hone.plan.config import Config, Constants
 from hone.plan.memory import inflight, memory, stage_layout
 from hone.plan.search import structural_reason
 from hone.plan.shapes import PRESETS
+from tiny_runs import hone_process
 
 
 def _hone(*args):
-    return subprocess.run([sys.executable, "-m", "hone.cli", *args], capture_output=True, text=True)
+    return hone_process(*args, check=False)
 
 
 def test_training_issue_benchmark_shapes_are_presets():

@@ -1,8 +1,6 @@
 """Planner: shapes, memory terms against hand-computed values, search pruning, CLI surface."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ from hone.plan.placement import place_matrix
 from hone.plan.search import search, structural_reason
 from hone.plan.shapes import PRESETS, ModelShape, load_shape
 from hone.plan.timing import step_time
+from tiny_runs import hone_process
 
 
 @pytest.mark.parametrize("name,billions,tol", [("llama3-8b", 8.03, 0.01), ("llama3-70b", 70.6, 0.1),
@@ -348,20 +347,16 @@ JSON_FIELDS = {"tp", "pp", "dp", "micro_batch", "recompute", "zero", "fits", "me
 
 def test_cli_json_fields_and_plan_file(tmp_path):
     out = tmp_path / "plan.json"
-    p = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100",
-                        "--seq", "4096",
-                        "--global-batch", "64", "--top", "3", "--json", "--out", str(out)], capture_output=True,
-                       text=True)
+    p = hone_process("plan", "--model", "llama3-8b", "--cluster", "8xH100", "--seq", "4096",
+                     "--global-batch", "64", "--top", "3", "--json", "--out", out, check=False)
     assert p.returncode == 0, p.stderr
     rows = json.loads(p.stdout)
     assert len(rows) == 3 and all(JSON_FIELDS <= r.keys() for r in rows)
     plan = json.loads(out.read_text())
     assert plan["configs"] == rows and "torchrun" in plan["launch"] and "#SBATCH --nodes=1" in plan["launch"]["slurm"]
     assert "--tensor-model-parallel-size" in plan["launch"]["megatron_args"]
-    fail = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--model", "llama3-8b", "--cluster", "8xH100",
-                           "--global-batch",
-                           "8", "--fix", "tp=3,pp=1,mb=1,recompute=none,zero=0", "--json", "--out", ""],
-                          capture_output=True, text=True)
+    fail = hone_process("plan", "--model", "llama3-8b", "--cluster", "8xH100", "--global-batch", "8",
+                        "--fix", "tp=3,pp=1,mb=1,recompute=none,zero=0", "--json", "--out", "", check=False)
     assert fail.returncode == 0 and json.loads(fail.stdout)[0]["reason"] == "tp=3 does not divide 32 heads"
 
 
@@ -370,8 +365,7 @@ def test_cli_fix_recompute_op():
             "--out", ""]
     rows = {}
     for rc in ("selective", "op"):
-        p = subprocess.run([sys.executable, "-m", "hone.cli", *base, "--fix", f"tp=1,pp=1,mb=2,recompute={rc},zero=3"],
-                           capture_output=True, text=True)
+        p = hone_process(*base, "--fix", f"tp=1,pp=1,mb=2,recompute={rc},zero=3", check=False)
         assert p.returncode == 0, p.stderr
         rows[rc] = json.loads(p.stdout)[0]
     op, sel = rows["op"], rows["selective"]
@@ -392,7 +386,7 @@ def test_cli_fix_recompute_op():
     (["--model", "llama3-8b", "--cluster", "8xH100"], "needs --model, --cluster and --global-batch"),
 ])
 def test_bad_input_one_line(args, msg):
-    p = subprocess.run([sys.executable, "-m", "hone.cli", "plan", *args, "--out", ""], capture_output=True, text=True)
+    p = hone_process("plan", *args, "--out", "", check=False)
     assert p.returncode == 2 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
 

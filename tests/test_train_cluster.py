@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from hone.recipe import load_recipe
 from hone.rundir import read_events
 from hone.train.preempt import EXIT_PREEMPTED
 from tiny_runs import clean_env, hone_process, tiny_recipe_text
@@ -32,14 +31,8 @@ def _recipe_text(workdir: Path, **train) -> str:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    from hone.pipeline import run_recipe
-
-    root = tmp_path_factory.mktemp("cluster")
-    (root / "fsdp.toml").write_text(_recipe_text(root / "base"))
-    run_recipe(load_recipe(root / "fsdp.toml"), root / "base", max_steps=1, log=lambda m: None)
-    return root
-
+def prepared(tiny12):
+    return tiny12.root
 
 
 def _hone(*args, env=None, check=True) -> subprocess.CompletedProcess:
@@ -95,17 +88,13 @@ def _assert_preempted(proc: subprocess.CompletedProcess, workdir: Path, world: i
 
 
 @pytest.fixture(scope="module")
-def one_process(prepared):
-    wd = _workdir(prepared, "one")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh")
-    return wd
+def one_process(tiny12):
+    return tiny12.one()
 
 
 @pytest.fixture(scope="module")
-def two_ranks(prepared):
-    wd = _workdir(prepared, "two")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2)
-    return wd
+def two_ranks(tiny12):
+    return tiny12.two()[0]
 
 
 def test_sigterm_single_process_checkpoints_and_resumes_bitwise(prepared, one_process):

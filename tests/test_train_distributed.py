@@ -10,9 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
-from hone.recipe import load_recipe
 from tiny_runs import assert_same_run, hone_process, run_metrics, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,17 +22,12 @@ def _recipe_text(workdir: Path, **train) -> str:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """A run directory whose data stages are done (pool, corpus, tokenizer, tokens, eval)."""
-    from hone.pipeline import run_recipe
-
-    root = tmp_path_factory.mktemp("dist")
-    recipe = root / "fsdp.toml"
-    recipe.write_text(_recipe_text(root / "base"))
+def prepared(tiny12):
+    """The shared run directory whose data stages are done, with a recipe per layout."""
+    root = tiny12.root
     (root / "ddp.toml").write_text(_recipe_text(root / "base", data_parallel="ddp"))
     (root / "tp.toml").write_text(_recipe_text(root / "base", tp=2))
     (root / "ac.toml").write_text(_recipe_text(root / "base", activation_checkpointing=True, micro_batch=2))
-    run_recipe(load_recipe(recipe), root / "base", max_steps=1, log=lambda m: None)
     return root
 
 
@@ -49,22 +42,14 @@ def _workdir(prepared: Path, name: str) -> Path:
     return dest
 
 
-def _weights(workdir: Path) -> dict:
-    return load_file(str(workdir / "final" / "model.safetensors"))
+@pytest.fixture(scope="module")
+def one_process(tiny12):
+    return tiny12.one()
 
 
 @pytest.fixture(scope="module")
-def one_process(prepared):
-    wd = _workdir(prepared, "one")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh")
-    return wd
-
-
-@pytest.fixture(scope="module")
-def two_fsdp(prepared):
-    wd = _workdir(prepared, "fsdp2")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", 2)
-    return wd
+def two_fsdp(tiny12):
+    return tiny12.two()
 
 
 def _assert_same_run(a: Path, b: Path, *, exact: bool) -> None:
@@ -72,8 +57,9 @@ def _assert_same_run(a: Path, b: Path, *, exact: bool) -> None:
 
 
 def test_two_process_fsdp_matches_one_process(one_process, two_fsdp):
-    _assert_same_run(one_process, two_fsdp, exact=False)
-    summary = json.loads((two_fsdp / "train_summary.json").read_text())
+    wd, _ = two_fsdp
+    _assert_same_run(one_process, wd, exact=False)
+    summary = json.loads((wd / "train_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["plan"]["data_parallel"] == "fsdp"
 
 
@@ -121,17 +107,19 @@ def test_kill9_of_one_worker_then_resume_is_bitwise_identical(prepared, two_fsdp
     assert "worker rank 1" in proc.stderr and "killed by SIGKILL" in proc.stderr
     assert "Traceback" not in proc.stderr
     _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2)
-    _assert_same_run(two_fsdp, wd, exact=True)
+    _assert_same_run(two_fsdp[0], wd, exact=True)
 
 
-@pytest.mark.parametrize("first,then", [(2, 1), (1, 2)])
-def test_resume_on_another_world_size(prepared, one_process, first, then):
-    wd = _workdir(prepared, f"reshard_{first}_{then}")
-    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--nproc", first, "--max-steps", 6)
+def test_resume_on_another_world_size(prepared, one_process):
+    """1 process to step 6, 2 processes to step 9, 1 process to the end: each resumes the other's
+    checkpoint and the run equals one process throughout."""
+    wd = _workdir(prepared, "reshard")
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--fresh", "--max-steps", 6)
     assert sorted(p.name for p in (wd / "checkpoints").iterdir()) == ["step_000004", "step_000006"]
-    out = _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", then)
-    if then == 1:
-        assert "resumed from" in out.stdout and "step 6" in out.stdout
+    _hone("train", prepared / "fsdp.toml", "--workdir", wd, "--nproc", 2, "--max-steps", 9)
+    assert sorted(p.name for p in (wd / "checkpoints").iterdir())[-1] == "step_000009"
+    out = _hone("train", prepared / "fsdp.toml", "--workdir", wd)
+    assert "resumed from" in out.stdout and "step 9" in out.stdout
     _assert_same_run(one_process, wd, exact=False)
 
 
@@ -156,43 +144,21 @@ def test_multinode_prints_torchrun_and_writes_slurm(prepared, tmp_path):
     assert not (tmp_path / "mn" / "checkpoints").exists()
 
 
-def test_parent_holds_no_weights_while_workers_train(prepared, monkeypatch):
+def test_parent_holds_no_weights_while_workers_train(two_fsdp):
     """`hone train --nproc 2`: the calling process lets go of the base model before torchrun
     starts (each worker loads only its shards) and builds the trained one from the checkpoint."""
-    import gc
-
-    import hone.train.run as run_mod
-    from hone.pipeline import run_recipe
-
-    def live_models() -> list:
-        gc.collect()
-        return [o for o in gc.get_objects() if type(o).__name__ in ("Llama", "HFCausalLM")
-                and any(not p.is_meta for p in o.parameters(recurse=True))]
-
-    real_launch, seen = run_mod.launch_local, []
-
-    def launch(*args, **kwargs):
-        seen.append(len(live_models()))
-        return real_launch(*args, **kwargs)
-
-    monkeypatch.setattr(run_mod, "launch_local", launch)
-    wd = _workdir(prepared, "no_weights")
-    table = run_recipe(load_recipe(prepared / "fsdp.toml"), wd, nproc=2, fresh_training=True, log=lambda m: None)
+    _, seen = two_fsdp
     assert seen == [0]
-    assert table and (wd / "final" / "model.safetensors").is_file()
 
 
-def test_two_processes_track_from_rank_zero_only(prepared, monkeypatch):
+def test_two_processes_track_from_rank_zero_only(two_fsdp, monkeypatch):
     """[log] mlflow under torchrun: one MLflow run (rank 0's) holding each step of metrics.jsonl
     once, then the evaluation table and report.html from the end of the run."""
     from mlflow.tracking import MlflowClient
 
     from hone.train.tracking import scalars
 
-    recipe = prepared / "tracked.toml"
-    recipe.write_text(_recipe_text(prepared / "base") + '\n[log]\nbackends = ["mlflow"]\nproject = "dist"\n')
-    wd = _workdir(prepared, "tracked")
-    _hone("train", recipe, "--workdir", wd, "--fresh", "--nproc", 2)
+    wd, _ = two_fsdp
     state = json.loads((wd / "tracking.json").read_text())["mlflow"]
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when told to
     client = MlflowClient(tracking_uri=state["tracking_uri"])

@@ -2,21 +2,27 @@
 
     text = tiny_recipe_text(workdir, steps=12, tp=2)      # recipes/tiny-cpu.toml, [train] fields set
     proc = hone_process("train", recipe, "--nproc", 2)    # AssertionError with its output on failure
+    runs = TinyRuns(root)                                 # data stages once; runs.one(), runs.two()
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+import hone.train.run as train_run
 from hone.cli import main as hone_main
+from hone.pipeline import run_recipe
+from hone.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +115,63 @@ def assert_same_run(a: Path, b: Path, *, steps: int, exact: bool, grad_norm: boo
                 assert abs(x["grad_norm"] - y["grad_norm"]) < 1e-4, (x["step"], x["grad_norm"], y["grad_norm"])
         for k in wa:
             assert (wa[k] - wb[k]).abs().max() < 1e-4, k
+
+
+class TinyRuns:
+    """The tiny recipe of ``steps`` steps with its data stages done in ``root/base`` (``fsdp.toml``
+    points there), and its one-process and two-process FSDP runs, each trained once on first use:
+    the reference runs every multi-process test module compares with (the session's conftest
+    fixture ``tiny12``)."""
+
+    def __init__(self, root: Path, steps: int = 12):
+        self.root, self.steps = root, steps
+        self.recipe = root / "fsdp.toml"
+        self.recipe.write_text(tiny_recipe_text(root / "base", steps=steps))
+        run_recipe(load_recipe(self.recipe), root / "base", max_steps=1, log=lambda m: None)
+        self._one: Path | None = None
+        self._two: tuple[Path, list[int]] | None = None
+
+    def workdir(self, name: str) -> Path:
+        """A copy of the prepared run directory (data stages done) named ``name``."""
+        dest = self.root / name
+        if not dest.exists():
+            shutil.copytree(self.root / "base", dest)
+        return dest
+
+    def one(self) -> Path:
+        """`hone train fsdp.toml` in one process."""
+        if self._one is None:
+            wd = self.workdir("one")
+            hone_process("train", self.recipe, "--workdir", wd, "--fresh")
+            self._one = wd
+        return self._one
+
+    def two(self) -> tuple[Path, list[int]]:
+        """`hone train --nproc 2` on FSDP, logging to MLflow (project "dist"), run by the pipeline
+        in this process as the CLI runs it; with how many models holding real weights this process
+        kept when torchrun started."""
+        if self._two is None:
+            recipe = self.root / "tracked.toml"
+            recipe.write_text(self.recipe.read_text() + '\n[log]\nbackends = ["mlflow"]\nproject = "dist"\n')
+            real_launch, seen = train_run.launch_local, []
+
+            def launch(*args, **kwargs):
+                seen.append(len(live_models()))
+                return real_launch(*args, **kwargs)
+
+            wd = self.workdir("fsdp2")
+            train_run.launch_local = launch
+            try:
+                table = run_recipe(load_recipe(recipe), wd, nproc=2, fresh_training=True, log=lambda m: None)
+            finally:
+                train_run.launch_local = real_launch
+            assert table and (wd / "final" / "model.safetensors").is_file()
+            self._two = (wd, seen)
+        return self._two
+
+
+def live_models() -> list:
+    """Models in this process whose parameters are not all on the meta device."""
+    gc.collect()
+    return [o for o in gc.get_objects() if type(o).__name__ in ("Llama", "HFCausalLM")
+            and any(not p.is_meta for p in o.parameters(recurse=True))]
