@@ -31,7 +31,9 @@ def seconds(argv: list[str], repeat: int) -> float:
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        subprocess.run(argv, check=True, capture_output=True)
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(argv[1:])}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -53,8 +55,8 @@ def main() -> None:
         commands = {
             "hone plan --recipe (Llama-3-8B config, 4x8xH100, 2000 GPU-h)":
                 ["plan", "--recipe", str(tmp / "r.toml"), "-o", str(tmp / "d.json")],
-            "hone plan --model llama3-70b --cluster 8x8xH100": ["plan", "--model", "llama3-70b", "--cluster",
-                                                                "8x8xH100", "--out", ""],
+            "hone plan --model llama3-70b --cluster 8x8xH100 --global-batch 64":
+                ["plan", "--model", "llama3-70b", "--cluster", "8x8xH100", "--global-batch", "64", "--out", ""],
             "hone recipe fields": ["recipe", "fields"],
             "hone --help": ["--help"],
         }

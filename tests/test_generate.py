@@ -4,8 +4,6 @@ sampling, stop ids, chat templates against transformers' apply_chat_template, `h
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from hone.model.generate import (
 from hone.model.hf import save_hf
 from hone.model.llama import KVCache, Llama, LlamaConfig
 from hone.tokens.conventions import TokenConventions
+from tiny_runs import hone_process
 
 transformers = pytest.importorskip("transformers")
 
@@ -226,8 +225,7 @@ def test_hone_generate_errors_are_one_line(tmp_path: Path) -> None:
 
     from hone.cli import app
 
-    r = subprocess.run([sys.executable, "-m", "hone.cli", "generate", str(tmp_path / "nope"), "--prompt", "x"],
-                       capture_output=True, text=True)
+    r = hone_process("generate", tmp_path / "nope", "--prompt", "x", check=False)
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'nope'}: not a model (want an HF directory, a .gguf "
                                              "file, or smollm2)"]

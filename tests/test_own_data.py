@@ -4,8 +4,6 @@ formats (a directory of .rst files, gzipped JSON lines, Parquet as pandas writes
 
 import gzip
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from hone.model.tokenizer_files import conventions_of, hf_tokenizer_files
 from hone.recipe import parse_recipe
 from hone.tokens import load_tokens
 from model_dirs import write_model_dir
+from tiny_runs import hone_process
 
 KERNEL = ["The scheduler picks the next task to run on each CPU from its run queue {}.",
           "Interrupt handlers run with interrupts disabled on the local CPU, section {}.",
@@ -199,8 +198,7 @@ def test_recipe_check_names_missing_paths_and_the_backend(tmp_path):
 
     def check(d):
         recipe_file.write_text(toml_dump(d))
-        return subprocess.run([sys.executable, "-m", "hone.cli", "recipe", "check", str(recipe_file)],
-                              capture_output=True, text=True)
+        return hone_process("recipe", "check", recipe_file, check=False)
 
     ok = check(data)
     assert ok.returncode == 0, ok.stderr

@@ -5,7 +5,6 @@ printed multi-node line."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -15,11 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from hone.rundir import read_events
 from hone.train.preempt import EXIT_PREEMPTED
-from tiny_runs import clean_env, hone_process, tiny_recipe_text
+from tiny_runs import assert_same_run, clean_env, hone_process, run_metrics, tiny_recipe_text
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -46,19 +44,8 @@ def _workdir(prepared: Path, name: str) -> Path:
     return dest
 
 
-def _metrics(workdir: Path) -> list[dict]:
-    path = workdir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def _assert_bitwise(a: Path, b: Path) -> None:
-    ma, mb = _metrics(a), _metrics(b)
-    assert [m["step"] for m in ma] == [m["step"] for m in mb] == list(range(1, STEPS + 1))
-    assert [m["loss"] for m in ma] == [m["loss"] for m in mb]
-    wa, wb = (load_file(str(w / "final" / "model.safetensors")) for w in (a, b))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert wa[k].equal(wb[k]), f"{k} differs"
+    assert_same_run(a, b, steps=STEPS, exact=True)
 
 
 def _signal_after_step(args: list, workdir: Path, step: int, sig=signal.SIGTERM) -> subprocess.CompletedProcess:
@@ -66,7 +53,7 @@ def _signal_after_step(args: list, workdir: Path, step: int, sig=signal.SIGTERM)
     proc = subprocess.Popen([sys.executable, "-m", "hone.cli", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=clean_env(HONE_FAULT=SLOW))
     deadline = time.time() + 240
-    while len(_metrics(workdir)) < step and proc.poll() is None and time.time() < deadline:
+    while len(run_metrics(workdir)) < step and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=240)
@@ -83,7 +70,7 @@ def _assert_preempted(proc: subprocess.CompletedProcess, workdir: Path, world: i
     step = event["step"]
     assert 3 <= step < STEPS and event["world"] == world
     assert (workdir / "checkpoints" / f"step_{step:06d}").is_dir()
-    assert len(_metrics(workdir)) == step
+    assert len(run_metrics(workdir)) == step
     return step
 
 
@@ -190,7 +177,7 @@ def test_two_nodes_of_two_ranks_from_the_slurm_script_preempt_requeue_and_match_
     env["HONE_FAULT"] = SLOW
     job = subprocess.Popen(["bash", str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
-    while len(_metrics(wd)) < 3 and job.poll() is None and time.time() < deadline:
+    while len(run_metrics(wd)) < 3 and job.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     job.send_signal(signal.SIGUSR1)  # what `#SBATCH --signal=B:USR1@120` sends
     out, err = job.communicate(timeout=240)
@@ -208,7 +195,7 @@ def test_two_nodes_of_two_ranks_from_the_slurm_script_preempt_requeue_and_match_
     step = event["step"]
     assert f"resumed from {wd / 'checkpoints' / f'step_{step:06d}'}" in again.stdout
     # The run directory's step-1 checkpoint (the data stages' one-step run) is where both runs start.
-    assert [m["world"] for m in _metrics(wd)] == [1] + [4] * (STEPS - 1)
+    assert [m["world"] for m in run_metrics(wd)] == [1] + [4] * (STEPS - 1)
     want, got = _final_weights(ref), _final_weights(wd)
     assert want.keys() == got.keys()
     for k in want:
@@ -232,5 +219,5 @@ def test_supervised_slurm_script_requeues_a_crashed_job_which_then_finishes(prep
     again = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stdout and "step_000004" in again.stdout
-    assert [m["step"] for m in _metrics(wd)] == list(range(1, STEPS + 1))
+    assert [m["step"] for m in run_metrics(wd)] == list(range(1, STEPS + 1))
     assert (wd / "checkpoints" / f"step_{STEPS:06d}").is_dir()
