@@ -20,14 +20,11 @@ LORA = '[train.lora]\nr = 4\nalpha = 8\ntrain_embeddings = true\nembedding_lr_ra
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """Data stages done once (pool, corpus, tokenizer, tokens) in a run directory both runs copy."""
-    from hone.pipeline import run_recipe
-
-    root = tmp_path_factory.mktemp("lora_dist")
+def prepared(tiny12):
+    """The shared run directory whose data stages are done (tiny12), and the LoRA recipe."""
+    root = tiny12.root
     text = tiny_recipe_text(root / "base", steps=STEPS)
     (root / "lora.toml").write_text(text.replace("\n[eval]", "\n" + LORA + "\n[eval]", 1))
-    run_recipe(load_recipe(root / "lora.toml"), root / "base", max_steps=1, log=lambda m: None)
     return root
 
 
@@ -39,7 +36,7 @@ def _copy(prepared: Path, name: str) -> Path:
 def test_two_process_fsdp_lora_matches_one_process(prepared):
     from hone.pipeline import run_recipe
 
-    one, two = _copy(prepared, "one"), _copy(prepared, "fsdp2")
+    one, two = _copy(prepared, "lora_one"), _copy(prepared, "lora_fsdp2")
     run_recipe(load_recipe(prepared / "lora.toml"), one, fresh_training=True, log=lambda m: None)  # in this process
     hone_process("train", prepared / "lora.toml", "--workdir", two, "--fresh", "--nproc", 2, timeout=300)
     assert json.loads((two / "train_summary.json").read_text())["world_size"] == 2
