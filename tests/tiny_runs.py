@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file
@@ -48,16 +48,16 @@ def clean_env(**extra) -> dict:
     return {k: v for k, v in os.environ.items() if k != "HONE_FAULT"} | extra
 
 
-# What needs a process of its own: workers write to the terminal, a fault kills its process,
-# the supervisor and --fault change the environment.
-OWN_PROCESS = ("--nproc", "--nnodes", "--supervise", "--fault")
+# What needs a process of its own: the supervisor and --fault change the environment, and a
+# fault injected through ``env`` may kill the process it runs in.
+OWN_PROCESS = ("--nnodes", "--supervise", "--fault")
 
 
 def hone_process(*args, env: dict | None = None, check: bool = True, timeout: int = 300,
                  subprocess_only: bool = False) -> subprocess.CompletedProcess:
-    """`hone ARGS`, output captured: in this process when that is the same as a fresh one (one
-    training process, nothing injected: it saves the 5-8 s a new process spends importing), else
-    in a subprocess (torchrun workers and killed processes need one)."""
+    """`hone ARGS`, output captured (its torchrun workers' too): in this process when that is the
+    same as a fresh one (nothing injected: it saves the 5-8 s a new process spends importing), else
+    in a subprocess."""
     strs = [str(a) for a in args]
     if subprocess_only or env or any(a in OWN_PROCESS for a in strs):
         proc = subprocess.run([sys.executable, "-m", "hone.cli", *strs], capture_output=True, text=True,
@@ -71,21 +71,37 @@ def hone_process(*args, env: dict | None = None, check: bool = True, timeout: in
 
 
 def hone_here(*args: str) -> subprocess.CompletedProcess:
-    """`hone ARGS` run by the CLI's entry point in this process."""
-    out, err = io.StringIO(), io.StringIO()
+    """`hone ARGS` run by the CLI's entry point in this process. Standard output and error are
+    captured at the file descriptors, so that what the processes it starts (torchrun and its
+    workers) write is captured too, in the order it was written."""
     argv, sys.argv = sys.argv, ["hone", *args]
     fault = os.environ.pop("HONE_FAULT", None)
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            hone_main(exit_fast=False)
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    finally:
-        sys.argv = argv
-        if fault is not None:
-            os.environ["HONE_FAULT"] = fault
-    return subprocess.CompletedProcess(["hone", *args], code, out.getvalue(), err.getvalue())
+    code = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        try:
+            with open(1, "w", closefd=False, buffering=1) as o, open(2, "w", closefd=False, buffering=1) as e, \
+                    contextlib.redirect_stdout(o), contextlib.redirect_stderr(e):
+                try:
+                    hone_main(exit_fast=False)
+                except SystemExit as stop:
+                    code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            sys.argv = argv
+            if fault is not None:
+                os.environ["HONE_FAULT"] = fault
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(["hone", *args], code, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
 
 
 def run_metrics(workdir: Path) -> list[dict]:
