@@ -13,7 +13,15 @@ from conftest import run_hone, tiny_llama
 from hone.cli.eval import load_scored_model
 from hone.corpus.tasks import CHOICES, MASK, PACKAGED_TASKS, build_packaged_tasks, write_task
 from hone.errors import HoneError
-from hone.evaluate_tasks import check_task_file, compare_tasks, continuation_scores, encode_pair, run_tasks
+from hone.evaluate_tasks import (
+    _shared_context_scores,
+    _tree_scores,
+    check_task_file,
+    compare_tasks,
+    continuation_scores,
+    encode_pair,
+    run_tasks,
+)
 from hone.tokens import train_bpe
 from hone.tokens.conventions import TokenConventions
 from model_dirs import write_model_dir
@@ -101,6 +109,21 @@ def test_lm_eval_accuracy_equals_the_hand_computation(model, tok, tmp_path, path
     assert got["acc_stderr"] == pytest.approx(stderr(acc))
     assert got["acc_norm_stderr"] == pytest.approx(stderr(norm))
     assert 0 < sum(acc) < len(acc) or 0 < sum(norm) < len(norm)  # the task separates something
+
+
+def test_questions_batched_with_their_choices_score_as_one_at_a_time(model):
+    """Several questions per forward, each with its choices in the same row (a tree mask), give the
+    scores of reading each question once into a KV cache its choices share."""
+    g = torch.Generator().manual_seed(0)
+    items = [(torch.randint(1, 250, (n,), generator=g).tolist(),
+              [torch.randint(1, 250, (m,), generator=g).tolist() for m in ms])
+             for n, ms in ((5, (1, 3, 2, 4)), (17, (2, 2)), (9, (6, 1, 1)))]
+    with torch.no_grad():
+        batched = _tree_scores(model, items, pad_id=0)
+        single = [_shared_context_scores(model, ctx, conts, pad_id=0) for ctx, conts in items]
+    for b_item, s_item in zip(batched, single):
+        assert [x for x, _ in b_item] == pytest.approx([x for x, _ in s_item], abs=1e-5)
+        assert [g for _, g in b_item] == [g for _, g in s_item]
 
 
 def test_compare_tasks_gives_the_change_in_points():

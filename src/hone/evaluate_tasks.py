@@ -97,11 +97,11 @@ def continuation_scores(model: torch.nn.Module, pairs: list[tuple[list[int], lis
     """For each (context ids, continuation ids): the summed log-probability of the continuation
     after ``prefix`` + context, and whether greedy decoding would produce it. Sequences longer
     than ``max_len`` lose context from the left. Hone's Llama reads each context once for all its
-    continuations; any other model reads every (context, continuation) whole, in batches of
-    ``batch_size``, longest first."""
+    continuations, ``batch_size`` contexts at a time; any other model reads every (context,
+    continuation) whole, in batches of ``batch_size``, longest first."""
     device = next(model.parameters(), torch.empty(0)).device
     if isinstance(model, Llama):
-        return _llama_scores(model, pairs, prefix=prefix, max_len=max_len, pad_id=pad_id)
+        return _llama_scores(model, pairs, prefix=prefix, max_len=max_len, pad_id=pad_id, batch_size=batch_size)
     seqs = [(prefix + ctx + cont)[-(max_len + 1):] for ctx, cont in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -len(seqs[i]))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
@@ -125,22 +125,81 @@ def continuation_scores(model: torch.nn.Module, pairs: list[tuple[list[int], lis
     return out
 
 
+def _tree_rows(items: list[tuple[list[int], list[list[int]]]], pad_id: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[list[int]]]]:
+    """One row per (context, continuations) item: the context, then every continuation but its last
+    token, each continuation seeing the context and itself only, at the positions it would have
+    after the context alone. (ids, position ids, boolean attention mask ``[B, 1, T, T]``, and for
+    each item and continuation the row positions whose outputs predict its tokens), right-padded;
+    a padding position attends to itself alone."""
+    width = max(len(ctx) + sum(len(c) - 1 for c in conts) for ctx, conts in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(items), width), dtype=torch.long)
+    mask = torch.eye(width, dtype=torch.bool).repeat(len(items), 1, 1)
+    reads = []
+    for row, (ctx, conts) in enumerate(items):
+        n = len(ctx)
+        ids[row, :n], pos[row, :n] = torch.tensor(ctx), torch.arange(n)
+        mask[row, :n, :n] = torch.ones(n, n, dtype=torch.bool).tril()
+        at, item_reads = n, []
+        for cont in conts:
+            m = len(cont) - 1  # the last token is predicted, never read
+            ids[row, at:at + m], pos[row, at:at + m] = torch.tensor(cont[:-1], dtype=torch.long), torch.arange(n, n + m)
+            mask[row, at:at + m, :n] = True
+            mask[row, at:at + m, at:at + m] = torch.ones(m, m, dtype=torch.bool).tril()
+            item_reads.append([n - 1, *range(at, at + m)])
+            at += m
+        reads.append(item_reads)
+    return ids, pos, mask[:, None], reads
+
+
+def _tree_scores(model: Llama, items: list[tuple[list[int], list[list[int]]]], pad_id: int
+                 ) -> list[list[tuple[float, bool]]]:
+    """Scores of each item's continuations from one forward over the batch of items (:func:`_tree_rows`):
+    the same numbers as :func:`_shared_context_scores` item by item, in larger matmuls."""
+    ids, pos, mask, reads = _tree_rows(items, pad_id)
+    device = model.lm_head.weight.device
+    hidden = model.model(ids.to(device), position_ids=pos.to(device), attention_mask=mask.to(device))
+    out = []
+    for row, ((_, conts), item_reads) in enumerate(zip(items, reads)):
+        scores = []
+        for cont, at in zip(conts, item_reads):
+            lp, target = F.log_softmax(model.lm_head(hidden[row, at]).float(), -1).cpu(), torch.tensor(cont)
+            scores.append((float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())))
+        out.append(scores)
+    return out
+
+
 def _llama_scores(model: Llama, pairs: list[tuple[list[int], list[int]]], *, prefix: list[int], max_len: int,
-                  pad_id: int) -> list[tuple[float, bool]]:
+                  pad_id: int, batch_size: int) -> list[tuple[float, bool]]:
     """:func:`continuation_scores` for Hone's Llama: requests grouped by context, each context read
-    once (:func:`_shared_context_scores`), cut from the left so context + continuation fit ``max_len + 1``."""
+    once with all its continuations, cut from the left so context + continuation fit ``max_len + 1``;
+    ``batch_size`` contexts per forward (:func:`_tree_scores`), or one at a time through a KV cache
+    (:func:`_shared_context_scores`) on a model with sliding windows."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (ctx, _) in enumerate(pairs):
         groups.setdefault(tuple(ctx), []).append(i)
+    items, members = [], []
+    for ctx, group in groups.items():
+        conts = [pairs[i][1][-max_len:] for i in group]
+        items.append(((prefix + list(ctx))[-(max_len + 1 - max(map(len, conts))):], conts))
+        members.append(group)
+    windowed = any(model.config.window_of(i) for i in range(model.config.num_hidden_layers))
+    order = sorted(range(len(items)), key=lambda j: len(items[j][0]) + sum(map(len, items[j][1])))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     was_training = model.training
     model.eval()
     try:
-        for ctx, members in groups.items():
-            conts = [pairs[i][1][-max_len:] for i in members]
-            context = (prefix + list(ctx))[-(max_len + 1 - max(map(len, conts))):]
-            for i, score in zip(members, _shared_context_scores(model, context, conts, pad_id)):
-                out[i] = score
+        step = 1 if windowed else max(1, batch_size)
+        for start in range(0, len(order), step):
+            chunk = order[start:start + step]
+            if windowed:
+                scored = [_shared_context_scores(model, *items[chunk[0]], pad_id)]
+            else:
+                scored = _tree_scores(model, [items[j] for j in chunk], pad_id)
+            for j, scores in zip(chunk, scored):
+                for i, score in zip(members[j], scores):
+                    out[i] = score
     finally:
         model.train(was_training)
     return out

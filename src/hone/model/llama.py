@@ -616,12 +616,23 @@ class LlamaModel(nn.Module):
         return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1), masks
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
-                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None) -> torch.Tensor:
+                position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states; with ``position_ids`` and ``document_ids`` (``[B, T]``, no cache) packed
-        documents are kept apart."""
+        documents are kept apart; with ``position_ids`` and ``attention_mask`` (boolean ``[B, 1, T, T]``,
+        True where a query may attend to a key; no cache, no sliding window) any pattern: the task
+        evaluation reads a question once and its choices beside it in one row."""
         x = self.embed_tokens(input_ids)
         offset = cache.offset if cache is not None else 0
-        if document_ids is not None:
+        if attention_mask is not None:
+            if cache is not None or position_ids is None or document_ids is not None:
+                raise HoneError("an attention mask needs position_ids, and no KV cache or document_ids")
+            if any(self.config.window_of(i) for i in range(self.config.num_hidden_layers)):
+                raise HoneError("an attention mask is not combined with sliding windows")
+            cos, sin = self.rope(int(position_ids.max()) + 1, x.dtype)
+            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+            masks = {None: attention_mask}
+        elif document_ids is not None:
             if cache is not None or position_ids is None:
                 raise HoneError("packed documents need position_ids with document_ids, and no KV cache")
             cos, sin, masks = self.document_inputs(position_ids, document_ids, x.dtype)
