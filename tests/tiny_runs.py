@@ -50,7 +50,7 @@ def clean_env(**extra) -> dict:
 
 # What needs a process of its own: the supervisor and --fault change the environment, and a
 # fault injected through ``env`` may kill the process it runs in.
-OWN_PROCESS = ("--nnodes", "--supervise", "--fault")
+OWN_PROCESS = ("--supervise", "--fault")
 
 
 def hone_process(*args, env: dict | None = None, check: bool = True, timeout: int = 300,
