@@ -5,8 +5,9 @@
 
 In one process, on the run's packaged tasks (WORKDIR/tasks/) and held-out sets (WORKDIR/heldout/):
 
-- ``hone``: ``run_tasks`` through Hone's lm-eval ``LM`` on Hone's Llama (each question read once
-  into a KV cache its four choices share);
+- ``hone``: ``run_tasks`` through Hone's lm-eval ``LM`` on Hone's Llama (8 questions per forward,
+  each read once with its four choices in the same row; benchmarks/task_batching.py compares that
+  with one question at a time);
 - ``full_logits``: the same ``LM`` on the same weights through the generic path (every
   question + choice read whole, the model's whole logits, as for a transformers-backend model):
   accuracy must be equal;
