@@ -37,6 +37,7 @@ from hone.model.lora import merge_lora, save_adapter
 from hone.model.tokenizer_files import with_pad_token
 from hone.recipe import Recipe, device_settings, domain_ratio, training_streams
 from hone.report import write_report
+from hone.report.tasks import change_stderr
 from hone.rundir import (
     BASE_DIR,
     CHECKPOINTS_DIR,
@@ -243,8 +244,9 @@ def log_task_table(table: dict[str, dict], log: Log) -> None:
     for name, r in table.items():
         norm = (f"; acc_norm {r['acc_norm_before']:.3f} -> {r['acc_norm_after']:.3f}"
                 if "acc_norm_before" in r else "")
-        log(f"task {name}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f} ({r['acc_change']:+.3f} "
-            f"± {r['acc_stderr_after'] or 0:.3f}, {r['n']} items){norm}")
+        se = change_stderr(r)  # of the change, as the report shows it
+        log(f"task {name}: acc {r['acc_before']:.3f} -> {r['acc_after']:.3f} ({r['acc_change']:+.3f}"
+            f"{f' ± {se:.3f}' if se is not None else ''}, {r['n']} items){norm}")
 
 
 def stage_train(recipe: Recipe, workdir: Path, model, max_steps: int | None, log: Log, nproc: int = 1,
