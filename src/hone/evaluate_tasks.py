@@ -41,11 +41,13 @@ def _lm_eval():
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ[var] = "1"
     try:
+        import datasets
         import lm_eval
         import lm_eval.api.model  # noqa: F401  (LM, subclassed below)
         import lm_eval.evaluator  # noqa: F401
     except ImportError as e:
         raise HoneError(f"eval.tasks needs lm-evaluation-harness ({e.name} is not installed): {FIX_EXTRA}") from None
+    datasets.disable_progress_bars()  # "Generating test split" bars for local task files say nothing to a user
     return lm_eval
 
 
