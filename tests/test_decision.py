@@ -116,17 +116,24 @@ def test_bad_inputs_are_one_line_naming_the_field(llama_dir):
         _recipe(llama_dir, gpu_hours=1, days=2)
 
 
-def test_plan_recipe_prices_llama3_8b_from_its_config(llama_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from hone.cli import app
-
+def _budget_recipe_file(llama_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Issue 18's example as a user writes it: Llama-3-8B from its config.json alone, 4x8xH100,
+    2,000 GPU-hours and a fitted mixture. (recipe file, mixture file)."""
     mixture = tmp_path / "mixture.json"
     mixture.write_text(json.dumps(_mixture(3.0 + 0.5 / 1.1)))
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(f'[data.packaged]\nwikipedia = 10\n[curate.domain]\nkeywords = ["gene"]\n'
                       f'[model]\nsource = "hf"\npath = "{llama_dir}"\n[train]\nseq_len = 8192\nbatch_size = 256\n'
                       f'mixture = "{mixture}"\n[cluster]\nspec = "4x8xH100"\n[budget]\ngpu_hours = 2000\n')
+    return recipe, mixture
+
+
+def test_plan_recipe_prices_llama3_8b_from_its_config(llama_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from hone.cli import app
+
+    recipe, mixture = _budget_recipe_file(llama_dir, tmp_path)
     out = tmp_path / "decision.json"
     result = CliRunner().invoke(app, ["plan", "--recipe", str(recipe), "-o", str(out)])
     assert result.exit_code == 0, result.output
@@ -150,12 +157,7 @@ def test_plan_recipe_prices_llama3_8b_from_its_config(llama_dir, tmp_path):
 def test_plan_recipe_as_a_fresh_process(llama_dir, tmp_path):
     """`hone plan --recipe` as a user starts it: the lazy CLI loads `plan` alone, which imports
     no torch (tests/test_layers.py checks that; benchmarks/cli_start.py times it)."""
-    mixture = tmp_path / "mixture.json"
-    mixture.write_text(json.dumps(_mixture(3.0 + 0.5 / 1.1)))
-    recipe = tmp_path / "recipe.toml"
-    recipe.write_text(f'[data.packaged]\nwikipedia = 10\n[curate.domain]\nkeywords = ["gene"]\n'
-                      f'[model]\nsource = "hf"\npath = "{llama_dir}"\n[train]\nseq_len = 8192\nbatch_size = 256\n'
-                      f'mixture = "{mixture}"\n[cluster]\nspec = "4x8xH100"\n[budget]\ngpu_hours = 2000\n')
+    recipe, _ = _budget_recipe_file(llama_dir, tmp_path)
     out = subprocess.run([sys.executable, "-m", "hone.cli", "plan", "--recipe", str(recipe), "-o",
                           str(tmp_path / "d.json")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

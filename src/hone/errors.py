@@ -33,8 +33,9 @@ def fast_exit(status: int = 0, *, ignore: tuple[signal.Signals, ...] = ()) -> Sy
     The interpreter's final garbage collection walks every object torch and transformers
     created: 1.3 s for a process that imported the training worker, 1.8 s for the CLI (idle
     2-core machine; 8 s for a training process on a loaded one, inside a preemption's grace
-    period). Freezing what is alive skips that walk. Signals in ``ignore`` are ignored from now
-    on: a further preemption notice must not turn the status into a kill.
+    period). Freezing what is alive skips that walk; the standard streams are still flushed at
+    exit. Signals in ``ignore`` are ignored from now on: a further preemption notice must not
+    turn the status into a kill.
     """
     if threading.current_thread() is threading.main_thread():
         for s in ignore:

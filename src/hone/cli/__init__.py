@@ -86,7 +86,6 @@ def main(*, exit_fast: bool = True) -> None:
             raise
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr)
-        sys.stdout.flush()
         raise fast_exit(e.code if isinstance(e.code, int) else int(e.code is not None)) from None
 
 

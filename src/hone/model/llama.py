@@ -609,11 +609,16 @@ class LlamaModel(nn.Module):
         # Positions restart per document, so the tables need only reach the longest document (dynamic
         # NTK depends on that length, as transformers takes it from the largest position id).
         dynamic = cfg.rope_scaling is not None and cfg.rope_scaling["rope_type"] == "dynamic"
-        cos, sin = self.rope(int(position_ids.max()) + 1 if dynamic else position_ids.shape[1], dtype)
+        cos, sin = self.rope_at(position_ids, dtype, int(position_ids.max()) + 1 if dynamic else position_ids.shape[1])
         flex = uses_flex(document_ids.device)
         windows = {cfg.window_of(i) for i in range(cfg.num_hidden_layers)}
         masks = {w: document_mask(document_ids, w, flex=flex) for w in windows}
-        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1), masks
+        return cos, sin, masks
+
+    def rope_at(self, position_ids: torch.Tensor, dtype: torch.dtype, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos / sin ``[B, 1, T, head_dim]`` at ``position_ids``, from the tables of a ``length``-token sequence."""
+        cos, sin = self.rope(length, dtype)
+        return cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, *,
                 position_ids: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
@@ -629,8 +634,7 @@ class LlamaModel(nn.Module):
                 raise HoneError("an attention mask needs position_ids, and no KV cache or document_ids")
             if any(self.config.window_of(i) for i in range(self.config.num_hidden_layers)):
                 raise HoneError("an attention mask is not combined with sliding windows")
-            cos, sin = self.rope(int(position_ids.max()) + 1, x.dtype)
-            cos, sin = cos[position_ids].unsqueeze(1), sin[position_ids].unsqueeze(1)
+            cos, sin = self.rope_at(position_ids, x.dtype, int(position_ids.max()) + 1)
             masks = {None: attention_mask}
         elif document_ids is not None:
             if cache is not None or position_ids is None:

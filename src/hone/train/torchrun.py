@@ -47,7 +47,6 @@ def run_torchrun(args: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     status = run_torchrun(sys.argv[1:] if argv is None else argv)
-    sys.stdout.flush()
     raise quick_exit(status) if status == EXIT_PREEMPTED else fast_exit(status)
 
 

@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with catching():  # from now on a preemption signal stops the job after a step and a checkpoint
             run_worker(recipe, workdir, args.max_steps)
-        sys.stdout.flush()
         raise fast_exit(0)
     except Preempted:  # rank 0 has said it in one line
         raise quick_exit()
