@@ -186,7 +186,7 @@ def _llama_scores(model: Llama, pairs: list[tuple[list[int], list[int]]], *, pre
         conts = [pairs[i][1][-max_len:] for i in group]
         items.append(((prefix + list(ctx))[-(max_len + 1 - max(map(len, conts))):], conts))
         members.append(group)
-    windowed = any(model.config.window_of(i) for i in range(model.config.num_hidden_layers))
+    windowed = model.config.has_windows
     order = sorted(range(len(items)), key=lambda j: len(items[j][0]) + sum(map(len, items[j][1])))
     out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
     was_training = model.training

@@ -29,7 +29,7 @@ from hone.mix.laws import LOSSES, predict_cmr, predict_dcpt
 from hone.plan.config import Constants
 from hone.plan.hardware import GPUS, Cluster, load_cluster
 from hone.plan.layout import train_fields
-from hone.plan.search import evaluate_fixed, nothing_fits_message, search_hone_trainer
+from hone.plan.search import config_label, evaluate_fixed, nothing_fits_message, search_hone_trainer
 from hone.plan.shapes import ModelShape, load_shape
 from hone.recipe import Recipe, domain_ratio
 
@@ -345,12 +345,7 @@ def _mix_notes(mixture: dict, mix: dict, tokens: int, tolerance: float) -> list[
 
 def _layout_source(recipe: Recipe, cluster: Cluster, rec: dict) -> str:
     how = "the recipe's layout" if recipe.train.layout == "recipe" else "planner search (hone train's options)"
-    return f"{how} on {cluster.name} ({cluster.n_gpus} x {cluster.gpu.name}): " + _label(rec)
-
-
-def _label(rec: dict) -> str:
-    return (f"tp={rec['tp']},pp={rec['pp']},dp={rec['dp']},mb={rec['micro_batch']},recompute={rec['recompute']},"
-            f"zero={rec['zero']}" + (f",vpp={rec['vpp']}" if rec.get("vpp", 1) > 1 else ""))
+    return f"{how} on {cluster.name} ({cluster.n_gpus} x {cluster.gpu.name}): " + config_label(rec)
 
 
 def _breakdown(rec: dict) -> str:
@@ -374,7 +369,7 @@ def format_decision(d: dict) -> str:
     lay, b = d["layout"], d["budget"]
     lines = [f"model {d['model']['name']} ({d['model']['params'] / 1e9:.3g}B params) on {d['cluster']['name']}; "
              f"budget {b['kind']} = {b['value']:g} at {b['price_per_gpu_hour']:g} per GPU-hour",
-             f"layout: {_label(lay)} on {lay['gpus']} GPU(s)",
+             f"layout: {config_label(lay)} on {lay['gpus']} GPU(s)",
              f"tokens: {d['tokens']:,} ({d['steps']:,} steps); domain ratio {d['ratio']:.3f}"
              + (f", then {d['schedule']['upsample']['ratio']:.3f} over the last "
                 f"{d['schedule']['upsample']['fraction']:.0%} of steps" if d["schedule"].get("upsample") else "")]

@@ -135,6 +135,11 @@ class LlamaConfig:
         if self.layer_types is not None and self.model_type == "mistral":
             raise HoneError("model_type 'mistral' applies sliding_window to every layer: layer_types must be None")
 
+    @property
+    def has_windows(self) -> bool:
+        """Whether any layer attends within a sliding window."""
+        return any(self.window_of(i) for i in range(self.num_hidden_layers))
+
     def window_of(self, layer: int) -> int | None:
         """The sliding window of layer ``layer``, None for full causal attention."""
         if self.sliding_window is None or (self.layer_types is not None and self.layer_types[layer] != SLIDING):
@@ -632,7 +637,7 @@ class LlamaModel(nn.Module):
         if attention_mask is not None:
             if cache is not None or position_ids is None or document_ids is not None:
                 raise HoneError("an attention mask needs position_ids, and no KV cache or document_ids")
-            if any(self.config.window_of(i) for i in range(self.config.num_hidden_layers)):
+            if self.config.has_windows:
                 raise HoneError("an attention mask is not combined with sliding windows")
             cos, sin = self.rope_at(position_ids, x.dtype, int(position_ids.max()) + 1)
             masks = {None: attention_mask}

@@ -224,7 +224,7 @@ def nothing_fits_message(m: ModelShape, cluster: Cluster, seq: int, global_batch
     s = res.smallest
     need = s["memory_gib_per_gpu"]
     msg = (f"nothing fits in {cluster.gpu.memory_gib:g} GiB per GPU: the smallest configuration "
-           f"({_label(s)}) needs {need:.1f} GiB; it fits on GPUs with >= {math.ceil(need)} GiB")
+           f"({config_label(s)}) needs {need:.1f} GiB; it fits on GPUs with >= {math.ceil(need)} GiB")
     gpus = smallest_gpu_count(m, cluster, seq, global_batch, k, fixed)
     if gpus:
         msg += (f", or on {gpus} {cluster.gpu.name} GPUs "
@@ -262,7 +262,8 @@ def smallest_gpu_count(m: ModelShape, cluster: Cluster, seq: int, global_batch: 
     return hi * cluster.gpus_per_node
 
 
-def _label(rec: dict) -> str:
+def config_label(rec: dict) -> str:
+    """``tp=..,pp=..,dp=..,mb=..,recompute=..,zero=..[,vpp=..]`` of a configuration record."""
     v = f",vpp={rec['vpp']}" if rec.get("vpp", 1) > 1 else ""
     return (f"tp={rec['tp']},pp={rec['pp']},dp={rec['dp']},mb={rec['micro_batch']},recompute={rec['recompute']},"
             f"zero={rec['zero']}{v}")

@@ -41,11 +41,15 @@ LAYOUT_FIELDS = {"data_parallel", "tp", "pp", "pp_schedule", "vpp", "sequence_pa
                  "overlap_steps", "fused_projections"}  # issue 17: speed only, the same results
 
 
+# Sections that are not data: a change to them never redoes the data stages (see recipe_hash).
+NON_DATA_SECTIONS = {"train", "mix", "experts", "heal", "log", "cluster", "budget"}
+
+
 def recipe_hash(recipe: Recipe) -> str:
     """Hash of everything but the train section (and [mix] / [experts], read only by `hone mix` /
     `hone branch`, so adding an expert keeps the run; [heal] and [log], which change no result;
     [cluster] and [budget], read by the decision stage): a change redoes the data stages."""
-    data = json.loads(recipe.model_dump_json(exclude={"train", "mix", "experts", "heal", "log", "cluster", "budget"}))
+    data = json.loads(recipe.model_dump_json(exclude=NON_DATA_SECTIONS))
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -131,7 +135,7 @@ def changed_fields(old: dict, recipe: Recipe, data: bool) -> str:
     sections with ``data``, else the train fields that change the result."""
     new = json.loads(recipe.model_dump_json())
     if data:
-        keep = lambda key: key.split(".")[0] not in ("train", "mix", "experts", "heal", "log")  # noqa: E731
+        keep = lambda key: key.split(".")[0] not in NON_DATA_SECTIONS  # noqa: E731
     else:
         keep = lambda key: key.startswith("train.") and key.split(".")[1] not in LAYOUT_FIELDS  # noqa: E731
     if "recipe" not in old:
